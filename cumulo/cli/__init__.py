@@ -1,0 +1,1 @@
+"""The `cumulo` command: thin verbs over the layers below."""

@@ -1,0 +1,86 @@
+"""What a request asks for (`SamplingParams`) and what the engine hands back (`RequestOutput`).
+
+These two dataclasses are the engine's public contract: the service, the CLI and benchmarks speak only these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cumulo.errors import InvalidRequest
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # None = off; k >= 0 returns the chosen token's logprob and the top k
+    include_stop_str_in_output: bool = False
+
+    def validate(self) -> None:
+        if self.max_tokens < 1:
+            raise InvalidRequest("max_tokens must be at least 1")
+        if self.temperature < 0 or self.temperature > 100:
+            raise InvalidRequest("temperature must be between 0 and 100")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequest("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise InvalidRequest("top_k must be 0 (off) or positive")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequest("min_p must be in [0, 1]")
+        if not -2.0 <= self.presence_penalty <= 2.0 or not -2.0 <= self.frequency_penalty <= 2.0:
+            raise InvalidRequest("presence_penalty and frequency_penalty must be between -2 and 2")
+        if self.repetition_penalty <= 0:
+            raise InvalidRequest("repetition_penalty must be positive")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise InvalidRequest("logprobs must be between 0 and 20")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token_id, logprob), best first
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One step's news about one request. `new_*` fields hold only what this step added (for streaming)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # all generated so far
+    new_token_ids: list[int]
+    text: str  # all text so far (stop strings trimmed)
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    metrics: RequestMetrics
+    num_cached_tokens: int = 0
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
