@@ -1,0 +1,93 @@
+"""`AsyncEngine`: the engine behind an asyncio interface (`EngineClient`), stepping in a background thread.
+
+Each request gets an asyncio queue; the stepping thread hands outputs to the event loop with
+`call_soon_threadsafe`. Leaving the async iterator early (a client that disconnects) aborts the request, so its
+generation stops and its KV blocks are freed at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+
+from cumulo.engine.factory import create_engine
+from cumulo.engine.llm_engine import EngineConfig, LLMEngine
+from cumulo.engine.params import RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.model_name = engine.model_name
+        self.seal = engine.seal
+        self.max_model_len = engine.max_model_len
+        self.device = str(engine.device)
+        self.tokenizer = engine.tokenizer
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]] = {}
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="cumulo-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a broken step must fail its requests, not hang them
+                log.exception("engine step failed")
+                for loop, queue in list(self._queues.values()):
+                    loop.call_soon_threadsafe(queue.put_nowait, exc)
+                for rid in list(self._queues):
+                    self.engine.abort(rid)
+                continue
+            for out in outputs:
+                entry = self._queues.get(out.request_id)
+                if entry is not None:
+                    entry[0].call_soon_threadsafe(entry[1].put_nowait, out)
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        request_id = request_id or uuid.uuid4().hex
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        finished = False
+        try:
+            self.engine.add_request(prompt_token_ids, params, request_id)
+            self._wake.set()
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self.engine.abort(request_id)
+                self._wake.set()
+
+    async def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+
+def build_engine(model: str, device: str = "auto", format: str | None = None, **options: object) -> AsyncEngine:
+    config = EngineConfig(device=device, format=format, **options)  # type: ignore[arg-type]
+    return AsyncEngine(create_engine(model, config))

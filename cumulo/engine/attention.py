@@ -1,0 +1,151 @@
+"""Paged attention in plain PyTorch: the KV cache, the per-step `AttentionContext`, and the attention math.
+
+Layout: one K and one V tensor per layer, shaped [num_kv_heads, num_blocks, block_size, head_dim]. Gathering a
+sequence's blocks by its block table then yields [num_kv_heads, blocks, block_size, head_dim], which is already
+contiguous per head, so grouped-query attention runs as one batched matmul with no repeated K/V and no copies
+beyond the gather itself. Decode tokens (one query each) are batched together; prefill chunks run one
+sequence at a time. With `kv_cache=None` the context is a single causal sequence (used by perplexity and parity
+checks, where no cache is wanted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_kv_heads, num_blocks, block_size, head_dim)
+        per_tensor = num_kv_heads * num_blocks * block_size * head_dim
+        total = 2 * num_layers * per_tensor
+        if torch.device(device).type == "cpu" and total * torch.empty((), dtype=dtype).element_size() > 64 << 20:
+            # One big CPU allocation is served by fresh mmap'd pages, which the kernel hands out zeroed and
+            # which only become resident once written: a generous cache budget costs no memory until used.
+            flat = torch.empty(total, dtype=dtype, device=device)
+        else:
+            flat = torch.zeros(total, dtype=dtype, device=device)
+        views = flat.view(2 * num_layers, *shape)
+        self.k = [views[2 * i] for i in range(num_layers)]
+        self.v = [views[2 * i + 1] for i in range(num_layers)]
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    start: int  # index of the chunk's first token in the flattened batch
+    num_tokens: int
+    context_len: int  # tokens with K/V after this step (cached + this chunk)
+    block_table: torch.Tensor  # [num_blocks_of_seq] long
+
+
+@dataclass(slots=True)
+class AttentionContext:
+    kv_cache: KVCache | None
+    slot_mapping: torch.Tensor | None = None  # [T] flat cache slot of each token
+    num_decode: int = 0  # the first num_decode tokens are decodes, one per sequence
+    decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
+    decode_context_lens: torch.Tensor | None = None  # [num_decode]
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def _write_cache(k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, layer: int) -> None:
+    cache = ctx.kv_cache
+    assert cache is not None and ctx.slot_mapping is not None
+    heads, _, _, dim = cache.k[layer].shape
+    cache.k[layer].view(heads, -1, dim)[:, ctx.slot_mapping] = k.transpose(0, 1).to(cache.k[layer].dtype)
+    cache.v[layer].view(heads, -1, dim)[:, ctx.slot_mapping] = v.transpose(0, 1).to(cache.v[layer].dtype)
+
+
+def _attend(
+    q: torch.Tensor,  # [kv_heads, batch, group * q_len, dim] (queries of one kv head grouped together)
+    k: torch.Tensor,  # [kv_heads, batch, keys, dim]
+    v: torch.Tensor,
+    mask: torch.Tensor,  # broadcastable to [kv_heads, batch, group * q_len, keys], True = may attend
+    scale: float,
+) -> torch.Tensor:
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    scores.masked_fill_(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+
+
+def _decode(
+    q: torch.Tensor, ctx: AttentionContext, layer: int, scale: float, window: int | None
+) -> torch.Tensor:
+    cache = ctx.kv_cache
+    assert cache is not None and ctx.decode_block_tables is not None and ctx.decode_context_lens is not None
+    batch, heads, dim = q.shape
+    kv_heads = cache.k[layer].shape[0]
+    tables = ctx.decode_block_tables
+    k = cache.k[layer][:, tables].flatten(2, 3)  # [kv_heads, batch, keys, dim]
+    v = cache.v[layer][:, tables].flatten(2, 3)
+    keys = k.shape[2]
+    lens = ctx.decode_context_lens
+    idx = torch.arange(keys, device=q.device)
+    mask = idx[None, :] < lens[:, None]
+    if window is not None:
+        mask &= idx[None, :] >= (lens[:, None] - window)
+    qg = q.view(batch, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # [kv_heads, batch, group, dim]
+    out = _attend(qg, k, v, mask[None, :, None, :], scale)  # [kv_heads, batch, group, dim]
+    return out.transpose(0, 1).reshape(batch, heads, dim)
+
+
+def _prefill(
+    q: torch.Tensor,  # [n, heads, dim]
+    k: torch.Tensor,  # [kv_heads, keys, dim]
+    v: torch.Tensor,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    n, heads, dim = q.shape
+    kv_heads, keys, _ = k.shape
+    group = heads // kv_heads
+    q_pos = torch.arange(keys - n, keys, device=q.device)
+    k_pos = torch.arange(keys, device=q.device)
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > (q_pos[:, None] - window)
+    # queries ordered (kv_head, group, position) so each kv head serves its group with one matmul
+    qg = q.view(n, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, 1, group * n, dim)
+    out = _attend(qg, k[:, None], v[:, None], mask.repeat(group, 1)[None, None], scale)
+    return out.view(kv_heads, group, n, dim).permute(2, 0, 1, 3).reshape(n, heads, dim)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, heads, dim], rotary applied
+    k: torch.Tensor,  # [T, kv_heads, dim]
+    v: torch.Tensor,
+    ctx: AttentionContext,
+    layer: int,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    if ctx.kv_cache is None:
+        return _prefill(q, k.transpose(0, 1), v.transpose(0, 1), scale, window)
+    _write_cache(k, v, ctx, layer)
+    out = torch.empty_like(q)
+    nd = ctx.num_decode
+    if nd:
+        out[:nd] = _decode(q[:nd], ctx, layer, scale, window)
+    cache = ctx.kv_cache
+    for chunk in ctx.prefills:
+        blocks_k = cache.k[layer][:, chunk.block_table].flatten(1, 2)[:, : chunk.context_len]
+        blocks_v = cache.v[layer][:, chunk.block_table].flatten(1, 2)[:, : chunk.context_len]
+        sl = slice(chunk.start, chunk.start + chunk.num_tokens)
+        out[sl] = _prefill(q[sl], blocks_k, blocks_v, scale, window)
+    return out

@@ -1,0 +1,57 @@
+"""Builds an `LLMEngine` from a model name or path: pick the platform, load and check the weights, optionally
+convert them to a compact number format, size the KV cache.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from cumulo.engine.llm_engine import EngineConfig, LLMEngine
+from cumulo.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # CPUs here lack native bf16 matmul; fp32 is the fast path. Accelerators serve 16-bit natively.
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise InvalidRequest(f"unknown dtype '{name}' (choose from auto, {', '.join(_DTYPES)})") from None
+
+
+def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
+    from cumulo.models.loader import load
+    from cumulo.models.registry import build_model
+    from cumulo.platform import configure_cpu_threads, get_platform, kv_cache_budget_bytes
+
+    config = config or EngineConfig()
+    platform = get_platform(config.device)
+    device = torch.device(platform.device)
+    if device.type == "cpu":
+        configure_cpu_threads(config.threads)
+    dtype = resolve_dtype(config.dtype, device)
+    loaded = load(model, dtype=dtype)
+    module = build_model(loaded.config, loaded.weights, dtype=dtype, device=device)
+    loaded.weights.clear()  # the module owns the tensors now; drop the loader's references
+    if config.format:
+        from cumulo.formats.quantize import quantize_model
+
+        quantize_model(module, config.format)
+    max_len = loaded.config.max_position_embeddings
+    if config.max_model_len:
+        if config.max_model_len > max_len:
+            raise InvalidRequest(f"max_model_len {config.max_model_len} exceeds the model's context {max_len}")
+        max_len = config.max_model_len
+    budget = kv_cache_budget_bytes(platform, config.kv_cache_gib, config.kv_cache_fraction)
+    return LLMEngine(
+        module, loaded.tokenizer, config, device=device, name=loaded.name, seal=loaded.seal,
+        max_model_len=max_len, kv_cache_bytes=budget,
+    )

@@ -1,0 +1,80 @@
+"""Owns all device work for one model: the weights, the KV cache, and turning a `ScheduledBatch` into one
+forward pass. Everything else in the engine is bookkeeping.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cumulo.engine.attention import AttentionContext, KVCache, PrefillChunk
+from cumulo.engine.scheduler import ScheduledBatch
+from cumulo.engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, kv_cache: KVCache, device: torch.device) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.device = device
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Runs one step; returns float32 logits, one row per sequence whose step completes its known tokens
+        (decodes, and prefills whose last chunk this is), in batch order: decodes then prefills."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+
+        for seq in batch.decodes:
+            pos = seq.num_computed_tokens
+            input_ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.extend(self._slots(seq, pos, pos + 1))
+            sample_rows.append(len(input_ids) - 1)
+
+        chunks: list[PrefillChunk] = []
+        for seq, n in batch.prefills:
+            start = seq.num_computed_tokens
+            chunks.append(
+                PrefillChunk(
+                    start=len(input_ids),
+                    num_tokens=n,
+                    context_len=start + n,
+                    block_table=torch.tensor(seq.block_table, dtype=torch.long, device=self.device),
+                )
+            )
+            input_ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(self._slots(seq, start, start + n))
+            if start + n == seq.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+
+        dev = self.device
+        ctx = AttentionContext(
+            kv_cache=self.kv_cache,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode=len(batch.decodes),
+            prefills=chunks,
+        )
+        if batch.decodes:
+            width = max(len(s.block_table) for s in batch.decodes)
+            tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.decodes]
+            ctx.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
+            ctx.decode_context_lens = torch.tensor(
+                [s.num_computed_tokens + 1 for s in batch.decodes], dtype=torch.long, device=dev
+            )
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            ctx,
+        )
+        if not sample_rows:
+            return hidden.new_empty((0, 0), dtype=torch.float32)
+        return self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
