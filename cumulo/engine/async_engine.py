@@ -28,7 +28,9 @@ class AsyncEngine:
         self.max_model_len = engine.max_model_len
         self.device = str(engine.device)
         self.tokenizer = engine.tokenizer
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]] = {}
+        self._queues: dict[
+            str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]
+        ] = {}
         self._wake = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="cumulo-engine", daemon=True)
@@ -88,6 +90,8 @@ class AsyncEngine:
         self._thread.join(timeout=5)
 
 
-def build_engine(model: str, device: str = "auto", format: str | None = None, **options: object) -> AsyncEngine:
+def build_engine(
+    model: str, device: str = "auto", format: str | None = None, **options: object
+) -> AsyncEngine:
     config = EngineConfig(device=device, format=format, **options)  # type: ignore[arg-type]
     return AsyncEngine(create_engine(model, config))

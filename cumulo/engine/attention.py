@@ -29,7 +29,10 @@ class KVCache:
         shape = (num_kv_heads, num_blocks, block_size, head_dim)
         per_tensor = num_kv_heads * num_blocks * block_size * head_dim
         total = 2 * num_layers * per_tensor
-        if torch.device(device).type == "cpu" and total * torch.empty((), dtype=dtype).element_size() > 64 << 20:
+        if (
+            torch.device(device).type == "cpu"
+            and total * torch.empty((), dtype=dtype).element_size() > 64 << 20
+        ):
             # One big CPU allocation is served by fresh mmap'd pages, which the kernel hands out zeroed and
             # which only become resident once written: a generous cache budget costs no memory until used.
             flat = torch.empty(total, dtype=dtype, device=device)
@@ -42,8 +45,17 @@ class KVCache:
         self.block_size = block_size
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return (
+            2
+            * num_layers
+            * block_size
+            * num_kv_heads
+            * head_dim
+            * torch.empty((), dtype=dtype).element_size()
+        )
 
 
 @dataclass(slots=True)

@@ -13,8 +13,14 @@ from cumulo.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -48,10 +54,18 @@ def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
     max_len = loaded.config.max_position_embeddings
     if config.max_model_len:
         if config.max_model_len > max_len:
-            raise InvalidRequest(f"max_model_len {config.max_model_len} exceeds the model's context {max_len}")
+            raise InvalidRequest(
+                f"max_model_len {config.max_model_len} exceeds the model's context {max_len}"
+            )
         max_len = config.max_model_len
     budget = kv_cache_budget_bytes(platform, config.kv_cache_gib, config.kv_cache_fraction)
     return LLMEngine(
-        module, loaded.tokenizer, config, device=device, name=loaded.name, seal=loaded.seal,
-        max_model_len=max_len, kv_cache_bytes=budget,
+        module,
+        loaded.tokenizer,
+        config,
+        device=device,
+        name=loaded.name,
+        seal=loaded.seal,
+        max_model_len=max_len,
+        kv_cache_bytes=budget,
     )

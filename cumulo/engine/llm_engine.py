@@ -43,8 +43,18 @@ class EngineConfig:
 
 
 class LLMEngine:
-    def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig, *, device: torch.device,
-                 name: str = "", seal: str = "", max_model_len: int, kv_cache_bytes: int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        config: EngineConfig,
+        *,
+        device: torch.device,
+        name: str = "",
+        seal: str = "",
+        max_model_len: int,
+        kv_cache_bytes: int,
+    ) -> None:
         cfg = model.config
         self.model_config = cfg
         self.config = config
@@ -65,8 +75,13 @@ class LLMEngine:
             max_model_len = capacity
         self.max_model_len = max_model_len
         self.kv_cache = KVCache(
-            cfg.num_hidden_layers, num_blocks, config.block_size, cfg.num_key_value_heads, cfg.head_dim,
-            dtype, device,
+            cfg.num_hidden_layers,
+            num_blocks,
+            config.block_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            dtype,
+            device,
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -149,7 +164,9 @@ class LLMEngine:
         if seq.metrics.first_token_time is None:
             seq.metrics.first_token_time = now
         reason = None
-        is_stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
+        is_stop_token = token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.eos_token_ids
+        )
         text = ""
         if is_stop_token:
             reason = "stop"
@@ -157,7 +174,9 @@ class LLMEngine:
             text, hit = seq.stop_checker.feed(seq.detokenizer.push([token]))
             if hit:
                 reason = "stop"
-        if reason is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+        if reason is None and (
+            seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
             reason = "length"
         if reason is not None:
             if reason == "length" or is_stop_token:
@@ -167,16 +186,23 @@ class LLMEngine:
         seq.text += text
         return self._output(seq, [token], text, [logprob] if logprob is not None else [], finished=False)
 
-    def _finish(self, seq: Sequence, reason: str, new_ids: list[int] | None = None, new_text: str = "",
-                new_logprobs: list | None = None) -> RequestOutput:
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: str,
+        new_ids: list[int] | None = None,
+        new_text: str = "",
+        new_logprobs: list | None = None,
+    ) -> RequestOutput:
         self.scheduler.finish(seq, reason)
         seq.metrics.finished_time = time.perf_counter()
         seq.text += new_text
         del self._seqs[seq.request_id]
         return self._output(seq, new_ids or [], new_text, new_logprobs or [], finished=True)
 
-    def _output(self, seq: Sequence, new_ids: list[int], new_text: str, new_logprobs: list,
-                finished: bool) -> RequestOutput:
+    def _output(
+        self, seq: Sequence, new_ids: list[int], new_text: str, new_logprobs: list, finished: bool
+    ) -> RequestOutput:
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,

@@ -48,7 +48,9 @@ def build_model(
     cls = ARCHITECTURES.get(config.architecture)
     if cls is None:
         known = ", ".join(sorted(ARCHITECTURES))
-        raise UnsupportedArchitecture(f"architecture '{config.architecture}' is not supported (known: {known})")
+        raise UnsupportedArchitecture(
+            f"architecture '{config.architecture}' is not supported (known: {known})"
+        )
     with torch.device("meta"):
         model = cls(config)
     state = fuse_weights(weights)
@@ -70,7 +72,9 @@ def build_model(
             raise InvalidModel(
                 f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}"
             )
-    model.load_state_dict({n: state[n].to(device=device, dtype=dtype) for n in expected}, strict=False, assign=True)
+    model.load_state_dict(
+        {n: state[n].to(device=device, dtype=dtype) for n in expected}, strict=False, assign=True
+    )
     if tie:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.config.tie_word_embeddings = tie

@@ -34,15 +34,30 @@ class CharTokenizer:
 
 def tiny_config(arch: str = "llama", **overrides: object) -> ModelConfig:
     base = dict(
-        architecture=arch, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-        rms_norm_eps=1e-6, eos_token_ids=[1],
+        architecture=arch,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        eos_token_ids=[1],
     )
     if arch == "qwen2":
         base["attention_bias"] = True
     if arch == "gemma3":
-        base.update(num_hidden_layers=3, sliding_window=8, sliding_window_pattern=3, hidden_act="gelu_pytorch_tanh",
-                    rope_local_base_freq=10000.0, query_pre_attn_scalar=16, tie_word_embeddings=True)
+        base.update(
+            num_hidden_layers=3,
+            sliding_window=8,
+            sliding_window_pattern=3,
+            hidden_act="gelu_pytorch_tanh",
+            rope_local_base_freq=10000.0,
+            query_pre_attn_scalar=16,
+            tie_word_embeddings=True,
+        )
     base.update(overrides)
     return ModelConfig(**base)  # type: ignore[arg-type]
 
@@ -61,14 +76,26 @@ def tiny_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
 
 @pytest.fixture
 def make_engine() -> Callable[..., LLMEngine]:
-    def make(arch: str = "llama", kv_tokens: int = 4096, seed: int = 0, model_overrides: dict | None = None,
-             **options: object) -> LLMEngine:
+    def make(
+        arch: str = "llama",
+        kv_tokens: int = 4096,
+        seed: int = 0,
+        model_overrides: dict | None = None,
+        **options: object,
+    ) -> LLMEngine:
         cfg = tiny_config(arch, **(model_overrides or {}))
         model = tiny_model(cfg, seed)
         config = EngineConfig(device="cpu", **options)  # type: ignore[arg-type]
         per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
-        return LLMEngine(model, CharTokenizer(), config, device=torch.device("cpu"), name=f"tiny-{arch}",
-                         seal="sha256:test", max_model_len=cfg.max_position_embeddings,
-                         kv_cache_bytes=kv_tokens * per_token)
+        return LLMEngine(
+            model,
+            CharTokenizer(),
+            config,
+            device=torch.device("cpu"),
+            name=f"tiny-{arch}",
+            seal="sha256:test",
+            max_model_len=cfg.max_position_embeddings,
+            kv_cache_bytes=kv_tokens * per_token,
+        )
 
     return make

@@ -45,7 +45,7 @@ def test_greedy_decode_with_paged_cache_matches_full_recompute(make_engine, arch
         ids = torch.tensor(tokens)
         hidden = model(ids, torch.arange(len(tokens)), AttentionContext(kv_cache=None))
         tokens.append(int(model.compute_logits(hidden[-1:]).argmax()))
-    assert out.token_ids == tokens[len(prompt):]
+    assert out.token_ids == tokens[len(prompt) :]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -117,9 +117,13 @@ def test_same_seed_same_tokens_whatever_else_is_in_the_batch(make_engine):
     prompt = prompts_of([12])[0]
     alone = run_all(make_engine(), [prompt], params)[0].token_ids
     others = prompts_of([5, 20, 8], seed=9)
-    crowd = run_all(make_engine(), others[:2] + [prompt] + others[2:],
-                    [SamplingParams(max_tokens=12, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2)]
-                    + [params] + [SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)])
+    crowd = run_all(
+        make_engine(),
+        others[:2] + [prompt] + others[2:],
+        [SamplingParams(max_tokens=12, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2)]
+        + [params]
+        + [SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)],
+    )
     assert crowd[2].token_ids == alone
 
 
@@ -128,8 +132,9 @@ def test_max_tokens_and_eos_end_requests_with_the_right_reason(make_engine):
     out = run_all(engine, prompts_of([6]), SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))[0]
     assert (len(out.token_ids), out.finish_reason) == (5, "length")
     first = out.token_ids[0]
-    stopped = run_all(engine, prompts_of([6]),
-                      SamplingParams(max_tokens=5, temperature=0.0, stop_token_ids=[first]))[0]
+    stopped = run_all(
+        engine, prompts_of([6]), SamplingParams(max_tokens=5, temperature=0.0, stop_token_ids=[first])
+    )[0]
     assert (stopped.token_ids, stopped.finish_reason) == ([first], "stop")
 
 
@@ -137,8 +142,9 @@ def test_stop_string_trims_text_and_ends_the_request(make_engine):
     engine = make_engine()
     full = run_all(engine, prompts_of([6]), greedy(12))[0]
     stop = full.text[4:6]
-    cut = run_all(engine, prompts_of([6]),
-                  SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop]))[0]
+    cut = run_all(
+        engine, prompts_of([6]), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop])
+    )[0]
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[: full.text.index(stop)]
 

@@ -1,0 +1,70 @@
+"""The `Platform` interface: everything core code may ask of a device kind, so that it never names one.
+
+One subclass per device kind (cpu, cuda, npu, xpu, mps, mlu, musa) answers for its own vendor library;
+engine, models and formats receive a `Platform` and use only what is declared here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+
+# An optional fused attention entry point a platform may offer; the engine falls back to its own when None.
+AttentionFn = Callable[..., torch.Tensor]
+
+
+class Platform:
+    """One device of one kind. `index` is None for kinds without numbered devices (cpu, mps)."""
+
+    name: ClassVar[str]  # "cpu", "cuda", ... also the torch device type
+    dist_backend: ClassVar[str]  # torch.distributed backend for collectives across devices of this kind
+    numbered: ClassVar[bool] = True  # whether device strings carry an index ("cuda:1")
+    is_accelerator: ClassVar[bool] = True
+    # Optional fast paths; None means "use the portable PyTorch path".
+    attention: AttentionFn | None = None
+    supports_graph_capture: ClassVar[bool] = False
+
+    def __init__(self, index: int | None = None) -> None:
+        self.index = (index or 0) if self.numbered else None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.device!r})"
+
+    @property
+    def device(self) -> str:
+        """The torch device string: "cpu", "cuda:0", "npu:1", "mps"."""
+        return self.name if self.index is None else f"{self.name}:{self.index}"
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @classmethod
+    def is_available(cls) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        """One line saying why `is_available()` is False, for error messages."""
+        return f"this PyTorch sees no {cls.name} device"
+
+    @classmethod
+    def device_count(cls) -> int:
+        return 1 if cls.is_available() else 0
+
+    def memory_info(self) -> tuple[int, int]:
+        """(free, total) bytes of the memory this device computes from."""
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Wait until all work queued on the device is done (for timing and hand-offs)."""
+
+    def supports_dtype(self, dtype: torch.dtype) -> bool:
+        """Whether matmuls in `dtype` run natively fast here (a speed hint, not a capability check)."""
+        return dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+    def pick_dtype(self, wanted: torch.dtype) -> torch.dtype:
+        """`wanted` if it is fast here, else float32 (e.g. bf16 on a CPU without native bf16 matmul)."""
+        return wanted if self.supports_dtype(wanted) else torch.float32
