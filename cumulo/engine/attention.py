@@ -93,7 +93,8 @@ def _attend(
 ) -> torch.Tensor:
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     scores.masked_fill_(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+    # softmax in fp32 whatever the cache dtype: bf16 probabilities lose too much for long contexts
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
 
 
 def _decode(

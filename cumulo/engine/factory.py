@@ -10,6 +10,7 @@ import torch
 
 from cumulo.engine.llm_engine import EngineConfig, LLMEngine
 from cumulo.errors import InvalidRequest
+from cumulo.platform import Platform, configure_cpu_threads, get_platform, kv_cache_budget_bytes
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,11 @@ _DTYPES = {
 }
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, platform: Platform) -> torch.dtype:
     if name == "auto":
-        # CPUs here lack native bf16 matmul; fp32 is the fast path. Accelerators serve 16-bit natively.
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        # bf16 halves the bytes per weight; it is the fast path wherever matmuls run natively in bf16
+        # (accelerators; CPUs with AVX512-BF16 or AMX). Elsewhere bf16 is emulated and fp32 is faster.
+        return platform.pick_dtype(torch.bfloat16)
     try:
         return _DTYPES[name]
     except KeyError:
@@ -36,14 +38,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
     from cumulo.models.loader import load
     from cumulo.models.registry import build_model
-    from cumulo.platform import configure_cpu_threads, get_platform, kv_cache_budget_bytes
 
     config = config or EngineConfig()
     platform = get_platform(config.device)
     device = torch.device(platform.device)
     if device.type == "cpu":
         configure_cpu_threads(config.threads)
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = resolve_dtype(config.dtype, platform)
     loaded = load(model, dtype=dtype)
     module = build_model(loaded.config, loaded.weights, dtype=dtype, device=device)
     loaded.weights.clear()  # the module owns the tensors now; drop the loader's references

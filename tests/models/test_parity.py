@@ -105,7 +105,7 @@ def test_smollm2_greedy_continuation_matches_transformers_for_32_tokens(smollm2_
     prompt = loaded.tokenizer.encode("Once upon a time, in a small village by the sea,")
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
-    engine = create_engine(str(smollm2_path), EngineConfig(device="cpu", kv_cache_gib=0.25))
+    engine = create_engine(str(smollm2_path), EngineConfig(device="cpu", dtype="float32", kv_cache_gib=0.25))
     engine.add_request(prompt, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
     final = None
     while engine.has_unfinished_requests():
