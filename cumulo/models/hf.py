@@ -1,0 +1,215 @@
+"""Read a Hugging Face-style model directory: config.json, *.safetensors (single or sharded), tokenizer.
+
+Tensor names are already Hugging Face's; only multimodal Gemma 3 checkpoints nest the text model under
+`language_model.` and are flattened here (their vision tower is left out).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cumulo.errors import InvalidModel, UnsupportedArchitecture
+from cumulo.models.config import ModelConfig
+
+# model_type in config.json -> ModelConfig.architecture
+ARCHITECTURES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+}
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def is_model_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def read_config_json(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidModel(f"{path}: not a readable config.json ({exc})") from exc
+    if not isinstance(data, dict):
+        raise InvalidModel(f"{path}: config.json is not a JSON object")
+    return data
+
+
+def _text_config(raw: dict[str, Any]) -> dict[str, Any]:
+    if raw.get("model_type") == "gemma3" and isinstance(raw.get("text_config"), dict):
+        return {**raw["text_config"], "model_type": "gemma3_text"}
+    return raw
+
+
+def config_from_json(raw: dict[str, Any], directory: Path) -> ModelConfig:
+    text = _text_config(raw)
+    model_type = text.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitecture(
+            f"{directory.name}: model_type {model_type!r} is not supported "
+            f"({', '.join(sorted(ARCHITECTURES))})"
+        )
+    arch = ARCHITECTURES[model_type]
+    try:
+        hidden = int(text["hidden_size"])
+        heads = int(text["num_attention_heads"])
+        config = ModelConfig(
+            architecture=arch,
+            vocab_size=int(text["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(text["intermediate_size"]),
+            num_hidden_layers=int(text["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(text.get("num_key_value_heads") or heads),
+            head_dim=int(text.get("head_dim") or hidden // heads),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidModel(f"{directory.name}: config.json lacks a model shape key ({exc})") from exc
+    config.max_position_embeddings = int(text.get("max_position_embeddings") or 2048)
+    config.rms_norm_eps = float(text.get("rms_norm_eps") or 1e-6)
+    _apply_rope(config, text, arch)
+    tie_default = arch == "gemma3"
+    config.tie_word_embeddings = bool(
+        raw.get("tie_word_embeddings", text.get("tie_word_embeddings", tie_default))
+    )
+    config.hidden_act = str(text.get("hidden_activation") or text.get("hidden_act") or "silu")
+    config.attention_bias = bool(text.get("attention_bias", arch == "qwen2"))
+    if arch == "gemma3":
+        config.sliding_window = text.get("sliding_window")
+        config.sliding_window_pattern = text.get("sliding_window_pattern") or _pattern_of(text) or 6
+        config.rope_local_base_freq = float(
+            text.get("rope_local_base_freq") or config.rope_local_base_freq or 10_000.0
+        )
+        config.query_pre_attn_scalar = float(text.get("query_pre_attn_scalar") or config.head_dim)
+        config.final_logit_softcapping = text.get("final_logit_softcapping")
+        config.attn_logit_softcapping = text.get("attn_logit_softcapping")
+    bos = text.get("bos_token_id", raw.get("bos_token_id"))
+    eos = text.get("eos_token_id", raw.get("eos_token_id"))
+    config.bos_token_id = bos if isinstance(bos, int) else None
+    config.eos_token_ids = [eos] if isinstance(eos, int) else [e for e in eos or [] if isinstance(e, int)]
+    config.name = directory.name
+    config.torch_dtype = str(
+        text.get("torch_dtype") or raw.get("torch_dtype") or raw.get("dtype") or "float32"
+    )
+    return config
+
+
+def _apply_rope(config: ModelConfig, text: dict[str, Any], arch: str) -> None:
+    """RoPE base and scaling from either the classic keys (`rope_theta`, `rope_scaling`) or transformers 5's
+    `rope_parameters`, which Gemma 3 nests per attention kind (`full_attention`, `sliding_attention`)."""
+    params = text.get("rope_parameters") if isinstance(text.get("rope_parameters"), dict) else {}
+    if isinstance(params.get("full_attention"), dict):
+        local = params.get("sliding_attention") or {}
+        if local.get("rope_theta"):
+            config.rope_local_base_freq = float(local["rope_theta"])
+        params = params["full_attention"]
+    theta = text.get("rope_theta") or params.get("rope_theta")
+    config.rope_theta = float(theta or (1_000_000.0 if arch == "gemma3" else 10_000.0))
+    scaling = text.get("rope_scaling") or params
+    if isinstance(scaling, dict):
+        scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+        scaling.setdefault("rope_type", scaling.get("type"))
+        config.rope_scaling = None if scaling.get("rope_type") in (None, "default") else scaling
+
+
+def _pattern_of(text: dict[str, Any]) -> int | None:
+    """Newer configs list `layer_types`; the pattern is the distance between full-attention layers."""
+    types = text.get("layer_types")
+    if isinstance(types, list) and "full_attention" in types:
+        return types.index("full_attention") + 1
+    return None
+
+
+def weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise InvalidModel(f"{index}: not a readable safetensors index ({exc})") from exc
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise InvalidModel(f"{directory}: no *.safetensors weights")
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise InvalidModel(f"{directory}: missing weight shards: {', '.join(missing)}")
+    return files
+
+
+def sealed_files(directory: Path) -> list[Path]:
+    """Every file that decides the model's outputs: weights, index, config and tokenizer files."""
+    extra = [directory / name for name in (*SIDE_FILES, "model.safetensors.index.json")]
+    return weight_files(directory) + [p for p in extra if p.is_file()]
+
+
+def _hf_name(name: str) -> str | None:
+    if name.startswith("language_model."):
+        name = name.removeprefix("language_model.")
+    elif name.startswith(("vision_tower.", "multi_modal_projector.")):
+        return None
+    if name.startswith("model.language_model."):  # transformers >= 4.52 layout of multimodal Gemma 3
+        name = "model." + name.removeprefix("model.language_model.")
+    elif name.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
+        return None
+    return name
+
+
+def read_weights(directory: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for path in weight_files(directory):
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InvalidModel(f"{path.name}: not a readable safetensors file ({exc})") from exc
+        for name, tensor in tensors.items():
+            hf = _hf_name(name)
+            if hf is not None:
+                out[hf] = tensor.to(dtype)
+    return out
+
+
+_SAFETENSORS_DTYPES = {
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+
+
+def stored_dtype(directory: Path) -> str:
+    """The dtype most weights are stored in, read from the safetensors headers (no tensor data)."""
+    from safetensors import SafetensorError, safe_open
+
+    counts: dict[str, int] = {}
+    for path in weight_files(directory):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    dtype = handle.get_slice(name).get_dtype()
+                    counts[dtype] = counts.get(dtype, 0) + 1
+        except (SafetensorError, OSError) as exc:
+            raise InvalidModel(f"{path.name}: not a readable safetensors file ({exc})") from exc
+    top = max(counts, key=lambda k: counts[k]) if counts else "F32"
+    return _SAFETENSORS_DTYPES.get(top, top.lower())
