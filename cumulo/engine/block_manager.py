@@ -1,12 +1,15 @@
 """Paged KV-cache bookkeeping: fixed-size blocks, reference counts, and a prefix cache of full blocks.
 
 A full block is identified by a chained hash of its tokens and of every token before it, so two prompts that
-share a prefix share its blocks. Freed blocks keep their hash and stay findable until the block is reused
+share a prefix share its blocks. The hash is cryptographic (BLAKE2b): in a multi-tenant service a crafted
+collision of a weak hash would hand one tenant another's cached keys and values. Freed blocks keep their hash and stay findable until the block is reused
 (least recently freed first), which is what makes a repeated system prompt cheap. Plain Python, no tensors.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -17,7 +20,7 @@ from cumulo.engine.sequence import Sequence
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
+    hash: bytes | None = None
     tokens: tuple[int, ...] = ()
 
 
@@ -28,7 +31,7 @@ class BlockManager:
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.cached: dict[int, int] = {}  # chained hash -> block id
+        self.cached: dict[bytes, int] = {}  # chained hash -> block id
         self.enable_prefix_caching = enable_prefix_caching
 
     @property
@@ -55,8 +58,10 @@ class BlockManager:
         for _ in range(self.blocks_needed(seq, num_new_tokens)):
             seq.block_table.append(self._take_free_block())
 
-    def _chain(self, prev: int | None, tokens: tuple[int, ...]) -> int:
-        return hash((prev, tokens))
+    def _chain(self, prev: bytes | None, tokens: tuple[int, ...]) -> bytes:
+        h = hashlib.blake2b(prev or b"", digest_size=16)
+        h.update(array("q", tokens).tobytes())
+        return h.digest()
 
     def match_prefix(self, seq: Sequence) -> int:
         """Attach cached blocks for the longest cached prefix of a fresh sequence; returns tokens matched.
@@ -69,7 +74,7 @@ class BlockManager:
             return 0
         bs = self.block_size
         matched: list[int] = []
-        prev: int | None = None
+        prev: bytes | None = None
         for start in range(0, seq.num_tokens - 1 - (bs - 1), bs):  # full blocks, excluding the last token
             tokens = tuple(seq.token_ids[start : start + bs])
             h = self._chain(prev, tokens)
@@ -92,7 +97,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        prev: int | None = None
+        prev: bytes | None = None
         for i in range(seq.num_computed_tokens // bs):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:

@@ -64,7 +64,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            n = min(remaining, budget)
             while not bm.can_allocate(seq, n):
                 victim = self.running[-1]  # never an already scheduled one: those sit before index i
                 self._preempt(victim)
@@ -73,15 +74,20 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 break  # seq preempted itself: everything after it is gone too
             bm.allocate(seq, n)
-            (decodes.append(seq) if n == 1 else prefills.append((seq, n)))
+            # Only a sequence with exactly one token left is a decode: a one-token chunk in the middle of a
+            # prompt must not be sampled from.
+            (decodes.append(seq) if remaining == 1 else prefills.append((seq, n)))
             budget -= n
             i += 1
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_computed_tokens == 0 and not seq.block_table:
-                seq.num_cached_tokens = max(seq.num_cached_tokens, bm.match_prefix(seq))
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                matched = bm.match_prefix(seq)
+                if seq.num_preemptions == 0:  # after a preemption the match covers its own output: not billed
+                    seq.num_cached_tokens = max(seq.num_cached_tokens, min(matched, seq.num_prompt_tokens))
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            n = min(remaining, budget)
             if not bm.can_allocate(seq, n):
                 # Wait for running sequences to finish. Alone it always fits: the engine sizes the cache
                 # for at least one sequence of max_model_len tokens. Let go of any prefix blocks meanwhile.
@@ -93,7 +99,7 @@ class Scheduler:
             bm.allocate(seq, n)
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = time.perf_counter()
-            (decodes.append(seq) if n == 1 else prefills.append((seq, n)))
+            (decodes.append(seq) if remaining == 1 else prefills.append((seq, n)))
             budget -= n
         return ScheduledBatch(decodes, prefills)
 
