@@ -1,0 +1,39 @@
+"""`--format`: the model is converted with cumulo.formats before scoring, and bad formats are clear errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+
+import pytest
+import torch
+
+from cumulo.errors import FormatError
+from cumulo.evaluation.perplexity import convert, perplexity
+
+
+def test_converting_to_mxfp8_keeps_perplexity_close(
+    tiny_llama: torch.nn.Module, tiny_text: list[int]
+) -> None:
+    model = copy.deepcopy(tiny_llama)
+    convert(model, "mxfp8")
+    # the decoder layers' Linear modules were swapped for packed ones
+    assert not any(type(m) is torch.nn.Linear for m in model.model.layers.modules())
+    before = perplexity(tiny_llama, tiny_text, context=32, stride=16, progress=False).perplexity
+    after = perplexity(model, tiny_text, context=32, stride=16, progress=False).perplexity
+    assert math.isfinite(after) and after != before
+    assert after == pytest.approx(before, rel=0.1)
+
+
+def test_an_unknown_format_is_a_format_error(tiny_llama: torch.nn.Module) -> None:
+    with pytest.raises(FormatError, match="no-such-format"):
+        convert(copy.deepcopy(tiny_llama), "no-such-format")
+
+
+def test_a_missing_formats_package_is_a_format_error(
+    tiny_llama: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "cumulo.formats", None)  # what an install without the package looks like
+    with pytest.raises(FormatError, match="not available"):
+        convert(copy.deepcopy(tiny_llama), "mxfp8")
