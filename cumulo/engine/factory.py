@@ -49,7 +49,7 @@ def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
     module = build_model(loaded.config, loaded.weights, dtype=dtype, device=device)
     loaded.weights.clear()  # the module owns the tensors now; drop the loader's references
     if config.format:
-        from cumulo.formats.quantize import quantize_model
+        from cumulo.formats.linear import quantize_model
 
         quantize_model(module, config.format)
     max_len = loaded.config.max_position_embeddings
