@@ -1,0 +1,212 @@
+"""Measure this machine (memory read bandwidth, matmul throughput per dtype, per-op latency) as the `local` chip.
+
+Results are achieved rates, not peaks, so predictions for `local` apply no efficiency discount. The record is
+written as JSON next to the other Cumulo data (`<data dir>/chips/local.json`) and merged into the catalog.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cumulo.chips.catalog import SKINNY_ROWS, local_chip_path
+
+MATMUL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    device: str
+    threads: int
+    memory_bandwidth_gbs: float
+    matmul_tflops: dict[str, float]  # compute dtype -> achieved TFLOP/s on a large square matmul
+    skinny_tflops: dict[str, dict[int, float]]  # dtype or format -> rows M -> TFLOP/s of [M, K] x [K, N]
+    op_latency_us: float
+    memory_gb: float
+
+
+def _best_time(
+    fn: Callable[[], object],
+    sync: Callable[[], None],
+    min_time: float,
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Fastest of `repeats` timed runs, each long enough (>= min_time / repeats) to swamp timer noise."""
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        n, start = 0, clock()
+        while True:
+            fn()
+            n += 1
+            sync()
+            elapsed = clock() - start
+            if elapsed >= min_time / repeats:
+                break
+        best = min(best, elapsed / n)
+    return best
+
+
+def _total_memory_gb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory / 1e9
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
+def measure(
+    device: str = "cpu",
+    bandwidth_mb: int = 256,
+    matmul_n: int = 1024,
+    min_time: float = 0.3,
+    repeats: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+    formats: tuple[str, ...] = (),
+) -> Calibration:
+    """Measure `device`. `clock=time.process_time` with one torch thread gives the machine's unshared speed
+    on a busy host (CPU time excludes the time other processes hold the cores)."""
+    import torch
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    # Read bandwidth: a reduction reads every byte once and writes nothing worth counting.
+    x = torch.ones(bandwidth_mb * 2**20 // 4, dtype=torch.float32, device=device)
+    t = _best_time(x.sum, sync, min_time, repeats, clock)
+    bandwidth = x.numel() * 4 / t / 1e9
+    del x  # free it before the matmuls allocate
+    rates: dict[str, float] = {}
+    for name, tname in MATMUL_DTYPES.items():
+        dtype = getattr(torch, tname)
+        try:
+            a = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
+            b = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
+            t = _best_time(lambda a=a, b=b: a @ b, sync, min_time, repeats, clock)
+        except RuntimeError:  # dtype without a matmul kernel on this device
+            continue
+        rates[name] = 2 * matmul_n**3 / t / 1e12
+    # Decode multiplies a few rows by big weights: measure that shape, where CPUs fall far below both
+    # their streaming bandwidth and their square-matmul peak.
+    k = 2048
+    skinny: dict[str, dict[int, float]] = {}
+    for name in ("fp32", "bf16"):
+        if name not in rates:
+            continue
+        dtype = getattr(torch, MATMUL_DTYPES[name])
+        rows = max(bandwidth_mb * 2**20 // (4 * k), 64)  # the same matrix shape for both dtypes
+        w = torch.randn(rows, k, device=device).to(dtype)
+        skinny[name] = {}
+        for m in SKINNY_ROWS:
+            xm = torch.randn(m, k, device=device).to(dtype)
+            t = _best_time(
+                lambda xm=xm, w=w: torch.nn.functional.linear(xm, w), sync, min_time / 2, repeats, clock
+            )
+            skinny[name][m] = 2 * m * w.numel() / t / 1e12
+        del w
+    if formats:
+        act = "bf16" if rates.get("bf16", 0.0) >= rates.get("fp32", 0.0) > 0 else "fp32"
+        skinny.update(_format_curves(formats, act, device, sync, min_time, repeats, clock))
+    # Per-op overhead: the small elementwise ops and tiny matmuls that surround every layer's big matmuls.
+    h = torch.randn(1, 576, device=device)
+    g = torch.ones(576, device=device)
+    small_w = torch.randn(64, 64, device=device)
+    ops = [
+        lambda: torch.rms_norm(h, (576,), g, 1e-6),
+        lambda: torch.nn.functional.silu(h),
+        lambda: h * h,
+        lambda: h + h,
+        lambda: torch.nn.functional.linear(h[:, :64], small_w),
+    ]
+    latency = sum(_best_time(op, sync, min_time / 10, repeats, clock) for op in ops) / len(ops)
+    return Calibration(
+        device, torch.get_num_threads(), bandwidth, rates, skinny, latency * 1e6, _total_memory_gb(device)
+    )
+
+
+def _format_curves(
+    formats: tuple[str, ...],
+    act: str,
+    device: str,
+    sync: Callable[[], None],
+    min_time: float,
+    repeats: int,
+    clock: Callable[[], float],
+) -> dict[str, dict[int, float]]:
+    """Rates of Cumulo's packed linear per compact format (2048 x 2048 weights, `act` activations): the real
+    emulation cost here, dequantization or fused kernel included. Formats the formats layer lacks are skipped."""
+    import torch
+
+    try:
+        from cumulo.formats.linear import PackedLinear
+    except ImportError:
+        return {}
+    dtype = getattr(torch, MATMUL_DTYPES[act])
+    base = torch.nn.Linear(2048, 2048, bias=False).to(device)
+    curves: dict[str, dict[int, float]] = {}
+    for fmt in formats:
+        try:
+            layer = PackedLinear.from_linear(base, fmt).to(device)
+            curve = {}
+            for m in SKINNY_ROWS:
+                xm = torch.randn(m, 2048, device=device).to(dtype)
+                t = _best_time(lambda xm=xm, layer=layer: layer(xm), sync, min_time / 4, repeats, clock)
+                curve[m] = 2 * m * 2048 * 2048 / t / 1e12
+        except Exception:  # noqa: BLE001 - a format this build cannot pack or run is simply not measured
+            continue
+        curves[fmt] = curve
+    return curves
+
+
+def to_record(cal: Calibration) -> dict:
+    """The `local` chip in catalog form: every figure measured, sourced to this calibration."""
+
+    def fig(value: float, note: str = "") -> dict:
+        return {
+            "value": round(value, 6),
+            "provenance": "measured",
+            "source": "local-calibration",
+            "note": note,
+        }
+
+    fp32 = cal.matmul_tflops.get("fp32", 0.0)
+    native = ["fp32"] + [d for d in ("bf16", "fp16") if cal.matmul_tflops.get(d, 0.0) >= fp32 > 0]
+    record: dict = {
+        "name": f"This machine ({platform.machine()} {cal.device}, {cal.threads} threads)",
+        "vendor": "local",
+        "year": datetime.now(UTC).year,
+        "kind": "gpu" if cal.device.startswith("cuda") else "cpu",
+        "datacenter": False,
+        "achieved": True,
+        "native": native,
+        "memory_gb": fig(cal.memory_gb),
+        "memory_bandwidth_gbs": fig(cal.memory_bandwidth_gbs, "float32 sum over a large tensor"),
+        "op_latency_us": fig(cal.op_latency_us, "mean of small norm/activation/add ops, dispatch-bound"),
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    for dtype, curve in cal.skinny_tflops.items():
+        for m, rate in curve.items():
+            what = "linear" if dtype in MATMUL_DTYPES else "Cumulo packed linear (2048x2048)"
+            record[f"{dtype}_m{m}_tflops"] = fig(rate, f"{dtype} {what}, {m} rows")
+    for dtype, rate in cal.matmul_tflops.items():
+        record["bf16_tflops" if dtype == "bf16" else f"{dtype}_tflops"] = fig(rate, f"{dtype} square matmul")
+    record.pop("fp16_tflops", None)  # the catalog has one half-precision figure; bf16 is the one models use
+    return record
+
+
+def calibrate(device: str = "cpu", path: Path | None = None, **options: object) -> dict:
+    """Measure and store the `local` chip; returns the record written. `options` go to `measure`."""
+    record = to_record(measure(device, **options))  # type: ignore[arg-type]
+    target = path or local_chip_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record

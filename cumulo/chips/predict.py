@@ -1,0 +1,310 @@
+"""Roofline performance model: tokens/s, TTFT, TPOT, sequences that fit, joules and dollars per token.
+
+Each step (a prefill over the batch's prompts, or one decode step over the batch) takes the longer of its compute
+time (FLOPs / peak for the format) and its memory time (weights + KV cache + activations / bandwidth), plus a
+per-operation overhead where the chip has one, plus the interconnect term when several chips share the model.
+A format the chip cannot multiply natively is emulated: weights move at their compact size and are dequantized
+to the chip's compute dtype (bf16 where it has one, else fp32), costing `dequant_ops_per_weight` ALU operations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from cumulo.chips.catalog import Chip, get_chip
+from cumulo.chips.measured import rate_at, skinny_curve
+from cumulo.chips.presets import ModelShape, resolve_model
+from cumulo.chips.weight_formats import COMPUTE_DTYPE_BITS, WeightFormat, get_format
+from cumulo.errors import InvalidRequest
+from cumulo.models.config import ModelConfig
+
+EMULATION_MODES = ("fused", "dequant-at-load", "dequant-per-step")
+
+
+@dataclass(frozen=True, slots=True)
+class Assumptions:
+    """Every knob of the model that is a judgement rather than a chip figure. Documented in docs/chips.md."""
+
+    compute_efficiency: float = 0.6  # share of vendor peak FLOPS that real kernels reach
+    bandwidth_efficiency: float = 0.8  # share of vendor peak memory bandwidth that real kernels reach
+    interconnect_efficiency: float = 0.7
+    collective_latency_s: float = 10e-6  # per all-reduce or pipeline hop
+    memory_reserve: float = 0.10  # memory kept back for runtime, activations, fragmentation
+    dequant_ops_per_weight: float = 4.0  # unpack, scale, convert: ALU ops per weight when emulating
+    ops_per_layer: int = 14  # kernels/ops launched per decoder layer (for per-op overhead)
+    step_overhead_s: float = 0.0  # serving software per step (scheduling, sampling); 0 = not modelled
+    activation_passes: int = 10  # activation reads+writes per layer per token (norms, residuals, glue)
+    usd_per_kwh: float = 0.10
+    pue: float = 1.3  # data-centre overhead on chip power
+    lifetime_years: float = 4.0
+    utilization: float = 0.7  # share of the lifetime spent serving
+
+
+DEFAULT_ASSUMPTIONS = Assumptions()
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    model: str
+    chip: str
+    format: str
+    batch: int
+    context: int
+    n_chips: int
+    parallel: str
+    prefill_tok_s: float
+    decode_tok_s: float
+    ttft_s: float
+    tpot_s: float
+    max_sequences: int
+    joules_per_token: float | None
+    usd_per_million_tokens: float | None
+    bound: str  # decode: "compute" | "memory" | "overhead" | "interconnect"
+    prefill_bound: str
+    native: bool
+    compute_dtype: str
+    bits_per_weight: float
+    weights_gb: float
+    kv_gb_per_sequence: float
+    fits: bool
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["notes"] = list(self.notes)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    seconds: float
+    bound: str
+
+
+# Where an emulated format is multiplied, best first: a native dtype that holds its values exactly.
+EMULATION_HOSTS: dict[str | None, tuple[str, ...]] = {
+    "fp4": ("fp8", "bf16", "fp32"),  # E2M1 values are a subset of E4M3's
+    "fp8": ("bf16", "fp32"),
+    "int8": ("bf16", "fp32"),  # bf16 holds every int8 exactly
+    "bf16": ("fp32",),
+    None: ("bf16", "fp32"),  # GGUF blocks
+}
+
+
+def _compute_plan(chip: Chip, fmt: WeightFormat, prefer: str | None = None) -> tuple[bool, str, float]:
+    """(native?, compute dtype name, peak FLOP/s) for multiplying weights of `fmt` on `chip`.
+
+    `prefer` forces the dtype an emulated format is expanded into (an engine's choice, e.g. fp32 on CPUs).
+    """
+    if fmt.compute and fmt.name in chip.native and chip.get(_peak_key(fmt.compute)):
+        return True, fmt.compute, chip.get(_peak_key(fmt.compute)) * 1e12  # type: ignore[operator]
+    hosts = (prefer,) if prefer else EMULATION_HOSTS.get(fmt.compute, ("bf16", "fp32"))
+    for dtype in hosts:
+        peak = chip.get(_peak_key(dtype))
+        if peak and (dtype in chip.native or dtype == "fp32"):
+            return False, dtype, peak * 1e12
+    raise InvalidRequest(
+        f"chip '{chip.id}' has no published throughput to compute {fmt.name} in {prefer or 'bf16/fp32'}"
+    )
+
+
+def _peak_key(compute: str) -> str:
+    return "int8_tops" if compute == "int8" else f"{compute}_tflops"
+
+
+def _time(chip: Chip, flops: float, bytes_moved: float, ops: float, peak: float, a: Assumptions) -> _Step:
+    c_eff = 1.0 if chip.achieved else a.compute_efficiency
+    b_eff = 1.0 if chip.achieved else a.bandwidth_efficiency
+    bw = (chip.memory_bandwidth_gbs or 0.0) * 1e9 * b_eff
+    if bw <= 0:
+        raise InvalidRequest(f"chip '{chip.id}' has no published memory bandwidth; cannot predict")
+    t_compute = flops / (peak * c_eff)
+    t_memory = bytes_moved / bw
+    t_overhead = ops * (chip.get("op_latency_us") or 0.0) * 1e-6
+    bound = "compute" if t_compute >= t_memory else "memory"
+    if t_overhead > max(t_compute, t_memory):
+        bound = "overhead"
+    return _Step(max(t_compute, t_memory) + t_overhead, bound)
+
+
+def predict(
+    model: str | ModelConfig | ModelShape,
+    format: str,
+    chip: str | Chip,
+    batch: int = 1,
+    context: int = 1024,
+    n_chips: int = 1,
+    parallel: str = "tp",
+    emulation: str = "fused",
+    compute_dtype: str | None = None,
+    assumptions: Assumptions = DEFAULT_ASSUMPTIONS,
+) -> Prediction:
+    """Predict serving `batch` sequences of `context` tokens (prompt length = KV length per sequence).
+
+    TTFT is the prefill of the whole batch (all prompts arrive together); TPOT is one decode step at full
+    context. Several chips split the weights: "tp" adds two all-reduces per layer, "pp" pipelines microbatches.
+    A rack entry (kind "rack") is treated as one device with its aggregate figures: an upper bound.
+    """
+    shape, c, fmt, a = resolve_model(model), get_chip(chip), get_format(format), assumptions
+    if batch < 1 or context < 1 or n_chips < 1:
+        raise InvalidRequest("batch, context and n_chips must be at least 1")
+    if parallel not in ("tp", "pp"):
+        raise InvalidRequest("parallel must be 'tp' or 'pp'")
+    if emulation not in EMULATION_MODES:
+        raise InvalidRequest(f"emulation must be one of {', '.join(EMULATION_MODES)}")
+    native, dtype, peak = _compute_plan(c, fmt, compute_dtype)
+    act_bytes = 4 if dtype == "fp32" else 2  # activations between matmuls stay in bf16 (fp32 on fp32 chips)
+    kv_bytes = act_bytes  # KV cache kept in the activation dtype
+    w_bytes = fmt.bits_per_weight / 8
+    notes: list[str] = []
+    deq_ops = 0.0
+    if not native:
+        notes.append(f"{fmt.name} is not native on {c.id}: emulated ({emulation}), computing in {dtype}")
+        deq_ops = a.dequant_ops_per_weight
+        if emulation == "dequant-at-load":
+            w_bytes, deq_ops = COMPUTE_DTYPE_BITS[dtype] / 8, 0.0
+    # dequant-per-step writes the expanded weights and reads them back for the matmul.
+    extra_w_bytes = (
+        COMPUTE_DTYPE_BITS[dtype] / 8 * 2 if (not native and emulation == "dequant-per-step") else 0
+    )
+    fp32_peak = (c.get("fp32_tflops") or c.get("bf16_tflops") or 0) * 1e12
+    n = n_chips
+    shard = 1.0 / n  # each chip holds and streams this share of the weights and KV
+
+    # A calibrated host multiplies fp32/bf16 weights at the rate it measured for that many rows, in sequence with
+    # everything else (a CPU overlaps little); this replaces the two straight lines of the roofline.
+    curve = skinny_curve(c, dtype, c.get(f"{dtype}_tflops")) if dtype in ("fp32", "bf16") else []
+    # A curve measured for this very format (Cumulo's packed linear on this host) already holds its
+    # dequantization or fused-kernel cost, so it replaces both the dtype curve and the dequant traffic.
+    format_curve = skinny_curve(c, fmt.name) if not native else []
+    if not native and emulation == "fused" and not format_curve:
+        curve = []  # a fused kernel on packed weights: the fp32/bf16 curve says nothing about it
+    bw_local = (c.memory_bandwidth_gbs or 0.0) * 1e9
+
+    # The LM head (and an untied embedding) stay in 16 bits when the body is quantized, as Cumulo's
+    # QuantPolicy and DeepSeek's FP8 checkpoints do; they never go below the activation dtype's width.
+    head_bytes = max(act_bytes, w_bytes)
+
+    def step(
+        tokens: int, kv_tokens_read: float, attn_ctx_tokens: float, kv_tokens_written: float, logits: int
+    ) -> _Step:
+        weights = shape.weights_read(tokens) - shape.head_params  # the quantized body
+        # The LM head runs only for tokens that sample (the last of each prompt in prefill).
+        matmul_flops = 2 * (shape.active_params - shape.head_params) * tokens + 2 * shape.head_params * logits
+        attn_flops = shape.attn_flops_per_ctx * attn_ctx_tokens
+        act = shape.num_layers * tokens * shape.hidden_size * act_bytes * a.activation_passes
+        other_bytes = (kv_tokens_read + kv_tokens_written) * shape.kv_elems_per_token * kv_bytes + act
+        if curve and bw_local > 0:
+            return _curve_step(weights, tokens, logits, other_bytes, attn_flops)
+        flops = matmul_flops + attn_flops
+        moved = weights * (w_bytes + extra_w_bytes) + shape.head_params * head_bytes + other_bytes
+        st = _time(c, flops * shard, moved * shard, shape.num_layers * a.ops_per_layer, peak, a)
+        if deq_ops and fp32_peak:
+            # Dequantization runs on the ALUs alongside the matmul; it only shows when it is the longer task.
+            t_deq = weights * shard * deq_ops / (fp32_peak * (1.0 if c.achieved else a.compute_efficiency))
+            if t_deq > st.seconds:
+                st = _Step(t_deq, "compute")
+        return st
+
+    def _curve_step(
+        weights: float, tokens: int, logits: int, other_bytes: float, other_flops: float
+    ) -> _Step:
+        body_curve = format_curve or curve
+        t_mm = 2 * weights * tokens / rate_at(body_curve, tokens) + 2 * shape.head_params * logits / rate_at(
+            curve, logits
+        )
+        expanded = COMPUTE_DTYPE_BITS[dtype] / 8
+        measured_format = bool(format_curve)
+        t_deq = (
+            0.0
+            if native or measured_format or emulation == "dequant-at-load"
+            else weights * (w_bytes + expanded) / bw_local
+        )
+        t_other = other_bytes / bw_local + other_flops / peak + t_deq
+        t_ops = shape.num_layers * a.ops_per_layer * (c.get("op_latency_us") or 0.0) * 1e-6
+        roof_compute = 2 * weights * tokens / peak >= weights * expanded / bw_local
+        bound = "overhead" if t_ops > t_mm + t_other else ("compute" if roof_compute else "memory")
+        return _Step((t_mm + t_other + t_ops) * shard, bound)
+
+    def comm(tokens: int) -> float:
+        if n == 1:
+            return 0.0
+        link = (c.get("interconnect_gbs") or 0.0) / 2 * 1e9 * a.interconnect_efficiency  # one direction
+        if link <= 0:
+            raise InvalidRequest(f"chip '{c.id}' has no published chip-to-chip bandwidth; use n_chips=1")
+        size = tokens * shape.hidden_size * act_bytes
+        if parallel == "tp":  # ring all-reduce after attention and after the MLP, every layer
+            return shape.num_layers * 2 * (2 * (n - 1) / n * size / link + a.collective_latency_s)
+        return (n - 1) * (size / link + a.collective_latency_s)  # pp: one activation hop per stage boundary
+
+    # Prefill: every prompt in one pass; causal attention touches context/2 cached tokens on average.
+    tokens_p = batch * context
+    pre = step(tokens_p, 0, batch * context * context / 2, tokens_p, batch)
+    t_pre = pre.seconds + comm(tokens_p) + a.step_overhead_s
+    # Decode: one token per sequence, reading every sequence's KV.
+    if parallel == "pp" and n > 1:
+        # n microbatches in flight: a token of every sequence needs each stage to run n microbatches.
+        micro = math.ceil(batch / n)
+        dec = step(micro, micro * context, micro * context, micro, micro)
+        t_work, t_comm = n * (dec.seconds + a.step_overhead_s), comm(micro)
+    else:
+        dec = step(batch, batch * context, batch * context, batch, batch)
+        t_work, t_comm = dec.seconds + a.step_overhead_s, comm(batch)
+    t_dec = t_work + t_comm
+    bound = "interconnect" if t_comm > t_work else dec.bound
+
+    body = shape.total_params - shape.head_params - shape.embed_params
+    weights_total = body * w_bytes + (shape.head_params + shape.embed_params) * head_bytes
+    kv_seq = context * shape.kv_elems_per_token * kv_bytes
+    mem = (c.memory_gb or 0.0) * 1e9 * n * (1 - a.memory_reserve)
+    free = mem - weights_total
+    max_seq = int(free // kv_seq) if free > 0 else 0
+    fits = max_seq >= batch
+    if free <= 0:
+        notes.append(f"weights ({weights_total / 1e9:.1f} GB) do not fit in {mem / 1e9:.1f} GB usable memory")
+    elif not fits:
+        notes.append(f"batch {batch} exceeds the {max_seq} sequences that fit at context {context}")
+    if c.kind == "rack":
+        notes.append("rack treated as one device with aggregate figures (upper bound)")
+
+    decode_tok_s = batch / t_dec
+    power = None if c.power_w is None else c.power_w * n
+    joules = None if power is None else power * t_dec / batch
+    usd = _usd_per_million(c.get("price_usd"), power, n, decode_tok_s, a)
+    return Prediction(
+        model=shape.name,
+        chip=c.id,
+        format=fmt.name,
+        batch=batch,
+        context=context,
+        n_chips=n,
+        parallel=parallel,
+        prefill_tok_s=tokens_p / t_pre,
+        decode_tok_s=decode_tok_s,
+        ttft_s=t_pre,
+        tpot_s=t_dec,
+        max_sequences=max_seq,
+        joules_per_token=joules,
+        usd_per_million_tokens=usd,
+        bound=bound,
+        prefill_bound=pre.bound,
+        native=native,
+        compute_dtype=dtype,
+        bits_per_weight=fmt.bits_per_weight,
+        weights_gb=weights_total / 1e9,
+        kv_gb_per_sequence=kv_seq / 1e9,
+        fits=fits,
+        notes=tuple(notes),
+    )
+
+
+def _usd_per_million(
+    price: float | None, power_w: float | None, units: int, tok_s: float, a: Assumptions
+) -> float | None:
+    """Hardware amortised over its serving hours plus electricity (with PUE), per million output tokens."""
+    if price is None or tok_s <= 0:
+        return None
+    hours = a.lifetime_years * 365 * 24 * a.utilization
+    per_hour = price * units / hours + (power_w or 0.0) / 1000 * a.pue * a.usd_per_kwh
+    return per_hour / (tok_s * 3600) * 1e6
