@@ -15,7 +15,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "cumulo setup: installing torch==2.13.0 (CPU) and cumulo${extra}" >&2
   .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
   # torch first and pinned, so nothing else can pull a CUDA build.
-  .venv/bin/pip install -q "torch==2.13.0"
-  .venv/bin/pip install -q -e ".${extra}"
+  # (grep drops pip's noise about this machine's local index mirrors)
+  .venv/bin/pip install -q "torch==2.13.0" 2>&1 | { grep -v "^WARNING: Location" || true; } >&2
+  .venv/bin/pip install -q -e ".${extra}" 2>&1 | { grep -v "^WARNING: Location" || true; } >&2
   touch "$stamp"
 fi

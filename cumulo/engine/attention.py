@@ -74,6 +74,8 @@ class AttentionContext:
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
     decode_context_lens: torch.Tensor | None = None  # [num_decode]
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # Masks depend only on the step (and a layer's window), not the layer: built once, reused by every layer.
+    masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
 
 
 def _write_cache(k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, layer: int) -> None:
@@ -107,15 +109,26 @@ def _decode(
     tables = ctx.decode_block_tables
     k = cache.k[layer][:, tables].flatten(2, 3)  # [kv_heads, batch, keys, dim]
     v = cache.v[layer][:, tables].flatten(2, 3)
-    keys = k.shape[2]
-    lens = ctx.decode_context_lens
-    idx = torch.arange(keys, device=q.device)
-    mask = idx[None, :] < lens[:, None]
-    if window is not None:
-        mask &= idx[None, :] >= (lens[:, None] - window)
+    mask = ctx.masks.get(("decode", 0, window))
+    if mask is None:
+        lens = ctx.decode_context_lens
+        idx = torch.arange(k.shape[2], device=q.device)
+        mask = idx[None, :] < lens[:, None]
+        if window is not None:
+            mask &= idx[None, :] >= (lens[:, None] - window)
+        mask = ctx.masks[("decode", 0, window)] = mask[None, :, None, :]
     qg = q.view(batch, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # [kv_heads, batch, group, dim]
-    out = _attend(qg, k, v, mask[None, :, None, :], scale)  # [kv_heads, batch, group, dim]
+    out = _attend(qg, k, v, mask, scale)  # [kv_heads, batch, group, dim]
     return out.transpose(0, 1).reshape(batch, heads, dim)
+
+
+def _prefill_mask(n: int, keys: int, group: int, window: int | None, device: torch.device) -> torch.Tensor:
+    q_pos = torch.arange(keys - n, keys, device=device)
+    k_pos = torch.arange(keys, device=device)
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > (q_pos[:, None] - window)
+    return mask.repeat(group, 1)[None, None]
 
 
 def _prefill(
@@ -124,18 +137,20 @@ def _prefill(
     v: torch.Tensor,
     scale: float,
     window: int | None,
+    masks: dict | None = None,
+    chunk: int = 0,
 ) -> torch.Tensor:
     n, heads, dim = q.shape
     kv_heads, keys, _ = k.shape
     group = heads // kv_heads
-    q_pos = torch.arange(keys - n, keys, device=q.device)
-    k_pos = torch.arange(keys, device=q.device)
-    mask = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        mask &= k_pos[None, :] > (q_pos[:, None] - window)
+    mask = None if masks is None else masks.get(("prefill", chunk, window))
+    if mask is None:
+        mask = _prefill_mask(n, keys, group, window, q.device)
+        if masks is not None:
+            masks[("prefill", chunk, window)] = mask
     # queries ordered (kv_head, group, position) so each kv head serves its group with one matmul
     qg = q.view(n, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, 1, group * n, dim)
-    out = _attend(qg, k[:, None], v[:, None], mask.repeat(group, 1)[None, None], scale)
+    out = _attend(qg, k[:, None], v[:, None], mask, scale)
     return out.view(kv_heads, group, n, dim).permute(2, 0, 1, 3).reshape(n, heads, dim)
 
 
@@ -156,9 +171,9 @@ def paged_attention(
     if nd:
         out[:nd] = _decode(q[:nd], ctx, layer, scale, window)
     cache = ctx.kv_cache
-    for chunk in ctx.prefills:
+    for i, chunk in enumerate(ctx.prefills):
         blocks_k = cache.k[layer][:, chunk.block_table].flatten(1, 2)[:, : chunk.context_len]
         blocks_v = cache.v[layer][:, chunk.block_table].flatten(1, 2)[:, : chunk.context_len]
         sl = slice(chunk.start, chunk.start + chunk.num_tokens)
-        out[sl] = _prefill(q[sl], blocks_k, blocks_v, scale, window)
+        out[sl] = _prefill(q[sl], blocks_k, blocks_v, scale, window, ctx.masks, i)
     return out

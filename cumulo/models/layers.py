@@ -26,8 +26,14 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight + self.offset if self.offset else self.weight
-        return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), self.eps).to(x.dtype)
+        # The fused kernel accumulates in fp32 for 16-bit inputs. Gemma's offset is folded in once, lazily.
+        if self.offset:
+            if getattr(self, "_folded", None) is None or self._folded[0] is not self.weight:
+                self._folded = (self.weight, (self.weight.float() + self.offset).to(self.weight.dtype))
+            weight = self._folded[1]
+        else:
+            weight = self.weight
+        return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), self.eps)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -63,21 +69,20 @@ class RotaryEmbedding(nn.Module):
 
         self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def _table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Every layer of a step passes the same positions tensor: look the rows up once per step.
-        if self._step is None or self._step[0] is not positions:
-            self._step = (positions, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+    def _table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Every layer of a step passes the same positions tensor: look the rows up once per step, in the
+        # activations' dtype (as Hugging Face does, so 16-bit models round the same way).
+        if self._step is None or self._step[0] is not positions or self._step[1].dtype != dtype:
+            cos = self.cos[positions].unsqueeze(1).to(dtype)
+            sin = self.sin[positions].unsqueeze(1).to(dtype)
+            self._step = (positions, cos, sin)
         return self._step[1], self._step[2]
 
-    def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # xs: [T, heads, head_dim]; cos/sin: [T, 1, head_dim/2]
-        cos, sin = self._table(positions)
-        out = []
-        for x in xs:
-            x1, x2 = x.float().chunk(2, dim=-1)
-            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-            out.append(rotated.to(x.dtype))
-        return tuple(out)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, head_dim] -> rotated copy."""
+        cos, sin = self._table(positions, x.dtype)  # [T, 1, head_dim/2]
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class GatedMLP(nn.Module):
@@ -139,13 +144,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            q, k, _ = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = self.rotary(positions, self.q_norm(q.view(T, self.num_heads, self.head_dim)))
+            k = self.rotary(positions, self.k_norm(k.view(T, self.num_kv_heads, self.head_dim)))
+        else:
+            # q and k heads side by side: one rotary pass over both
+            qk = qkv[:, : self.q_size + self.kv_size].view(
+                T, self.num_heads + self.num_kv_heads, self.head_dim
+            )
+            q, k = self.rotary(positions, qk).split([self.num_heads, self.num_kv_heads], dim=1)
         out = paged_attention(q, k, v, ctx, self.layer_idx, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(T, self.q_size))
