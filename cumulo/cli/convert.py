@@ -1,9 +1,152 @@
-"""`cumulo` verbs of this group (placeholder until its layer lands)."""
+"""`cumulo convert MODEL --format F -o DIR`: rewrite a model's weights in a compact number format.
+
+Reads any model the loader can (GGUF file, Hugging Face directory, catalog name), quantizes the linear layers
+the keep policy allows (default: embeddings, lm_head, norms and routers stay in bf16; `--keep` / `--only` take
+fnmatch patterns on module names) and writes safetensors + config.json with `quantization_config` (block FP8 in
+DeepSeek-V3's layout; see cumulo.formats.checkpoint), plus the tokenizer, so the directory is a model again.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "chat_template.jinja", "chat_template.json")  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    return None
+    p = sub.add_parser(
+        "convert",
+        help="rewrite a model's weights in a compact number format",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("model", help="catalog name, .gguf file or Hugging Face-style directory")
+    p.add_argument(
+        "--format",
+        "-f",
+        required=True,
+        metavar="F",
+        help="ue8m0-fp8, fp8, fp8-block, mxfp8, mxfp6, mxfp4, mxint8, nvfp4, hif8, bf16 (and -rceil "
+        "variants of the MX formats)",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to write (created)")
+    p.add_argument(
+        "--keep",
+        action="append",
+        metavar="PATTERN",
+        help="module-name pattern to leave in bf16 (repeatable; replaces the default list)",
+    )
+    p.add_argument("--only", action="append", metavar="PATTERN", help="quantize only modules matching these")
+    p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cumulo.errors import CumuloError
+    from cumulo.formats.schemes import get_scheme
+
+    scheme = get_scheme(args.format)  # unknown names fail before the model is read
+    out = Path(args.output).expanduser()
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise CumuloError(f"{out} is not empty; pass --force to write into it")
+    import torch
+    from tqdm import tqdm
+
+    from cumulo.formats.checkpoint import save_packed_state_dict
+    from cumulo.formats.linear import QuantPolicy
+    from cumulo.formats.packed import PackedWeight
+    from cumulo.formats.quantize import quantize
+    from cumulo.models.loader import load
+
+    model = load(args.model, dtype=torch.float32)
+    policy = QuantPolicy.from_patterns(keep=args.keep, only=args.only)
+    state: dict[str, torch.Tensor | PackedWeight] = {}
+    bytes_in = bytes_out = 0
+    items = list(model.weights.items())
+    for name, tensor in tqdm(items, desc=f"convert to {scheme.name}", unit="tensor", mininterval=0.5):
+        bytes_in += tensor.numel() * tensor.element_size()
+        module = name.removesuffix(".weight")
+        if (
+            scheme.element is not None
+            and tensor.dim() == 2
+            and name.endswith(".weight")
+            and policy.quantizes(module)
+        ):
+            value: torch.Tensor | PackedWeight = quantize(tensor, scheme.name, name=name)
+            assert isinstance(value, PackedWeight)
+            bytes_out += value.nbytes
+        else:
+            value = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+            bytes_out += value.numel() * value.element_size()
+        state[name] = value
+    out.mkdir(parents=True, exist_ok=True)
+    config = _config_json(model, out)
+    save_packed_state_dict(state, out, scheme.name, config=config)
+    print(
+        f"wrote {out}: {scheme.name}, {bytes_out / 1e6:.1f} MB of weights (from {bytes_in / 1e6:.1f} MB fp32)"
+    )
+    return 0
+
+
+def _config_json(model: Any, out: Path) -> dict[str, Any]:
+    """The source's own config.json and side files when it is a HF directory; otherwise built from ModelConfig."""
+    source = Path(model.source)
+    if source.is_dir() and (source / "config.json").is_file():
+        for name in SIDE_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, out / name)
+        raw = json.loads((source / "config.json").read_text())
+        raw.pop("quantization_config", None)
+        return raw
+    _write_tokenizer(model.tokenizer, out)
+    return _hf_config(model.config)
+
+
+def _hf_config(c: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "architectures": [],
+        "model_type": MODEL_TYPES.get(c.architecture, c.architecture),
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": c.rope_scaling,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "hidden_act": c.hidden_act,
+        "attention_bias": c.attention_bias,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_ids[0] if len(c.eos_token_ids) == 1 else list(c.eos_token_ids),
+        "torch_dtype": "bfloat16",
+    }
+    if c.architecture == "gemma3":
+        cfg.update(
+            sliding_window=c.sliding_window,
+            sliding_window_pattern=c.sliding_window_pattern,
+            rope_local_base_freq=c.rope_local_base_freq,
+            query_pre_attn_scalar=c.query_pre_attn_scalar,
+            final_logit_softcapping=c.final_logit_softcapping,
+            attn_logit_softcapping=c.attn_logit_softcapping,
+        )
+    return cfg
+
+
+def _write_tokenizer(tokenizer: Any, out: Path) -> None:
+    tokenizer.backend.save(str(out / "tokenizer.json"))
+    tok_cfg = {
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "add_bos_token": bool(tokenizer.add_bos),
+        "chat_template": tokenizer.chat_template,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")

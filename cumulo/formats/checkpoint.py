@@ -1,0 +1,221 @@
+"""Write and read packed checkpoints: safetensors plus `quantization_config` in config.json.
+
+Block FP8 keeps DeepSeek-V3's layout exactly (inference/README_WEIGHTS.md) so other tools can read it:
+`X.weight` float8_e4m3fn [N, K] and `X.weight_scale_inv` float32 [ceil(N/128), ceil(K/128)], dequantized as
+weight x scale_inv per 128 x 128 tile, with quantization_config {quant_method: fp8, fmt: e4m3,
+activation_scheme: dynamic, weight_block_size: [128, 128]} and, for power-of-two scales, scale_fmt: ue8m0
+(DeepSeek-V3.1). The reader accepts DeepSeek's own checkpoints the same way.
+
+Other formats use Cumulo's layout, quant_method "cumulo": `X.weight` holds the codes (float8_e4m3fn for the
+E4M3 formats, uint8 otherwise, FP4/FP6 bit-packed), `X.weight_scale` the scales (fp32, or uint8 E8M0 for MX,
+float8_e4m3fn for NVFP4) and NVFP4's fp32 tensor scale is `X.weight_scale_2` (the names NVIDIA ModelOpt uses).
+The unpacked shape of every packed weight is in the safetensors metadata (`X.weight.shape` = "N,K").
+Tensors that are not `PackedWeight`s (embeddings, norms, kept layers) are stored as given.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cumulo.errors import FormatError, InvalidModel
+from cumulo.formats.packed import PackedWeight
+from cumulo.formats.schemes import get_scheme
+
+DEEPSEEK_FORMATS = {"fp8-block": None, "ue8m0-fp8": "ue8m0"}  # format -> scale_fmt
+SHARD_BYTES = 4 * 1024**3  # Hugging Face's habit: shards of a few GB, with an index
+
+
+def quantization_config(format: str, kept: list[str] | None = None) -> dict[str, Any]:
+    scheme = get_scheme(format)
+    if scheme.name in DEEPSEEK_FORMATS:
+        cfg: dict[str, Any] = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+        }
+        if DEEPSEEK_FORMATS[scheme.name]:
+            cfg["scale_fmt"] = DEEPSEEK_FORMATS[scheme.name]
+    else:
+        cfg = {
+            "quant_method": "cumulo",
+            "format": scheme.name,
+            "element": scheme.element.name if scheme.element else "bf16",
+            "block": list(scheme.block),
+            "scale": scheme.scale,
+        }
+    if kept:
+        cfg["modules_to_not_convert"] = kept
+    return cfg
+
+
+def _packed_tensors(key: str, w: PackedWeight) -> dict[str, torch.Tensor]:
+    scheme = w.scheme
+    base = key.removesuffix(".weight")
+    codes = w.codes
+    if scheme.element is None:
+        return {key: codes}
+    if scheme.element.name == "e4m3fn":
+        codes = codes.view(torch.float8_e4m3fn)
+    out = {key: codes.contiguous()}
+    assert w.scales is not None
+    if scheme.name in DEEPSEEK_FORMATS:
+        out[f"{base}.weight_scale_inv"] = w.scales.to(torch.float32).contiguous()
+    elif scheme.scale == "nvfp4":
+        assert w.tensor_scale is not None
+        out[f"{base}.weight_scale"] = w.scales.view(torch.float8_e4m3fn).contiguous()
+        out[f"{base}.weight_scale_2"] = w.tensor_scale.reshape(()).contiguous()
+    else:
+        out[f"{base}.weight_scale"] = w.scales.contiguous()
+    return out
+
+
+def save_packed_state_dict(
+    state: Mapping[str, torch.Tensor | PackedWeight],
+    directory: str | Path,
+    format: str,
+    *,
+    config: Mapping[str, Any] | None = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> Path:
+    """Write `state` (HF tensor names -> tensors or PackedWeights) as safetensors, and config.json with
+    `quantization_config` merged into `config` (an existing config.json there is kept and updated)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(directory)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    get_scheme(format)  # unknown names fail before anything is written
+    tensors: dict[str, torch.Tensor] = {}
+    metadata = {"format": "pt", "cumulo.format": format}
+    kept = []
+    for key, value in state.items():
+        if isinstance(value, PackedWeight) and value.format == "bf16":
+            value = value.codes  # a 16-bit weight is a plain tensor in any checkpoint
+        if isinstance(value, PackedWeight):
+            if value.block_override is not None:
+                raise FormatError(
+                    f"{key}: a joined weight (concat_rows) has no checkpoint layout; save the parts"
+                )
+            if value.format != format:
+                raise FormatError(f"{key}: packed as {value.format}, but the checkpoint is {format}")
+            tensors.update(_packed_tensors(key, value.to("cpu")))
+            metadata[f"{key}.shape"] = f"{value.shape[0]},{value.shape[1]}"
+        else:
+            tensors[key] = value.detach().to("cpu").contiguous()
+            if value.dim() == 2 and key.endswith(".weight"):
+                kept.append(key.removesuffix(".weight"))
+    shards = _shard(tensors, shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata=metadata)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out_dir / name), metadata=metadata)
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    cfg_path = out_dir / "config.json"
+    cfg = dict(config) if config is not None else {}
+    if config is None and cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+    if format == "bf16":
+        cfg.pop("quantization_config", None)
+        cfg["torch_dtype"] = "bfloat16"
+    else:
+        cfg["quantization_config"] = quantization_config(format, kept)
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return out_dir
+
+
+def _shard(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    return shards
+
+
+def _read_all(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [directory / n for n in names]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise InvalidModel(f"{directory}: no *.safetensors weights")
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata.update(handle.metadata() or {})
+                for key in handle.keys():
+                    tensors[key] = handle.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise InvalidModel(f"{path.name}: not a readable safetensors file ({exc})") from exc
+    return tensors, metadata
+
+
+def format_of(qcfg: Mapping[str, Any] | None) -> str:
+    """The Cumulo format name a quantization_config describes ("bf16" when there is none)."""
+    if not qcfg:
+        return "bf16"
+    method = qcfg.get("quant_method")
+    if method == "fp8":
+        if qcfg.get("weight_block_size") not in ([128, 128], (128, 128)) or qcfg.get("fmt", "e4m3") != "e4m3":
+            raise FormatError(f"unsupported fp8 quantization_config {dict(qcfg)}: only e4m3 128x128 blocks")
+        return "ue8m0-fp8" if qcfg.get("scale_fmt") == "ue8m0" else "fp8-block"
+    if method == "cumulo":
+        return get_scheme(str(qcfg.get("format"))).name
+    raise FormatError(f"unsupported quantization method {method!r}")
+
+
+def load_packed_state_dict(directory: str | Path) -> tuple[dict[str, torch.Tensor | PackedWeight], str]:
+    """Read a checkpoint written by `save_packed_state_dict` (or a DeepSeek block-FP8 one).
+
+    Returns (HF name -> plain tensor or PackedWeight, format name)."""
+    path = Path(directory)
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    format = format_of(cfg.get("quantization_config"))
+    raw, metadata = _read_all(path)
+    out: dict[str, torch.Tensor | PackedWeight] = {}
+    scale_keys = {k for k in raw if k.endswith((".weight_scale_inv", ".weight_scale", ".weight_scale_2"))}
+    for key, tensor in raw.items():
+        if key in scale_keys:
+            continue
+        base = key.removesuffix(".weight")
+        if format in DEEPSEEK_FORMATS and f"{base}.weight_scale_inv" in raw:
+            codes = tensor.view(torch.uint8) if tensor.element_size() == 1 else tensor
+            out[key] = PackedWeight(
+                format,
+                codes,
+                raw[f"{base}.weight_scale_inv"].to(torch.float32),
+                (tensor.shape[0], tensor.shape[1]),
+            )
+        elif format not in DEEPSEEK_FORMATS and f"{base}.weight_scale" in raw:
+            shape_text = metadata.get(f"{key}.shape")
+            shape = tuple(int(v) for v in shape_text.split(",")) if shape_text else tuple(tensor.shape)
+            scales = raw[f"{base}.weight_scale"]
+            scales = scales.view(torch.uint8) if scales.dtype == torch.float8_e4m3fn else scales
+            tensor_scale = raw.get(f"{base}.weight_scale_2")
+            out[key] = PackedWeight(
+                format, tensor.view(torch.uint8), scales, (shape[0], shape[1]), tensor_scale
+            )
+        else:
+            out[key] = tensor
+    return out, format

@@ -1,0 +1,260 @@
+"""CPU fused kernels: builds cpu_kernels.cpp with g++ on first use, caches it, registers it for FP8 and MXFP4.
+
+Why a plain shared library through ctypes rather than a torch extension: it compiles in about a second (no torch
+headers), so the first test run on a fresh machine does not wait a minute for a build; the per-call overhead is
+the same few microseconds. It links the same OpenMP runtime torch has loaded (libgomp.so.1), so one thread pool
+serves both. The build is cached in torch's extension directory ($TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions) under a name that hashes the source and flags. Without g++, or on a CPU without
+AVX2/FMA/F16C, `find_kernel` still answers with these binders but they return None and `PackedLinear` takes
+the reference path; a single warning says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cumulo.formats import codec
+from cumulo.formats.element import E4M3FN, Kind
+from cumulo.formats.kernels import BoundKernel, register_kernel
+from cumulo.formats.packed import PackedWeight
+from cumulo.formats.scales import e8m0_to_float
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+# Above this many rows of x, dequantize once and let torch's sgemm do the compute-bound work.
+FUSED_MAX_ROWS = 8
+
+# Threads per kernel call: torch's setting unless CUMULO_KERNEL_THREADS or set_kernel_threads says otherwise.
+# On a machine shared with other busy processes one thread can beat two, because every call is a fork-join
+# that waits for both threads to be scheduled (docs/formats.md, measurements).
+_threads: int | None = (
+    int(os.environ["CUMULO_KERNEL_THREADS"]) if os.environ.get("CUMULO_KERNEL_THREADS") else None
+)
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_F = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+def set_kernel_threads(threads: int | None) -> None:
+    """Fix the kernels' thread count (None: follow torch.get_num_threads())."""
+    global _threads
+    _threads = threads
+
+
+def kernel_threads() -> int:
+    return _threads or torch.get_num_threads()
+
+
+def _cache_dir() -> Path:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root()) / "cumulo"
+
+
+def _cpu_supported() -> bool:
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # the capability check already passed
+    return " f16c" in flags and " fma" in flags
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernels (or find the cached build) and return the shared library's path."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cumulo_cpu_kernels_{digest}.so"
+    if target.exists() and not force:
+        return target
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build to a temporary name and rename, so concurrent first uses never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+    if result.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"g++ failed: {result.stderr.strip()[:2000]}")
+    os.replace(tmp, target)
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (with one warning) when they cannot be built or run here."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("CUMULO_DISABLE_CPU_KERNELS"):
+        return None
+    if not _cpu_supported():
+        warnings.warn("CPU lacks AVX2/FMA/F16C: packed weights use the reference path", stacklevel=2)
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, RuntimeError) as exc:
+        warnings.warn(f"fused CPU kernels unavailable ({exc}); using the reference path", stacklevel=2)
+        return None
+    lib.cumulo_fp8_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, _I, _I, _F, ctypes.c_int]
+    lib.cumulo_mxfp4_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, ctypes.c_int]
+    lib.cumulo_fp8_dequant.argtypes = [_F, _I, _I, _F, _F, _I, _I, _F, ctypes.c_int]
+    lib.cumulo_mxfp4_dequant.argtypes = [_F, _I, _I, _F, _F, ctypes.c_int]
+    lib.cumulo_lut_linear.argtypes = [_F, _I, _I, _F, _I, ctypes.c_int, _F, _F, _F, _F, ctypes.c_float, _I, _I,
+                                      _F, ctypes.c_int]  # fmt: skip
+    for fn in (
+        lib.cumulo_fp8_linear,
+        lib.cumulo_mxfp4_linear,
+        lib.cumulo_fp8_dequant,
+        lib.cumulo_mxfp4_dequant,
+        lib.cumulo_lut_linear,
+    ):
+        fn.restype = None
+    _lib = lib
+    return lib
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _fp8_scales(w: PackedWeight) -> tuple[torch.Tensor | None, torch.Tensor | None, int, int]:
+    """(fp32 scales, E8M0 scales, rows per scale block, cols per scale block) in the kernel's terms."""
+    n, k = w.shape
+    br, bc = w.block
+    assert w.scales is not None
+    scales = w.scales.contiguous()
+    if w.scheme.scale.startswith("e8m0"):
+        return None, scales, br or n, bc or k
+    return scales.to(torch.float32), None, br or n, bc or k
+
+
+def _call(x: torch.Tensor, n: int, fused: Callable[..., None], dequant: Callable[..., None]) -> torch.Tensor:
+    """Decode (few rows): the fused kernel. Prefill (many rows): dequantize once, then torch's sgemm."""
+    threads = kernel_threads()
+    xc = x.to(torch.float32).contiguous()
+    if xc.shape[0] > FUSED_MAX_ROWS:
+        dense = torch.empty(n, xc.shape[1], dtype=torch.float32)
+        dequant(dense.data_ptr(), threads)
+        return F.linear(xc, dense)
+    y = torch.empty(xc.shape[0], n, dtype=torch.float32)
+    fused(xc.data_ptr(), xc.shape[0], y.data_ptr(), threads)
+    return y
+
+
+def bind_fp8(w: PackedWeight) -> BoundKernel | None:
+    lib = library()
+    n, k = w.shape
+    f32, e8, bn, bk = _fp8_scales(w)
+    if lib is None or w.device.type != "cpu" or (bk != k and bk % 16):
+        return None
+    codes = w.codes.contiguous()
+    keep = (codes, f32, e8)  # the closures below hold these alive while they use their pointers
+    pc, pf, pe = _ptr(codes), _ptr(f32), _ptr(e8)
+
+    def fused(px: int, m: int, py: int, threads: int) -> None:
+        lib.cumulo_fp8_linear(px, m, k, pc, n, pf, pe, bn, bk, py, threads)
+
+    def dequant(pout: int, threads: int) -> None:
+        lib.cumulo_fp8_dequant(pc, n, k, pf, pe, bn, bk, pout, threads)
+
+    def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
+        return _call(x, n, fused, dequant) if x.device.type == "cpu" else None
+
+    return run
+
+
+def bind_mxfp4(w: PackedWeight) -> BoundKernel | None:
+    lib = library()
+    n, k = w.shape
+    if lib is None or w.device.type != "cpu" or k % 32:
+        return None
+    assert w.scales is not None
+    codes, scales = w.codes.contiguous(), w.scales.contiguous()
+    keep = (codes, scales)
+    pc, ps = _ptr(codes), _ptr(scales)
+
+    def fused(px: int, m: int, py: int, threads: int) -> None:
+        lib.cumulo_mxfp4_linear(px, m, k, pc, n, ps, py, threads)
+
+    def dequant(pout: int, threads: int) -> None:
+        lib.cumulo_mxfp4_dequant(pc, n, k, ps, pout, threads)
+
+    def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
+        return _call(x, n, fused, dequant) if x.device.type == "cpu" else None
+
+    return run
+
+
+def bind_lut(w: PackedWeight) -> BoundKernel | None:
+    """Any 8- or 4-bit element type through a value table (HiF8, MX INT8, NVFP4). Prefill uses the reference
+    dequantize, as these formats have no C++ dequantizer."""
+    lib = library()
+    n, k = w.shape
+    scheme = w.scheme
+    br, bc = w.block
+    bn, bk = br or n, bc or k
+    elem = scheme.element
+    if (
+        lib is None
+        or elem is None
+        or elem.bits not in (4, 8)
+        or w.device.type != "cpu"
+        or (bk != k and bk % 16)
+    ):
+        return None
+    assert w.scales is not None
+    lut = torch.nan_to_num(
+        codec.decode(elem, torch.arange(256) % elem.num_codes), nan=0.0, posinf=0.0, neginf=0.0
+    )
+    codes = w.codes.contiguous()
+    scale_f32 = scale_codes = scale_lut = None
+    scale_mul = 1.0
+    if scheme.scale.startswith("e8m0"):
+        scale_codes, scale_lut = w.scales.contiguous(), e8m0_to_float(torch.arange(256, dtype=torch.uint8))
+    elif scheme.scale == "nvfp4":
+        assert w.tensor_scale is not None
+        scale_codes, scale_lut = w.scales.contiguous(), codec.decode(E4M3FN, torch.arange(256))
+        scale_mul = float(w.tensor_scale)
+    else:
+        scale_f32 = w.scales.to(torch.float32).contiguous()
+    keep = (codes, lut, scale_f32, scale_codes, scale_lut)
+    ptrs = [_ptr(t) for t in keep]
+    mode = 0 if elem.kind is Kind.INT else elem.bits  # 0: MX INT8, decoded arithmetically
+
+    def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
+        if x.device.type != "cpu" or x.shape[0] > FUSED_MAX_ROWS:
+            return None
+        xc = x.to(torch.float32).contiguous()
+        y = torch.empty(xc.shape[0], n, dtype=torch.float32)
+        lib.cumulo_lut_linear(xc.data_ptr(), xc.shape[0], k, ptrs[0], n, mode, ptrs[1], ptrs[2], ptrs[3],
+                              ptrs[4], scale_mul, bn, bk, y.data_ptr(), kernel_threads())  # fmt: skip
+        return y
+
+    return run
+
+
+FP8_FORMATS = ("fp8", "fp8-tensor", "fp8-block", "ue8m0-fp8", "mxfp8", "mxfp8-rceil")
+MXFP4_FORMATS = ("mxfp4", "mxfp4-rceil")
+for _name in FP8_FORMATS:
+    register_kernel("cpu", _name)(bind_fp8)
+for _name in MXFP4_FORMATS:
+    register_kernel("cpu", _name)(bind_mxfp4)
+LUT_FORMATS = ("hif8", "hif8-tensor", "mxint8", "mxint8-rceil", "nvfp4")
+for _name in LUT_FORMATS:
+    register_kernel("cpu", _name)(bind_lut)

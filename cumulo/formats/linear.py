@@ -1,0 +1,116 @@
+"""Quantisation as a module swap (gpt-fast style): `PackedLinear` replaces `nn.Linear`, the model code is unchanged.
+
+`quantize_model(model, format, policy)` walks the module tree and swaps every `nn.Linear` the `QuantPolicy`
+allows. By default embeddings, the output head (`lm_head`), norms and MoE routers stay in 16 bits, as in
+DeepSeek-V3's FP8 checkpoints (README_WEIGHTS.md); `QuantPolicy(keep=...)` overrides that with fnmatch patterns
+on qualified module names. `PackedLinear.forward` uses a fused kernel from `cumulo.formats.kernels` when one is
+registered for the input's device and the weight's format, else dequantizes and multiplies (the reference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cumulo.formats.kernels import BoundKernel, find_kernel
+from cumulo.formats.packed import PackedWeight
+from cumulo.formats.quantize import quantize
+
+DEFAULT_KEEP = ("*embed*", "*lm_head*", "*norm*", "*.gate", "*router*", "output")
+
+
+@dataclass(frozen=True, slots=True)
+class QuantPolicy:
+    """Which weights to quantize, by qualified module name (e.g. `model.layers.0.self_attn.q_proj`)."""
+
+    keep: tuple[str, ...] = DEFAULT_KEEP  # patterns left in 16 bits
+    only: tuple[str, ...] = ()  # when set, quantize only names matching one of these
+
+    def quantizes(self, name: str) -> bool:
+        if any(fnmatchcase(name, p) for p in self.keep):
+            return False
+        return not self.only or any(fnmatchcase(name, p) for p in self.only)
+
+    @classmethod
+    def from_patterns(
+        cls, keep: Iterable[str] | None = None, only: Iterable[str] | None = None
+    ) -> QuantPolicy:
+        return cls(tuple(keep) if keep is not None else DEFAULT_KEEP, tuple(only or ()))
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W held packed; the packed tensors are buffers, so `.to(device)` moves them."""
+
+    def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.format = weight.format
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("scales", weight.scales)
+        self.register_buffer("tensor_scale", weight.tensor_scale)
+        self.block_override = weight.block_override
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self._bound: dict[str, BoundKernel | None] = {}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, format: str, name: str = "weight") -> PackedLinear:
+        packed = quantize(linear.weight.detach(), format, name=name)
+        return cls(packed, linear.bias)
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(
+            self.format,
+            self.codes,
+            self.scales,
+            (self.out_features, self.in_features),
+            self.tensor_scale,
+            self.block_override,
+        )
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        self._bound = {}  # buffers may have moved: bind kernels again
+        return super()._apply(fn, recurse)
+
+    def _kernel(self, device_type: str) -> BoundKernel | None:
+        """The fused kernel bound to this weight, looked up once per device type (the lookup costs µs)."""
+        if device_type not in self._bound:
+            binder = find_kernel(device_type, self.format)
+            self._bound[device_type] = binder(self.packed) if binder is not None else None
+        return self._bound[device_type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Lean on purpose: a decode step calls this a few hundred times, so microseconds add up.
+        kernel = self._bound[x.device.type] if x.device.type in self._bound else self._kernel(x.device.type)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        y = kernel(x2) if kernel is not None else None
+        if y is None:
+            y = F.linear(x2, self.packed.dequantize(x.dtype))
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+def quantize_model(model: nn.Module, format: str, policy: QuantPolicy | None = None) -> nn.Module:
+    """Swap the allowed `nn.Linear`s of `model` for `PackedLinear`s in place; returns `model`."""
+    policy = policy or QuantPolicy()
+    targets = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and policy.quantizes(name)
+    ]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, PackedLinear.from_linear(linear, format, name=f"{name}.weight"))
+    return model

@@ -1,0 +1,122 @@
+"""Fused CPU kernels against the reference path (dequantize, then matmul), and the fallback without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cumulo.formats.kernels import BoundKernel, cpu, find_kernel, register_kernel, registered
+from cumulo.formats.packed import PackedWeight, concat_rows
+from cumulo.formats.quantize import quantize
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    # fp32 accumulation in a different order: error relative to the output's scale stays near 1e-6.
+    assert (y - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("fmt", cpu.FP8_FORMATS + cpu.MXFP4_FORMATS + cpu.LUT_FORMATS)
+@pytest.mark.parametrize("rows", [1, 3, 6, 20])
+def test_fused_kernel_matches_reference_dequantize_then_matmul(fmt: str, rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    n, k = (200, 320) if fmt.startswith("mxfp4") else (200, 300)  # 300: tails in every K-blocking
+    w = torch.randn(n, k, generator=g) * torch.logspace(-2, 1, n).unsqueeze(1)
+    x = torch.randn(rows, k, generator=g)
+    p = quantize(w, fmt)
+    binder = find_kernel("cpu", fmt)
+    assert binder is not None
+    kernel = binder(p)
+    assert cpu.library() is not None and kernel is not None
+    y = kernel(x)
+    if y is None:  # the table kernel leaves prefill to the reference path
+        assert fmt in cpu.LUT_FORMATS and rows > cpu.FUSED_MAX_ROWS
+        return
+    _close(y, F.linear(x, p.dequantize()))
+
+
+def test_fp8_kernel_handles_subnormal_codes_and_both_signs() -> None:
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = torch.where((codes & 0x7F) == 0x7F, torch.zeros_like(codes), codes)  # no NaN codes in weights
+    p = PackedWeight("fp8-tensor", codes.reshape(2, 128), torch.ones(1, 1), (2, 128))
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(0))
+    kernel = cpu.bind_fp8(p)
+    assert kernel is not None
+    y = kernel(x)
+    assert y is not None
+    _close(y, F.linear(x, p.dequantize()))
+
+
+def test_table_kernel_handles_odd_k_for_packed_4_bit_codes() -> None:
+    g = torch.Generator().manual_seed(3)
+    p = quantize(torch.randn(40, 301, generator=g), "nvfp4")
+    kernel = cpu.bind_lut(p)
+    x = torch.randn(2, 301, generator=g)
+    assert kernel is not None
+    y = kernel(x)
+    assert y is not None
+    _close(y, F.linear(x, p.dequantize()))
+
+
+def test_mxfp4_kernel_declines_k_not_divisible_by_32() -> None:
+    p = quantize(torch.randn(4, 48), "mxfp4")
+    assert cpu.bind_mxfp4(p) is None
+
+
+def test_registry_answers_by_device_and_format() -> None:
+    assert ("cpu", "ue8m0-fp8") in registered()
+    assert find_kernel("cuda", "ue8m0-fp8") is None
+    assert find_kernel("cpu", "mxfp6") is None
+
+    @register_kernel("test-device", "mxfp6")
+    def fake(w: PackedWeight) -> BoundKernel:
+        return lambda x: torch.zeros(x.shape[0], w.shape[0])
+
+    assert find_kernel("test-device", "mxfp6") is fake
+
+
+def test_without_a_compiler_the_layer_warns_once_and_uses_the_reference_path(monkeypatch, tmp_path) -> None:
+    from torch import nn
+
+    from cumulo.formats.linear import PackedLinear
+
+    monkeypatch.setattr(cpu, "_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(cpu.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(cpu, "_tried", False)
+    monkeypatch.setattr(cpu, "_lib", None)
+    layer = PackedLinear.from_linear(nn.Linear(64, 8, bias=False), "ue8m0-fp8")
+    x = torch.randn(1, 64)
+    with pytest.warns(UserWarning, match="reference path"):
+        y = layer(x)
+    _close(y, F.linear(x, layer.packed.dequantize()))
+    assert cpu.library() is None
+
+
+def test_fp8_kernel_runs_joined_weights_with_per_row_scales() -> None:
+    g = torch.Generator().manual_seed(4)
+    parts = [quantize(torch.randn(n, 256, generator=g), "ue8m0-fp8") for n in (96, 32, 32)]
+    joined = concat_rows(parts)
+    assert joined.block == (1, 128)
+    kernel = cpu.bind_fp8(joined)
+    x = torch.randn(1, 256, generator=g)
+    assert kernel is not None
+    y = kernel(x)
+    assert y is not None
+    _close(y, F.linear(x, joined.dequantize()))
+
+
+def test_thread_count_changes_speed_only_not_results() -> None:
+    g = torch.Generator().manual_seed(5)
+    kernel = cpu.bind_fp8(quantize(torch.randn(300, 256, generator=g), "ue8m0-fp8"))
+    x = torch.randn(1, 256, generator=g)
+    assert kernel is not None
+    try:
+        cpu.set_kernel_threads(1)
+        assert cpu.kernel_threads() == 1
+        one = kernel(x)
+        cpu.set_kernel_threads(2)
+        two = kernel(x)
+    finally:
+        cpu.set_kernel_threads(None)
+    assert one is not None and two is not None and torch.equal(one, two)
