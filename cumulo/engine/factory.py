@@ -45,13 +45,22 @@ def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
     if device.type == "cpu":
         configure_cpu_threads(config.threads)
     dtype = resolve_dtype(config.dtype, platform)
-    loaded = load(model, dtype=dtype)
-    module = build_model(loaded.config, loaded.weights, dtype=dtype, device=device)
-    loaded.weights.clear()  # the module owns the tensors now; drop the loader's references
     if config.format:
+        # Quantize from fp32 weights (not from an already rounded 16-bit copy), then cast what stays dense.
         from cumulo.formats.linear import quantize_model
+        from cumulo.formats.schemes import get_scheme
 
+        get_scheme(config.format)  # an unknown name fails here, before the slow load
+        loaded = load(model, dtype=torch.float32)
+        module = build_model(loaded.config, loaded.weights, dtype=torch.float32, device=device)
+        loaded.weights.clear()
         quantize_model(module, config.format)
+        for param in module.parameters():
+            param.data = param.data.to(dtype)
+    else:
+        loaded = load(model, dtype=dtype)
+        module = build_model(loaded.config, loaded.weights, dtype=dtype, device=device)
+        loaded.weights.clear()  # the module owns the tensors now; drop the loader's references
     max_len = loaded.config.max_position_embeddings
     if config.max_model_len:
         if config.max_model_len > max_len:

@@ -159,7 +159,8 @@ def sealed_files(directory: Path) -> list[Path]:
     return weight_files(directory) + [p for p in extra if p.is_file()]
 
 
-def _hf_name(name: str) -> str | None:
+def hf_name(name: str) -> str | None:
+    """Our name for a checkpoint tensor name (multimodal prefixes dropped), or None for tensors we skip."""
     if name.startswith("language_model."):
         name = name.removeprefix("language_model.")
     elif name.startswith(("vision_tower.", "multi_modal_projector.")):
@@ -182,7 +183,7 @@ def read_weights(directory: Path, dtype: torch.dtype = torch.float32) -> dict[st
         except (SafetensorError, OSError, ValueError) as exc:
             raise InvalidModel(f"{path.name}: not a readable safetensors file ({exc})") from exc
         for name, tensor in tensors.items():
-            hf = _hf_name(name)
+            hf = hf_name(name)
             if hf is not None:
                 out[hf] = tensor.to(dtype)
     return out

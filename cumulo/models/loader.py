@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,7 +26,9 @@ GGUF_MAGIC = b"GGUF"
 @dataclass(slots=True)
 class LoadedModel:
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # Hugging Face names: model.embed_tokens.weight, model.layers.0...
+    # Hugging Face names (model.embed_tokens.weight, model.layers.0...); compact-format checkpoints hold
+    # cumulo.formats.PackedWeight values for their quantized linears.
+    weights: dict[str, Any]
     tokenizer: Tokenizer
     seal: str  # "sha256:<hex>" over weights, config and tokenizer files
     source: Path  # the .gguf file or the model directory
@@ -127,6 +130,18 @@ def _load_hf(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
     config.eos_token_ids = sorted(set(config.eos_token_ids) | tokenizer.eos_token_ids)
     if config.bos_token_id is None:
         config.bos_token_id = tokenizer.bos_token_id
-    weights = hf.read_weights(path, dtype)
-    fmt = "safetensors:" + hf.stored_dtype(path)
+    if raw.get("quantization_config"):
+        # A compact-format checkpoint (cumulo convert, or DeepSeek's block FP8): packed weights stay packed.
+        from cumulo.formats.checkpoint import load_packed_state_dict
+
+        packed, quant_format = load_packed_state_dict(path)
+        weights = {
+            hf_name: (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+            for name, t in packed.items()
+            if (hf_name := hf.hf_name(name)) is not None
+        }
+        fmt = "safetensors:" + quant_format
+    else:
+        weights = hf.read_weights(path, dtype)
+        fmt = "safetensors:" + hf.stored_dtype(path)
     return LoadedModel(config, weights, tokenizer, files_seal(path, hf.sealed_files(path)), path, name, fmt)

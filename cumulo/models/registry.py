@@ -4,6 +4,8 @@ it, fusing q/k/v and gate/up projections on the way.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -26,7 +28,17 @@ _FUSED = {
 }
 
 
-def fuse_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _concat(tensors: list[Any]) -> Any:
+    if all(isinstance(t, torch.Tensor) for t in tensors):
+        return torch.cat(tensors, dim=0)
+    from cumulo.formats.packed import PackedWeight, concat_rows
+
+    if all(isinstance(t, PackedWeight) for t in tensors):
+        return concat_rows(tensors)  # exact: codes and block scales are stacked, nothing is requantized
+    raise InvalidModel("a checkpoint mixes packed and plain weights within one fused projection")
+
+
+def fuse_weights(weights: dict[str, Any]) -> dict[str, Any]:
     """HF names -> our module names (q/k/v -> qkv_proj, gate/up -> gate_up_proj). Input is not modified."""
     out = dict(weights)
     layer_prefixes = {n.rsplit(".self_attn.", 1)[0] for n in weights if ".self_attn.q_proj." in n}
@@ -35,13 +47,35 @@ def fuse_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for kind in ("weight", "bias"):
                 names = [f"{prefix}.{p}.{kind}" for p in parts]
                 if all(n in out for n in names):
-                    out[f"{prefix}.{fused}.{kind}"] = torch.cat([out.pop(n) for n in names], dim=0)
+                    out[f"{prefix}.{fused}.{kind}"] = _concat([out.pop(n) for n in names])
     return out
+
+
+def _swap_packed(
+    model: nn.Module, state: dict[str, Any], dtype: torch.dtype, device: torch.device | str
+) -> None:
+    """Replace each linear whose checkpoint weight is packed by a PackedLinear holding it (no dense copy)."""
+    from cumulo.formats.linear import PackedLinear
+    from cumulo.formats.packed import PackedWeight
+
+    for name in [n for n, t in state.items() if isinstance(t, PackedWeight)]:
+        module_name = name.removesuffix(".weight")
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        packed = state.pop(name)
+        if tuple(packed.shape) != (old.out_features, old.in_features):
+            raise InvalidModel(
+                f"tensor {name} has shape {tuple(packed.shape)}, expected {tuple(old.weight.shape)}"
+            )
+        bias = state.pop(f"{module_name}.bias", None)
+        bias = bias.to(device=device, dtype=dtype) if bias is not None else None
+        setattr(parent, child, PackedLinear(packed, bias).to(device))
 
 
 def build_model(
     config: ModelConfig,
-    weights: dict[str, torch.Tensor],
+    weights: dict[str, Any],
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
@@ -54,12 +88,13 @@ def build_model(
     with torch.device("meta"):
         model = cls(config)
     state = fuse_weights(weights)
+    _swap_packed(model, state, dtype, device)
     if config.tie_word_embeddings or "lm_head.weight" not in state:
         state.pop("lm_head.weight", None)
         tie = True
     else:
         tie = False
-    expected = {n for n, _ in model.named_parameters(remove_duplicate=True)}
+    expected = {n for n, p in model.named_parameters(remove_duplicate=True) if p.is_meta}
     if tie:
         expected.discard("lm_head.weight")
     missing = sorted(expected - state.keys())
