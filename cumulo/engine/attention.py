@@ -10,6 +10,7 @@ checks, where no cache is wanted).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +75,8 @@ class AttentionContext:
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
     decode_context_lens: torch.Tensor | None = None  # [num_decode]
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # A platform's fused paged decode kernel (see Platform.paged_decode_attention), else the PyTorch path.
+    decode_kernel: Callable[..., torch.Tensor] | None = None
     # Masks depend only on the step (and a layer's window), not the layer: built once, reused by every layer.
     masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
 
@@ -168,9 +171,19 @@ def paged_attention(
     _write_cache(k, v, ctx, layer)
     out = torch.empty_like(q)
     nd = ctx.num_decode
-    if nd:
-        out[:nd] = _decode(q[:nd], ctx, layer, scale, window)
     cache = ctx.kv_cache
+    if nd and ctx.decode_kernel is not None:
+        out[:nd] = ctx.decode_kernel(
+            q[:nd],
+            cache.k[layer],
+            cache.v[layer],
+            ctx.decode_block_tables,
+            ctx.decode_context_lens,
+            scale,
+            window,
+        )
+    elif nd:
+        out[:nd] = _decode(q[:nd], ctx, layer, scale, window)
     for i, chunk in enumerate(ctx.prefills):
         blocks_k = cache.k[layer][:, chunk.block_table].flatten(1, 2)[:, : chunk.context_len]
         blocks_v = cache.v[layer][:, chunk.block_table].flatten(1, 2)[:, : chunk.context_len]

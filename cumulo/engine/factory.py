@@ -69,6 +69,7 @@ def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
             )
         max_len = config.max_model_len
     budget = kv_cache_budget_bytes(platform, config.kv_cache_gib, config.kv_cache_fraction)
+    kv_dtype = next(module.parameters()).dtype
     return LLMEngine(
         module,
         loaded.tokenizer,
@@ -78,4 +79,5 @@ def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
         seal=loaded.seal,
         max_model_len=max_len,
         kv_cache_bytes=budget,
+        decode_attention=platform.paged_decode_attention(kv_dtype, loaded.config.head_dim),
     )

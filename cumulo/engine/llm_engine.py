@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,7 @@ class LLMEngine:
         seal: str = "",
         max_model_len: int,
         kv_cache_bytes: int,
+        decode_attention: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         cfg = model.config
         self.model_config = cfg
@@ -85,7 +87,7 @@ class LLMEngine:
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv_cache, device)
+        self.runner = ModelRunner(model, self.kv_cache, device, decode_attention)
         self.sampler = Sampler()
         self.eos_token_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", set()) or cfg.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}

@@ -4,6 +4,8 @@ forward pass. Everything else in the engine is bookkeeping.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -13,8 +15,15 @@ from cumulo.engine.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, kv_cache: KVCache, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_cache: KVCache,
+        device: torch.device,
+        decode_attention: Callable[..., torch.Tensor] | None = None,
+    ) -> None:
         self.model = model
+        self.decode_attention = decode_attention
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device
@@ -62,6 +71,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decode=len(batch.decodes),
             prefills=chunks,
+            decode_kernel=self.decode_attention,
         )
         if batch.decodes:
             width = max(len(s.block_table) for s in batch.decodes)

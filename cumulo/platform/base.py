@@ -65,6 +65,11 @@ class Platform:
         """Whether matmuls in `dtype` run natively fast here (a speed hint, not a capability check)."""
         return dtype in (torch.float32, torch.float16, torch.bfloat16)
 
+    def paged_decode_attention(self, dtype: torch.dtype, head_dim: int) -> AttentionFn | None:
+        """A fused decode-attention kernel over the paged KV cache for this dtype, or None for the portable
+        path. Signature: (q [B, heads, dim], k_cache, v_cache, block_tables, context_lens, scale, window)."""
+        return None
+
     def pick_dtype(self, wanted: torch.dtype) -> torch.dtype:
         """`wanted` if it is fast here, else float32 (e.g. bf16 on a CPU without native bf16 matmul)."""
         return wanted if self.supports_dtype(wanted) else torch.float32

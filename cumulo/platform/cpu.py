@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cumulo.platform.base import Platform
+from cumulo.platform.base import AttentionFn, Platform
 
 # A cgroup v2 "memory.max" of "max", or a v1 limit this large, means "no limit".
 _NO_LIMIT = 1 << 60
@@ -31,6 +31,13 @@ class CpuPlatform(Platform):
             # In a container the cgroup limit binds before the host's free memory does.
             free, total = min(free, limit[0]), min(total, limit[1])
         return free, total
+
+    def paged_decode_attention(self, dtype: torch.dtype, head_dim: int) -> AttentionFn | None:
+        from cumulo.platform import kernels
+
+        if kernels.available(dtype, self.torch_device, head_dim):
+            return kernels.paged_decode_attention
+        return None
 
     def supports_dtype(self, dtype: torch.dtype) -> bool:
         flags = cpu_flags()

@@ -10,6 +10,7 @@ import torch
 from cumulo.engine.llm_engine import EngineConfig, LLMEngine
 from cumulo.models.config import ModelConfig
 from cumulo.models.registry import ARCHITECTURES
+from cumulo.platform.cpu import CpuPlatform
 
 VOCAB = 96  # ids 0..2 special, the rest printable ASCII
 
@@ -74,6 +75,12 @@ def tiny_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def _fused_kernel(cfg: ModelConfig):
+    kernel = CpuPlatform().paged_decode_attention(torch.float32, cfg.head_dim)
+    assert kernel is not None, "the CPU decode-attention kernel did not build"
+    return kernel
+
+
 @pytest.fixture
 def make_engine() -> Callable[..., LLMEngine]:
     def make(
@@ -81,6 +88,7 @@ def make_engine() -> Callable[..., LLMEngine]:
         kv_tokens: int = 4096,
         seed: int = 0,
         model_overrides: dict | None = None,
+        fused_attention: bool = False,
         **options: object,
     ) -> LLMEngine:
         cfg = tiny_config(arch, **(model_overrides or {}))
@@ -96,6 +104,7 @@ def make_engine() -> Callable[..., LLMEngine]:
             seal="sha256:test",
             max_model_len=cfg.max_position_embeddings,
             kv_cache_bytes=kv_tokens * per_token,
+            decode_attention=_fused_kernel(cfg) if fused_attention else None,
         )
 
     return make

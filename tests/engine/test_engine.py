@@ -33,9 +33,10 @@ def prompts_of(lengths, seed=1):
     return [torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-attention", "fused-kernel"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_decode_with_paged_cache_matches_full_recompute(make_engine, arch):
-    engine = make_engine(arch)
+def test_greedy_decode_with_paged_cache_matches_full_recompute(make_engine, arch, fused):
+    engine = make_engine(arch, fused_attention=fused)
     prompt = prompts_of([21])[0]
     out = run_all(engine, [prompt], greedy(12))[0]
     # Reference: recompute the whole sequence without any cache at every step and take the argmax.
@@ -89,10 +90,13 @@ def test_prefix_cache_reuses_blocks_and_keeps_outputs_exact(make_engine):
     assert second.token_ids == fresh.token_ids
 
 
-def test_preemption_under_kv_pressure_loses_and_corrupts_nothing(make_engine):
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-attention", "fused-kernel"])
+def test_preemption_under_kv_pressure_loses_and_corrupts_nothing(make_engine, fused):
     prompts = prompts_of([30, 30, 30, 30, 30, 30])
     reference = [run_all(make_engine(), [p], greedy(40))[0].token_ids for p in prompts]
-    tight = make_engine(kv_tokens=16 * 16)  # 16 blocks of 16: room for about three sequences at a time
+    tight = make_engine(
+        kv_tokens=16 * 16, fused_attention=fused
+    )  # 16 blocks of 16: room for about three sequences at a time
     outs = run_all(tight, prompts, greedy(40))
     assert tight.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outs] == reference

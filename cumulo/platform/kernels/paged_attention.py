@@ -1,0 +1,130 @@
+"""Fused paged decode attention on the CPU: the ctypes binding of paged_attention.cpp and its torch-facing call.
+
+One call per layer replaces the gather + matmul + mask + softmax + matmul of the PyTorch path; see the C++
+source for the method. `available()` says whether it can run here (a compiler built it, CPU tensors, fp32 or
+bf16); when it cannot, the engine keeps its PyTorch path, so a missing compiler costs speed, never a crash.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from cumulo.platform.kernels.build import load
+
+SOURCE = Path(__file__).with_name("paged_attention.cpp")
+DTYPES = (torch.float32, torch.bfloat16)
+MAX_HEAD_DIM = 512
+
+# The kernel's arguments, packed as the C side reads them (see the comment above its entry point).
+_PACK = struct.Struct("=26q")
+# Fewest (query, key) pairs worth a thread: about 40 us of work, more than waking the pool costs. Smaller calls
+# (batch 1, short contexts) run on the calling thread.
+MIN_PAIRS_PER_THREAD = 8192
+_ERRORS = {
+    1: "a block table entry points outside the KV cache",
+    2: "a context length exceeds its block table",
+    3: "unsupported shape (head_dim must be a multiple of 8 and at most 512; heads a multiple of kv_heads)",
+}
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_lock = threading.Lock()
+
+
+def library() -> ctypes.CDLL | None:
+    """The built kernel, or None (with one warning) when it cannot be built or loaded here."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        if not os.environ.get("CUMULO_DISABLE_CPU_KERNELS"):
+            try:
+                lib = load(SOURCE)
+                fn = lib.cumulo_paged_decode_attention
+                fn.argtypes = [ctypes.c_char_p, ctypes.c_float]
+                fn.restype = ctypes.c_int
+                _lib = lib
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                warnings.warn(
+                    f"CPU attention kernel unavailable ({exc}); using PyTorch attention", stacklevel=2
+                )
+        _tried = True
+    return _lib
+
+
+def available(dtype: torch.dtype, device: torch.device | str, head_dim: int | None = None) -> bool:
+    """Whether `paged_decode_attention` runs for this cache dtype and device (and head_dim, if given)."""
+    if torch.device(device).type != "cpu" or dtype not in DTYPES:
+        return False
+    if head_dim is not None and (head_dim % 8 or head_dim > MAX_HEAD_DIM):
+        return False
+    return library() is not None
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Attention of one query per sequence over its paged K/V.
+
+    q [batch, heads, head_dim] in the cache's dtype; k_cache, v_cache [kv_heads, num_blocks, block_size,
+    head_dim]; block_tables [batch, max_blocks] int64 (entries past a sequence's blocks are never read);
+    context_lens [batch] int64, keys 0..len-1 valid; with `window`, only keys at positions >= len - window.
+    Head h reads kv head h // (heads // kv_heads). Returns [batch, heads, head_dim] in q's dtype.
+    """
+    # Called once per layer per step: the checks below are the cheap ones (about 5 us in all at batch 1).
+    lib = _lib if _lib is not None else library()
+    if lib is None:
+        raise RuntimeError("the CPU attention kernel is not available here; check available() first")
+    dtype = q.dtype
+    if k_cache.dtype != dtype or v_cache.dtype != dtype or dtype not in DTYPES:
+        raise ValueError(f"q {dtype}, k {k_cache.dtype}, v {v_cache.dtype}: want one of fp32, bf16")
+    if not (q.is_cpu and k_cache.is_cpu and v_cache.is_cpu and block_tables.is_cpu and context_lens.is_cpu):
+        raise ValueError("paged_decode_attention runs on CPU tensors only")
+    kshape = k_cache.shape
+    if kshape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(kshape)} and v_cache {tuple(v_cache.shape)} differ")
+    batch, heads, dim = q.shape
+    qs, ks, vs = q.stride(), k_cache.stride(), v_cache.stride()
+    # Any strides are read in place except along head_dim, which must be contiguous.
+    if qs[2] != 1:
+        q = q.contiguous()
+        qs = q.stride()
+    if ks[3] != 1 or vs[3] != 1:
+        raise ValueError("the KV cache's head_dim must be contiguous")
+    tables = block_tables
+    if tables.dtype != torch.int64 or tables.stride(1) != 1:
+        tables = tables.to(torch.int64).contiguous()
+    lens = context_lens
+    if lens.dtype != torch.int64 or not lens.is_contiguous():
+        lens = lens.to(torch.int64).contiguous()
+    if tables.shape[0] != batch or lens.shape != (batch,):
+        raise ValueError(
+            f"block_tables {tuple(tables.shape)}, context_lens {tuple(lens.shape)}; batch {batch}"
+        )
+    out = torch.empty((batch, heads, dim), dtype=dtype)
+    packed = _PACK.pack(
+        q.data_ptr(), qs[0], qs[1], k_cache.data_ptr(), v_cache.data_ptr(), ks[0], ks[1], ks[2],
+        vs[0], vs[1], vs[2], tables.data_ptr(), tables.stride(0), tables.shape[1], lens.data_ptr(),
+        out.data_ptr(), batch, heads, kshape[0], dim, kshape[1], kshape[2], window or 0,
+        dtype == torch.bfloat16, torch.get_num_threads(), MIN_PAIRS_PER_THREAD,
+    )  # fmt: skip
+    code = lib.cumulo_paged_decode_attention(packed, scale)
+    if code:
+        raise ValueError(_ERRORS.get(code, f"kernel error {code}"))
+    return out
