@@ -1,9 +1,81 @@
-"""`cumulo` verbs of this group (placeholder until its layer lands)."""
+"""`cumulo serve`: the OpenAI-compatible AI cloud on this machine (HTTP gateway + in-process engines).
+
+Embedded defaults: 127.0.0.1:8000, SQLite in the data directory, the catalog model smollm2-135m (pulled when
+missing). Flags override `CUMULO_HOST`, `CUMULO_PORT`, `CUMULO_DATABASE_URL`, `CUMULO_MODELS` (comma list).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "smollm2-135m"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    return None
+    p = sub.add_parser(
+        "serve",
+        help="serve models as an OpenAI-compatible API with keys, plans, quotas and metering",
+        description="Serve models over an OpenAI-compatible HTTP API. The first start creates an admin key "
+        "and writes it to a file in the data directory.",
+    )
+    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1, env CUMULO_HOST)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000, env CUMULO_PORT)")
+    p.add_argument("--model", action="append", metavar="NAME_OR_PATH", default=None,
+                   help=f"catalog name, .gguf file or model directory; repeat to serve several (default {DEFAULT_MODEL})")
+    p.add_argument("--device", default="auto", help="device for the engines: auto, cpu, cuda:0, ... (default auto)")
+    p.add_argument("--format", default=None, help="convert weights to this number format on load")
+    p.add_argument("--database-url", default=None,
+                   help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (default: SQLite in the data dir)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)
+
+
+def model_refs(args: argparse.Namespace) -> list[str]:
+    if args.model:
+        return list(args.model)
+    env = os.environ.get("CUMULO_MODELS", "")
+    return [m.strip() for m in env.split(",") if m.strip()] or [DEFAULT_MODEL]
+
+
+def load_engines(refs: list[str], device: str, format: str | None) -> dict[str, Any]:
+    """Builds one in-process engine per reference, pulling catalog models that are not cached yet."""
+    from cumulo.engine.async_engine import build_engine
+    from cumulo.models import catalog, pull
+
+    engines: dict[str, Any] = {}
+    for ref in refs:
+        if not Path(ref).expanduser().exists() and ref in catalog.CATALOG and not pull.is_pulled(ref):
+            print(f"Pulling {ref} ...", flush=True)
+            pull.ensure(ref, progress=True)
+        engine = build_engine(ref, device=device, format=format)
+        engines[engine.model_name] = engine
+    return engines
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cumulo.service.app import create_app
+    from cumulo.service.bootstrap import ensure_admin_key
+    from cumulo.service.settings import Settings
+
+    settings = Settings.from_env(host=args.host, port=args.port, database_url=args.database_url)
+    engines = load_engines(model_refs(args), args.device, args.format)
+    app = create_app(settings, engines)
+    created = ensure_admin_key(app.state.service)
+    if created is not None:
+        print(f"Created the admin key; it is in {created} (readable by you only) and is not shown again.")
+    names = ", ".join(f"{name} ({e.seal[:19]}, {e.device})" for name, e in engines.items())
+    print(f"Serving {names} at http://{settings.host}:{settings.port}/v1", flush=True)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
+    finally:
+        for engine in engines.values():
+            shutdown = getattr(engine, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+        app.state.service.db.dispose()
+    return 0

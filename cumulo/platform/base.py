@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-# An optional fused attention entry point a platform may offer; the engine falls back to its own when None.
+# A fused attention entry point a platform may offer; the engine falls back to its own when there is none.
 AttentionFn = Callable[..., torch.Tensor]
 
 
@@ -22,8 +22,6 @@ class Platform:
     dist_backend: ClassVar[str]  # torch.distributed backend for collectives across devices of this kind
     numbered: ClassVar[bool] = True  # whether device strings carry an index ("cuda:1")
     is_accelerator: ClassVar[bool] = True
-    # Optional fast paths; None means "use the portable PyTorch path".
-    attention: AttentionFn | None = None
     supports_graph_capture: ClassVar[bool] = False
 
     def __init__(self, index: int | None = None) -> None:
