@@ -66,3 +66,18 @@ def test_a_file_that_is_not_a_model_is_one_line_error(tmp_path: Path) -> None:
 
 def test_unavailable_device_is_one_line_error(tmp_path: Path) -> None:
     assert_one_line_error(cumulo("generate", "x", "hi", "--device", "quantum", data_dir=tmp_path))
+
+
+@pytest.mark.slow
+def test_chat_streams_a_reply_per_turn_and_quits_on_empty_line(smollm2_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "cumulo.cli.main", "chat", str(smollm2_path), "--max-tokens", "8", "--seed", "1"],
+        input="Hello!\nWhat is 2+2?\n\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    replies = [line for line in proc.stdout.splitlines() if "assistant> " in line]
+    assert len(replies) == 2
+    assert all(len(r.split("assistant> ", 1)[1].strip()) > 0 for r in replies)
