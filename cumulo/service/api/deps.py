@@ -1,0 +1,59 @@
+"""Dependencies of the routes: the service state, the calling key (`Principal`), the admin check.
+
+Database work is synchronous SQLAlchemy, so it runs in the thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from cumulo.errors import PermissionDenied
+from cumulo.service.auth import Principal, authenticate, check_format
+from cumulo.service.state import ServiceState
+
+
+async def get_state(request: Request) -> ServiceState:
+    # async on purpose: FastAPI runs plain `def` dependencies in the thread pool, a costly hop per request.
+    return request.app.state.service
+
+
+State = Annotated[ServiceState, Depends(get_state)]
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key") or None
+
+
+async def get_principal(request: Request, state: State) -> Principal:
+    secret = check_format(_bearer(request))
+    key_hash = state.hasher.hash(secret)
+    cached = state.principals.get(key_hash)
+    if cached is not None:
+        return cached
+
+    def lookup() -> Principal:
+        with state.sessions() as session:
+            return authenticate(session, state.hasher, secret, key_hash)
+
+    principal = await run_in_threadpool(lookup)
+    state.principals.put(key_hash, principal)
+    return principal
+
+
+Caller = Annotated[Principal, Depends(get_principal)]
+
+
+async def get_admin(principal: Caller) -> Principal:
+    if not principal.is_admin:
+        raise PermissionDenied("this endpoint needs an admin key")
+    return principal
+
+
+Admin = Annotated[Principal, Depends(get_admin)]

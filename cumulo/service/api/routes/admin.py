@@ -1,0 +1,103 @@
+"""/admin/...: plans, organisations, keys and usage across tenants. Needs an admin key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from cumulo.errors import NotFound
+from cumulo.service import crud
+from cumulo.service.api import views
+from cumulo.service.api.deps import Admin, State
+from cumulo.service.api.schemas import KeyCreate, PlanCreate
+from cumulo.service.db import Organization
+
+router = APIRouter(prefix="/admin")
+
+
+@router.get("/plans")
+async def list_plans(state: State, _: Admin) -> dict[str, Any]:
+    def read() -> dict[str, Any]:
+        with state.sessions() as session:
+            return {"object": "list", "data": [views.plan(p) for p in crud.list_plans(session)]}
+
+    return await run_in_threadpool(read)
+
+
+@router.post("/plans", status_code=201)
+async def create_plan(body: PlanCreate, state: State, _: Admin) -> dict[str, Any]:
+    def write() -> dict[str, Any]:
+        with state.sessions() as session, session.begin():
+            return views.plan(crud.create_plan(session, **body.model_dump()))
+
+    return await run_in_threadpool(write)
+
+
+@router.get("/orgs")
+async def list_orgs(state: State, _: Admin) -> dict[str, Any]:
+    def read() -> dict[str, Any]:
+        with state.sessions() as session:
+            return {"object": "list", "data": [views.org(o) for o in crud.list_orgs(session)]}
+
+    return await run_in_threadpool(read)
+
+
+@router.get("/keys")
+async def list_keys(state: State, _: Admin, org: str | None = None) -> dict[str, Any]:
+    def read() -> dict[str, Any]:
+        with state.sessions() as session:
+            return {"object": "list", "data": [views.key(*row) for row in crud.list_keys(session, org)]}
+
+    return await run_in_threadpool(read)
+
+
+@router.post("/keys", status_code=201)
+async def create_key(body: KeyCreate, state: State, _: Admin) -> dict[str, Any]:
+    def write() -> dict[str, Any]:
+        with state.sessions() as session, session.begin():
+            row, secret = crud.create_key(
+                session, state.hasher, org_name=body.org, plan_name=body.plan, name=body.name,
+                user_email=body.user, expires_at=body.expires_at,
+            )
+            return {**views.key(row, body.org, body.plan), "key": secret}
+
+    return await run_in_threadpool(write)
+
+
+@router.post("/keys/{key_id}/revoke")
+async def revoke_key(key_id: int, state: State, _: Admin) -> dict[str, Any]:
+    def write() -> dict[str, Any]:
+        with state.sessions() as session, session.begin():
+            row = crud.revoke_key(session, key_id)
+            return {"id": row.id, "revoked_at": row.revoked_at}
+
+    return await run_in_threadpool(write)
+
+
+@router.get("/usage")
+async def usage(
+    state: State,
+    _: Admin,
+    org: str | None = None,
+    start_time: float | None = None,
+    end_time: float | None = None,
+    limit: int = Query(default=20, ge=1, le=1000),
+    after: int | None = None,
+) -> dict[str, Any]:
+    def read() -> dict[str, Any]:
+        with state.sessions() as session:
+            org_id = None
+            if org is not None:
+                org_id = session.scalar(select(Organization.id).where(Organization.name == org))
+                if org_id is None:
+                    raise NotFound(f"no organisation named {org!r}")
+            rows, has_more, totals = crud.usage_page(
+                session, org_id=org_id, start_time=start_time, end_time=end_time, before_id=after, limit=limit
+            )
+            return {"object": "list", "data": [views.usage_row(r) for r in rows], "has_more": has_more,
+                    "totals": views.totals(totals)}
+
+    return await run_in_threadpool(read)

@@ -1,0 +1,46 @@
+"""POST /v1/chat/completions: renders the messages with the model's chat template, then generates."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Header
+from fastapi.responses import Response
+
+from cumulo.engine.params import SamplingParams
+from cumulo.errors import InvalidRequest
+from cumulo.service.api.deps import Caller, State
+from cumulo.service.api.generation import Job, fit_max_tokens, generate, resolve_engine
+from cumulo.service.api.schemas import ChatCompletionRequest
+from cumulo.service.api.shapes import ChatShape
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest,
+    state: State,
+    principal: Caller,
+    idempotency_key: str | None = Header(default=None, max_length=256),
+) -> Response:
+    if body.n > state.settings.max_n:
+        raise InvalidRequest(f"n must be at most {state.settings.max_n}")
+    engine = resolve_engine(state, principal, body.model, body.seal)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    prompt = engine.tokenizer.encode(text, add_special_tokens=False)
+    max_tokens = fit_max_tokens(engine, [prompt], body.max_completion_tokens or body.max_tokens)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k, min_p=body.min_p, seed=body.seed, stop=body.stop_list(), ignore_eos=body.ignore_eos,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+    )
+    job = Job(
+        endpoint="chat", model=body.model, prompts=[prompt], n=body.n, params=params, stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage), user=body.user,
+        idempotency_key=idempotency_key,
+    )
+    return await generate(state, principal, engine, job, ChatShape)

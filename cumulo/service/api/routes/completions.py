@@ -1,0 +1,68 @@
+"""POST /v1/completions: a prompt (text, token ids, or a batch of either) continued by the model."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Header
+from fastapi.responses import Response
+
+from cumulo.engine.params import SamplingParams
+from cumulo.engine.protocol import EngineClient
+from cumulo.errors import InvalidRequest
+from cumulo.service.api.deps import Caller, State
+from cumulo.service.api.generation import Job, fit_max_tokens, generate, resolve_engine
+from cumulo.service.api.schemas import CompletionRequest
+from cumulo.service.api.shapes import CompletionShape
+
+router = APIRouter()
+MAX_BATCH = 64
+
+
+def _prompts(engine: EngineClient, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    if isinstance(prompt, str):
+        items: list[str | list[int]] = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        items = [prompt]  # type: ignore[list-item]
+    else:
+        items = list(prompt)  # type: ignore[arg-type]
+    if not items or len(items) > MAX_BATCH:
+        raise InvalidRequest(f"prompt must hold 1 to {MAX_BATCH} prompts", )
+    prompts: list[list[int]] = []
+    vocab = engine.tokenizer.vocab_size
+    for item in items:
+        ids = engine.tokenizer.encode(item) if isinstance(item, str) else list(item)
+        if any(t < 0 or t >= vocab for t in ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        if not ids:
+            raise InvalidRequest("prompt must not be empty")
+        prompts.append(ids)
+    return prompts
+
+
+@router.post("/v1/completions")
+async def completions(
+    body: CompletionRequest,
+    state: State,
+    principal: Caller,
+    idempotency_key: str | None = Header(default=None, max_length=256),
+) -> Response:
+    if body.echo:
+        raise InvalidRequest("echo is not supported")
+    engine = resolve_engine(state, principal, body.model, body.seal)
+    prompts = _prompts(engine, body.prompt)
+    if body.n * len(prompts) > state.settings.max_n * 4:
+        raise InvalidRequest("too many sequences: n times the number of prompts is too large")
+    max_tokens = fit_max_tokens(engine, prompts, body.max_tokens)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k, min_p=body.min_p, seed=body.seed, stop=body.stop_list(), ignore_eos=body.ignore_eos,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty, logprobs=body.logprobs,
+    )
+    job = Job(
+        endpoint="completions", model=body.model, prompts=prompts, n=body.n, params=params, stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage), user=body.user,
+        idempotency_key=idempotency_key,
+    )
+    return await generate(state, principal, engine, job, CompletionShape)

@@ -1,0 +1,23 @@
+"""The FastAPI application of the gateway. Engines arrive by injection, so tests pass fakes and `cumulo serve`
+passes real ones: `create_app(settings, engines)`."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from cumulo import __version__
+from cumulo.engine.protocol import EngineClient
+from cumulo.service.api import errors
+from cumulo.service.api.routes import admin, chat, completions, health, labels, models, usage
+from cumulo.service.settings import Settings
+from cumulo.service.state import build_state
+
+
+def create_app(settings: Settings, engines: dict[str, EngineClient]) -> FastAPI:
+    app = FastAPI(title="Cumulo", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = build_state(settings, engines)
+    errors.install(app)
+    app.add_middleware(errors.BodyLimit, max_bytes=settings.max_body_bytes)
+    for module in (models, chat, completions, usage, labels, admin, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,85 @@
+"""Who is calling: turns a bearer secret into a `Principal` (key, organisation, plan terms) or refuses."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cumulo.errors import AuthenticationError
+from cumulo.service.db import ApiKey, Organization, Plan
+from cumulo.service.security import KEY_PREFIX, KeyHasher
+
+
+@dataclass(frozen=True, slots=True)
+class PlanTerms:
+    name: str
+    models: tuple[str, ...] | None
+    explicit_label: bool
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key_id: int
+    org_id: int
+    org_name: str
+    is_admin: bool
+    plan: PlanTerms
+
+
+def check_format(secret: str | None) -> str:
+    if not secret:
+        raise AuthenticationError("missing API key: send 'Authorization: Bearer sk-cumulo-...'")
+    if not secret.startswith(KEY_PREFIX):
+        raise AuthenticationError("invalid API key")
+    return secret
+
+
+def authenticate(session: Session, hasher: KeyHasher, secret: str | None, key_hash: str | None = None) -> Principal:
+    secret = check_format(secret)
+    row = session.execute(
+        select(ApiKey, Organization.name, Plan)
+        .join(Organization, Organization.id == ApiKey.org_id)
+        .join(Plan, Plan.id == ApiKey.plan_id)
+        .where(ApiKey.key_hash == (key_hash or hasher.hash(secret)))
+    ).first()
+    if row is None:
+        raise AuthenticationError("invalid API key")
+    key, org_name, plan = row
+    if key.revoked_at is not None:
+        raise AuthenticationError("this API key has been revoked")
+    if key.expires_at is not None and key.expires_at <= time.time():
+        raise AuthenticationError("this API key has expired")
+    terms = PlanTerms(plan.name, tuple(plan.models) if plan.models is not None else None, plan.explicit_label)
+    return Principal(key.id, key.org_id, org_name, key.is_admin, terms)
+
+
+class PrincipalCache:
+    """Remembers recent authentications for a few seconds so most requests skip a database round trip.
+
+    Safe because admission re-checks revocation and expiry under the key's row lock: a revoked key cannot start
+    a generation. Only reads (usage, models) may still succeed for up to `ttl` seconds after a revocation.
+    """
+
+    def __init__(self, ttl: float = 5.0, size: int = 10_000) -> None:
+        self.ttl, self.size = ttl, size
+        self._entries: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> Principal | None:
+        entry = self._entries.get(key_hash)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key_hash: str, principal: Principal) -> None:
+        with self._lock:
+            if len(self._entries) >= self.size:
+                self._entries.clear()  # crude but bounded; a cold cache only costs one lookup per key
+            self._entries[key_hash] = (time.monotonic() + self.ttl, principal)
