@@ -10,7 +10,7 @@ from torch import nn
 
 from cumulo.engine.attention import AttentionContext
 from cumulo.models.config import ModelConfig
-from cumulo.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
+from cumulo.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, lm_logits
 
 
 def is_global_layer(config: ModelConfig, layer_idx: int) -> bool:
@@ -88,7 +88,7 @@ class Gemma3ForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+        logits = lm_logits(self.lm_head, hidden)
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

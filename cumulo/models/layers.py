@@ -15,6 +15,25 @@ from torch import nn
 
 from cumulo.engine.attention import AttentionContext, paged_attention
 
+REFINE_TOP = 8
+
+
+def lm_logits(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 logits from the output head.
+
+    A 16-bit matmul rounds its output to 16 bits: at logit values near 25 that is a step of 0.125, enough to tie
+    or swap the top two tokens of a confident model (SmolLM2 answering "What is the capital of France?" in bf16
+    picked "L'" over "The" this way). So the few leading candidates of each row are recomputed exactly in fp32;
+    the rest of the distribution keeps its 16-bit values, which only sampling from the tail can notice.
+    """
+    logits = lm_head(hidden).float()
+    weight = getattr(lm_head, "weight", None)
+    if hidden.dtype == torch.float32 or not isinstance(weight, torch.Tensor) or logits.shape[-1] <= REFINE_TOP:
+        return logits
+    top = logits.topk(REFINE_TOP, dim=-1).indices  # [N, k]
+    exact = torch.bmm(weight[top].float(), hidden.float().unsqueeze(-1)).squeeze(-1)  # [N, k]
+    return logits.scatter_(1, top, exact)
+
 
 class RMSNorm(nn.Module):
     """RMSNorm; `offset=1.0` gives Gemma's x * (1 + w) convention, so checkpoints load unchanged."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from cumulo.engine.attention import AttentionContext
 from cumulo.models.config import ModelConfig
-from cumulo.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
+from cumulo.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, lm_logits
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -75,4 +75,4 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return lm_logits(self.lm_head, hidden)
