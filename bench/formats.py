@@ -1,167 +1,227 @@
-"""Benchmark of the number-format layer: kernel speed against torch fp32 F.linear in the same run, codec error.
+"""Accuracy and speed of every compact number format on SmolLM2-135M, against fp32 and llama.cpp in the same run.
 
-    python bench/formats.py [--shapes 4096x4096,1536x576] [--repeat 50] [--threads N] [--json]
+    python bench/formats.py [--quick] [--threads 2] [--formats ue8m0-fp8,mxfp4] [--ppl-tokens 2048] [--no-llama]
+    python bench/formats.py --kernels [...]      # the kernel micro-benchmark (bench/formats_kernels.py)
 
-For each shape [N, K] and format it times y = x @ W^T for one row of x (single-stream decode) with the fused CPU
-kernel, with the reference path (dequantize then matmul), and with torch fp32 `F.linear` on the unquantized
-weight (the anchor); it prints ratios against the anchor and the GB/s of weight bytes read, next to the machine's
-read bandwidth measured in the same run (torch sum over a 512 MiB tensor). It also prints, per format, bits per
-weight and the relative RMS error on N(0, 1) weights. Never gates CI; numbers go in docs/formats.md.
+The model is the catalog's SmolLM2-135M-Instruct GGUF (Q4_1); "unquantized" (fp32) means its weights
+dequantized to fp32 on load, which is also what every format is converted from. For each format the run:
+converts the model with `cumulo convert` into a temporary directory (size on disk = its safetensors files; fp32
+and bf16 sizes are computed, 4 and 2 bytes per weight), then serves that packed checkpoint in a fresh process
+(bench/formats_worker.py) that measures single-stream decode (32-token prompt, 64 greedy tokens, best of 3),
+its own peak resident memory (VmHWM), and the perplexity of the served weights on the same text and windows as
+the fp32 baseline. GB/s = weight bytes read per token (every weight once; the tied embedding is read whole by
+lm_head) x decode tok/s, next to the machine's read bandwidth (bench/bandwidth.py) measured in the same run.
+If the llama.cpp anchor is built (bench/.anchors/venv, `python -m bench.anchors`), llama-cpp-python decodes
+the Q4_1 GGUF with the same prompts and threads. Prints a table and the issue's target ratios, writes JSON to
+bench/results/ and a plot of perplexity delta against decode tok/s. Never gates CI.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from bench.common import REPO_DIR, RESULTS_DIR, log, model_path, thread_env  # noqa: E402
+from bench.formats_report import PLOT_PATH, plot, print_report, targets  # noqa: E402
+from bench.formats_worker import RESULT_MARKER  # noqa: E402
 
-from cumulo.formats.kernels import find_kernel  # noqa: E402
-from cumulo.formats.quantize import quantize  # noqa: E402
-from cumulo.formats.schemes import SCHEMES  # noqa: E402
-
-KERNEL_FORMATS = ["ue8m0-fp8", "fp8", "mxfp8", "mxfp4", "nvfp4", "hif8", "mxint8"]
-
-
-def _time_interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Best seconds per call of each function, timed in turn within each round so that all of them see the same
-    phases of a shared machine's load (the best of N is the least disturbed run)."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
+# (label, cumulo format or None, engine dtype): fp32 and bf16 serve the GGUF directly, the others a conversion.
+FORMATS = [
+    ("fp32", None, "float32"),
+    ("bf16", None, "bfloat16"),
+    ("ue8m0-fp8", "ue8m0-fp8", "float32"),
+    ("fp8 (per-channel)", "fp8", "float32"),
+    ("mxfp8", "mxfp8", "float32"),
+    ("mxfp6", "mxfp6", "float32"),
+    ("mxfp4", "mxfp4", "float32"),
+    ("mxint8", "mxint8", "float32"),
+    ("nvfp4", "nvfp4", "float32"),
+    ("hif8", "hif8", "float32"),
+]
+DENSE_BITS = {"float32": 32, "bfloat16": 16}
+WORKER_TIMEOUT_S = 900
 
 
-def read_bandwidth() -> float:
-    """GB/s of a streaming read (torch sum over 512 MiB of fp32), best of 5."""
-    big = torch.ones(128 * 1024 * 1024, dtype=torch.float32)
-    return big.numel() * 4 / _time_interleaved({"sum": big.sum}, 5)["sum"] / 1e9
+def run_child(cmd: list[str], threads: int, timeout_s: float = WORKER_TIMEOUT_S) -> dict:
+    """Run a worker in a fresh process; its last marked stdout line is the result."""
+    try:
+        done = subprocess.run(cmd, env=thread_env(threads), cwd=REPO_DIR, capture_output=True, text=True,
+                              timeout=timeout_s)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f}s"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER) :])
+    return {"error": f"exit {done.returncode}: {done.stderr.strip()[-400:]}"}
 
 
-ANCHOR = "fp32 F.linear (anchor)"
+def convert(model: Path, fmt: str, out: Path, threads: int) -> dict:
+    """`cumulo convert` into `out`; returns the seconds it took and the size of its safetensors files."""
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "cumulo.cli.main", "convert", str(model), "--format", fmt, "-o", str(out)]
+    done = subprocess.run(cmd, env=thread_env(threads), cwd=REPO_DIR, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": f"convert failed: {done.stderr.strip()[-400:]}"}
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return {"convert_seconds": time.perf_counter() - start, "checkpoint_bytes": size}
 
 
-def bench_kernels(shapes: list[tuple[int, int]], repeat: int) -> list[dict]:
-    """Per shape: the anchor, each fused kernel, and (fewer rounds) the reference dequantize-then-matmul."""
-    rows = []
-    for n, k in shapes:
-        w, x = torch.randn(n, k), torch.randn(1, k)
-        fns: dict[str, Callable[[], object]] = {ANCHOR: lambda w=w, x=x: F.linear(x, w)}
-        refs: dict[str, Callable[[], object]] = {}
-        nbytes = {ANCHOR: n * k * 4}
-        for fmt in KERNEL_FORMATS:
-            p = quantize(w, fmt)
-            binder = find_kernel("cpu", fmt)
-            kernel = binder(p) if binder is not None else None
-            if kernel is None:
-                continue
-            fns[fmt] = lambda x=x, kernel=kernel: kernel(x)
-            refs[fmt] = lambda p=p, x=x: F.linear(x, p.dequantize())
-            nbytes[fmt] = p.nbytes
-        best = _time_interleaved(fns, repeat)
-        ref = _time_interleaved(refs, max(2, repeat // 20))
-        for name, t in best.items():
-            row = {"shape": f"{n}x{k}", "format": name, "ms": t * 1e3, "speedup": best[ANCHOR] / t,
-                   "gbps": nbytes[name] / t / 1e9}  # fmt: skip
-            if name in ref:
-                row["reference_ms"] = ref[name] * 1e3
-            rows.append(row)
-    return rows
+def worker_args(args: argparse.Namespace) -> list[str]:
+    return ["--threads", str(args.threads), "--prompt", "32", "--tokens", str(args.tokens),
+            "--repeats", str(args.repeats), "--budget-s", str(args.decode_budget_s)]  # fmt: skip
 
 
-# One decoder layer of SmolLM2-135M: q, k, v, o, gate, up, down as [N, K].
-SMOLLM2_LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+def measure_format(label: str, fmt: str | None, dtype: str, gguf: Path, args: argparse.Namespace) -> dict:
+    row: dict = {"label": label, "format": fmt or dtype, "dtype": dtype}
+    ppl = ["--ppl-tokens", str(args.ppl_tokens), "--context", str(args.context), "--stride", str(args.stride)]
+    with tempfile.TemporaryDirectory(prefix=f"cumulo-{label.split()[0]}-") as tmp:
+        served = gguf
+        if fmt is not None:
+            log(f"[{label}] converting ...")
+            row.update(convert(gguf, fmt, Path(tmp) / fmt, args.threads))
+            if "error" in row:
+                return row
+            served = Path(tmp) / fmt
+        log(f"[{label}] serving {'the GGUF' if fmt is None else 'the packed checkpoint'} (dtype {dtype}) ...")
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.formats_worker",
+            "cumulo",
+            "--model",
+            str(served),
+            "--dtype",
+            dtype,
+        ]
+        row.update(run_child(cmd + worker_args(args) + ppl, args.threads))
+        if fmt is not None and "error" in row:
+            # The checkpoint would not load (e.g. NVFP4 q/k/v parts with different tensor scales cannot be fused
+            # exactly): measure the same format converted on load instead, and say so in the row.
+            failed = row.pop("error")
+            log(
+                f"[{label}] the checkpoint failed ({failed}); serving the GGUF with --format {fmt} instead ..."
+            )
+            cmd[cmd.index(str(served))] = str(gguf)
+            row.update(run_child([*cmd, "--format", fmt, *worker_args(args), *ppl], args.threads))
+            row["served"] = f"converted on load; the checkpoint failed to load: {failed}"
+    if "weights" in row:
+        if fmt is None:  # the GGUF is Q4_1 on disk; these are the sizes of an fp32 / bf16 safetensors file
+            row["checkpoint_bytes"] = row["weights"] * DENSE_BITS[dtype] // 8
+            row["checkpoint_computed"] = True
+            row["linear_bits_per_weight"] = DENSE_BITS[dtype]
+        else:
+            row["linear_bits_per_weight"] = row["linear_bytes"] * 8 / row["linear_weights"]
+        row["checkpoint_bits_per_weight"] = row["checkpoint_bytes"] * 8 / row["weights"]
+    if "decode_tok_s" in row:
+        row["weight_gb_s"] = row["bytes_per_token"] * row["decode_tok_s"] / 1e9
+    log(f"[{label}] {row.get('error') or 'done'}")
+    return row
 
 
-def bench_model_sweep(layers: int, repeat: int) -> list[dict]:
-    """One decode step's linears of a SmolLM2-135M-shaped stack (distinct weights, so nothing stays in cache)."""
-    g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(n, k, generator=g) for _ in range(layers) for n, k in SMOLLM2_LAYER]
-    xs = {k: torch.randn(1, k, generator=g) for _, k in SMOLLM2_LAYER}
+def measure_llama(gguf: Path, args: argparse.Namespace, weights: int | None) -> dict | None:
+    """llama-cpp-python on the Q4_1 GGUF, if the anchor venv has it; None when the anchor is not built."""
+    from bench import anchors  # noqa: PLC0415
 
-    def run_all(calls: list[tuple[Callable[[torch.Tensor], object], torch.Tensor]]) -> Callable[[], None]:
-        def step() -> None:
-            for fn, x in calls:
-                fn(x)
-
-        return step
-
-    fns = {ANCHOR: run_all([(lambda x, w=w: F.linear(x, w), xs[w.shape[1]]) for w in weights])}
-    nbytes = {ANCHOR: sum(w.numel() * 4 for w in weights)}
-    for fmt in KERNEL_FORMATS:
-        binder = find_kernel("cpu", fmt)
-        packed = [quantize(w, fmt) for w in weights]
-        bound = [binder(p) if binder is not None else None for p in packed]
-        if any(kernel is None for kernel in bound):
-            continue
-        fns[fmt] = run_all([(kernel, xs[p.shape[1]]) for kernel, p in zip(bound, packed, strict=True)])
-        nbytes[fmt] = sum(p.nbytes for p in packed)
-    best = _time_interleaved(fns, repeat)
-    return [{"format": name, "ms": t * 1e3, "speedup": best[ANCHOR] / t, "gbps": nbytes[name] / t / 1e9}
-            for name, t in best.items()]  # fmt: skip
+    python = anchors.VENV_PYTHON
+    if not python.exists():
+        return None
+    probe = subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True)
+    if probe.returncode != 0:
+        return None
+    log("[llama.cpp] decoding the Q4_1 GGUF ...")
+    row = run_child([str(python), "-m", "bench.formats_worker", "llama", "--model", str(gguf)] + worker_args(args),
+                    args.threads)  # fmt: skip
+    row.update(label="llama.cpp Q4_1", format="gguf:Q4_1", dtype="Q4_1")
+    row["checkpoint_bytes"] = gguf.stat().st_size
+    row["linear_bits_per_weight"] = 5.0  # Q4_1: 32 four-bit codes + an fp16 scale and an fp16 minimum
+    if weights:
+        row["checkpoint_bits_per_weight"] = row["checkpoint_bytes"] * 8 / weights
+    if row.get("decode_tok_s"):
+        # Every tensor of the file is read once per token (the tied embedding whole, by the output layer); the
+        # file's metadata (vocabulary) is a few MB of the total, so this slightly overstates the bytes.
+        row["bytes_per_token"] = row["checkpoint_bytes"]
+        row["weight_gb_s"] = row["bytes_per_token"] * row["decode_tok_s"] / 1e9
+    return row
 
 
-def bench_accuracy() -> list[dict]:
-    w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
-    out = []
-    for name, scheme in SCHEMES.items():
-        p = quantize(w, name)
-        err = ((p.dequantize() - w).norm() / w.norm()).item()
-        out.append(
-            {
-                "format": name,
-                "bits_per_weight": p.nbytes * 8 / w.numel(),
-                "scheme_bits": scheme.bits_per_weight(),
-                "rel_rmse_pct": err * 100,
-            }
-        )
-    return out
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--kernels" in argv:
+        from bench.formats_kernels import main as kernels_main  # noqa: PLC0415
 
-
-def main() -> int:
+        return kernels_main([a for a in argv if a != "--kernels"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="4096x4096,1536x576,576x1536")
-    parser.add_argument("--repeat", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--layers", type=int, default=30, help="layers in the SmolLM2-shaped sweep")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer perplexity and decode tokens: a few minutes"
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--formats", help="comma-separated labels or format names (default: all)")
+    parser.add_argument("--model", help="GGUF path (default: the catalog's smollm2-135m)")
+    parser.add_argument("--ppl-tokens", type=int, help="corpus tokens scored (default 2048; quick 512)")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--stride", type=int, default=256)
+    parser.add_argument("--tokens", type=int, help="greedy tokens per decode run (default 64; quick 32)")
+    parser.add_argument("--repeats", type=int, help="decode runs, best kept (default 3; quick 1)")
+    parser.add_argument("--decode-budget-s", type=float, default=60.0,
+                        help="formats predicted to decode slower than this get fewer tokens")  # fmt: skip
+    parser.add_argument("--no-llama", action="store_true", help="skip the llama.cpp anchor")
+    parser.add_argument("--plot", type=Path, help=f"plot path (default {PLOT_PATH}; quick: bench/results/)")
+    args = parser.parse_args(argv)
+    args.ppl_tokens = args.ppl_tokens or (512 if args.quick else 2048)
+    args.tokens = args.tokens or (32 if args.quick else 64)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.quick:
+        args.decode_budget_s = min(args.decode_budget_s, 20.0)
+    chosen = FORMATS
+    if args.formats:
+        wanted = set(args.formats.split(","))
+        chosen = [f for f in FORMATS if f[0] in wanted or f[1] in wanted or f[2] in wanted]
+        if FORMATS[0] not in chosen:  # fp32 is the baseline of every delta
+            chosen = [FORMATS[0], *chosen]
+
+    from bench.bandwidth import read_bandwidth_gb_s  # noqa: PLC0415
+
+    started = time.time()
+    load_before = os.getloadavg()
+    gguf = model_path(args.model)
+    log(f"model {gguf}; measuring read bandwidth with {args.threads} thread(s) ...")
+    bandwidth = read_bandwidth_gb_s(args.threads, size_bytes=(256 if args.quick else 1024) << 20)
+    rows = [measure_format(label, fmt, dtype, gguf, args) for label, fmt, dtype in chosen]
+    llama = None if args.no_llama else measure_llama(gguf, args, rows[0].get("weights"))
     result = {
-        "threads": torch.get_num_threads(),
-        "read_bandwidth_gbps": read_bandwidth(),
-        "kernels": bench_kernels(shapes, args.repeat),
-        "decode_sweep": bench_model_sweep(args.layers, max(5, args.repeat // 4)),
-        "accuracy": bench_accuracy(),
+        "model": str(gguf),
+        "baseline": "fp32 = the GGUF's Q4_1 weights dequantized to fp32 (no 16-bit HF checkpoint offline)",
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "threads": args.threads,
+            "read_gb_s": bandwidth,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },  # fmt: skip
+        "settings": {k: v for k, v in vars(args).items() if k != "plot"},
+        "command": "python bench/formats.py " + " ".join(argv),
+        "seconds": time.time() - started,
+        "formats": rows,
+        "llama_cpp": llama,
     }
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(f"threads {result['threads']}, measured read bandwidth {result['read_bandwidth_gbps']:.1f} GB/s")
-    print(f"\n{'shape':>10} {'format':>24} {'ms':>8} {'x anchor':>9} {'GB/s':>6} {'ref ms':>8}")
-    for r in result["kernels"]:
-        ref = f"{r['reference_ms']:8.3f}" if "reference_ms" in r else ""
-        print(f"{r['shape']:>10} {r['format']:>24} {r['ms']:8.3f} {r['speedup']:9.2f} {r['gbps']:6.1f} {ref}")
-    print(f"\nSmolLM2-135M-shaped decode step ({args.layers} layers x 7 linears, M = 1)")
-    for r in result["decode_sweep"]:
-        print(f"{r['format']:>24} {r['ms']:8.3f} ms {r['speedup']:6.2f} x anchor {r['gbps']:6.1f} GB/s")
-    print(f"\n{'format':>18} {'bits/weight':>11} {'rel RMSE %':>10}  (1024x1024 N(0,1) weights)")
-    for r in result["accuracy"]:
-        print(f"{r['format']:>18} {r['bits_per_weight']:11.3f} {r['rel_rmse_pct']:10.2f}")
+    result["targets"] = targets(rows, llama)
+    print_report(result)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(started))
+    json_path = RESULTS_DIR / f"formats-{stamp}.json"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    png = args.plot or (RESULTS_DIR / f"formats-{stamp}.png" if args.quick else PLOT_PATH)
+    plot(result, png)
+    print(f"\nwrote {json_path} and {png}")
     return 0
 
 
