@@ -10,7 +10,7 @@ from torch import nn
 
 from cumulo.engine.attention import AttentionContext
 from cumulo.models.config import ModelConfig
-from cumulo.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, lm_logits
+from cumulo.models.layers import Attention, CausalLM, GatedMLP, RMSNorm, RotaryEmbedding
 
 
 def is_global_layer(config: ModelConfig, layer_idx: int) -> bool:
@@ -73,23 +73,5 @@ class Gemma3Model(nn.Module):
         return self.norm(x)
 
 
-class Gemma3ForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.model = Gemma3Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = lm_logits(self.lm_head, hidden)
-        cap = self.config.final_logit_softcapping
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+class Gemma3ForCausalLM(CausalLM):
+    model_class = Gemma3Model

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cumulo.engine.attention import AttentionContext, paged_attention
+from cumulo.models.config import ModelConfig
 
 REFINE_TOP = 8
 
@@ -28,7 +29,11 @@ def lm_logits(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """
     logits = lm_head(hidden).float()
     weight = getattr(lm_head, "weight", None)
-    if hidden.dtype == torch.float32 or not isinstance(weight, torch.Tensor) or logits.shape[-1] <= REFINE_TOP:
+    if (
+        hidden.dtype == torch.float32
+        or not isinstance(weight, torch.Tensor)
+        or logits.shape[-1] <= REFINE_TOP
+    ):
         return logits
     top = logits.topk(REFINE_TOP, dim=-1).indices  # [N, k]
     exact = torch.bmm(weight[top].float(), hidden.float().unsqueeze(-1)).squeeze(-1)  # [N, k]
@@ -177,3 +182,27 @@ class Attention(nn.Module):
             q, k = self.rotary(positions, qk).split([self.num_heads, self.num_kv_heads], dim=1)
         out = paged_attention(q, k, v, ctx, self.layer_idx, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(T, self.q_size))
+
+
+class CausalLM(nn.Module):
+    """A decoder stack (`model_class`, set by each architecture) under an output head, tied or not."""
+
+    model_class: type[nn.Module]
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = self.model_class(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = lm_logits(self.lm_head, hidden)
+        cap = self.config.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap else logits

@@ -11,7 +11,7 @@ from torch import nn
 
 from cumulo.engine.attention import AttentionContext
 from cumulo.models.config import ModelConfig
-from cumulo.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, lm_logits
+from cumulo.models.layers import Attention, CausalLM, GatedMLP, RMSNorm, RotaryEmbedding
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -60,19 +60,5 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return lm_logits(self.lm_head, hidden)
+class LlamaForCausalLM(CausalLM):
+    model_class = LlamaModel
