@@ -12,7 +12,10 @@ import argparse
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -68,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     state: dict[str, torch.Tensor | PackedWeight] = {}
     bytes_in = bytes_out = 0
     items = list(model.weights.items())
+    group_amax = _fused_group_amax(model.weights)
     for name, tensor in tqdm(items, desc=f"convert to {scheme.name}", unit="tensor", mininterval=0.5):
         bytes_in += tensor.numel() * tensor.element_size()
         module = name.removesuffix(".weight")
@@ -77,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
             and name.endswith(".weight")
             and policy.quantizes(module)
         ):
-            value: torch.Tensor | PackedWeight = quantize(tensor, scheme.name, name=name)
+            value: torch.Tensor | PackedWeight = quantize(
+                tensor, scheme.name, name=name, tensor_amax=group_amax.get(name)
+            )
             assert isinstance(value, PackedWeight)
             bytes_out += value.nbytes
         else:
@@ -150,3 +156,24 @@ def _write_tokenizer(tokenizer: Any, out: Path) -> None:
         "chat_template": tokenizer.chat_template,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+
+
+_FUSED_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("mlp.gate_proj", "mlp.up_proj"),
+)
+
+
+def _fused_group_amax(weights: dict[str, torch.Tensor]) -> dict[str, float]:
+    """For each weight the engine fuses with its siblings (q/k/v, gate/up), the largest |w| of the whole group:
+    formats with a per-tensor scale (NVFP4) then give the siblings one scale, so they join exactly on load."""
+    out: dict[str, float] = {}
+    for name in weights:
+        for group in _FUSED_GROUPS:
+            if name.endswith(f".{group[0]}.weight"):
+                prefix = name.removesuffix(f"{group[0]}.weight")
+                names = [f"{prefix}{part}.weight" for part in group]
+                if all(n in weights for n in names):
+                    amax = max(float(weights[n].abs().amax()) for n in names)
+                    out.update(dict.fromkeys(names, amax))
+    return out

@@ -17,7 +17,11 @@ from cumulo.formats.scales import block_amax, deepseek_scale, e8m0_from_exponent
 from cumulo.formats.schemes import get_scheme
 
 
-def quantize(weight: torch.Tensor, format: str, *, name: str = "weight") -> PackedWeight:
+def quantize(
+    weight: torch.Tensor, format: str, *, name: str = "weight", tensor_amax: float | None = None
+) -> PackedWeight:
+    """Quantize a [N, K] weight. `tensor_amax` (NVFP4 only) overrides the amax behind the fp32 tensor scale, so
+    weights that the engine fuses (q/k/v, gate/up) can share one tensor scale and be joined exactly."""
     scheme = get_scheme(format)
     if weight.dim() != 2:
         raise FormatError(f"{name}: expected a 2-D weight [N, K], got shape {tuple(weight.shape)}")
@@ -38,7 +42,7 @@ def quantize(weight: torch.Tensor, format: str, *, name: str = "weight") -> Pack
         scales = e8m0_from_exponent(exp)
         grid = torch.ldexp(torch.ones_like(amax), exp)
     elif scheme.scale == "nvfp4":
-        scales, tensor_scale, grid = _nvfp4_scales(amax, float(w.abs().amax()))
+        scales, tensor_scale, grid = _nvfp4_scales(amax, tensor_amax or float(w.abs().amax()))
     elif scheme.scale in ("fp32", "ue8m0"):
         if scheme.name in ("fp8-block", "ue8m0-fp8"):
             grid = deepseek_scale(amax, ue8m0=scheme.scale == "ue8m0")

@@ -78,3 +78,19 @@ def test_format_on_load_swaps_linears_and_generates(tiny_hf_dir):
     while engine.has_unfinished_requests():
         outs.extend(engine.step())
     assert len(outs[-1].token_ids) == 4 and outs[-1].finish_reason == "length"
+
+
+def test_nvfp4_checkpoint_loads_with_fused_projections_exact(tiny_hf_dir, tmp_path):
+    # NVFP4 carries a per-tensor scale: convert gives q/k/v (and gate/up) one shared scale so they fuse exactly.
+    out = tmp_path / "nvfp4"
+    assert cli(["convert", str(tiny_hf_dir), "--format", "nvfp4", "-o", str(out)]) == 0
+    loaded = load(str(out))
+    dense_equivalent = {
+        n: (t.dequantize(torch.float32) if isinstance(t, PackedWeight) else t)
+        for n, t in loaded.weights.items()
+    }
+    served = build_model(loaded.config, loaded.weights)
+    reference = build_model(loaded.config, dense_equivalent)
+    ids = torch.arange(3, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(served, ids), _logits(reference, ids), rtol=1e-4, atol=1e-4)
