@@ -19,7 +19,7 @@ import venv
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import ANCHORS_DIR, log, vm_hwm_mib
+from bench.common import ANCHORS_DIR, log, stop_process, vm_hwm_mib
 
 VENV_DIR = ANCHORS_DIR / "venv"
 VENV_PYTHON = VENV_DIR / "bin" / "python"
@@ -186,13 +186,7 @@ class LlamaServer:
         return None if self.proc is None else vm_hwm_mib(self.proc.pid)
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
 
 

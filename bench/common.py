@@ -106,6 +106,18 @@ def prompt_token_ids(length: int, seed: int = 0) -> list[int]:
     return [1000 + (seed * 7919 + i * 104729) % 40000 for i in range(length)]
 
 
+def stop_process(proc: subprocess.Popen | None, timeout_s: float = 30) -> None:
+    """Terminate a server we started, killing it if it does not exit in time."""
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def vm_hwm_mib(pid: int) -> float | None:
     """Another process's peak resident memory, read from /proc before it exits."""
     try:

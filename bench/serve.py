@@ -24,12 +24,21 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import RESULTS_DIR, log, model_path, prompt_token_ids
+from bench.common import RESULTS_DIR, log, model_path, prompt_token_ids, stop_process
 from bench.serve_load import LevelResult, run_level
 from bench.serve_overhead import gateway_overhead
 
-COLUMNS = ["system", "concurrency", "requests", "output_tok_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50",
-           "itl_ms_p50", "itl_ms_p99"]
+COLUMNS = [
+    "system",
+    "concurrency",
+    "requests",
+    "output_tok_s",
+    "ttft_ms_p50",
+    "ttft_ms_p99",
+    "tpot_ms_p50",
+    "itl_ms_p50",
+    "itl_ms_p99",
+]
 
 
 class CumuloServer:
@@ -43,8 +52,20 @@ class CumuloServer:
         (self.data_dir / "models").symlink_to(models_dir())
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "cumulo.cli.main", "--data-dir", str(self.data_dir), "serve",
-                    "--port", str(self.port), "--model", str(model), "--log-level", "warning"]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "cumulo.cli.main",
+            "--data-dir",
+            str(self.data_dir),
+            "serve",
+            "--port",
+            str(self.port),
+            "--model",
+            str(model),
+            "--log-level",
+            "warning",
+        ]
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> CumuloServer:
@@ -68,17 +89,13 @@ class CumuloServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc)
         self._log.close()
 
 
-def _levels(system: str, url: str, headers: dict[str, str], model: str, args: argparse.Namespace
-            ) -> list[LevelResult]:
+def _levels(
+    system: str, url: str, headers: dict[str, str], model: str, args: argparse.Namespace
+) -> list[LevelResult]:
     results = []
     for concurrency in args.concurrency:
         count = max(args.min_requests, 2 * concurrency)
@@ -86,7 +103,9 @@ def _levels(system: str, url: str, headers: dict[str, str], model: str, args: ar
         # One short warm-up request per level: first-touch costs are not serving speed.
         asyncio.run(run_level(system, url, headers, model, prompts[:1], 4, 1))
         log(f"{system}: {count} requests at concurrency {concurrency} ...")
-        results.append(asyncio.run(run_level(system, url, headers, model, prompts, args.output_len, concurrency)))
+        results.append(
+            asyncio.run(run_level(system, url, headers, model, prompts, args.output_len, concurrency))
+        )
     return results
 
 
@@ -96,12 +115,15 @@ def _anchor(args: argparse.Namespace, model: Path) -> list[LevelResult]:
     try:
         found = anchors.ensure_anchors() if args.build_anchor else anchors.locate()
     except SystemExit as exc:
-        log(f"llama.cpp server anchor not available ({exc}); build it with `python -m bench.anchors` "
-            "(about 15 minutes on 2 cores) or pass --build-anchor. Skipping the anchor.")
+        log(
+            f"llama.cpp server anchor not available ({exc}); build it with `python -m bench.anchors` "
+            "(about 15 minutes on 2 cores) or pass --build-anchor. Skipping the anchor."
+        )
         return []
     ctx = args.input_len + args.output_len + 16
-    with anchors.LlamaServer(found.server, model, parallel=max(args.concurrency), ctx_per_slot=ctx,
-                             threads=args.threads) as server:
+    with anchors.LlamaServer(
+        found.server, model, parallel=max(args.concurrency), ctx_per_slot=ctx, threads=args.threads
+    ) as server:
         return _levels("llama.cpp", server.url, {}, "anchor", args)
 
 
@@ -117,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,16", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--min-requests", type=int, default=8, help="requests per level (at least 2x concurrency)")
+    parser.add_argument(
+        "--min-requests", type=int, default=8, help="requests per level (at least 2x concurrency)"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp server threads")
     parser.add_argument("--model", default=None, help="GGUF file (default: the catalog smollm2-135m)")
     parser.add_argument("--no-anchor", action="store_true", help="skip the llama.cpp server")
@@ -126,14 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overhead-requests", type=int, default=300)
     args = parser.parse_args(argv)
 
-    report: dict = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "args": vars(args).copy(),
-                    "load_average": os.getloadavg()}
+    report: dict = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "args": vars(args).copy(),
+        "load_average": os.getloadavg(),
+    }
     log("gateway overhead (in-process, instant engine, SQLite) ...")
     report["overhead"] = gateway_overhead(args.overhead_requests)
     ovh = report["overhead"]
-    print(f"gateway overhead: p50 {ovh['overhead_ms_p50']} ms, p99 {ovh['overhead_ms_p99']} ms, "
-          f"CPU {ovh['overhead_cpu_ms_mean']} ms/request (target p50 < 2 ms; load average "
-          f"{report['load_average'][0]:.1f})")
+    print(
+        f"gateway overhead: p50 {ovh['overhead_ms_p50']} ms, p99 {ovh['overhead_ms_p99']} ms, "
+        f"CPU {ovh['overhead_cpu_ms_mean']} ms/request (target p50 < 2 ms; load average "
+        f"{report['load_average'][0]:.1f})"
+    )
     if not args.overhead_only:
         model = model_path(args.model)
         with CumuloServer(model) as server:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from cumulo.cli.convert import _hf_config
 from cumulo.cli.main import main
@@ -18,25 +17,8 @@ from cumulo.models.loader import load
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    cfg = transformers.LlamaConfig(
-        vocab_size=160,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(160)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(path / "tokenizer.json"))
-    return path
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory, write_tiny_llama) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), vocab=160, hidden=64, intermediate=128)
 
 
 def test_convert_writes_a_packed_checkpoint_that_dequantizes_close_to_the_source(

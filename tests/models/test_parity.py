@@ -49,24 +49,16 @@ def _tiny_hf(arch: str) -> transformers.PreTrainedModel:
     return model.eval()
 
 
-def _save_word_tokenizer(directory: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(directory / "tokenizer.json"))
-
-
 def _our_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     hidden = model(ids, torch.arange(len(ids)), AttentionContext(kv_cache=None))
     return model.compute_logits(hidden)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
-def test_tiny_model_logits_match_transformers(tmp_path: Path, arch: str) -> None:
+def test_tiny_model_logits_match_transformers(tmp_path: Path, arch: str, word_tokenizer) -> None:
     hf = _tiny_hf(arch)
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    _save_word_tokenizer(tmp_path, 160)
+    word_tokenizer(tmp_path, 160)
     loaded = load(str(tmp_path))
     assert loaded.config.architecture == arch
     ours = build_model(loaded.config, loaded.weights)
