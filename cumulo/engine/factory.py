@@ -61,6 +61,11 @@ def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
         loaded = load(model, dtype=dtype)
         module = build_model(loaded.config, loaded.weights, dtype=dtype, device=device)
         loaded.weights.clear()  # the module owns the tensors now; drop the loader's references
+    dense = platform.dense_linear(dtype)
+    if dense is not None:
+        from cumulo.formats.linear import use_dense_kernel
+
+        use_dense_kernel(module, dense)  # decode-sized matmuls of the dense weights on the platform's kernel
     max_len = loaded.config.max_position_embeddings
     if config.max_model_len:
         if config.max_model_len > max_len:

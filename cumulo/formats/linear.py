@@ -9,7 +9,7 @@ registered for the input's device and the weight's format, else dequantizes and 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -20,6 +20,9 @@ from torch import nn
 from cumulo.formats.kernels import BoundKernel, find_kernel
 from cumulo.formats.packed import PackedWeight
 from cumulo.formats.quantize import quantize
+
+# (x [M, K], weight [N, K], bias [N] or None) -> x W^T + b, or None when the kernel does not take this input.
+LinearKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None]
 
 DEFAULT_KEEP = ("*embed*", "*lm_head*", "*norm*", "*.gate", "*router*", "output")
 
@@ -99,6 +102,42 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+class DenseLinear(nn.Module):
+    """nn.Linear whose small-batch products go to a platform kernel (`Platform.dense_linear`), else F.linear.
+
+    It keeps the original `weight` Parameter (no copy), so tied embeddings stay tied and code that reads
+    `lm_head.weight` still works. The kernel returns None for inputs it does not take (too many rows, wrong
+    dtype or device) and F.linear answers those.
+    """
+
+    def __init__(self, linear: nn.Linear, kernel: LinearKernel) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        y = self.kernel(x2, self.weight, self.bias)
+        if y is None:
+            return F.linear(x, self.weight, self.bias)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel=platform"
+
+
+def use_dense_kernel(model: nn.Module, kernel: LinearKernel) -> nn.Module:
+    """Swap every plain `nn.Linear` of `model` for a `DenseLinear` using `kernel`, in place; returns `model`."""
+    targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, DenseLinear(linear, kernel))
+    return model
 
 
 def quantize_model(model: nn.Module, format: str, policy: QuantPolicy | None = None) -> nn.Module:

@@ -13,6 +13,7 @@ import torch
 
 # A fused attention entry point a platform may offer; the engine falls back to its own when there is none.
 AttentionFn = Callable[..., torch.Tensor]
+LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None]
 
 
 class Platform:
@@ -66,6 +67,11 @@ class Platform:
     def paged_decode_attention(self, dtype: torch.dtype, head_dim: int) -> AttentionFn | None:
         """A fused decode-attention kernel over the paged KV cache for this dtype, or None for the portable
         path. Signature: (q [B, heads, dim], k_cache, v_cache, block_tables, context_lens, scale, window)."""
+        return None
+
+    def dense_linear(self, dtype: torch.dtype) -> LinearFn | None:
+        """A faster matmul for few rows of x (decode) with dense `dtype` weights, or None for F.linear.
+        Signature: (x [M, K], weight [N, K], bias [N] or None) -> Tensor, or None to let F.linear answer."""
         return None
 
     def pick_dtype(self, wanted: torch.dtype) -> torch.dtype:

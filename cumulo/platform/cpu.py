@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cumulo.platform.base import AttentionFn, Platform
+from cumulo.platform.base import AttentionFn, LinearFn, Platform
 
 # A cgroup v2 "memory.max" of "max", or a v1 limit this large, means "no limit".
 _NO_LIMIT = 1 << 60
@@ -37,6 +37,13 @@ class CpuPlatform(Platform):
 
         if kernels.available(dtype, self.torch_device, head_dim):
             return kernels.paged_decode_attention
+        return None
+
+    def dense_linear(self, dtype: torch.dtype) -> LinearFn | None:
+        from cumulo.platform.kernels import gemv
+
+        if dtype == torch.bfloat16 and gemv.available():
+            return gemv.bf16_linear
         return None
 
     def supports_dtype(self, dtype: torch.dtype) -> bool:

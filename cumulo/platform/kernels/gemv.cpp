@@ -1,0 +1,133 @@
+// Skinny bf16 matmul for CPUs (cumulo.platform.kernels.gemv): y = x W^T for few rows of x (decode), W [N, K].
+//
+// Why: a decode step multiplies one activation row by every weight matrix, so it should run at the memory's
+// read bandwidth. PyTorch's bf16 path on CPU reaches well under half of it at one row (it widens bf16 to fp32
+// in a generic loop), and is slower per byte than its own fp32 path. Here each weight row is read once, as is:
+// - AVX512-BF16 (vdpbf16ps): 32 bf16 products per instruction, accumulated in fp32; K tails by masked loads.
+// - otherwise AVX2: bf16 widened to fp32 by a shift (exact), then FMA.
+// The path is chosen at run time (__builtin_cpu_supports), so one build runs on any x86-64 with AVX2.
+// Outputs are fp32 sums rounded once to bf16 (round to nearest even), as a bf16 GEMM with fp32 accumulation
+// does. OpenMP over output rows (the libgomp torch has loaded). Plain C ABI, called through ctypes.
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+namespace {
+
+constexpr int kRows = 4;  // rows of x per pass over a weight row (accumulators stay in registers)
+constexpr int kAhead = 4096;  // bytes of weights prefetched ahead of the loads
+
+inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void row_avx512(const uint16_t* x, int64_t xs,
+                                                                       int64_t K, const uint16_t* w,
+                                                                       float* out) {
+    __m512 a0[R], a1[R];
+    for (int i = 0; i < R; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        // Rows a thread reads are contiguous: fetch ahead across row ends, where the hardware prefetcher
+        // would otherwise stall.
+        _mm_prefetch((const char*)(w + k) + kAhead, _MM_HINT_T0);
+        _mm_prefetch((const char*)(w + k) + kAhead + 64, _MM_HINT_T0);
+        const __m512i w0 = _mm512_loadu_si512(w + k), w1 = _mm512_loadu_si512(w + k + 32);
+        for (int i = 0; i < R; ++i) {
+            const uint16_t* xr = x + i * xs + k;
+            a0[i] = _mm512_dpbf16_ps(a0[i], (__m512bh)w0, (__m512bh)_mm512_loadu_si512(xr));
+            a1[i] = _mm512_dpbf16_ps(a1[i], (__m512bh)w1, (__m512bh)_mm512_loadu_si512(xr + 32));
+        }
+    }
+    for (; k < K; k += 32) {
+        const int64_t left = K - k;
+        const __mmask32 m = left >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << left) - 1u);
+        const __m512i w0 = _mm512_maskz_loadu_epi16(m, w + k);
+        for (int i = 0; i < R; ++i)
+            a0[i] = _mm512_dpbf16_ps(a0[i], (__m512bh)w0, (__m512bh)_mm512_maskz_loadu_epi16(m, x + i * xs + k));
+    }
+    for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+}
+
+inline __m256 widen8(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+inline float bf16_value(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+template <int R>
+void row_avx2(const uint16_t* x, int64_t xs, int64_t K, const uint16_t* w, float* out) {
+    __m256 a0[R], a1[R];
+    float tail[R];
+    for (int i = 0; i < R; ++i) a0[i] = a1[i] = _mm256_setzero_ps(), tail[i] = 0.0f;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __m256 w0 = widen8(w + k), w1 = widen8(w + k + 8);
+        for (int i = 0; i < R; ++i) {
+            a0[i] = _mm256_fmadd_ps(w0, widen8(x + i * xs + k), a0[i]);
+            a1[i] = _mm256_fmadd_ps(w1, widen8(x + i * xs + k + 8), a1[i]);
+        }
+    }
+    for (; k < K; ++k)
+        for (int i = 0; i < R; ++i) tail[i] += bf16_value(w[k]) * bf16_value(x[i * xs + k]);
+    for (int i = 0; i < R; ++i) out[i] = hsum(_mm256_add_ps(a0[i], a1[i])) + tail[i];
+}
+
+template <int R>
+inline void row(bool wide, const uint16_t* x, int64_t xs, int64_t K, const uint16_t* w, float* out) {
+    if (wide) row_avx512<R>(x, xs, K, w, out);
+    else row_avx2<R>(x, xs, K, w, out);
+}
+
+}  // namespace
+
+extern "C" {
+
+// 1 if this CPU runs the AVX512-BF16 path, 0 for the AVX2 path.
+int cumulo_bf16_linear_wide(void) {
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") ? 1 : 0;
+}
+
+// x bf16 [M, K] with row stride xs; w bf16 [N, K] with row stride ws; bias bf16 [N] or null; y bf16 [M, N].
+// path: -1 the best this CPU has, 0 AVX2 (tests use it to cover the fallback on AVX-512 machines).
+void cumulo_bf16_linear(const uint16_t* x, int64_t M, int64_t K, int64_t xs, const uint16_t* w, int64_t N,
+                        int64_t ws, const uint16_t* bias, uint16_t* y, int nthreads, int path) {
+    const bool wide = path != 0 && cumulo_bf16_linear_wide() != 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint16_t* wr = w + n * ws;
+        const float b = bias ? bf16_value(bias[n]) : 0.0f;
+        float out[kRows];
+        for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+            const int64_t mb = M - m0 < kRows ? M - m0 : kRows;
+            const uint16_t* xm = x + m0 * xs;
+            switch (mb) {
+                case 1: row<1>(wide, xm, xs, K, wr, out); break;
+                case 2: row<2>(wide, xm, xs, K, wr, out); break;
+                case 3: row<3>(wide, xm, xs, K, wr, out); break;
+                default: row<4>(wide, xm, xs, K, wr, out); break;
+            }
+            for (int64_t i = 0; i < mb; ++i) y[(m0 + i) * N + n] = to_bf16(out[i] + b);
+        }
+    }
+}
+
+}  // extern "C"

@@ -1,0 +1,99 @@
+"""Skinny bf16 matmul on the CPU (decode rows): the ctypes binding of gemv.cpp and its torch-facing call.
+
+`bf16_linear(x, weight, bias)` answers for bf16 CPU tensors with at most MAX_ROWS rows of x and returns None
+otherwise, so callers fall back to `F.linear` (which stays the better choice for prefill, where oneDNN's GEMM
+is compute-bound and uses the CPU's matrix units). `available()` says whether the kernel built here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from cumulo.platform.kernels.build import load
+
+SOURCE = Path(__file__).with_name("gemv.cpp")
+# Above this many rows the matmul is compute-bound and torch's GEMM wins.
+MAX_ROWS = 8
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_lock = threading.Lock()
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+def library() -> ctypes.CDLL | None:
+    """The built kernel, or None (with one warning) when it cannot be built or loaded here."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        if not os.environ.get("CUMULO_DISABLE_CPU_KERNELS") and _x86_avx2():
+            try:
+                lib = load(SOURCE)
+                fn = lib.cumulo_bf16_linear
+                fn.argtypes = [_P, _I, _I, _I, _P, _I, _I, _P, _P, ctypes.c_int, ctypes.c_int]
+                fn.restype = None
+                lib.cumulo_bf16_linear_wide.restype = ctypes.c_int
+                _lib = lib
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                warnings.warn(f"CPU bf16 matmul kernel unavailable ({exc}); using torch", stacklevel=2)
+        _tried = True
+    return _lib
+
+
+def _x86_avx2() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def uses_avx512_bf16() -> bool:
+    """Whether the kernel runs its AVX512-BF16 path here (else AVX2 with exact bf16 -> fp32 widening)."""
+    lib = library()
+    return lib is not None and bool(lib.cumulo_bf16_linear_wide())
+
+
+def bf16_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, avx2_only: bool = False
+) -> torch.Tensor | None:
+    """x [M, K] @ weight[N, K]^T (+ bias) in bf16 with fp32 accumulation; None when this kernel does not apply
+    (not bf16, not CPU, more than MAX_ROWS rows, or no kernel here). `avx2_only` forces the fallback path."""
+    lib = _lib if _lib is not None else library()
+    if (
+        lib is None
+        or x.dim() != 2
+        or x.shape[0] > MAX_ROWS
+        or x.dtype != torch.bfloat16
+        or weight.dtype != torch.bfloat16
+        or x.device.type != "cpu"
+        or weight.device.type != "cpu"
+    ):
+        return None
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not multiply")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if weight.stride(1) != 1:
+        return None
+    if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
+        bias = bias.to(torch.bfloat16).contiguous()
+    y = torch.empty((m, n), dtype=torch.bfloat16)
+    lib.cumulo_bf16_linear(
+        x.data_ptr(), m, k, x.stride(0), weight.data_ptr(), n, weight.stride(0),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(), 0 if avx2_only else -1,
+    )  # fmt: skip
+    return y
