@@ -16,9 +16,16 @@ def _close(y: torch.Tensor, ref: torch.Tensor) -> None:
     assert (y - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
 
 
+@pytest.fixture(params=[True, False], ids=["best", "avx2"])
+def fp8_path(request, monkeypatch) -> bool:
+    """Run a test on the FP8 kernel's best path for this CPU, then again on its AVX2 path."""
+    monkeypatch.setattr(cpu, "USE_AVX512", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("fmt", cpu.FP8_FORMATS + cpu.MXFP4_FORMATS + cpu.LUT_FORMATS)
 @pytest.mark.parametrize("rows", [1, 3, 6, 20])
-def test_fused_kernel_matches_reference_dequantize_then_matmul(fmt: str, rows: int) -> None:
+def test_fused_kernel_matches_reference_dequantize_then_matmul(fmt: str, rows: int, fp8_path: bool) -> None:
     g = torch.Generator().manual_seed(rows)
     n, k = (200, 320) if fmt.startswith("mxfp4") else (200, 300)  # 300: tails in every K-blocking
     w = torch.randn(n, k, generator=g) * torch.logspace(-2, 1, n).unsqueeze(1)
@@ -35,11 +42,13 @@ def test_fused_kernel_matches_reference_dequantize_then_matmul(fmt: str, rows: i
     _close(y, F.linear(x, p.dequantize()))
 
 
-def test_fp8_kernel_handles_subnormal_codes_and_both_signs() -> None:
+@pytest.mark.parametrize("k", [128, 45])
+def test_fp8_kernel_handles_subnormal_codes_and_both_signs(k: int, fp8_path: bool) -> None:
     codes = torch.arange(256, dtype=torch.uint8)
     codes = torch.where((codes & 0x7F) == 0x7F, torch.zeros_like(codes), codes)  # no NaN codes in weights
-    p = PackedWeight("fp8-tensor", codes.reshape(2, 128), torch.ones(1, 1), (2, 128))
-    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(0))
+    codes = codes.reshape(2, 128)[:, :k].contiguous()  # k = 45: only a masked tail, no full step
+    p = PackedWeight("fp8-tensor", codes, torch.ones(1, 1), (2, k))
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(0))
     kernel = cpu.bind_fp8(p)
     assert kernel is not None
     y = kernel(x)
@@ -93,7 +102,7 @@ def test_without_a_compiler_the_layer_warns_once_and_uses_the_reference_path(mon
     assert cpu.library() is None
 
 
-def test_fp8_kernel_runs_joined_weights_with_per_row_scales() -> None:
+def test_fp8_kernel_runs_joined_weights_with_per_row_scales(fp8_path: bool) -> None:
     g = torch.Generator().manual_seed(4)
     parts = [quantize(torch.randn(n, 256, generator=g), "ue8m0-fp8") for n in (96, 32, 32)]
     joined = concat_rows(parts)

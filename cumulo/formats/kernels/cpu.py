@@ -32,6 +32,8 @@ from cumulo.formats.scales import e8m0_to_float
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+# FP8 kernels take their AVX-512 path where the CPU has one (tests turn this off to cover the AVX2 path).
+USE_AVX512 = True
 # Above this many rows of x, dequantize once and let torch's sgemm do the compute-bound work.
 FUSED_MAX_ROWS = 8
 
@@ -111,7 +113,7 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as exc:
         warnings.warn(f"fused CPU kernels unavailable ({exc}); using the reference path", stacklevel=2)
         return None
-    lib.cumulo_fp8_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, _I, _I, _F, ctypes.c_int]
+    lib.cumulo_fp8_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, _I, _I, _F, ctypes.c_int, ctypes.c_int]
     lib.cumulo_mxfp4_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, ctypes.c_int]
     lib.cumulo_fp8_dequant.argtypes = [_F, _I, _I, _F, _F, _I, _I, _F, ctypes.c_int]
     lib.cumulo_mxfp4_dequant.argtypes = [_F, _I, _I, _F, _F, ctypes.c_int]
@@ -168,7 +170,7 @@ def bind_fp8(w: PackedWeight) -> BoundKernel | None:
     pc, pf, pe = _ptr(codes), _ptr(f32), _ptr(e8)
 
     def fused(px: int, m: int, py: int, threads: int) -> None:
-        lib.cumulo_fp8_linear(px, m, k, pc, n, pf, pe, bn, bk, py, threads)
+        lib.cumulo_fp8_linear(px, m, k, pc, n, pf, pe, bn, bk, py, threads, int(USE_AVX512))
 
     def dequant(pout: int, threads: int) -> None:
         lib.cumulo_fp8_dequant(pc, n, k, pf, pe, bn, bk, pout, threads)
