@@ -106,11 +106,10 @@ def measure(
         rows = max(bandwidth_mb * 2**20 // (4 * k), 64)  # the same matrix shape for both dtypes
         w = torch.randn(rows, k, device=device).to(dtype)
         skinny[name] = {}
+        linear = _engine_linear(device, dtype)
         for m in SKINNY_ROWS:
             xm = torch.randn(m, k, device=device).to(dtype)
-            t = _best_time(
-                lambda xm=xm, w=w: torch.nn.functional.linear(xm, w), sync, min_time / 2, repeats, clock
-            )
+            t = _best_time(lambda xm=xm, w=w, f=linear: f(xm, w), sync, min_time / 2, repeats, clock)
             skinny[name][m] = 2 * m * w.numel() / t / 1e12
         del w
     if formats:
@@ -131,6 +130,24 @@ def measure(
     return Calibration(
         device, torch.get_num_threads(), bandwidth, rates, skinny, latency * 1e6, _total_memory_gb(device)
     )
+
+
+def _engine_linear(device: str, dtype) -> Callable:
+    """The matmul the engine runs for dense weights of `dtype` here: the platform's decode kernel where it has
+    one (it declines shapes it does not take), else F.linear."""
+    import torch.nn.functional as F
+
+    from cumulo.platform import get_platform
+
+    kernel = get_platform(device).dense_linear(dtype)
+    if kernel is None:
+        return F.linear
+
+    def run(x, w):
+        y = kernel(x, w, None)
+        return F.linear(x, w) if y is None else y
+
+    return run
 
 
 def _format_curves(

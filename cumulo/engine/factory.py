@@ -66,6 +66,13 @@ def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
         from cumulo.formats.linear import use_dense_kernel
 
         use_dense_kernel(module, dense)  # decode-sized matmuls of the dense weights on the platform's kernel
+    norm = platform.rms_norm(dtype)
+    if norm is not None:
+        from cumulo.models.layers import RMSNorm
+
+        for sub in module.modules():
+            if isinstance(sub, RMSNorm):
+                sub.kernel = norm
     max_len = loaded.config.max_position_embeddings
     if config.max_model_len:
         if config.max_model_len > max_len:

@@ -8,6 +8,7 @@ and values live in the paged KV cache; `cumulo.engine.attention` does the cache 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.offset = offset
 
+    # A platform's one-call RMSNorm (Platform.rms_norm), set by the engine: (x, weight, eps, offset) -> y or None.
+    kernel: Callable[..., torch.Tensor | None] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            y = self.kernel(x, self.weight, self.eps, self.offset)
+            if y is not None:
+                return y
         # The fused kernel accumulates in fp32 for 16-bit inputs. Gemma's offset is folded in once, lazily.
         if self.offset:
             if getattr(self, "_folded", None) is None or self._folded[0] is not self.weight:

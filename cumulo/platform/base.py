@@ -13,6 +13,7 @@ import torch
 
 # A fused attention entry point a platform may offer; the engine falls back to its own when there is none.
 AttentionFn = Callable[..., torch.Tensor]
+NormFn = Callable[..., torch.Tensor | None]
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None]
 
 
@@ -72,6 +73,11 @@ class Platform:
     def dense_linear(self, dtype: torch.dtype) -> LinearFn | None:
         """A faster matmul for few rows of x (decode) with dense `dtype` weights, or None for F.linear.
         Signature: (x [M, K], weight [N, K], bias [N] or None) -> Tensor, or None to let F.linear answer."""
+        return None
+
+    def rms_norm(self, dtype: torch.dtype) -> NormFn | None:
+        """A one-call RMSNorm for `dtype` activations, or None for torch's. Signature:
+        (x [..., dim], weight [dim], eps, offset) -> Tensor, or None to let torch answer."""
         return None
 
     def pick_dtype(self, wanted: torch.dtype) -> torch.dtype:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cumulo.platform.base import AttentionFn, LinearFn, Platform
+from cumulo.platform.base import AttentionFn, LinearFn, NormFn, Platform
 
 # A cgroup v2 "memory.max" of "max", or a v1 limit this large, means "no limit".
 _NO_LIMIT = 1 << 60
@@ -45,6 +45,11 @@ class CpuPlatform(Platform):
         if dtype == torch.bfloat16 and gemv.available():
             return gemv.bf16_linear
         return None
+
+    def rms_norm(self, dtype: torch.dtype) -> NormFn | None:
+        from cumulo.platform.kernels import rms_norm
+
+        return rms_norm.rms_norm if dtype in rms_norm.DTYPES and rms_norm.available() else None
 
     def supports_dtype(self, dtype: torch.dtype) -> bool:
         flags = cpu_flags()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cumulo.formats.linear import DenseLinear, use_dense_kernel
+from cumulo.models.layers import RMSNorm
 from cumulo.platform.kernels import gemv
 
 pytestmark = pytest.mark.skipif(not gemv.available(), reason="no C++ compiler or no AVX2 here")
@@ -108,6 +109,8 @@ def test_engine_uses_the_kernel_for_bf16_only(tmp_path, write_tiny_llama):
         model = create_engine(str(path), EngineConfig(dtype=dtype, kv_cache_gib=0.01)).runner.model
         dense = [m for m in model.modules() if isinstance(m, DenseLinear)]
         assert bool(dense) == (dtype == "bfloat16")
+        norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+        assert norms and all(m.kernel is not None for m in norms)  # both dtypes: the one-call RMSNorm
     # One token through the whole model: the kernel's logits match torch's bf16 path.
     ids, pos = torch.tensor([5]), torch.tensor([0])
     with torch.inference_mode():

@@ -19,6 +19,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -91,3 +93,38 @@ def load(source: Path) -> ctypes.CDLL:
     """Build (once per process, under a lock) and load; RuntimeError or OSError when that is impossible."""
     with _lock:
         return ctypes.CDLL(str(build(source)))
+
+
+class KernelLibrary:
+    """One kernel source, built and loaded on first use; `get()` is None (after one warning) where it cannot
+    be: no compiler, CUMULO_DISABLE_CPU_KERNELS set, or a CPU without AVX2 when `needs_avx2`."""
+
+    def __init__(
+        self, source: Path, what: str, configure: Callable[[ctypes.CDLL], None], needs_avx2: bool = False
+    ) -> None:
+        self.source, self.what, self.configure, self.needs_avx2 = source, what, configure, needs_avx2
+        self._lib: ctypes.CDLL | None = None
+        self._tried = False
+        self._lock = threading.Lock()
+
+    def get(self) -> ctypes.CDLL | None:
+        if self._tried:
+            return self._lib
+        with self._lock:
+            if self._tried:
+                return self._lib
+            if not os.environ.get("CUMULO_DISABLE_CPU_KERNELS") and (not self.needs_avx2 or _has_avx2()):
+                try:
+                    lib = load(self.source)
+                    self.configure(lib)
+                    self._lib = lib
+                except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
+                    warnings.warn(f"{self.what} unavailable ({exc}); using torch", stacklevel=3)
+            self._tried = True
+        return self._lib
+
+
+def _has_avx2() -> bool:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")

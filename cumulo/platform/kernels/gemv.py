@@ -8,51 +8,28 @@ is compute-bound and uses the CPU's matrix units). `available()` says whether th
 from __future__ import annotations
 
 import ctypes
-import os
-import subprocess
-import threading
-import warnings
 from pathlib import Path
 
 import torch
 
-from cumulo.platform.kernels.build import load
+from cumulo.platform.kernels.build import KernelLibrary
 
 SOURCE = Path(__file__).with_name("gemv.cpp")
 # Above this many rows the matmul is compute-bound and torch's GEMM wins.
 MAX_ROWS = 8
 
-_lib: ctypes.CDLL | None = None
-_tried = False
-_lock = threading.Lock()
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
 
-def library() -> ctypes.CDLL | None:
-    """The built kernel, or None (with one warning) when it cannot be built or loaded here."""
-    global _lib, _tried
-    if _tried:
-        return _lib
-    with _lock:
-        if _tried:
-            return _lib
-        if not os.environ.get("CUMULO_DISABLE_CPU_KERNELS") and _x86_avx2():
-            try:
-                lib = load(SOURCE)
-                fn = lib.cumulo_bf16_linear
-                fn.argtypes = [_P, _I, _I, _I, _P, _I, _I, _P, _P, ctypes.c_int, ctypes.c_int]
-                fn.restype = None
-                lib.cumulo_bf16_linear_wide.restype = ctypes.c_int
-                _lib = lib
-            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                warnings.warn(f"CPU bf16 matmul kernel unavailable ({exc}); using torch", stacklevel=2)
-        _tried = True
-    return _lib
+def _configure(lib: ctypes.CDLL) -> None:
+    lib.cumulo_bf16_linear.argtypes = [_P, _I, _I, _I, _P, _I, _I, _P, _P, ctypes.c_int, ctypes.c_int]
+    lib.cumulo_bf16_linear.restype = None
+    lib.cumulo_bf16_linear_wide.restype = ctypes.c_int
 
 
-def _x86_avx2() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+_kernel = KernelLibrary(SOURCE, "CPU bf16 matmul kernel", _configure, needs_avx2=True)
+library = _kernel.get
 
 
 def available() -> bool:
@@ -70,7 +47,7 @@ def bf16_linear(
 ) -> torch.Tensor | None:
     """x [M, K] @ weight[N, K]^T (+ bias) in bf16 with fp32 accumulation; None when this kernel does not apply
     (not bf16, not CPU, more than MAX_ROWS rows, or no kernel here). `avx2_only` forces the fallback path."""
-    lib = _lib if _lib is not None else library()
+    lib = library()
     if (
         lib is None
         or x.dim() != 2
