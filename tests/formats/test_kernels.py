@@ -42,6 +42,26 @@ def test_fused_kernel_matches_reference_dequantize_then_matmul(fmt: str, rows: i
     _close(y, F.linear(x, p.dequantize()))
 
 
+@pytest.mark.parametrize(
+    "fmt,k",
+    [(f, k) for f in cpu.FP8_FORMATS + cpu.MXFP4_FORMATS for k in (320, 300, 576) if k % 32 == 0 or "fp4" not in f],
+)
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_bf16_activations_give_bf16_results_of_the_same_product(fmt: str, rows: int, k: int, fp8_path) -> None:
+    """bf16 x (the engine's default dtype here) runs without conversions in torch: the product of the bf16
+    values with the exact weights, accumulated in fp32 and rounded once to bf16."""
+    g = torch.Generator().manual_seed(rows * k)
+    w = torch.randn(96, k, generator=g) * torch.logspace(-2, 1, 96).unsqueeze(1)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    p = quantize(w, fmt)
+    kernel = find_kernel("cpu", fmt)(p)
+    y = kernel(x)
+    assert y is not None and y.dtype == torch.bfloat16
+    ref = F.linear(x.double(), p.dequantize().double())
+    spacing = torch.ldexp(torch.ones_like(ref), torch.frexp(ref.abs().clamp(min=1e-30))[1] - 8)
+    assert bool(((y.double() - ref).abs() <= spacing + 1e-5 * ref.abs().amax()).all())
+
+
 @pytest.mark.parametrize("k", [128, 45])
 def test_fp8_kernel_handles_subnormal_codes_and_both_signs(k: int, fp8_path: bool) -> None:
     codes = torch.arange(256, dtype=torch.uint8)

@@ -113,8 +113,8 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as exc:
         warnings.warn(f"fused CPU kernels unavailable ({exc}); using the reference path", stacklevel=2)
         return None
-    lib.cumulo_fp8_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, _I, _I, _F, ctypes.c_int, ctypes.c_int]
-    lib.cumulo_mxfp4_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, ctypes.c_int]
+    lib.cumulo_fp8_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, _I, _I, _F, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.cumulo_mxfp4_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, ctypes.c_int, ctypes.c_int]
     lib.cumulo_fp8_dequant.argtypes = [_F, _I, _I, _F, _F, _I, _I, _F, ctypes.c_int]
     lib.cumulo_mxfp4_dequant.argtypes = [_F, _I, _I, _F, _F, ctypes.c_int]
     lib.cumulo_lut_linear.argtypes = [_F, _I, _I, _F, _I, ctypes.c_int, _F, _F, _F, _F, ctypes.c_float, _I, _I,
@@ -147,15 +147,18 @@ def _fp8_scales(w: PackedWeight) -> tuple[torch.Tensor | None, torch.Tensor | No
 
 
 def _call(x: torch.Tensor, n: int, fused: Callable[..., None], dequant: Callable[..., None]) -> torch.Tensor:
-    """Decode (few rows): the fused kernel. Prefill (many rows): dequantize once, then torch's sgemm."""
+    """Decode (few rows): the fused kernel, taking and giving bf16 or fp32 as x is. Prefill (many rows):
+    dequantize once, then torch's sgemm."""
     threads = kernel_threads()
-    xc = x.to(torch.float32).contiguous()
-    if xc.shape[0] > FUSED_MAX_ROWS:
+    if x.shape[0] > FUSED_MAX_ROWS:
+        xc = x.to(torch.float32).contiguous()
         dense = torch.empty(n, xc.shape[1], dtype=torch.float32)
         dequant(dense.data_ptr(), threads)
         return F.linear(xc, dense)
-    y = torch.empty(xc.shape[0], n, dtype=torch.float32)
-    fused(xc.data_ptr(), xc.shape[0], y.data_ptr(), threads)
+    bf16 = x.dtype == torch.bfloat16
+    xc = x.contiguous() if bf16 else x.to(torch.float32).contiguous()
+    y = torch.empty(xc.shape[0], n, dtype=xc.dtype)
+    fused(xc.data_ptr(), xc.shape[0], y.data_ptr(), threads, bf16)
     return y
 
 
@@ -169,8 +172,8 @@ def bind_fp8(w: PackedWeight) -> BoundKernel | None:
     keep = (codes, f32, e8)  # the closures below hold these alive while they use their pointers
     pc, pf, pe = _ptr(codes), _ptr(f32), _ptr(e8)
 
-    def fused(px: int, m: int, py: int, threads: int) -> None:
-        lib.cumulo_fp8_linear(px, m, k, pc, n, pf, pe, bn, bk, py, threads, int(USE_AVX512))
+    def fused(px: int, m: int, py: int, threads: int, bf16: bool) -> None:
+        lib.cumulo_fp8_linear(px, m, k, pc, n, pf, pe, bn, bk, py, threads, int(USE_AVX512), bf16)
 
     def dequant(pout: int, threads: int) -> None:
         lib.cumulo_fp8_dequant(pc, n, k, pf, pe, bn, bk, pout, threads)
@@ -191,8 +194,8 @@ def bind_mxfp4(w: PackedWeight) -> BoundKernel | None:
     keep = (codes, scales)
     pc, ps = _ptr(codes), _ptr(scales)
 
-    def fused(px: int, m: int, py: int, threads: int) -> None:
-        lib.cumulo_mxfp4_linear(px, m, k, pc, n, ps, py, threads)
+    def fused(px: int, m: int, py: int, threads: int, bf16: bool) -> None:
+        lib.cumulo_mxfp4_linear(px, m, k, pc, n, ps, py, threads, bf16)
 
     def dequant(pout: int, threads: int) -> None:
         lib.cumulo_mxfp4_dequant(pc, n, k, ps, pout, threads)

@@ -13,7 +13,10 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
 #include <math.h>
+
+#include <vector>
 
 namespace {
 
@@ -201,6 +204,143 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void fp8_row_512(const floa
 
 bool has_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
 
+// FP8 with bf16 activations (AVX512-BF16 + VBMI): E4M3 is a subset of bf16, so codes are looked up as exact
+// bf16 values and multiplied with vdpbf16ps, 32 products per instruction. Per 64 codes: two vpermi2b lookups
+// (the low and the high byte of the bf16 of the code's magnitude, 128-entry tables in four registers), the sign
+// OR-ed into the high byte, and two byte unpacks that interleave them into 2 x 32 bf16. The unpacks work within
+// 128-bit lanes, so the weights come out in a fixed lane order; x is permuted into the same order once per
+// call (xperm), and a dot product does not care about order. Block scales: per block when the block spans whole
+// 64-code chunks (DeepSeek 128x128, per-channel), or per 128-bit lane (16 codes) for MX's 32-code blocks.
+struct E4M3Tables {
+    __m512i lo0, lo1, hi0, hi1;
+};
+
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) E4M3Tables make_e4m3_tables() {
+    alignas(64) uint8_t lo[128], hi[128];
+    for (int c = 0; c < 128; ++c) {
+        const float v = c == 0x7F ? 0.0f : e4m3_value((uint8_t)c);  // the NaN code never occurs in weights
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        lo[c] = (uint8_t)(u >> 16);
+        hi[c] = (uint8_t)(u >> 24);
+    }
+    return {_mm512_load_si512(lo), _mm512_load_si512(lo + 64), _mm512_load_si512(hi), _mm512_load_si512(hi + 64)};
+}
+
+// x (bf16 bits, K of them) -> the lane order the unpacks produce, zero-padded to whole 64-code chunks.
+void permute_x(const uint16_t* x, int64_t K, uint16_t* out) {
+    const int64_t chunks = (K + 63) / 64;
+    for (int64_t c = 0; c < chunks; ++c)
+        for (int l = 0; l < 4; ++l)
+            for (int j = 0; j < 8; ++j) {
+                const int64_t a = c * 64 + 16 * l + j, b = a + 8;
+                out[c * 64 + 8 * l + j] = a < K ? x[a] : 0;
+                out[c * 64 + 32 + 8 * l + j] = b < K ? x[b] : 0;
+            }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16"))) inline void decode_e4m3_64_bf16(
+    const uint8_t* p, __mmask64 m, const E4M3Tables& t, __m512i& w0, __m512i& w1) {
+    const __m512i c = _mm512_maskz_loadu_epi8(m, p);
+    const __m512i lo = _mm512_permutex2var_epi8(t.lo0, c, t.lo1);
+    const __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(t.hi0, c, t.hi1),
+                                       _mm512_and_si512(c, _mm512_set1_epi8((char)0x80)));
+    w0 = _mm512_unpacklo_epi8(lo, hi);
+    w1 = _mm512_unpackhi_epi8(lo, hi);
+}
+
+// One weight row against R rows of permuted bf16 x (row stride xs). lane_scales: MX-style blocks of 16 or 32.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16"))) void fp8_row_bf16(
+    const uint16_t* xp, int64_t xs, int64_t K, const uint8_t* row, const Scales& sc, int64_t rb, int64_t bk,
+    const E4M3Tables& t, float* out) {
+    __m512 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+    if (bk % 64 == 0 || bk >= K) {
+        for (int64_t k0 = 0, kb = 0; k0 < K; k0 += bk, ++kb) {
+            const int64_t k1 = k0 + bk < K ? k0 + bk : K;
+            __m512 b0[R], b1[R];
+            for (int i = 0; i < R; ++i) b0[i] = b1[i] = _mm512_setzero_ps();
+            for (int64_t k = k0; k < k1; k += 64) {
+                _mm_prefetch((const char*)(row + k) + kAhead, _MM_HINT_T0);
+                const __mmask64 m = k1 - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (k1 - k)) - 1);
+                __m512i w0, w1;
+                decode_e4m3_64_bf16(row + k, m, t, w0, w1);
+                for (int i = 0; i < R; ++i) {
+                    const uint16_t* xr = xp + i * xs + k;
+                    b0[i] = _mm512_dpbf16_ps(b0[i], (__m512bh)w0, (__m512bh)_mm512_loadu_si512(xr));
+                    b1[i] = _mm512_dpbf16_ps(b1[i], (__m512bh)w1, (__m512bh)_mm512_loadu_si512(xr + 32));
+                }
+            }
+            const __m512 s = _mm512_set1_ps(sc.at(rb, kb));
+            for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_add_ps(b0[i], b1[i]), s, acc[i]);
+        }
+    } else {  // bk is 16 or 32: a scale per 128-bit lane, fp32 lane j of a product belongs to code lane j / 4
+        const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        for (int64_t k = 0; k < K; k += 64) {
+            _mm_prefetch((const char*)(row + k) + kAhead, _MM_HINT_T0);
+            const __mmask64 m = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+            __m512i w0, w1;
+            decode_e4m3_64_bf16(row + k, m, t, w0, w1);
+            __m512 s;
+            if (bk == 32) {  // two blocks per chunk: fp32 lanes 0-7 and 8-15
+                const int64_t kb = k / 32;
+                s = _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(sc.at(rb, kb)),
+                                         _mm512_set1_ps(k + 32 < K ? sc.at(rb, kb + 1) : 0.0f));
+            } else {
+                alignas(16) float ls[4];
+                for (int l = 0; l < 4; ++l) ls[l] = k + 16 * l < K ? sc.at(rb, (k + 16 * l) / bk) : 0.0f;
+                s = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_load_ps(ls)));
+            }
+            for (int i = 0; i < R; ++i) {
+                const uint16_t* xr = xp + i * xs + k;
+                __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w0, (__m512bh)_mm512_loadu_si512(xr));
+                p = _mm512_dpbf16_ps(p, (__m512bh)w1, (__m512bh)_mm512_loadu_si512(xr + 32));
+                acc[i] = _mm512_fmadd_ps(p, s, acc[i]);
+            }
+        }
+    }
+    for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+bool has_avx512_bf16_vbmi() {
+    return has_avx512() && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bf16");
+}
+
+inline uint16_t round_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// bf16 x [M, K] -> bf16 y [M, N] through fp8_row_bf16. False if the block shape is not one it handles.
+bool fp8_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N, const Scales& sc,
+                     int64_t bn, int64_t bk, uint16_t* y, int nthreads) {
+    if (!(bk % 64 == 0 || bk >= K || ((bk == 16 || bk == 32) && K % bk == 0))) return false;
+    static const E4M3Tables tables = make_e4m3_tables();
+    const int64_t xs = (K + 63) / 64 * 64;
+    std::vector<uint16_t> xp(M * xs);
+    for (int64_t m = 0; m < M; ++m) permute_x(x + m * K, K, xp.data() + m * xs);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        float out[MB];
+        const uint8_t* row = codes + n * K;
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int64_t mb = M - m0 < MB ? M - m0 : MB;
+            const uint16_t* xm = xp.data() + m0 * xs;
+            switch (mb) {
+                case 1: fp8_row_bf16<1>(xm, xs, K, row, sc, n / bn, bk, tables, out); break;
+                case 2: fp8_row_bf16<2>(xm, xs, K, row, sc, n / bn, bk, tables, out); break;
+                case 3: fp8_row_bf16<3>(xm, xs, K, row, sc, n / bn, bk, tables, out); break;
+                default: fp8_row_bf16<4>(xm, xs, K, row, sc, n / bn, bk, tables, out); break;
+            }
+            for (int64_t i = 0; i < mb; ++i) y[(m0 + i) * N + n] = round_bf16(out[i]);
+        }
+    }
+    return true;
+}
+
 // Same shape for packed E2M1 with one E8M0 scale per 32 codes; four accumulators per row, one per 8 codes.
 template <int R>
 void mxfp4_row(const float* x, int64_t K, const uint8_t* row, const uint8_t* scales, float* out) {
@@ -314,6 +454,37 @@ void lut_linear(const float* x, int64_t M, int64_t K, const uint8_t* codes, int6
     }
 }
 
+// bf16 activations in and out (the engine's default dtype on CPUs with native bf16): x is widened to fp32 once
+// per call and the fp32 results are rounded once to bf16 (nearest even), so the caller needs no conversions.
+struct Bf16Io {
+    std::vector<float> x32, y32;
+    const float* x(const void* xin, int64_t n, bool bf16) {
+        if (!bf16) return (const float*)xin;
+        x32.resize(n);
+        const uint16_t* h = (const uint16_t*)xin;
+        for (int64_t i = 0; i < n; ++i) {
+            const uint32_t u = (uint32_t)h[i] << 16;
+            memcpy(&x32[i], &u, 4);
+        }
+        return x32.data();
+    }
+    float* y(void* yout, int64_t n, bool bf16) {
+        if (!bf16) return (float*)yout;
+        y32.resize(n);
+        return y32.data();
+    }
+    void finish(void* yout, int64_t n, bool bf16) {
+        if (!bf16) return;
+        uint16_t* h = (uint16_t*)yout;
+        for (int64_t i = 0; i < n; ++i) {
+            uint32_t u;
+            memcpy(&u, &y32[i], 4);
+            h[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)((u >> 16) | 0x40)
+                                                     : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+        }
+    }
+};
+
 }  // namespace
 
 extern "C" {
@@ -333,9 +504,9 @@ void cumulo_lut_linear(const float* x, int64_t M, int64_t K, const uint8_t* code
 
 // x [M, K] fp32; codes [N, K] E4M3; scales [ceil(N / bn), ceil(K / bk)] fp32 (scales_f32) or E8M0 bytes
 // (scales_e8m0; pass the other as null); y [M, N] fp32. wide_ok = 0 keeps the AVX2 path (tests use it).
-void cumulo_fp8_linear(const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
-                       const float* scales_f32, const uint8_t* scales_e8m0, int64_t bn, int64_t bk,
-                       float* y, int nthreads, int wide_ok) {
+static void fp8_linear_f32(const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
+                    const float* scales_f32, const uint8_t* scales_e8m0, int64_t bn, int64_t bk, float* y,
+                           int nthreads, int wide_ok) {
     const Scales sc{scales_f32, scales_e8m0, (K + bk - 1) / bk};
     if (wide_ok && has_avx512()) {
         const bool by64 = bk % 64 == 0, by32 = bk % 32 == 0;
@@ -391,8 +562,8 @@ void cumulo_fp8_linear(const float* x, int64_t M, int64_t K, const uint8_t* code
 }
 
 // x [M, K] fp32 with K % 32 == 0; codes [N, K / 2] packed E2M1; scales [N, K / 32] E8M0; y [M, N] fp32.
-void cumulo_mxfp4_linear(const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
-                         const uint8_t* scales, float* y, int nthreads) {
+static void mxfp4_linear_f32(const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
+                             const uint8_t* scales, float* y, int nthreads) {
     const int64_t nb = K / 32;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
     for (int64_t n = 0; n < N; ++n) {
@@ -411,6 +582,30 @@ void cumulo_mxfp4_linear(const float* x, int64_t M, int64_t K, const uint8_t* co
             for (int64_t i = 0; i < mb; ++i) y[(m0 + i) * N + n] = out[i];
         }
     }
+}
+
+// The entry points: x and y are fp32, or bf16 when bf16 = 1 (see Bf16Io).
+void cumulo_fp8_linear(const void* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
+                       const float* scales_f32, const uint8_t* scales_e8m0, int64_t bn, int64_t bk, void* y,
+                       int nthreads, int wide_ok, int bf16) {
+    if (bf16 && wide_ok && has_avx512_bf16_vbmi()) {
+        const Scales sc{scales_f32, scales_e8m0, (K + bk - 1) / bk};
+        if (fp8_linear_bf16((const uint16_t*)x, M, K, codes, N, sc, bn, bk, (uint16_t*)y, nthreads)) return;
+    }
+    Bf16Io io;
+    const float* xf = io.x(x, M * K, bf16);
+    float* yf = io.y(y, M * N, bf16);
+    fp8_linear_f32(xf, M, K, codes, N, scales_f32, scales_e8m0, bn, bk, yf, nthreads, wide_ok);
+    io.finish(y, M * N, bf16);
+}
+
+void cumulo_mxfp4_linear(const void* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
+                         const uint8_t* scales, void* y, int nthreads, int bf16) {
+    Bf16Io io;
+    const float* xf = io.x(x, M * K, bf16);
+    float* yf = io.y(y, M * N, bf16);
+    mxfp4_linear_f32(xf, M, K, codes, N, scales, yf, nthreads);
+    io.finish(y, M * N, bf16);
 }
 
 // Dequantize E4M3 codes [N, K] with block scales into fp32 [N, K] (the prefill path: then one sgemm).
