@@ -159,19 +159,25 @@ def _prefill(
 
 def paged_attention(
     q: torch.Tensor,  # [T, heads, dim], rotary applied
-    k: torch.Tensor,  # [T, kv_heads, dim]
-    v: torch.Tensor,
+    k: torch.Tensor | None,  # [T, kv_heads, dim]; None when the caller already wrote k and v to the cache
+    v: torch.Tensor | None,
     ctx: AttentionContext,
     layer: int,
     scale: float,
     window: int | None = None,
 ) -> torch.Tensor:
     if ctx.kv_cache is None:
+        assert k is not None and v is not None
         return _prefill(q, k.transpose(0, 1), v.transpose(0, 1), scale, window)
-    _write_cache(k, v, ctx, layer)
-    out = torch.empty_like(q)
+    if k is not None and v is not None:
+        _write_cache(k, v, ctx, layer)
     nd = ctx.num_decode
     cache = ctx.kv_cache
+    if nd == q.shape[0] and ctx.decode_kernel is not None:  # all decodes: the kernel's output is the answer
+        return ctx.decode_kernel(
+            q, cache.k[layer], cache.v[layer], ctx.decode_block_tables, ctx.decode_context_lens, scale, window
+        )
+    out = torch.empty_like(q)
     if nd and ctx.decode_kernel is not None:
         out[:nd] = ctx.decode_kernel(
             q[:nd],

@@ -66,13 +66,15 @@ def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
         from cumulo.formats.linear import use_dense_kernel
 
         use_dense_kernel(module, dense)  # decode-sized matmuls of the dense weights on the platform's kernel
-    norm = platform.rms_norm(dtype)
-    if norm is not None:
-        from cumulo.models.layers import RMSNorm
+    # The platform's one-call kernels for the small operators around the matmuls (None: torch's).
+    from cumulo.models.layers import Attention, RMSNorm
 
-        for sub in module.modules():
-            if isinstance(sub, RMSNorm):
-                sub.kernel = norm
+    norm, rope = platform.rms_norm(dtype), platform.rope_and_cache(dtype)
+    for sub in module.modules():
+        if isinstance(sub, RMSNorm) and norm is not None:
+            sub.kernel = norm
+        elif isinstance(sub, Attention) and rope is not None:
+            sub.rope_cache = rope
     max_len = loaded.config.max_position_embeddings
     if config.max_model_len:
         if config.max_model_len > max_len:

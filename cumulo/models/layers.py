@@ -174,9 +174,21 @@ class Attention(nn.Module):
         self.scale = scale if scale is not None else head_dim**-0.5
         self.sliding_window = sliding_window
 
+    # A platform's one-call rotary + KV-cache write (Platform.rope_and_cache), set by the engine.
+    rope_cache: Callable[..., torch.Tensor | None] | None = None
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)
+        if self.rope_cache is not None and ctx.kv_cache is not None and self.q_norm is None:
+            cache = ctx.kv_cache
+            q = self.rope_cache(
+                qkv, positions, self.rotary.cos, self.rotary.sin, cache.k[self.layer_idx],
+                cache.v[self.layer_idx], ctx.slot_mapping, self.num_heads, self.num_kv_heads,
+            )  # fmt: skip
+            if q is not None:  # k and v are in the cache now
+                out = paged_attention(q, None, None, ctx, self.layer_idx, self.scale, self.sliding_window)
+                return self.o_proj(out.reshape(T, self.q_size))
         v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k, _ = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)

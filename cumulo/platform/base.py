@@ -14,6 +14,7 @@ import torch
 # A fused attention entry point a platform may offer; the engine falls back to its own when there is none.
 AttentionFn = Callable[..., torch.Tensor]
 NormFn = Callable[..., torch.Tensor | None]
+RopeCacheFn = Callable[..., torch.Tensor | None]
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None]
 
 
@@ -78,6 +79,11 @@ class Platform:
     def rms_norm(self, dtype: torch.dtype) -> NormFn | None:
         """A one-call RMSNorm for `dtype` activations, or None for torch's. Signature:
         (x [..., dim], weight [dim], eps, offset) -> Tensor, or None to let torch answer."""
+        return None
+
+    def rope_and_cache(self, dtype: torch.dtype) -> RopeCacheFn | None:
+        """A one-call rotary embedding + KV-cache write for `dtype`, or None for the torch path. Signature:
+        (qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, heads, kv_heads) -> rotated q, or None."""
         return None
 
     def pick_dtype(self, wanted: torch.dtype) -> torch.dtype:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cumulo.platform.base import AttentionFn, LinearFn, NormFn, Platform
+from cumulo.platform.base import AttentionFn, LinearFn, NormFn, Platform, RopeCacheFn
 
 # A cgroup v2 "memory.max" of "max", or a v1 limit this large, means "no limit".
 _NO_LIMIT = 1 << 60
@@ -50,6 +50,11 @@ class CpuPlatform(Platform):
         from cumulo.platform.kernels import rms_norm
 
         return rms_norm.rms_norm if dtype in rms_norm.DTYPES and rms_norm.available() else None
+
+    def rope_and_cache(self, dtype: torch.dtype) -> RopeCacheFn | None:
+        from cumulo.platform.kernels import rope_cache
+
+        return rope_cache.rope_and_cache if dtype in rope_cache.DTYPES and rope_cache.available() else None
 
     def supports_dtype(self, dtype: torch.dtype) -> bool:
         flags = cpu_flags()

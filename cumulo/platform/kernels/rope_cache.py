@@ -1,0 +1,81 @@
+"""Rotary embedding plus KV-cache write in one call on the CPU: the ctypes binding of rope_cache.cpp.
+
+`rope_and_cache(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, heads, kv_heads)` rotates the q
+heads into a new [T, heads, dim] tensor and writes the rotated k heads and the v heads of every token to its
+cache slot; it returns None (nothing written) when it does not take the input, so the caller's torch path runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from cumulo.platform.kernels.build import KernelLibrary
+
+SOURCE = Path(__file__).with_name("rope_cache.cpp")
+DTYPES = (torch.float32, torch.bfloat16)
+_ERRORS = {1: "a position is outside the rotary table", 2: "a slot is outside the KV cache"}
+
+
+def _configure(lib: ctypes.CDLL) -> None:
+    P, I = ctypes.c_void_p, ctypes.c_int64  # noqa: E741, N806
+    lib.cumulo_rope_cache.argtypes = [P, I, I, I, I, I, P, P, P, I, P, P, I, I, P, P, ctypes.c_int]
+    lib.cumulo_rope_cache.restype = ctypes.c_int
+
+
+_kernel = KernelLibrary(SOURCE, "CPU rotary + KV-cache kernel", _configure)
+library = _kernel.get
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def rope_and_cache(
+    qkv: torch.Tensor,  # [T, (heads + 2 * kv_heads) * dim], rows contiguous
+    positions: torch.Tensor,  # [T] int64
+    cos: torch.Tensor,  # [max_positions, dim / 2] fp32
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, dim], the model's dtype
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64
+    heads: int,
+    kv_heads: int,
+) -> torch.Tensor | None:
+    lib = library()
+    dtype = qkv.dtype
+    if (
+        lib is None
+        or dtype not in DTYPES
+        or k_cache.dtype != dtype
+        or v_cache.dtype != dtype
+        or qkv.device.type != "cpu"
+        or qkv.dim() != 2
+        or qkv.stride(1) != 1
+        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+        or k_cache.shape != v_cache.shape
+        or positions.dtype != torch.int64
+        or slot_mapping.dtype != torch.int64
+        or not (positions.is_contiguous() and slot_mapping.is_contiguous())
+        or cos.dtype != torch.float32
+        or not (cos.is_contiguous() and sin.is_contiguous())
+    ):
+        return None
+    n, width = qkv.shape
+    dim = k_cache.shape[-1]
+    if width != (heads + 2 * kv_heads) * dim or k_cache.shape[0] != kv_heads or cos.shape[1] * 2 != dim:
+        return None
+    if positions.shape != (n,) or slot_mapping.shape != (n,):
+        return None
+    q = torch.empty((n, heads, dim), dtype=dtype)
+    slots = k_cache.shape[1] * k_cache.shape[2]
+    code = lib.cumulo_rope_cache(
+        qkv.data_ptr(), n, qkv.stride(0), heads, kv_heads, dim, positions.data_ptr(), cos.data_ptr(),
+        sin.data_ptr(), cos.shape[0], k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), slots,
+        slot_mapping.data_ptr(), q.data_ptr(), dtype == torch.bfloat16,
+    )  # fmt: skip
+    if code:
+        raise ValueError(_ERRORS.get(code, f"kernel error {code}"))
+    return q
