@@ -249,6 +249,16 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16"))) inline void de
     w1 = _mm512_unpackhi_epi8(lo, hi);
 }
 
+__attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16"))) inline void decode_e4m3_64_bf16_full(
+    const uint8_t* p, const E4M3Tables& t, __m512i& w0, __m512i& w1) {
+    const __m512i c = _mm512_loadu_si512(p);
+    const __m512i lo = _mm512_permutex2var_epi8(t.lo0, c, t.lo1);
+    const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t.hi0, c, t.hi1), c,
+                                                 _mm512_set1_epi8((char)0x80), 0xF8);  // a | (b & c)
+    w0 = _mm512_unpacklo_epi8(lo, hi);
+    w1 = _mm512_unpackhi_epi8(lo, hi);
+}
+
 // One weight row against R rows of permuted bf16 x (row stride xs). lane_scales: MX-style blocks of 16 or 32.
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16"))) void fp8_row_bf16(
@@ -265,7 +275,8 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16"))) void fp8_row_b
                 _mm_prefetch((const char*)(row + k) + kAhead, _MM_HINT_T0);
                 const __mmask64 m = k1 - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (k1 - k)) - 1);
                 __m512i w0, w1;
-                decode_e4m3_64_bf16(row + k, m, t, w0, w1);
+                if (k1 - k >= 64) decode_e4m3_64_bf16_full(row + k, t, w0, w1);
+                else decode_e4m3_64_bf16(row + k, m, t, w0, w1);
                 for (int i = 0; i < R; ++i) {
                     const uint16_t* xr = xp + i * xs + k;
                     b0[i] = _mm512_dpbf16_ps(b0[i], (__m512bh)w0, (__m512bh)_mm512_loadu_si512(xr));
