@@ -33,18 +33,20 @@ from bench.common import REPO_DIR, RESULTS_DIR, log, model_path, thread_env  # n
 from bench.formats_report import PLOT_PATH, plot, print_report, targets  # noqa: E402
 from bench.formats_worker import RESULT_MARKER  # noqa: E402
 
-# (label, cumulo format or None, engine dtype): fp32 and bf16 serve the GGUF directly, the others a conversion.
+# (label, cumulo format or None, engine dtype): fp32 and bf16 serve the GGUF directly, the others a conversion,
+# served in the activation dtype --compact-dtype names (COMPACT).
+COMPACT = "compact"
 FORMATS = [
     ("fp32", None, "float32"),
     ("bf16", None, "bfloat16"),
-    ("ue8m0-fp8", "ue8m0-fp8", "float32"),
-    ("fp8 (per-channel)", "fp8", "float32"),
-    ("mxfp8", "mxfp8", "float32"),
-    ("mxfp6", "mxfp6", "float32"),
-    ("mxfp4", "mxfp4", "float32"),
-    ("mxint8", "mxint8", "float32"),
-    ("nvfp4", "nvfp4", "float32"),
-    ("hif8", "hif8", "float32"),
+    ("ue8m0-fp8", "ue8m0-fp8", COMPACT),
+    ("fp8 (per-channel)", "fp8", COMPACT),
+    ("mxfp8", "mxfp8", COMPACT),
+    ("mxfp6", "mxfp6", COMPACT),
+    ("mxfp4", "mxfp4", COMPACT),
+    ("mxint8", "mxint8", COMPACT),
+    ("nvfp4", "nvfp4", COMPACT),
+    ("hif8", "hif8", COMPACT),
 ]
 DENSE_BITS = {"float32": 32, "bfloat16": 16}
 WORKER_TIMEOUT_S = 900
@@ -80,6 +82,8 @@ def worker_args(args: argparse.Namespace) -> list[str]:
 
 
 def measure_format(label: str, fmt: str | None, dtype: str, gguf: Path, args: argparse.Namespace) -> dict:
+    if dtype == COMPACT:
+        dtype = args.compact_dtype
     row: dict = {"label": label, "format": fmt or dtype, "dtype": dtype}
     ppl = ["--ppl-tokens", str(args.ppl_tokens), "--context", str(args.context), "--stride", str(args.stride)]
     with tempfile.TemporaryDirectory(prefix=f"cumulo-{label.split()[0]}-") as tmp:
@@ -173,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-budget-s", type=float, default=60.0,
                         help="formats predicted to decode slower than this get fewer tokens")  # fmt: skip
     parser.add_argument("--no-llama", action="store_true", help="skip the llama.cpp anchor")
+    parser.add_argument("--compact-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="activation dtype the compact formats are served in (default bfloat16, the engine's "
+                             "default on CPUs with native bf16; float32 for the exact-fp32 kernels)")  # fmt: skip
     parser.add_argument("--plot", type=Path, help=f"plot path (default {PLOT_PATH}; quick: bench/results/)")
     args = parser.parse_args(argv)
     args.ppl_tokens = args.ppl_tokens or (512 if args.quick else 2048)

@@ -114,7 +114,7 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"fused CPU kernels unavailable ({exc}); using the reference path", stacklevel=2)
         return None
     lib.cumulo_fp8_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, _I, _I, _F, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    lib.cumulo_mxfp4_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, ctypes.c_int, ctypes.c_int]
+    lib.cumulo_mxfp4_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.cumulo_fp8_dequant.argtypes = [_F, _I, _I, _F, _F, _I, _I, _F, ctypes.c_int]
     lib.cumulo_mxfp4_dequant.argtypes = [_F, _I, _I, _F, _F, ctypes.c_int]
     lib.cumulo_lut_linear.argtypes = [_F, _I, _I, _F, _I, ctypes.c_int, _F, _F, _F, _F, ctypes.c_float, _I, _I,
@@ -195,7 +195,7 @@ def bind_mxfp4(w: PackedWeight) -> BoundKernel | None:
     pc, ps = _ptr(codes), _ptr(scales)
 
     def fused(px: int, m: int, py: int, threads: int, bf16: bool) -> None:
-        lib.cumulo_mxfp4_linear(px, m, k, pc, n, ps, py, threads, bf16)
+        lib.cumulo_mxfp4_linear(px, m, k, pc, n, ps, py, threads, bf16, int(USE_AVX512))
 
     def dequant(pout: int, threads: int) -> None:
         lib.cumulo_mxfp4_dequant(pc, n, k, ps, pout, threads)

@@ -158,7 +158,7 @@ void fp8_row(const float* x, int64_t K, const uint8_t* row, const Scales& sc, in
 // steps line up); vcvtph2ps widens 16 of them at once. Products are summed per scale block and the block's
 // scale (times 2^8) is applied once per block, not per weight. Rows a thread reads are contiguous, so the
 // next rows are prefetched across row ends; code tails shorter than 16 use masked loads (zeros add nothing).
-constexpr int kAhead = 4096;  // bytes of codes prefetched ahead of the loads
+constexpr int kAhead = 16384;  // bytes of codes prefetched ahead of the loads (into L2)
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 decode_e4m3_16_512(const uint8_t* p,
                                                                                      __mmask16 m) {
@@ -179,7 +179,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void fp8_row_512(const floa
             for (int c = 0; c < C; ++c) blk[i][c] = _mm512_setzero_ps();
         int64_t k = k0;
         for (; k + 16 * C <= k1; k += 16 * C) {
-            _mm_prefetch((const char*)(row + k) + kAhead, _MM_HINT_T0);
+            _mm_prefetch((const char*)(row + k) + kAhead, _MM_HINT_T1);
             for (int c = 0; c < C; ++c) {
                 const __m512 w = decode_e4m3_16_512(row + k + 16 * c, 0xFFFF);
                 for (int i = 0; i < R; ++i)
@@ -272,7 +272,7 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16"))) void fp8_row_b
             __m512 b0[R], b1[R];
             for (int i = 0; i < R; ++i) b0[i] = b1[i] = _mm512_setzero_ps();
             for (int64_t k = k0; k < k1; k += 64) {
-                _mm_prefetch((const char*)(row + k) + kAhead, _MM_HINT_T0);
+                _mm_prefetch((const char*)(row + k) + kAhead, _MM_HINT_T1);
                 const __mmask64 m = k1 - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (k1 - k)) - 1);
                 __m512i w0, w1;
                 if (k1 - k >= 64) decode_e4m3_64_bf16_full(row + k, t, w0, w1);
@@ -289,7 +289,7 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16"))) void fp8_row_b
     } else {  // bk is 16 or 32: a scale per 128-bit lane, fp32 lane j of a product belongs to code lane j / 4
         const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
         for (int64_t k = 0; k < K; k += 64) {
-            _mm_prefetch((const char*)(row + k) + kAhead, _MM_HINT_T0);
+            _mm_prefetch((const char*)(row + k) + kAhead, _MM_HINT_T1);
             const __mmask64 m = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
             __m512i w0, w1;
             decode_e4m3_64_bf16(row + k, m, t, w0, w1);
@@ -323,6 +323,99 @@ inline uint16_t round_bf16(float f) {
     memcpy(&u, &f, 4);
     if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// MXFP4 with bf16 activations: E2M1 values are exact bf16, looked up per nibble with vpshufb (a 16-entry table
+// of the bf16's low bytes and one of its high bytes, sign in the nibble's top bit). 64 code bytes hold 128
+// elements, the even ones in low nibbles; each 128-bit lane holds exactly one 32-element MX block, so the
+// E8M0 scales go on per lane. x is permuted once per call into the order the unpacks produce: per 64-byte
+// chunk, even elements of each lane's first and second 8 bytes, then the odd ones.
+void permute_x_fp4(const uint16_t* x, int64_t K, uint16_t* out) {
+    for (int64_t c = 0; c < K / 128 + (K % 128 != 0); ++c)
+        for (int part = 0; part < 4; ++part)  // even/first, even/second, odd/first, odd/second half-lanes
+            for (int l = 0; l < 4; ++l)
+                for (int i = 0; i < 8; ++i) {
+                    const int64_t byte = c * 64 + 16 * l + (part & 1) * 8 + i;
+                    const int64_t e = 2 * byte + (part >> 1);
+                    out[c * 128 + part * 32 + 8 * l + i] = e < K ? x[e] : 0;
+                }
+}
+
+// The low and high bytes of the bf16 of each E2M1 code, repeated in each 128-bit lane (for vpshufb).
+struct E2M1Bf16Bytes {
+    alignas(64) uint8_t lo[64];
+    alignas(64) uint8_t hi[64];
+    E2M1Bf16Bytes() {
+        for (int c = 0; c < 64; ++c) {
+            const float v = kE2M1[c & 15];
+            uint32_t u;
+            memcpy(&u, &v, 4);
+            lo[c] = (uint8_t)(u >> 16);
+            hi[c] = (uint8_t)(u >> 24);
+        }
+    }
+};
+const E2M1Bf16Bytes kE2M1Bf16;
+
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void mxfp4_row_bf16(const uint16_t* xp, int64_t xs,
+                                                                           int64_t K, const uint8_t* row,
+                                                                           const uint8_t* scales, float* out) {
+    const __m512i TL = _mm512_load_si512(kE2M1Bf16.lo), TH = _mm512_load_si512(kE2M1Bf16.hi);
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+    const int64_t bytes = K / 2;
+    for (int64_t b = 0; b < bytes; b += 64) {
+        _mm_prefetch((const char*)(row + b) + kAhead, _MM_HINT_T1);
+        const int64_t left = bytes - b;
+        const __mmask64 m = left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
+        const __m512i c = _mm512_maskz_loadu_epi8(m, row + b);
+        const __m512i ne = _mm512_and_si512(c, low), no = _mm512_and_si512(_mm512_srli_epi16(c, 4), low);
+        const __m512i le = _mm512_shuffle_epi8(TL, ne), he = _mm512_shuffle_epi8(TH, ne);
+        const __m512i lo = _mm512_shuffle_epi8(TL, no), ho = _mm512_shuffle_epi8(TH, no);
+        const __m512i w[4] = {_mm512_unpacklo_epi8(le, he), _mm512_unpackhi_epi8(le, he),
+                              _mm512_unpacklo_epi8(lo, ho), _mm512_unpackhi_epi8(lo, ho)};
+        // four E8M0 scales (blocks b/16 .. b/16 + 3) -> fp32 by placing the code in the exponent field
+        uint32_t four = 0;  // the chunk's four scale bytes (fewer in a tail chunk; missing ones stay 0)
+        memcpy(&four, scales + b / 16, left >= 64 ? 4 : (size_t)((left + 15) / 16));
+        const __m128i e = _mm_slli_epi32(_mm_cvtepu8_epi32(_mm_cvtsi32_si128((int)four)), 23);
+        const __m512 s = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_castsi128_ps(e)));
+        for (int i = 0; i < R; ++i) {
+            const uint16_t* xr = xp + i * xs + 2 * b;
+            __m512 p = _mm512_setzero_ps();
+            for (int q = 0; q < 4; ++q)
+                p = _mm512_dpbf16_ps(p, (__m512bh)w[q], (__m512bh)_mm512_loadu_si512(xr + 32 * q));
+            acc[i] = _mm512_fmadd_ps(p, s, acc[i]);
+        }
+    }
+    for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+// bf16 x [M, K] (K % 32 == 0) -> bf16 y [M, N] through mxfp4_row_bf16.
+void mxfp4_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
+                       const uint8_t* scales, uint16_t* y, int nthreads) {
+    const int64_t xs = (K + 127) / 128 * 128;
+    std::vector<uint16_t> xp(M * xs);
+    for (int64_t m = 0; m < M; ++m) permute_x_fp4(x + m * K, K, xp.data() + m * xs);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        float out[MB];
+        const uint8_t* row = codes + n * (K / 2);
+        const uint8_t* sc = scales + n * (K / 32);
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int64_t mb = M - m0 < MB ? M - m0 : MB;
+            const uint16_t* xm = xp.data() + m0 * xs;
+            switch (mb) {
+                case 1: mxfp4_row_bf16<1>(xm, xs, K, row, sc, out); break;
+                case 2: mxfp4_row_bf16<2>(xm, xs, K, row, sc, out); break;
+                case 3: mxfp4_row_bf16<3>(xm, xs, K, row, sc, out); break;
+                default: mxfp4_row_bf16<4>(xm, xs, K, row, sc, out); break;
+            }
+            for (int64_t i = 0; i < mb; ++i) y[(m0 + i) * N + n] = round_bf16(out[i]);
+        }
+    }
 }
 
 // bf16 x [M, K] -> bf16 y [M, N] through fp8_row_bf16. False if the block shape is not one it handles.
@@ -611,7 +704,11 @@ void cumulo_fp8_linear(const void* x, int64_t M, int64_t K, const uint8_t* codes
 }
 
 void cumulo_mxfp4_linear(const void* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
-                         const uint8_t* scales, void* y, int nthreads, int bf16) {
+                         const uint8_t* scales, void* y, int nthreads, int bf16, int wide_ok) {
+    if (bf16 && wide_ok && has_avx512_bf16_vbmi()) {
+        mxfp4_linear_bf16((const uint16_t*)x, M, K, codes, N, scales, (uint16_t*)y, nthreads);
+        return;
+    }
     Bf16Io io;
     const float* xf = io.x(x, M * K, bf16);
     float* yf = io.y(y, M * N, bf16);
