@@ -126,6 +126,13 @@ class DenseLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
+    def fp32_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x W^T + b accumulated and returned in fp32 (no 16-bit rounding of the outputs), or None when the
+        kernel does not take x. Output heads use it: see `cumulo.models.layers.lm_logits`."""
+        if not getattr(self.kernel, "fp32_out", False):  # the kernel has no fp32 outputs
+            return None
+        return self.kernel(x, self.weight, self.bias, out_dtype=torch.float32)  # type: ignore[call-arg]
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel=platform"
 

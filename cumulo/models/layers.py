@@ -27,7 +27,13 @@ def lm_logits(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     or swap the top two tokens of a confident model (SmolLM2 answering "What is the capital of France?" in bf16
     picked "L'" over "The" this way). So the few leading candidates of each row are recomputed exactly in fp32;
     the rest of the distribution keeps its 16-bit values, which only sampling from the tail can notice.
+    A head whose kernel accumulates and returns fp32 (`DenseLinear.fp32_logits`) needs none of this.
     """
+    fp32_logits = getattr(lm_head, "fp32_logits", None)  # a platform kernel that never rounds to 16 bits
+    if fp32_logits is not None and hidden.dim() == 2:
+        exact = fp32_logits(hidden)
+        if exact is not None:
+            return exact
     logits = lm_head(hidden).float()
     weight = getattr(lm_head, "weight", None)
     if (

@@ -62,6 +62,34 @@ def test_both_paths_agree_with_torch_on_special_values():
         assert y[0, 1] == float("inf")
 
 
+@pytest.mark.parametrize("avx2_only", PATHS)
+def test_fp32_outputs_are_the_unrounded_sums(avx2_only):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 300, generator=gen).bfloat16()
+    w = torch.randn(50, 300, generator=gen).bfloat16()
+    y = gemv.bf16_linear(x, w, out_dtype=torch.float32, avx2_only=avx2_only)
+    ref = F.linear(x.double(), w.double())
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)  # fp32 accumulation, no bf16 step
+    assert torch.equal(gemv.bf16_linear(x, w, avx2_only=avx2_only), y.bfloat16())  # rounding is the only change
+
+
+def test_output_head_logits_come_from_the_fp32_kernel():
+    from cumulo.models.layers import lm_logits
+
+    torch.manual_seed(3)
+    head = nn.Linear(64, 500, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(3, 64).bfloat16()
+    refined = lm_logits(head, hidden)  # torch: 16-bit logits with the leaders recomputed in fp32
+    fast = lm_logits(DenseLinear(head, gemv.bf16_linear), hidden)
+    assert fast.dtype == torch.float32
+    assert torch.equal(fast.argmax(-1), refined.argmax(-1))
+    # the leaders the refine recomputed in fp32 agree exactly; the rest differ by the refine's bf16 rounding only
+    top = head(hidden).float().topk(8).indices  # the candidates the refine recomputed
+    torch.testing.assert_close(fast.gather(1, top), refined.gather(1, top), rtol=1e-5, atol=1e-4)
+    assert bool(((fast - refined).abs() <= fast.abs() * 2.0**-8 + 1e-6).all())
+
+
 def test_declines_what_it_does_not_take():
     w = torch.randn(8, 32).bfloat16()
     assert gemv.bf16_linear(torch.randn(gemv.MAX_ROWS + 1, 32).bfloat16(), w) is None  # prefill: torch

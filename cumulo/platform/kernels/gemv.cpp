@@ -106,10 +106,11 @@ int cumulo_bf16_linear_wide(void) {
     return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") ? 1 : 0;
 }
 
-// x bf16 [M, K] with row stride xs; w bf16 [N, K] with row stride ws; bias bf16 [N] or null; y bf16 [M, N].
+// x bf16 [M, K] with row stride xs; w bf16 [N, K] with row stride ws; bias bf16 [N] or null; y [M, N] bf16, or
+// fp32 with y_fp32 = 1 (an output head's logits, unrounded).
 // path: -1 the best this CPU has, 0 AVX2 (tests use it to cover the fallback on AVX-512 machines).
 void cumulo_bf16_linear(const uint16_t* x, int64_t M, int64_t K, int64_t xs, const uint16_t* w, int64_t N,
-                        int64_t ws, const uint16_t* bias, uint16_t* y, int nthreads, int path) {
+                        int64_t ws, const uint16_t* bias, void* y, int nthreads, int path, int y_fp32) {
     const bool wide = path != 0 && cumulo_bf16_linear_wide() != 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
@@ -125,7 +126,10 @@ void cumulo_bf16_linear(const uint16_t* x, int64_t M, int64_t K, int64_t xs, con
                 case 3: row<3>(wide, xm, xs, K, wr, out); break;
                 default: row<4>(wide, xm, xs, K, wr, out); break;
             }
-            for (int64_t i = 0; i < mb; ++i) y[(m0 + i) * N + n] = to_bf16(out[i] + b);
+            for (int64_t i = 0; i < mb; ++i) {
+                if (y_fp32) ((float*)y)[(m0 + i) * N + n] = out[i] + b;
+                else ((uint16_t*)y)[(m0 + i) * N + n] = to_bf16(out[i] + b);
+            }
         }
     }
 }

@@ -23,7 +23,7 @@ _I = ctypes.c_int64
 
 
 def _configure(lib: ctypes.CDLL) -> None:
-    lib.cumulo_bf16_linear.argtypes = [_P, _I, _I, _I, _P, _I, _I, _P, _P, ctypes.c_int, ctypes.c_int]
+    lib.cumulo_bf16_linear.argtypes = [_P, _I, _I, _I, _P, _I, _I, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.cumulo_bf16_linear.restype = None
     lib.cumulo_bf16_linear_wide.restype = ctypes.c_int
 
@@ -43,10 +43,16 @@ def uses_avx512_bf16() -> bool:
 
 
 def bf16_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, avx2_only: bool = False
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+    avx2_only: bool = False,
 ) -> torch.Tensor | None:
     """x [M, K] @ weight[N, K]^T (+ bias) in bf16 with fp32 accumulation; None when this kernel does not apply
-    (not bf16, not CPU, more than MAX_ROWS rows, or no kernel here). `avx2_only` forces the fallback path."""
+    (not bf16, not CPU, more than MAX_ROWS rows, or no kernel here). `out_dtype=torch.float32` returns the fp32
+    sums unrounded (logits); `avx2_only` forces the fallback path."""
     lib = library()
     if (
         lib is None
@@ -68,9 +74,13 @@ def bf16_linear(
         return None
     if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
         bias = bias.to(torch.bfloat16).contiguous()
-    y = torch.empty((m, n), dtype=torch.bfloat16)
+    fp32_out = out_dtype == torch.float32
+    y = torch.empty((m, n), dtype=torch.float32 if fp32_out else torch.bfloat16)
     lib.cumulo_bf16_linear(
         x.data_ptr(), m, k, x.stride(0), weight.data_ptr(), n, weight.stride(0),
-        None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(), 0 if avx2_only else -1,
+        None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(), 0 if avx2_only else -1, fp32_out,
     )  # fmt: skip
     return y
+
+
+bf16_linear.fp32_out = True  # type: ignore[attr-defined]  # DenseLinear.fp32_logits may ask for fp32 outputs
