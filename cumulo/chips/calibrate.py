@@ -18,6 +18,7 @@ from pathlib import Path
 from cumulo.chips.catalog import SKINNY_ROWS, local_chip_path
 
 MATMUL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+SKINNY_K = 1024  # the decode-shape matrices: K x K, a mid-size layer (SmolLM2: 576, Llama 3.1 8B: 4096)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,23 +96,29 @@ def measure(
         except RuntimeError:  # dtype without a matmul kernel on this device
             continue
         rates[name] = 2 * matmul_n**3 / t / 1e12
-    # Decode multiplies a few rows by big weights: measure that shape, where CPUs fall far below both
-    # their streaming bandwidth and their square-matmul peak.
-    k = 2048
+    # Decode multiplies a few rows by every weight matrix of a model in turn: measure that, as a stack of
+    # separate K x K matrices streamed one after another (so per-call costs and cold starts count, as they
+    # do in a model), where CPUs fall far below both their streaming bandwidth and their square-matmul peak.
+    k = SKINNY_K
     skinny: dict[str, dict[int, float]] = {}
     for name in ("fp32", "bf16"):
         if name not in rates:
             continue
         dtype = getattr(torch, MATMUL_DTYPES[name])
-        rows = max(bandwidth_mb * 2**20 // (4 * k), 64)  # the same matrix shape for both dtypes
-        w = torch.randn(rows, k, device=device).to(dtype)
+        count = max(bandwidth_mb * 2**20 // (4 * k * k), 4)  # the same matrices for both dtypes
+        ws = [torch.randn(k, k, device=device).to(dtype) for _ in range(count)]
         skinny[name] = {}
         linear = _engine_linear(device, dtype)
         for m in SKINNY_ROWS:
             xm = torch.randn(m, k, device=device).to(dtype)
-            t = _best_time(lambda xm=xm, w=w, f=linear: f(xm, w), sync, min_time / 2, repeats, clock)
-            skinny[name][m] = 2 * m * w.numel() / t / 1e12
-        del w
+
+            def stack(xm=xm, ws=ws, f=linear) -> None:
+                for w in ws:
+                    f(xm, w)
+
+            t = _best_time(stack, sync, min_time / 2, repeats, clock)
+            skinny[name][m] = 2 * m * k * k * count / t / 1e12
+        del ws
     if formats:
         act = "bf16" if rates.get("bf16", 0.0) >= rates.get("fp32", 0.0) > 0 else "fp32"
         skinny.update(_format_curves(formats, act, device, sync, min_time, repeats, clock))

@@ -40,12 +40,14 @@ FIGURE_KEYS = (
     "die_area_mm2",
     "op_latency_us",
     # measured only (calibration): achieved TFLOP/s of a linear with M rows over big weights, the decode shape
-    *(f"{dtype}_m{m}_tflops" for dtype in ("fp32", "bf16") for m in (1, 4, 16, 64)),
+    *(f"{dtype}_m{m}_tflops" for dtype in ("fp32", "bf16") for m in (1, 4, 8, 16, 64, 256, 512)),
 )
-SKINNY_ROWS = (1, 4, 16, 64)
+# Rows of the measured linears: decode batches up to a prefill step (the engine's default budget is 512
+# tokens); 8 is where the CPU's decode kernels hand over to torch's GEMM.
+SKINNY_ROWS = (1, 4, 8, 16, 64, 256, 512)
 # Measured only: the same curve for Cumulo's packed linear in a compact format ("mxfp4_m16_tflops"), which
 # includes whatever dequantization or fused kernel the formats layer uses on this machine.
-FORMAT_CURVE_KEY = re.compile(r"^[a-z0-9-]+_m(1|4|16|64)_tflops$")
+FORMAT_CURVE_KEY = re.compile(r"^[a-z0-9-]+_m(" + "|".join(str(m) for m in SKINNY_ROWS) + r")_tflops$")
 KINDS = ("gpu", "npu", "rack", "cpu", "sensor")
 LOCAL_ID = "local"
 

@@ -34,6 +34,10 @@ class Assumptions:
     dequant_ops_per_weight: float = 4.0  # unpack, scale, convert: ALU ops per weight when emulating
     ops_per_layer: int = 14  # kernels/ops launched per decoder layer (for per-op overhead)
     step_overhead_s: float = 0.0  # serving software per step (scheduling, sampling); 0 = not modelled
+    seq_overhead_s: float = 0.0  # serving software per sequence in a decode step (sampling, bookkeeping)
+    prefill_seq_overhead_s: float = 0.0  # serving software per prompt in a prefill (per-sequence attention calls)
+    prefill_token_overhead_s: float = 0.0  # ... and per prompt token (masks, per-sequence attention glue)
+    max_step_tokens: int = 0  # an engine's token budget per step: prefills split into steps (0 = one pass)
     activation_passes: int = 10  # activation reads+writes per layer per token (norms, residuals, glue)
     usd_per_kwh: float = 0.10
     pue: float = 1.3  # data-centre overhead on chip power
@@ -238,19 +242,27 @@ def predict(
             return shape.num_layers * 2 * (2 * (n - 1) / n * size / link + a.collective_latency_s)
         return (n - 1) * (size / link + a.collective_latency_s)  # pp: one activation hop per stage boundary
 
-    # Prefill: every prompt in one pass; causal attention touches context/2 cached tokens on average.
+    # Prefill: every prompt in one pass, or in steps of an engine's token budget (each its own step, paying the
+    # step overhead); causal attention touches context/2 cached tokens on average.
     tokens_p = batch * context
-    pre = step(tokens_p, 0, batch * context * context / 2, tokens_p, batch)
-    t_pre = pre.seconds + comm(tokens_p) + a.step_overhead_s
+    n_pre = math.ceil(tokens_p / a.max_step_tokens) if a.max_step_tokens else 1
+    per = math.ceil(tokens_p / n_pre)
+    pre = step(per, 0, batch * context * context / 2 / n_pre, per, math.ceil(batch / n_pre))
+    t_pre = (
+        n_pre * (pre.seconds + a.step_overhead_s)
+        + comm(tokens_p)
+        + batch * a.prefill_seq_overhead_s
+        + tokens_p * a.prefill_token_overhead_s
+    )
     # Decode: one token per sequence, reading every sequence's KV.
     if parallel == "pp" and n > 1:
         # n microbatches in flight: a token of every sequence needs each stage to run n microbatches.
         micro = math.ceil(batch / n)
         dec = step(micro, micro * context, micro * context, micro, micro)
-        t_work, t_comm = n * (dec.seconds + a.step_overhead_s), comm(micro)
+        t_work, t_comm = n * (dec.seconds + a.step_overhead_s + micro * a.seq_overhead_s), comm(micro)
     else:
         dec = step(batch, batch * context, batch * context, batch, batch)
-        t_work, t_comm = dec.seconds + a.step_overhead_s, comm(batch)
+        t_work, t_comm = dec.seconds + a.step_overhead_s + batch * a.seq_overhead_s, comm(batch)
     t_dec = t_work + t_comm
     bound = "interconnect" if t_comm > t_work else dec.bound
 
