@@ -44,7 +44,12 @@ def test_fused_kernel_matches_reference_dequantize_then_matmul(fmt: str, rows: i
 
 @pytest.mark.parametrize(
     "fmt,k",
-    [(f, k) for f in cpu.FP8_FORMATS + cpu.MXFP4_FORMATS for k in (320, 300, 576) if k % 32 == 0 or "fp4" not in f],
+    [
+        (f, k)
+        for f in cpu.FP8_FORMATS + cpu.MXFP4_FORMATS + cpu.LUT_FORMATS
+        for k in (320, 300, 576)
+        if k % 32 == 0 or "fp4" not in f
+    ],
 )
 @pytest.mark.parametrize("rows", [1, 2, 5])
 def test_bf16_activations_give_bf16_results_of_the_same_product(fmt: str, rows: int, k: int, fp8_path) -> None:

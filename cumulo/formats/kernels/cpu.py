@@ -118,7 +118,7 @@ def library() -> ctypes.CDLL | None:
     lib.cumulo_fp8_dequant.argtypes = [_F, _I, _I, _F, _F, _I, _I, _F, ctypes.c_int]
     lib.cumulo_mxfp4_dequant.argtypes = [_F, _I, _I, _F, _F, ctypes.c_int]
     lib.cumulo_lut_linear.argtypes = [_F, _I, _I, _F, _I, ctypes.c_int, _F, _F, _F, _F, ctypes.c_float, _I, _I,
-                                      _F, ctypes.c_int]  # fmt: skip
+                                      _F, ctypes.c_int, ctypes.c_int, ctypes.c_int]  # fmt: skip
     for fn in (
         lib.cumulo_fp8_linear,
         lib.cumulo_mxfp4_linear,
@@ -245,10 +245,12 @@ def bind_lut(w: PackedWeight) -> BoundKernel | None:
     def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
         if x.device.type != "cpu" or x.shape[0] > FUSED_MAX_ROWS:
             return None
-        xc = x.to(torch.float32).contiguous()
-        y = torch.empty(xc.shape[0], n, dtype=torch.float32)
+        bf16 = x.dtype == torch.bfloat16
+        xc = x.contiguous() if bf16 else x.to(torch.float32).contiguous()
+        y = torch.empty(xc.shape[0], n, dtype=xc.dtype)
         lib.cumulo_lut_linear(xc.data_ptr(), xc.shape[0], k, ptrs[0], n, mode, ptrs[1], ptrs[2], ptrs[3],
-                              ptrs[4], scale_mul, bn, bk, y.data_ptr(), kernel_threads())  # fmt: skip
+                              ptrs[4], scale_mul, bn, bk, y.data_ptr(), kernel_threads(), bf16,
+                              int(USE_AVX512))  # fmt: skip
         return y
 
     return run

@@ -558,6 +558,51 @@ void lut_linear(const float* x, int64_t M, int64_t K, const uint8_t* codes, int6
     }
 }
 
+// MX INT8 on AVX-512: 16 codes widened to fp32 per step (value = code x 2^-6, folded into the block scale),
+// products summed per block and the block's scale applied once; masked loads for tails.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void int8_row_512(const float* x, int64_t K,
+                                                                        const uint8_t* row, const LutScales& sc,
+                                                                        int64_t rb, int64_t bk, float* out) {
+    __m512 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k0 = 0, kb = 0; k0 < K; k0 += bk, ++kb) {
+        const int64_t k1 = k0 + bk < K ? k0 + bk : K;
+        __m512 blk[R];
+        for (int i = 0; i < R; ++i) blk[i] = _mm512_setzero_ps();
+        for (int64_t k = k0; k < k1; k += 16) {
+            _mm_prefetch((const char*)(row + k) + kAhead, _MM_HINT_T1);
+            const __mmask16 m = k1 - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k1 - k)) - 1u);
+            const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, row + k)));
+            for (int i = 0; i < R; ++i)
+                blk[i] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + i * K + k), blk[i]);
+        }
+        const __m512 s = _mm512_set1_ps(sc.at(rb, kb) * 0x1p-6f);
+        for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(blk[i], s, acc[i]);
+    }
+    for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+void int8_linear_512(const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N, const LutScales& sc,
+                     int64_t bn, int64_t bk, float* y, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        float out[MB];
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int64_t mb = M - m0 < MB ? M - m0 : MB;
+            const float* xm = x + m0 * K;
+            const uint8_t* row = codes + n * K;
+            switch (mb) {
+                case 1: int8_row_512<1>(xm, K, row, sc, n / bn, bk, out); break;
+                case 2: int8_row_512<2>(xm, K, row, sc, n / bn, bk, out); break;
+                case 3: int8_row_512<3>(xm, K, row, sc, n / bn, bk, out); break;
+                default: int8_row_512<4>(xm, K, row, sc, n / bn, bk, out); break;
+            }
+            for (int64_t i = 0; i < mb; ++i) y[(m0 + i) * N + n] = out[i];
+        }
+    }
+}
+
 // bf16 activations in and out (the engine's default dtype on CPUs with native bf16): x is widened to fp32 once
 // per call and the fp32 results are rounded once to bf16 (nearest even), so the caller needs no conversions.
 struct Bf16Io {
@@ -597,13 +642,20 @@ extern "C" {
 // element 0 low (bits = 4);
 // lut: 256 floats (value of each code); scales: fp32 [ceil(N / bn), ceil(K / bk)], or byte codes of that shape
 // with scale_lut (256 floats) and scale_mul; y [M, N] fp32.
-void cumulo_lut_linear(const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N, int bits,
+// x and y fp32, or bf16 with bf16 = 1 (see Bf16Io); wide_ok = 0 keeps MX INT8 on its AVX2 path (tests).
+void cumulo_lut_linear(const void* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N, int bits,
                        const float* lut, const float* scales_f32, const uint8_t* scale_codes,
-                       const float* scale_lut, float scale_mul, int64_t bn, int64_t bk, float* y, int nthreads) {
+                       const float* scale_lut, float scale_mul, int64_t bn, int64_t bk, void* y, int nthreads,
+                       int bf16, int wide_ok) {
     const LutScales sc{scales_f32, scale_codes, scale_lut, scale_mul, (K + bk - 1) / bk};
-    if (bits == 0) lut_linear<0>(x, M, K, codes, N, lut, sc, bn, bk, y, nthreads);
-    else if (bits == 8) lut_linear<8>(x, M, K, codes, N, lut, sc, bn, bk, y, nthreads);
-    else lut_linear<4>(x, M, K, codes, N, lut, sc, bn, bk, y, nthreads);
+    Bf16Io io;
+    const float* xf = io.x(x, M * K, bf16);
+    float* yf = io.y(y, M * N, bf16);
+    if (bits == 0 && wide_ok && has_avx512()) int8_linear_512(xf, M, K, codes, N, sc, bn, bk, yf, nthreads);
+    else if (bits == 0) lut_linear<0>(xf, M, K, codes, N, lut, sc, bn, bk, yf, nthreads);
+    else if (bits == 8) lut_linear<8>(xf, M, K, codes, N, lut, sc, bn, bk, yf, nthreads);
+    else lut_linear<4>(xf, M, K, codes, N, lut, sc, bn, bk, yf, nthreads);
+    io.finish(y, M * N, bf16);
 }
 
 // x [M, K] fp32; codes [N, K] E4M3; scales [ceil(N / bn), ceil(K / bk)] fp32 (scales_f32) or E8M0 bytes
