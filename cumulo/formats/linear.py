@@ -89,7 +89,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Lean on purpose: a decode step calls this a few hundred times, so microseconds add up.
-        kernel = self._bound[x.device.type] if x.device.type in self._bound else self._kernel(x.device.type)
+        device = "cpu" if x.is_cpu else x.device.type
+        kernel = self._bound[device] if device in self._bound else self._kernel(device)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         y = kernel(x2) if kernel is not None else None
         if y is None:

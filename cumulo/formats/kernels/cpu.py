@@ -149,7 +149,7 @@ def _fp8_scales(w: PackedWeight) -> tuple[torch.Tensor | None, torch.Tensor | No
 def _call(x: torch.Tensor, n: int, fused: Callable[..., None], dequant: Callable[..., None]) -> torch.Tensor:
     """Decode (few rows): the fused kernel, taking and giving bf16 or fp32 as x is. Prefill (many rows):
     dequantize once, then torch's sgemm."""
-    threads = kernel_threads()
+    threads = _threads or torch.get_num_threads()
     if x.shape[0] > FUSED_MAX_ROWS:
         xc = x.to(torch.float32).contiguous()
         dense = torch.empty(n, xc.shape[1], dtype=torch.float32)
@@ -157,7 +157,7 @@ def _call(x: torch.Tensor, n: int, fused: Callable[..., None], dequant: Callable
         return F.linear(xc, dense)
     bf16 = x.dtype == torch.bfloat16
     xc = x.contiguous() if bf16 else x.to(torch.float32).contiguous()
-    y = torch.empty(xc.shape[0], n, dtype=xc.dtype)
+    y = torch.empty((xc.shape[0], n), dtype=xc.dtype)
     fused(xc.data_ptr(), xc.shape[0], y.data_ptr(), threads, bf16)
     return y
 
@@ -179,7 +179,7 @@ def bind_fp8(w: PackedWeight) -> BoundKernel | None:
         lib.cumulo_fp8_dequant(pc, n, k, pf, pe, bn, bk, pout, threads)
 
     def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
-        return _call(x, n, fused, dequant) if x.device.type == "cpu" else None
+        return _call(x, n, fused, dequant) if x.is_cpu else None
 
     return run
 
@@ -201,7 +201,7 @@ def bind_mxfp4(w: PackedWeight) -> BoundKernel | None:
         lib.cumulo_mxfp4_dequant(pc, n, k, ps, pout, threads)
 
     def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
-        return _call(x, n, fused, dequant) if x.device.type == "cpu" else None
+        return _call(x, n, fused, dequant) if x.is_cpu else None
 
     return run
 
