@@ -100,7 +100,7 @@ def test_mxfp4_kernel_declines_k_not_divisible_by_32() -> None:
 def test_registry_answers_by_device_and_format() -> None:
     assert ("cpu", "ue8m0-fp8") in registered()
     assert find_kernel("cuda", "ue8m0-fp8") is None
-    assert find_kernel("cpu", "mxfp6") is None
+    assert find_kernel("cpu", "bf16") is None  # plain 16-bit weights: no packed kernel
 
     @register_kernel("test-device", "mxfp6")
     def fake(w: PackedWeight) -> BoundKernel:

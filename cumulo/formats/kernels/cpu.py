@@ -218,7 +218,7 @@ def bind_lut(w: PackedWeight) -> BoundKernel | None:
     if (
         lib is None
         or elem is None
-        or elem.bits not in (4, 8)
+        or elem.bits not in (4, 6, 8)
         or w.device.type != "cpu"
         or (bk != k and bk % 16)
     ):
@@ -262,6 +262,8 @@ for _name in FP8_FORMATS:
     register_kernel("cpu", _name)(bind_fp8)
 for _name in MXFP4_FORMATS:
     register_kernel("cpu", _name)(bind_mxfp4)
-LUT_FORMATS = ("hif8", "hif8-tensor", "mxint8", "mxint8-rceil", "nvfp4")
+LUT_FORMATS = (
+    "hif8", "hif8-tensor", "mxint8", "mxint8-rceil", "nvfp4", "mxfp6", "mxfp6-rceil", "mxfp6-e3m2", "mxfp6-e3m2-rceil",
+)  # fmt: skip
 for _name in LUT_FORMATS:
     register_kernel("cpu", _name)(bind_lut)

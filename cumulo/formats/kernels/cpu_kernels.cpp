@@ -465,7 +465,7 @@ void mxfp4_row(const float* x, int64_t K, const uint8_t* row, const uint8_t* sca
         out[i] = hsum(_mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]), _mm256_add_ps(acc[i][2], acc[i][3])));
 }
 
-// Generic kernel for any 8-bit or 4-bit element type, decoded through a table of its 256 (or 16) values:
+// Generic kernel for any 8-, 6- or 4-bit element type, decoded through a table of its 256 (64, 16) values:
 // HiF8, NVFP4 and others without a hand-written decoder. 8-bit codes use an AVX2 gather; 4-bit codes use two
 // 8-entry vpermps lookups and a blend on the code's top bit. MX INT8 (BITS = 0 below) needs no table: its value
 // is the two's complement integer times 2^-6, and the 2^-6 goes into the scale. Scales come as fp32 per block, or as byte
@@ -482,6 +482,19 @@ struct LutScales {
     }
 };
 
+// Code k of a packed row: bytes (8-bit, MX INT8), nibbles (4-bit, element 0 low), or 6-bit fields of 24-bit
+// little-endian words (four codes per three bytes; see cumulo.formats.packing).
+template <int BITS>
+inline uint8_t code_at(const uint8_t* row, int64_t k) {
+    if (BITS == 4) return k & 1 ? row[k / 2] >> 4 : row[k / 2] & 0xF;
+    if (BITS == 6) {
+        const uint8_t* q = row + k / 4 * 3;
+        const uint32_t w = q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16;
+        return (uint8_t)((w >> (6 * (k % 4))) & 63);
+    }
+    return row[k];
+}
+
 template <int BITS>
 inline void decode_lut_16(const uint8_t* row, int64_t k, const float* lut, __m256 lut_lo, __m256 lut_hi,
                           __m256& w0, __m256& w1) {
@@ -489,6 +502,15 @@ inline void decode_lut_16(const uint8_t* row, int64_t k, const float* lut, __m25
         const __m128i b = _mm_loadu_si128((const __m128i*)(row + k));
         w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
         w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+    } else if (BITS == 6) {  // four codes per 24-bit little-endian word; k is a multiple of 16 here
+        alignas(32) float v[16];
+        const uint8_t* q = row + k / 4 * 3;
+        for (int g = 0; g < 4; ++g) {
+            const uint32_t w = q[3 * g] | (uint32_t)q[3 * g + 1] << 8 | (uint32_t)q[3 * g + 2] << 16;
+            for (int j = 0; j < 4; ++j) v[4 * g + j] = lut[(w >> (6 * j)) & 63];
+        }
+        w0 = _mm256_load_ps(v);
+        w1 = _mm256_load_ps(v + 8);
     } else if (BITS == 8) {
         const __m128i b = _mm_loadu_si128((const __m128i*)(row + k));
         w0 = _mm256_i32gather_ps(lut, _mm256_cvtepu8_epi32(b), 4);
@@ -528,7 +550,7 @@ void lut_row(const float* x, int64_t K, const uint8_t* row, const float* lut, co
             }
         }
         for (; k < k1; ++k) {
-            const uint8_t c = BITS != 4 ? row[k] : (k & 1 ? row[k / 2] >> 4 : row[k / 2] & 0xF);
+            const uint8_t c = code_at<BITS>(row, k);
             const float w = lut[c] * s;
             for (int i = 0; i < R; ++i) tail[i] += w * x[i * K + k];
         }
@@ -539,7 +561,7 @@ void lut_row(const float* x, int64_t K, const uint8_t* row, const float* lut, co
 template <int BITS>
 void lut_linear(const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N, const float* lut,
                 const LutScales& sc, int64_t bn, int64_t bk, float* y, int nthreads) {
-    const int64_t row_bytes = BITS != 4 ? K : (K + 1) / 2;
+    const int64_t row_bytes = BITS == 4 ? (K + 1) / 2 : BITS == 6 ? 3 * ((K + 3) / 4) : K;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
     for (int64_t n = 0; n < N; ++n) {
         float out[MB];
@@ -654,6 +676,7 @@ void cumulo_lut_linear(const void* x, int64_t M, int64_t K, const uint8_t* codes
     if (bits == 0 && wide_ok && has_avx512()) int8_linear_512(xf, M, K, codes, N, sc, bn, bk, yf, nthreads);
     else if (bits == 0) lut_linear<0>(xf, M, K, codes, N, lut, sc, bn, bk, yf, nthreads);
     else if (bits == 8) lut_linear<8>(xf, M, K, codes, N, lut, sc, bn, bk, yf, nthreads);
+    else if (bits == 6) lut_linear<6>(xf, M, K, codes, N, lut, sc, bn, bk, yf, nthreads);
     else lut_linear<4>(xf, M, K, codes, N, lut, sc, bn, bk, yf, nthreads);
     io.finish(y, M * N, bf16);
 }
