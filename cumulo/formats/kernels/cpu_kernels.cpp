@@ -681,63 +681,62 @@ void cumulo_lut_linear(const void* x, int64_t M, int64_t K, const uint8_t* codes
     io.finish(y, M * N, bf16);
 }
 
+// The FP8 row kernels of both instruction sets behind one driver: rows of W split across threads, x taken MB
+// rows at a time, the accumulator count C chosen by how the scale block divides into steps.
+extern "C++" {
+struct Fp8Avx512 {
+    template <int R, int C>
+    static void row(const float* x, int64_t K, const uint8_t* w, const Scales& sc, int64_t rb, int64_t bk,
+                    float* out) {
+        fp8_row_512<R, C>(x, K, w, sc, rb, bk, out);
+    }
+};
+struct Fp8Avx2 {
+    template <int R, int C>
+    static void row(const float* x, int64_t K, const uint8_t* w, const Scales& sc, int64_t rb, int64_t bk,
+                    float* out) {
+        fp8_row<R, C>(x, K, w, sc, rb, bk, out);
+    }
+};
+
+template <class Path>
+void fp8_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N, const Scales& sc,
+              int64_t bn, int64_t bk, float* y, int nthreads) {
+    const bool by64 = bk % 64 == 0, by32 = bk % 32 == 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        float out[MB];
+        const uint8_t* row = codes + n * K;
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int64_t mb = M - m0 < MB ? M - m0 : MB;
+            const float* xm = x + m0 * K;
+            switch (mb) {
+                case 1:
+                    if (by64) Path::template row<1, 4>(xm, K, row, sc, n / bn, bk, out);
+                    else if (by32) Path::template row<1, 2>(xm, K, row, sc, n / bn, bk, out);
+                    else Path::template row<1, 1>(xm, K, row, sc, n / bn, bk, out);
+                    break;
+                case 2:
+                    if (by32) Path::template row<2, 2>(xm, K, row, sc, n / bn, bk, out);
+                    else Path::template row<2, 1>(xm, K, row, sc, n / bn, bk, out);
+                    break;
+                case 3: Path::template row<3, 1>(xm, K, row, sc, n / bn, bk, out); break;
+                default: Path::template row<4, 1>(xm, K, row, sc, n / bn, bk, out); break;
+            }
+            for (int64_t i = 0; i < mb; ++i) y[(m0 + i) * N + n] = out[i];
+        }
+    }
+}
+}  // extern "C++"
+
 // x [M, K] fp32; codes [N, K] E4M3; scales [ceil(N / bn), ceil(K / bk)] fp32 (scales_f32) or E8M0 bytes
 // (scales_e8m0; pass the other as null); y [M, N] fp32. wide_ok = 0 keeps the AVX2 path (tests use it).
 static void fp8_linear_f32(const float* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
                     const float* scales_f32, const uint8_t* scales_e8m0, int64_t bn, int64_t bk, float* y,
                            int nthreads, int wide_ok) {
     const Scales sc{scales_f32, scales_e8m0, (K + bk - 1) / bk};
-    if (wide_ok && has_avx512()) {
-        const bool by64 = bk % 64 == 0, by32 = bk % 32 == 0;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t n = 0; n < N; ++n) {
-            float out[MB];
-            const uint8_t* row = codes + n * K;
-            for (int64_t m0 = 0; m0 < M; m0 += MB) {
-                const int64_t mb = M - m0 < MB ? M - m0 : MB;
-                const float* xm = x + m0 * K;
-                switch (mb) {
-                    case 1:
-                        if (by64) fp8_row_512<1, 4>(xm, K, row, sc, n / bn, bk, out);
-                        else if (by32) fp8_row_512<1, 2>(xm, K, row, sc, n / bn, bk, out);
-                        else fp8_row_512<1, 1>(xm, K, row, sc, n / bn, bk, out);
-                        break;
-                    case 2:
-                        if (by32) fp8_row_512<2, 2>(xm, K, row, sc, n / bn, bk, out);
-                        else fp8_row_512<2, 1>(xm, K, row, sc, n / bn, bk, out);
-                        break;
-                    case 3: fp8_row_512<3, 1>(xm, K, row, sc, n / bn, bk, out); break;
-                    default: fp8_row_512<4, 1>(xm, K, row, sc, n / bn, bk, out); break;
-                }
-                for (int64_t i = 0; i < mb; ++i) y[(m0 + i) * N + n] = out[i];
-            }
-        }
-        return;
-    }
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
-    for (int64_t n = 0; n < N; ++n) {
-        float out[MB];
-        for (int64_t m0 = 0; m0 < M; m0 += MB) {
-            const int64_t mb = M - m0 < MB ? M - m0 : MB;
-            const float* xm = x + m0 * K;
-            const uint8_t* row = codes + n * K;
-            const bool by64 = bk % 64 == 0, by32 = bk % 32 == 0;
-            switch (mb) {
-                case 1:
-                    if (by64) fp8_row<1, 4>(xm, K, row, sc, n / bn, bk, out);
-                    else if (by32) fp8_row<1, 2>(xm, K, row, sc, n / bn, bk, out);
-                    else fp8_row<1, 1>(xm, K, row, sc, n / bn, bk, out);
-                    break;
-                case 2:
-                    if (by32) fp8_row<2, 2>(xm, K, row, sc, n / bn, bk, out);
-                    else fp8_row<2, 1>(xm, K, row, sc, n / bn, bk, out);
-                    break;
-                case 3: fp8_row<3, 1>(xm, K, row, sc, n / bn, bk, out); break;
-                default: fp8_row<4, 1>(xm, K, row, sc, n / bn, bk, out); break;
-            }
-            for (int64_t i = 0; i < mb; ++i) y[(m0 + i) * N + n] = out[i];
-        }
-    }
+    if (wide_ok && has_avx512()) fp8_rows<Fp8Avx512>(x, M, K, codes, N, sc, bn, bk, y, nthreads);
+    else fp8_rows<Fp8Avx2>(x, M, K, codes, N, sc, bn, bk, y, nthreads);
 }
 
 // x [M, K] fp32 with K % 32 == 0; codes [N, K / 2] packed E2M1; scales [N, K / 32] E8M0; y [M, N] fp32.

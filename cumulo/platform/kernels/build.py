@@ -62,7 +62,9 @@ def cache_dir() -> Path:
 def build(source: Path, flags: list[str] | None = None) -> Path:
     """The cached shared library for `source` (compiled now if missing); RuntimeError if it cannot be built."""
     flags = compile_flags() if flags is None else flags
-    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    # The headers beside the source are part of it (kernels include them by relative path).
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_dir() / f"cumulo_{source.stem}_{digest}.so"
     if target.exists():
         return target

@@ -13,18 +13,15 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 namespace {
 
 constexpr int kRows = 4;  // rows of x per pass over a weight row (accumulators stay in registers)
 constexpr int kAhead = 32768;  // bytes of weights prefetched ahead of the loads (into L2: _MM_HINT_T1)
 
-inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+using cumulo_bf16::from_float;
+using cumulo_bf16::to_float;
 
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void row_avx512(const uint16_t* x, int64_t xs,
@@ -59,13 +56,6 @@ inline __m256 widen8(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 
-inline float bf16_value(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -87,7 +77,7 @@ void row_avx2(const uint16_t* x, int64_t xs, int64_t K, const uint16_t* w, float
         }
     }
     for (; k < K; ++k)
-        for (int i = 0; i < R; ++i) tail[i] += bf16_value(w[k]) * bf16_value(x[i * xs + k]);
+        for (int i = 0; i < R; ++i) tail[i] += to_float(w[k]) * to_float(x[i * xs + k]);
     for (int i = 0; i < R; ++i) out[i] = hsum(_mm256_add_ps(a0[i], a1[i])) + tail[i];
 }
 
@@ -115,7 +105,7 @@ void cumulo_bf16_linear(const uint16_t* x, int64_t M, int64_t K, int64_t xs, con
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         const uint16_t* wr = w + n * ws;
-        const float b = bias ? bf16_value(bias[n]) : 0.0f;
+        const float b = bias ? to_float(bias[n]) : 0.0f;
         float out[kRows];
         for (int64_t m0 = 0; m0 < M; m0 += kRows) {
             const int64_t mb = M - m0 < kRows ? M - m0 : kRows;
@@ -128,7 +118,7 @@ void cumulo_bf16_linear(const uint16_t* x, int64_t M, int64_t K, int64_t xs, con
             }
             for (int64_t i = 0; i < mb; ++i) {
                 if (y_fp32) ((float*)y)[(m0 + i) * N + n] = out[i] + b;
-                else ((uint16_t*)y)[(m0 + i) * N + n] = to_bf16(out[i] + b);
+                else ((uint16_t*)y)[(m0 + i) * N + n] = from_float(out[i] + b);
             }
         }
     }

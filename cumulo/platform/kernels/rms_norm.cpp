@@ -7,28 +7,13 @@
 
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
+
+#include "bf16.h"
 
 namespace {
 
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const uint16_t* p, int64_t i) {
-    const uint32_t u = (uint32_t)p[i] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-inline void store(float* p, int64_t i, float v) { p[i] = v; }
-inline void store(uint16_t* p, int64_t i, float v) {
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) {
-        p[i] = (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
-        return;
-    }
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    p[i] = (uint16_t)(u >> 16);
-}
+using cumulo_bf16::load;
+using cumulo_bf16::store;
 
 template <typename T>
 void norm_rows(const T* x, const T* w, T* y, int64_t rows, int64_t dim, float eps, float offset, int nthreads) {

@@ -10,29 +10,19 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 namespace {
 
-inline float ld(const float* p, int64_t i) { return p[i]; }
-inline float ld(const uint16_t* p, int64_t i) {
-    const uint32_t u = (uint32_t)p[i] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-inline void st(float* p, int64_t i, float v) { p[i] = v; }
-inline void st(uint16_t* p, int64_t i, float v) {
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    p[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)((u >> 16) | 0x40)
-                                             : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
+using cumulo_bf16::load;
+using cumulo_bf16::store;
 
 template <typename T>
 inline void rotate(const T* x, const float* c, const float* s, int64_t half, T* out) {
     for (int64_t i = 0; i < half; ++i) {
-        const float a = ld(x, i), b = ld(x, i + half);
-        st(out, i, a * c[i] - b * s[i]);
-        st(out, i + half, b * c[i] + a * s[i]);
+        const float a = load(x, i), b = load(x, i + half);
+        store(out, i, a * c[i] - b * s[i]);
+        store(out, i + half, b * c[i] + a * s[i]);
     }
 }
 
