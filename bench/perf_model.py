@@ -13,6 +13,7 @@ The engine part is skipped, with the reason, when the engine or the model cannot
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -123,20 +124,19 @@ def claims() -> None:
     )
 
 
-_runs = 0  # _measure calls so far
+_run_ids = itertools.count(1)  # numbers the _measure calls
 
 
 def _measure(llm, batch: int, prompt_len: int, max_tokens: int, clock) -> tuple[float, float]:
     """(decode tok/s, TTFT s) for `batch` prompts of `prompt_len` tokens arriving together, timed by `clock`."""
     from cumulo.engine.params import SamplingParams
 
-    global _runs
-    _runs += 1
+    run = next(_run_ids)
     vocab = 1000
     # Prompts never repeat across runs (each run's tokens start from its own offset): the engine's prefix cache
     # would otherwise serve a repeated prompt's blocks and shorten its TTFT.
     prompts = [
-        [(17 * i + 31 * j + 7919 * _runs) % vocab + 10 for j in range(prompt_len)] for i in range(batch)
+        [(17 * i + 31 * j + 7919 * run) % vocab + 10 for j in range(prompt_len)] for i in range(batch)
     ]
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
     first: dict[str, float] = {}

@@ -9,7 +9,7 @@ registered for the input's device and the weight's format, else dequantizes and 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -20,9 +20,7 @@ from torch import nn
 from cumulo.formats.kernels import BoundKernel, find_kernel
 from cumulo.formats.packed import PackedWeight
 from cumulo.formats.quantize import quantize
-
-# (x [M, K], weight [N, K], bias [N] or None) -> x W^T + b, or None when the kernel does not take this input.
-LinearKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None]
+from cumulo.platform.base import LinearFn
 
 DEFAULT_KEEP = ("*embed*", "*lm_head*", "*norm*", "*.gate", "*router*", "output")
 
@@ -113,7 +111,7 @@ class DenseLinear(nn.Module):
     dtype or device) and F.linear answers those.
     """
 
-    def __init__(self, linear: nn.Linear, kernel: LinearKernel) -> None:
+    def __init__(self, linear: nn.Linear, kernel: LinearFn) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
@@ -138,14 +136,17 @@ class DenseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel=platform"
 
 
-def use_dense_kernel(model: nn.Module, kernel: LinearKernel) -> nn.Module:
+def use_dense_kernel(model: nn.Module, kernel: LinearFn) -> nn.Module:
     """Swap every plain `nn.Linear` of `model` for a `DenseLinear` using `kernel`, in place; returns `model`."""
-    targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear]
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, DenseLinear(linear, kernel))
+    for name, linear in [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear]:
+        _replace(model, name, DenseLinear(linear, kernel))
     return model
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where the submodule called `name` (e.g. `model.layers.0.mlp.down_proj`) is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def quantize_model(model: nn.Module, format: str, policy: QuantPolicy | None = None) -> nn.Module:
@@ -157,7 +158,5 @@ def quantize_model(model: nn.Module, format: str, policy: QuantPolicy | None = N
         if isinstance(mod, nn.Linear) and policy.quantizes(name)
     ]
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear.from_linear(linear, format, name=f"{name}.weight"))
+        _replace(model, name, PackedLinear.from_linear(linear, format, name=f"{name}.weight"))
     return model

@@ -15,6 +15,7 @@ import torch
 AttentionFn = Callable[..., torch.Tensor]
 NormFn = Callable[..., torch.Tensor | None]
 RopeCacheFn = Callable[..., torch.Tensor | None]
+# (x [M, K], weight [N, K], bias [N] or None) -> x W^T + b, or None when the kernel does not take this input.
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None]
 
 

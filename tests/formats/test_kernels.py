@@ -113,12 +113,12 @@ def test_without_a_compiler_the_layer_warns_once_and_uses_the_reference_path(mon
     from torch import nn
 
     from cumulo.formats.linear import PackedLinear
+    from cumulo.platform.kernels import build
 
-    monkeypatch.setattr(cpu, "_cache_dir", lambda: tmp_path)
-    monkeypatch.setattr(cpu.shutil, "which", lambda name: None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(cpu, "_tried", False)
-    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_kernel", cpu._kernel.fresh())
     layer = PackedLinear.from_linear(nn.Linear(64, 8, bias=False), "ue8m0-fp8")
     x = torch.randn(1, 64)
     with pytest.warns(UserWarning, match="reference path"):

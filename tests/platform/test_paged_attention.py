@@ -167,8 +167,7 @@ def test_is_a_drop_in_for_the_engine_decode(dtype, window):
 @pytest.fixture
 def fresh_kernel(monkeypatch):
     """The module as if nothing had been loaded yet (restored afterwards)."""
-    monkeypatch.setattr(pa, "_lib", None)
-    monkeypatch.setattr(pa, "_tried", False)
+    monkeypatch.setattr(pa, "_kernel", pa._kernel.fresh())
     return pa
 
 

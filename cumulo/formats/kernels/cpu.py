@@ -3,8 +3,8 @@
 Why a plain shared library through ctypes rather than a torch extension: it compiles in about a second (no torch
 headers), so the first test run on a fresh machine does not wait a minute for a build; the per-call overhead is
 the same few microseconds. It links the same OpenMP runtime torch has loaded (libgomp.so.1), so one thread pool
-serves both. The build is cached in torch's extension directory ($TORCH_EXTENSIONS_DIR, default
-~/.cache/torch_extensions) under a name that hashes the source and flags. Without g++, or on a CPU without
+serves both. Building and caching are the platform kernels' (`cumulo.platform.kernels.build`): torch's
+extension directory ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), a name hashing source and flags. Without g++, or on a CPU without
 AVX2/FMA/F16C, `find_kernel` still answers with these binders but they return None and `PackedLinear` takes
 the reference path; a single warning says why.
 """
@@ -12,12 +12,7 @@ the reference path; a single warning says why.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,10 +24,11 @@ from cumulo.formats.element import E4M3FN, Kind
 from cumulo.formats.kernels import BoundKernel, register_kernel
 from cumulo.formats.packed import PackedWeight
 from cumulo.formats.scales import e8m0_to_float
+from cumulo.platform.kernels.build import KernelLibrary, requires_avx2
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
-# FP8 kernels take their AVX-512 path where the CPU has one (tests turn this off to cover the AVX2 path).
+# The kernels take their AVX-512 paths where the CPU has them (tests turn this off to cover the AVX2 paths).
 USE_AVX512 = True
 # Above this many rows of x, dequantize once and let torch's sgemm do the compute-bound work.
 FUSED_MAX_ROWS = 8
@@ -44,8 +40,6 @@ _threads: int | None = (
     int(os.environ["CUMULO_KERNEL_THREADS"]) if os.environ.get("CUMULO_KERNEL_THREADS") else None
 )
 
-_lib: ctypes.CDLL | None = None
-_tried = False
 _F = ctypes.c_void_p
 _I = ctypes.c_int64
 
@@ -60,59 +54,19 @@ def kernel_threads() -> int:
     return _threads or torch.get_num_threads()
 
 
-def _cache_dir() -> Path:
-    from torch.utils.cpp_extension import get_default_build_root
-
-    return Path(get_default_build_root()) / "cumulo"
-
-
-def _cpu_supported() -> bool:
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # the capability check already passed
-    return " f16c" in flags and " fma" in flags
+def _cpu_reason() -> str | None:
+    """None where the kernels can run (AVX2, FMA, F16C), else why not."""
+    if requires_avx2() is None:
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None  # the capability check already passed
+        if " f16c" in flags and " fma" in flags:
+            return None
+    return "CPU lacks AVX2/FMA/F16C"
 
 
-def build(force: bool = False) -> Path:
-    """Compile the kernels (or find the cached build) and return the shared library's path."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cumulo_cpu_kernels_{digest}.so"
-    if target.exists() and not force:
-        return target
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (g++) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build to a temporary name and rename, so concurrent first uses never load a half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-    if result.returncode != 0:
-        os.unlink(tmp)
-        raise RuntimeError(f"g++ failed: {result.stderr.strip()[:2000]}")
-    os.replace(tmp, target)
-    return target
-
-
-def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None (with one warning) when they cannot be built or run here."""
-    global _lib, _tried
-    if _tried:
-        return _lib
-    _tried = True
-    if os.environ.get("CUMULO_DISABLE_CPU_KERNELS"):
-        return None
-    if not _cpu_supported():
-        warnings.warn("CPU lacks AVX2/FMA/F16C: packed weights use the reference path", stacklevel=2)
-        return None
-    try:
-        lib = ctypes.CDLL(str(build()))
-    except (OSError, RuntimeError) as exc:
-        warnings.warn(f"fused CPU kernels unavailable ({exc}); using the reference path", stacklevel=2)
-        return None
+def _configure(lib: ctypes.CDLL) -> None:
     lib.cumulo_fp8_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, _I, _I, _F, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.cumulo_mxfp4_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.cumulo_fp8_dequant.argtypes = [_F, _I, _I, _F, _F, _I, _I, _F, ctypes.c_int]
@@ -127,8 +81,17 @@ def library() -> ctypes.CDLL | None:
         lib.cumulo_lut_linear,
     ):
         fn.restype = None
-    _lib = lib
-    return lib
+
+
+# Built and cached like the platform's kernels (cumulo.platform.kernels.build), with the flags this source needs.
+_kernel = KernelLibrary(
+    SOURCE, "fused CPU kernels", _configure, requires=_cpu_reason, flags=FLAGS, fallback="using the reference path"
+)
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (with one warning) when they cannot be built or run here."""
+    return _kernel.get()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -146,11 +109,17 @@ def _fp8_scales(w: PackedWeight) -> tuple[torch.Tensor | None, torch.Tensor | No
     return scales.to(torch.float32), None, br or n, bc or k
 
 
-def _call(x: torch.Tensor, n: int, fused: Callable[..., None], dequant: Callable[..., None]) -> torch.Tensor:
+def _call(
+    x: torch.Tensor, n: int, fused: Callable[..., None], dequant: Callable[..., None] | None
+) -> torch.Tensor | None:
     """Decode (few rows): the fused kernel, taking and giving bf16 or fp32 as x is. Prefill (many rows):
-    dequantize once, then torch's sgemm."""
-    threads = _threads or torch.get_num_threads()
+    dequantize once, then torch's sgemm; None (the reference path) for kernels without a C++ dequantizer."""
+    if not x.is_cpu:
+        return None
+    threads = kernel_threads()
     if x.shape[0] > FUSED_MAX_ROWS:
+        if dequant is None:
+            return None
         xc = x.to(torch.float32).contiguous()
         dense = torch.empty(n, xc.shape[1], dtype=torch.float32)
         dequant(dense.data_ptr(), threads)
@@ -179,7 +148,7 @@ def bind_fp8(w: PackedWeight) -> BoundKernel | None:
         lib.cumulo_fp8_dequant(pc, n, k, pf, pe, bn, bk, pout, threads)
 
     def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
-        return _call(x, n, fused, dequant) if x.is_cpu else None
+        return _call(x, n, fused, dequant)
 
     return run
 
@@ -201,7 +170,7 @@ def bind_mxfp4(w: PackedWeight) -> BoundKernel | None:
         lib.cumulo_mxfp4_dequant(pc, n, k, ps, pout, threads)
 
     def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
-        return _call(x, n, fused, dequant) if x.is_cpu else None
+        return _call(x, n, fused, dequant)
 
     return run
 
@@ -242,16 +211,12 @@ def bind_lut(w: PackedWeight) -> BoundKernel | None:
     ptrs = [_ptr(t) for t in keep]
     mode = 0 if elem.kind is Kind.INT else elem.bits  # 0: MX INT8, decoded arithmetically
 
+    def fused(px: int, m: int, py: int, threads: int, bf16: bool) -> None:
+        lib.cumulo_lut_linear(px, m, k, ptrs[0], n, mode, ptrs[1], ptrs[2], ptrs[3], ptrs[4], scale_mul, bn, bk, py,
+                              threads, bf16, int(USE_AVX512))  # fmt: skip
+
     def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
-        if x.device.type != "cpu" or x.shape[0] > FUSED_MAX_ROWS:
-            return None
-        bf16 = x.dtype == torch.bfloat16
-        xc = x.contiguous() if bf16 else x.to(torch.float32).contiguous()
-        y = torch.empty(xc.shape[0], n, dtype=xc.dtype)
-        lib.cumulo_lut_linear(xc.data_ptr(), xc.shape[0], k, ptrs[0], n, mode, ptrs[1], ptrs[2], ptrs[3],
-                              ptrs[4], scale_mul, bn, bk, y.data_ptr(), kernel_threads(), bf16,
-                              int(USE_AVX512))  # fmt: skip
-        return y
+        return _call(x, n, fused, None)
 
     return run
 

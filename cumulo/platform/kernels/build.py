@@ -91,23 +91,42 @@ def build(source: Path, flags: list[str] | None = None) -> Path:
     return target
 
 
-def load(source: Path) -> ctypes.CDLL:
+def load(source: Path, flags: list[str] | None = None) -> ctypes.CDLL:
     """Build (once per process, under a lock) and load; RuntimeError or OSError when that is impossible."""
     with _lock:
-        return ctypes.CDLL(str(build(source)))
+        return ctypes.CDLL(str(build(source, flags)))
 
 
 class KernelLibrary:
-    """One kernel source, built and loaded on first use; `get()` is None (after one warning) where it cannot
-    be: no compiler, CUMULO_DISABLE_CPU_KERNELS set, or a CPU without AVX2 when `needs_avx2`."""
+    """One kernel source, built and loaded on first use. `get()` is the loaded library, or None after one
+    warning ("<what> unavailable (<reason>); <fallback>") where it cannot be: `requires()` gives a reason (a CPU
+    without the instructions the source needs), there is no compiler, or the build fails. With
+    CUMULO_DISABLE_CPU_KERNELS set it is None without a warning. `configure` sets the ctypes signatures."""
 
     def __init__(
-        self, source: Path, what: str, configure: Callable[[ctypes.CDLL], None], needs_avx2: bool = False
+        self,
+        source: Path,
+        what: str,
+        configure: Callable[[ctypes.CDLL], None],
+        *,
+        requires: Callable[[], str | None] = lambda: None,
+        flags: list[str] | None = None,
+        fallback: str = "using torch",
+        loader: Callable[[Path, list[str] | None], ctypes.CDLL] | None = None,
     ) -> None:
-        self.source, self.what, self.configure, self.needs_avx2 = source, what, configure, needs_avx2
+        self.source, self.what, self.configure = source, what, configure
+        self.requires, self.flags, self.fallback = requires, flags, fallback
+        self.loader = loader or load
         self._lib: ctypes.CDLL | None = None
         self._tried = False
         self._lock = threading.Lock()
+
+    def fresh(self) -> KernelLibrary:
+        """The same library, not loaded yet (tests use it to start over)."""
+        return KernelLibrary(
+            self.source, self.what, self.configure, requires=self.requires, flags=self.flags,
+            fallback=self.fallback, loader=self.loader,
+        )  # fmt: skip
 
     def get(self) -> ctypes.CDLL | None:
         if self._tried:
@@ -115,18 +134,24 @@ class KernelLibrary:
         with self._lock:
             if self._tried:
                 return self._lib
-            if not os.environ.get("CUMULO_DISABLE_CPU_KERNELS") and (not self.needs_avx2 or _has_avx2()):
+            if not os.environ.get("CUMULO_DISABLE_CPU_KERNELS"):
                 try:
-                    lib = load(self.source)
+                    reason = self.requires()
+                    if reason:
+                        raise RuntimeError(reason)
+                    lib = self.loader(self.source, self.flags)
                     self.configure(lib)
                     self._lib = lib
                 except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
-                    warnings.warn(f"{self.what} unavailable ({exc}); using torch", stacklevel=3)
+                    warnings.warn(f"{self.what} unavailable ({exc}); {self.fallback}", stacklevel=3)
             self._tried = True
         return self._lib
 
 
-def _has_avx2() -> bool:
+def requires_avx2() -> str | None:
+    """None on an x86 CPU with AVX2 (as torch sees it), else why not: for `KernelLibrary(requires=...)`."""
     import torch
 
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        return None
+    return "this CPU has no AVX2"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from cumulo.platform.kernels.build import KernelLibrary
+from cumulo.platform.kernels.build import KernelLibrary, requires_avx2
 
 SOURCE = Path(__file__).with_name("gemv.cpp")
 # Above this many rows the matmul is compute-bound and torch's GEMM wins.
@@ -28,8 +28,12 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.cumulo_bf16_linear_wide.restype = ctypes.c_int
 
 
-_kernel = KernelLibrary(SOURCE, "CPU bf16 matmul kernel", _configure, needs_avx2=True)
-library = _kernel.get
+_kernel = KernelLibrary(SOURCE, "CPU bf16 matmul kernel", _configure, requires=requires_avx2)
+
+
+def library() -> ctypes.CDLL | None:
+    """The built kernel, or None (with one warning) when it cannot be built or loaded here."""
+    return _kernel.get()
 
 
 def available() -> bool:

@@ -8,16 +8,12 @@ bf16); when it cannot, the engine keeps its PyTorch path, so a missing compiler 
 from __future__ import annotations
 
 import ctypes
-import os
 import struct
-import subprocess
-import threading
-import warnings
 from pathlib import Path
 
 import torch
 
-from cumulo.platform.kernels.build import load
+from cumulo.platform.kernels.build import KernelLibrary, load
 
 SOURCE = Path(__file__).with_name("paged_attention.cpp")
 DTYPES = (torch.float32, torch.bfloat16)
@@ -34,32 +30,23 @@ _ERRORS = {
     3: "unsupported shape (head_dim must be a multiple of 8 and at most 512; heads a multiple of kv_heads)",
 }
 
-_lib: ctypes.CDLL | None = None
-_tried = False
-_lock = threading.Lock()
+
+
+def _configure(lib: ctypes.CDLL) -> None:
+    lib.cumulo_paged_decode_attention.argtypes = [ctypes.c_char_p, ctypes.c_float]
+    lib.cumulo_paged_decode_attention.restype = ctypes.c_int
+
+
+# `load` is looked up at each build, so a test can replace it.
+_kernel = KernelLibrary(
+    SOURCE, "CPU attention kernel", _configure, fallback="using PyTorch attention",
+    loader=lambda source, _flags: load(source),
+)  # fmt: skip
 
 
 def library() -> ctypes.CDLL | None:
     """The built kernel, or None (with one warning) when it cannot be built or loaded here."""
-    global _lib, _tried
-    if _tried:
-        return _lib
-    with _lock:
-        if _tried:
-            return _lib
-        if not os.environ.get("CUMULO_DISABLE_CPU_KERNELS"):
-            try:
-                lib = load(SOURCE)
-                fn = lib.cumulo_paged_decode_attention
-                fn.argtypes = [ctypes.c_char_p, ctypes.c_float]
-                fn.restype = ctypes.c_int
-                _lib = lib
-            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                warnings.warn(
-                    f"CPU attention kernel unavailable ({exc}); using PyTorch attention", stacklevel=2
-                )
-        _tried = True
-    return _lib
+    return _kernel.get()
 
 
 def available(dtype: torch.dtype, device: torch.device | str, head_dim: int | None = None) -> bool:
@@ -88,7 +75,7 @@ def paged_decode_attention(
     Head h reads kv head h // (heads // kv_heads). Returns [batch, heads, head_dim] in q's dtype.
     """
     # Called once per layer per step: the checks below are the cheap ones (about 5 us in all at batch 1).
-    lib = _lib if _lib is not None else library()
+    lib = library()
     if lib is None:
         raise RuntimeError("the CPU attention kernel is not available here; check available() first")
     dtype = q.dtype

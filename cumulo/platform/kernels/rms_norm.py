@@ -25,7 +25,11 @@ def _configure(lib: ctypes.CDLL) -> None:
 
 
 _kernel = KernelLibrary(SOURCE, "CPU RMSNorm kernel", _configure)
-library = _kernel.get
+
+
+def library() -> ctypes.CDLL | None:
+    """The built kernel, or None (with one warning) when it cannot be built or loaded here."""
+    return _kernel.get()
 
 
 def available() -> bool:
