@@ -21,6 +21,7 @@
 namespace {
 
 constexpr int MB = 4;  // rows of x handled per pass over a weight row
+constexpr int NR = 4;  // weight rows per pass in the single-row (M = 1) bf16 decode kernels
 
 float e4m3_value(uint8_t c) {
     int s = c >> 7, e = (c >> 3) & 0xF, m = c & 7;
@@ -393,12 +394,69 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void mxfp4_row_bf16(const
     for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
-// bf16 x [M, K] (K % 32 == 0) -> bf16 y [M, N] through mxfp4_row_bf16.
+// Single-row decode (M = 1): NR weight rows per pass, sharing each chunk's x loads. One row of a SmolLM2-sized
+// matrix is only 288 code bytes, so a one-row loop spends as long on set-up, the dependent dot-product chain
+// and the final reduction as on the codes; NR independent rows keep the execution ports busy instead
+// (Zen 4: 4.2 -> see docs/formats.md for the GB/s per thread).
+template <int NR>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void mxfp4_rows_bf16(const uint16_t* xp, int64_t K,
+                                                                            const uint8_t* rows,
+                                                                            const uint8_t* scales, float* out) {
+    const __m512i TL = _mm512_load_si512(kE2M1Bf16.lo), TH = _mm512_load_si512(kE2M1Bf16.hi);
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const int64_t bytes = K / 2, nb = K / 32;
+    __m512 acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < bytes; b += 64) {
+        const int64_t left = bytes - b;
+        const __mmask64 m = left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
+        const uint16_t* xr = xp + 2 * b;
+        const __m512i x0 = _mm512_loadu_si512(xr), x1 = _mm512_loadu_si512(xr + 32);
+        const __m512i x2 = _mm512_loadu_si512(xr + 64), x3 = _mm512_loadu_si512(xr + 96);
+        for (int r = 0; r < NR; ++r) {
+            const uint8_t* row = rows + r * bytes;
+            _mm_prefetch((const char*)(row + b) + kAhead, _MM_HINT_T1);
+            const __m512i c = _mm512_maskz_loadu_epi8(m, row + b);
+            const __m512i ne = _mm512_and_si512(c, low), no = _mm512_and_si512(_mm512_srli_epi16(c, 4), low);
+            const __m512i le = _mm512_shuffle_epi8(TL, ne), he = _mm512_shuffle_epi8(TH, ne);
+            const __m512i lo = _mm512_shuffle_epi8(TL, no), ho = _mm512_shuffle_epi8(TH, no);
+            uint32_t four = 0;  // this chunk's four scale bytes (fewer in a tail chunk; missing ones stay 0)
+            const uint8_t* sp = scales + r * nb + b / 16;
+            if (left >= 64) memcpy(&four, sp, 4);
+            else memcpy(&four, sp, (size_t)((left + 15) / 16));
+            const __m128i e = _mm_slli_epi32(_mm_cvtepu8_epi32(_mm_cvtsi32_si128((int)four)), 23);
+            const __m512 s = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_castsi128_ps(e)));
+            __m512 p0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_unpacklo_epi8(le, he), (__m512bh)x0);
+            __m512 p1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_unpackhi_epi8(le, he), (__m512bh)x1);
+            p0 = _mm512_dpbf16_ps(p0, (__m512bh)_mm512_unpacklo_epi8(lo, ho), (__m512bh)x2);
+            p1 = _mm512_dpbf16_ps(p1, (__m512bh)_mm512_unpackhi_epi8(lo, ho), (__m512bh)x3);
+            acc[r] = _mm512_fmadd_ps(_mm512_add_ps(p0, p1), s, acc[r]);
+        }
+    }
+    for (int r = 0; r < NR; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+// bf16 x [M, K] (K % 32 == 0) -> bf16 y [M, N] through mxfp4_row_bf16 (mxfp4_rows_bf16 when M = 1).
 void mxfp4_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
                        const uint8_t* scales, uint16_t* y, int nthreads) {
     const int64_t xs = (K + 127) / 128 * 128;
     std::vector<uint16_t> xp(M * xs);
     for (int64_t m = 0; m < M; ++m) permute_x_fp4(x + m * K, K, xp.data() + m * xs);
+    if (M == 1) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t g = 0; g < (N + NR - 1) / NR; ++g) {
+            const int64_t n0 = g * NR, nr = N - n0 < NR ? N - n0 : NR;
+            float out[NR];
+            if (nr == NR) mxfp4_rows_bf16<NR>(xp.data(), K, codes + n0 * (K / 2), scales + n0 * (K / 32), out);
+            else
+                for (int64_t r = 0; r < nr; ++r)
+                    mxfp4_rows_bf16<1>(xp.data(), K, codes + (n0 + r) * (K / 2), scales + (n0 + r) * (K / 32),
+                                       out + r);
+            for (int64_t r = 0; r < nr; ++r) y[n0 + r] = round_bf16(out[r]);
+        }
+        return;
+    }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         float out[MB];
@@ -418,7 +476,39 @@ void mxfp4_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* c
     }
 }
 
-// bf16 x [M, K] -> bf16 y [M, N] through fp8_row_bf16. False if the block shape is not one it handles.
+// Single-row decode (M = 1) for blocks spanning whole 64-code chunks (DeepSeek 128 x 128, per channel, per
+// tensor): NR weight rows per pass share each chunk's two x loads and keep NR independent chains in flight.
+template <int NR>
+__attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16"))) void fp8_rows_bf16(
+    const uint16_t* xp, int64_t K, const uint8_t* rows, const Scales& sc, int64_t n0, int64_t bn, int64_t bk,
+    const E4M3Tables& t, float* out) {
+    __m512 acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t k0 = 0, kb = 0; k0 < K; k0 += bk, ++kb) {
+        const int64_t k1 = k0 + bk < K ? k0 + bk : K;
+        __m512 b0[NR], b1[NR];
+        for (int r = 0; r < NR; ++r) b0[r] = b1[r] = _mm512_setzero_ps();
+        for (int64_t k = k0; k < k1; k += 64) {
+            const __m512i x0 = _mm512_loadu_si512(xp + k), x1 = _mm512_loadu_si512(xp + k + 32);
+            const __mmask64 m = k1 - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (k1 - k)) - 1);
+            for (int r = 0; r < NR; ++r) {
+                const uint8_t* row = rows + r * K;
+                _mm_prefetch((const char*)(row + k) + kAhead, _MM_HINT_T1);
+                __m512i w0, w1;
+                if (k1 - k >= 64) decode_e4m3_64_bf16_full(row + k, t, w0, w1);
+                else decode_e4m3_64_bf16(row + k, m, t, w0, w1);
+                b0[r] = _mm512_dpbf16_ps(b0[r], (__m512bh)w0, (__m512bh)x0);
+                b1[r] = _mm512_dpbf16_ps(b1[r], (__m512bh)w1, (__m512bh)x1);
+            }
+        }
+        for (int r = 0; r < NR; ++r)
+            acc[r] = _mm512_fmadd_ps(_mm512_add_ps(b0[r], b1[r]), _mm512_set1_ps(sc.at((n0 + r) / bn, kb)), acc[r]);
+    }
+    for (int r = 0; r < NR; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+// bf16 x [M, K] -> bf16 y [M, N] through fp8_row_bf16 (fp8_rows_bf16 when M = 1 and the blocks allow).
+// False if the block shape is not one it handles.
 bool fp8_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N, const Scales& sc,
                      int64_t bn, int64_t bk, uint16_t* y, int nthreads) {
     if (!(bk % 64 == 0 || bk >= K || ((bk == 16 || bk == 32) && K % bk == 0))) return false;
@@ -426,6 +516,19 @@ bool fp8_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* cod
     const int64_t xs = (K + 63) / 64 * 64;
     std::vector<uint16_t> xp(M * xs);
     for (int64_t m = 0; m < M; ++m) permute_x(x + m * K, K, xp.data() + m * xs);
+    if (M == 1 && (bk % 64 == 0 || bk >= K)) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t g = 0; g < (N + NR - 1) / NR; ++g) {
+            const int64_t n0 = g * NR, nr = N - n0 < NR ? N - n0 : NR;
+            float out[NR];
+            if (nr == NR) fp8_rows_bf16<NR>(xp.data(), K, codes + n0 * K, sc, n0, bn, bk, tables, out);
+            else
+                for (int64_t r = 0; r < nr; ++r)
+                    fp8_rows_bf16<1>(xp.data(), K, codes + (n0 + r) * K, sc, n0 + r, bn, bk, tables, out + r);
+            for (int64_t r = 0; r < nr; ++r) y[n0 + r] = round_bf16(out[r]);
+        }
+        return true;
+    }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         float out[MB];
