@@ -35,6 +35,24 @@ def resolve_dtype(name: str, platform: Platform) -> torch.dtype:
         raise InvalidRequest(f"unknown dtype '{name}' (choose from auto, {', '.join(_DTYPES)})") from None
 
 
+def use_platform_kernels(module: torch.nn.Module, platform: Platform, dtype: torch.dtype) -> None:
+    """Put the platform's kernels into `module` in place: decode-sized matmuls of its dense weights, and the
+    one-call kernels for the small operators around them (each stays torch's where the platform has none)."""
+    from cumulo.models.layers import Attention, RMSNorm
+
+    dense = platform.dense_linear(dtype)
+    if dense is not None:
+        from cumulo.formats.linear import use_dense_kernel
+
+        use_dense_kernel(module, dense)
+    norm, rope = platform.rms_norm(dtype), platform.rope_and_cache(dtype)
+    for sub in module.modules():
+        if isinstance(sub, RMSNorm) and norm is not None:
+            sub.kernel = norm
+        elif isinstance(sub, Attention) and rope is not None:
+            sub.rope_cache = rope
+
+
 def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
     from cumulo.models.loader import load
     from cumulo.models.registry import build_model
@@ -61,20 +79,7 @@ def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
         loaded = load(model, dtype=dtype)
         module = build_model(loaded.config, loaded.weights, dtype=dtype, device=device)
         loaded.weights.clear()  # the module owns the tensors now; drop the loader's references
-    dense = platform.dense_linear(dtype)
-    if dense is not None:
-        from cumulo.formats.linear import use_dense_kernel
-
-        use_dense_kernel(module, dense)  # decode-sized matmuls of the dense weights on the platform's kernel
-    # The platform's one-call kernels for the small operators around the matmuls (None: torch's).
-    from cumulo.models.layers import Attention, RMSNorm
-
-    norm, rope = platform.rms_norm(dtype), platform.rope_and_cache(dtype)
-    for sub in module.modules():
-        if isinstance(sub, RMSNorm) and norm is not None:
-            sub.kernel = norm
-        elif isinstance(sub, Attention) and rope is not None:
-            sub.rope_cache = rope
+    use_platform_kernels(module, platform, dtype)
     max_len = loaded.config.max_position_embeddings
     if config.max_model_len:
         if config.max_model_len > max_len:
@@ -94,4 +99,5 @@ def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
         max_model_len=max_len,
         kv_cache_bytes=budget,
         decode_attention=platform.paged_decode_attention(kv_dtype, loaded.config.head_dim),
+        decode_graph=platform.decode_graph(kv_dtype) if config.decode_graph else None,
     )

@@ -41,6 +41,7 @@ class EngineConfig:
     kv_cache_fraction: float | None = None
     enable_prefix_caching: bool = True
     threads: int | None = None
+    decode_graph: bool = True  # replay decode steps as recorded kernel graphs where the platform offers them
 
 
 class LLMEngine:
@@ -56,6 +57,7 @@ class LLMEngine:
         max_model_len: int,
         kv_cache_bytes: int,
         decode_attention: Callable[..., torch.Tensor] | None = None,
+        decode_graph: type | None = None,
     ) -> None:
         cfg = model.config
         self.model_config = cfg
@@ -87,7 +89,7 @@ class LLMEngine:
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv_cache, device, decode_attention)
+        self.runner = ModelRunner(model, self.kv_cache, device, decode_attention, decode_graph)
         self.sampler = Sampler()
         self.eos_token_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", set()) or cfg.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cumulo.engine.attention import AttentionContext, KVCache, PrefillChunk
+from cumulo.engine.decode_graph import DecodeGraph
 from cumulo.engine.scheduler import ScheduledBatch
 from cumulo.engine.sequence import Sequence
 
@@ -21,8 +22,13 @@ class ModelRunner:
         kv_cache: KVCache,
         device: torch.device,
         decode_attention: Callable[..., torch.Tensor] | None = None,
+        graph_recorder: type | None = None,
     ) -> None:
         self.model = model
+        # Decode-only steps replay a recorded graph per batch size where the platform offers a recorder and
+        # the model can be recorded (None in the dict: tried, not recordable).
+        self.graph_recorder = graph_recorder
+        self._graphs: dict[int, DecodeGraph | None] = {}
         self.decode_attention = decode_attention
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
@@ -31,6 +37,15 @@ class ModelRunner:
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _graph(self, batch: ScheduledBatch) -> DecodeGraph | None:
+        """The recorded graph for this step, if it is decode-only and a graph of its size can be had."""
+        n = len(batch.decodes)
+        if self.graph_recorder is None or batch.prefills or not n:
+            return None
+        if n not in self._graphs:
+            self._graphs[n] = DecodeGraph.record(self.model, self.kv_cache, n, self.graph_recorder)
+        return self._graphs[n]
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -47,6 +62,15 @@ class ModelRunner:
             positions.append(pos)
             slots.extend(self._slots(seq, pos, pos + 1))
             sample_rows.append(len(input_ids) - 1)
+
+        graph = self._graph(batch)
+        if graph is not None:
+            decodes = batch.decodes
+            hidden = graph.run(
+                input_ids, positions, slots, [s.block_table for s in decodes],
+                [s.num_computed_tokens + 1 for s in decodes],
+            )  # fmt: skip
+            return self.model.compute_logits(hidden)
 
         chunks: list[PrefillChunk] = []
         for seq, n in batch.prefills:

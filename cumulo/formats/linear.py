@@ -99,6 +99,13 @@ class PackedLinear(nn.Module):
             y = y + self.bias.to(x.dtype)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
+    def graph_op(self, x: torch.Tensor, y: torch.Tensor) -> tuple[int, list[int]] | None:
+        """The recorded form of `y = self(x)` for a decode graph (cumulo.platform.kernels.graph), or None where
+        this weight's kernel has none (no fused kernel on x's device, a bias, too many rows)."""
+        kernel = self._kernel(x.device.type)
+        op = getattr(kernel, "graph_op", None)
+        return None if op is None or self.bias is not None else op(x, y)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
 
@@ -131,6 +138,11 @@ class DenseLinear(nn.Module):
         if not getattr(self.kernel, "fp32_out", False):  # the kernel has no fp32 outputs
             return None
         return self.kernel(x, self.weight, self.bias, out_dtype=torch.float32)  # type: ignore[call-arg]
+
+    def graph_op(self, x: torch.Tensor, y: torch.Tensor) -> tuple[int, list[int]] | None:
+        """The recorded form of `y = self(x)` (cumulo.platform.kernels.graph), or None where the kernel has none."""
+        op = getattr(self.kernel, "graph_op", None)
+        return None if op is None else op(x, self.weight, self.bias, y)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel=platform"

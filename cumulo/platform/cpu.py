@@ -56,6 +56,11 @@ class CpuPlatform(Platform):
 
         return rope_cache.rope_and_cache if dtype in rope_cache.DTYPES and rope_cache.available() else None
 
+    def decode_graph(self, dtype: torch.dtype) -> type | None:
+        from cumulo.platform.kernels import graph
+
+        return graph.Graph if dtype in graph.DTYPES and graph.available() else None
+
     def supports_dtype(self, dtype: torch.dtype) -> bool:
         flags = cpu_flags()
         if dtype in (torch.float32, torch.float64):

@@ -25,6 +25,7 @@ from cumulo.formats.kernels import BoundKernel, register_kernel
 from cumulo.formats.packed import PackedWeight
 from cumulo.formats.scales import e8m0_to_float
 from cumulo.platform.kernels.build import KernelLibrary, requires_avx2
+from cumulo.platform.kernels.graph import f32_bits as graph_f32_bits
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
@@ -131,6 +132,21 @@ def _call(
     return y
 
 
+def _graph_op(fn: Callable[..., None], args: Callable[[torch.Tensor, torch.Tensor], list[int]]) -> Callable:
+    """A bound kernel's recorded form (cumulo.platform.kernels.graph): (x, y) -> (address, args) or None, for
+    the fused decode path only (contiguous x of at most FUSED_MAX_ROWS rows, y of x's dtype)."""
+    address = ctypes.cast(fn, ctypes.c_void_p).value or 0
+
+    def op(x: torch.Tensor, y: torch.Tensor) -> tuple[int, list[int]] | None:
+        if x.shape[0] > FUSED_MAX_ROWS or not x.is_contiguous() or y.dtype != x.dtype:
+            return None
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        return address, args(x, y)
+
+    return op
+
+
 def bind_fp8(w: PackedWeight) -> BoundKernel | None:
     lib = library()
     n, k = w.shape
@@ -150,6 +166,11 @@ def bind_fp8(w: PackedWeight) -> BoundKernel | None:
     def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
         return _call(x, n, fused, dequant)
 
+    run.graph_op = _graph_op(  # type: ignore[attr-defined]
+        lib.cumulo_fp8_linear_op,
+        lambda x, y: [x.data_ptr(), x.shape[0], k, pc, n, pf or 0, pe or 0, bn, bk, y.data_ptr(), kernel_threads(),
+                      int(USE_AVX512), int(x.dtype == torch.bfloat16)],  # fmt: skip
+    )
     return run
 
 
@@ -172,6 +193,11 @@ def bind_mxfp4(w: PackedWeight) -> BoundKernel | None:
     def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
         return _call(x, n, fused, dequant)
 
+    run.graph_op = _graph_op(  # type: ignore[attr-defined]
+        lib.cumulo_mxfp4_linear_op,
+        lambda x, y: [x.data_ptr(), x.shape[0], k, pc, n, ps, y.data_ptr(), kernel_threads(),
+                      int(x.dtype == torch.bfloat16), int(USE_AVX512)],  # fmt: skip
+    )
     return run
 
 
@@ -218,6 +244,12 @@ def bind_lut(w: PackedWeight) -> BoundKernel | None:
     def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
         return _call(x, n, fused, None)
 
+    run.graph_op = _graph_op(  # type: ignore[attr-defined]
+        lib.cumulo_lut_linear_op,
+        lambda x, y: [x.data_ptr(), x.shape[0], k, ptrs[0], n, mode, ptrs[1], ptrs[2] or 0, ptrs[3] or 0,
+                      ptrs[4] or 0, graph_f32_bits(scale_mul), bn, bk, y.data_ptr(), kernel_threads(),
+                      int(x.dtype == torch.bfloat16), int(USE_AVX512)],  # fmt: skip
+    )
     return run
 
 

@@ -915,4 +915,25 @@ void cumulo_mxfp4_dequant(const uint8_t* codes, int64_t N, int64_t K, const uint
         }
 }
 
+// The decode-graph forms (cumulo.platform.kernels.graph): one int64 array holding the arguments above in order
+// (pointers as integers; the LUT kernel's scale_mul as an fp32 bit pattern).
+void cumulo_fp8_linear_op(const int64_t* a) {
+    cumulo_fp8_linear((const void*)a[0], a[1], a[2], (const uint8_t*)a[3], a[4], (const float*)a[5],
+                      (const uint8_t*)a[6], a[7], a[8], (void*)a[9], (int)a[10], (int)a[11], (int)a[12]);
+}
+
+void cumulo_mxfp4_linear_op(const int64_t* a) {
+    cumulo_mxfp4_linear((const void*)a[0], a[1], a[2], (const uint8_t*)a[3], a[4], (const uint8_t*)a[5],
+                        (void*)a[6], (int)a[7], (int)a[8], (int)a[9]);
+}
+
+void cumulo_lut_linear_op(const int64_t* a) {
+    const uint32_t bits = (uint32_t)a[10];
+    float scale_mul;
+    memcpy(&scale_mul, &bits, 4);
+    cumulo_lut_linear((const void*)a[0], a[1], a[2], (const uint8_t*)a[3], a[4], (int)a[5], (const float*)a[6],
+                      (const float*)a[7], (const uint8_t*)a[8], (const float*)a[9], scale_mul, a[11], a[12],
+                      (void*)a[13], (int)a[14], (int)a[15], (int)a[16]);
+}
+
 }  // extern "C"

@@ -124,4 +124,10 @@ void cumulo_bf16_linear(const uint16_t* x, int64_t M, int64_t K, int64_t xs, con
     }
 }
 
+// The decode-graph form (cumulo.platform.kernels.graph): a = {x, M, K, xs, w, N, ws, bias, y, threads, y_fp32}.
+void cumulo_bf16_linear_op(const int64_t* a) {
+    cumulo_bf16_linear((const uint16_t*)a[0], a[1], a[2], a[3], (const uint16_t*)a[4], a[5], a[6],
+                       (const uint16_t*)a[7], (void*)a[8], (int)a[9], -1, (int)a[10]);
+}
+
 }  // extern "C"

@@ -88,3 +88,27 @@ def bf16_linear(
 
 
 bf16_linear.fp32_out = True  # type: ignore[attr-defined]  # DenseLinear.fp32_logits may ask for fp32 outputs
+
+
+def graph_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor
+) -> tuple[int, list[int]] | None:
+    """The recorded form of `bf16_linear(x, weight, bias)` into y (cumulo.platform.kernels.graph), or None."""
+    lib = library()
+    if (
+        lib is None
+        or x.shape[0] > MAX_ROWS
+        or x.dtype != torch.bfloat16
+        or weight.dtype != torch.bfloat16
+        or weight.stride(1) != 1
+        or x.stride(1) != 1
+        or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()))
+    ):
+        return None
+    fn = ctypes.cast(lib.cumulo_bf16_linear_op, ctypes.c_void_p).value or 0
+    args = [x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), weight.data_ptr(), weight.shape[0], weight.stride(0),
+            0 if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(), 0]  # fmt: skip
+    return fn, args
+
+
+bf16_linear.graph_op = graph_op  # type: ignore[attr-defined]  # DenseLinear.graph_op records through it

@@ -388,3 +388,13 @@ extern "C" int cumulo_paged_decode_attention(const int64_t* p, float scale) {
     if (a.batch == 0) return 0;
     return bf16 ? run<uint16_t>(a, threads) : run<float>(a, threads);
 }
+
+// The decode-graph form (cumulo.platform.kernels.graph): p's 26 values, the scale as an fp32 bit pattern, then a
+// pointer to an int64 status word that receives a non-zero return code.
+extern "C" void cumulo_paged_decode_attention_op(const int64_t* p) {
+    const uint32_t bits = (uint32_t)p[26];
+    float scale;
+    memcpy(&scale, &bits, 4);
+    const int code = cumulo_paged_decode_attention(p, scale);
+    if (code) *(int64_t*)p[27] = code;
+}

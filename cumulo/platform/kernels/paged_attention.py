@@ -24,7 +24,7 @@ _PACK = struct.Struct("=26q")
 # Fewest (query, key) pairs worth a thread: about 40 us of work, more than waking the pool costs. Smaller calls
 # (batch 1, short contexts) run on the calling thread.
 MIN_PAIRS_PER_THREAD = 8192
-_ERRORS = {
+ERRORS = {
     1: "a block table entry points outside the KV cache",
     2: "a context length exceeds its block table",
     3: "unsupported shape (head_dim must be a multiple of 8 and at most 512; heads a multiple of kv_heads)",
@@ -56,6 +56,20 @@ def available(dtype: torch.dtype, device: torch.device | str, head_dim: int | No
     if head_dim is not None and (head_dim % 8 or head_dim > MAX_HEAD_DIM):
         return False
     return library() is not None
+
+
+def pack_args(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
+    out: torch.Tensor, window: int | None, threads: int,
+) -> list[int]:  # fmt: skip
+    """The kernel's 26 int64 arguments (see the C entry point), for tensors already checked."""
+    qs, ks, vs, kshape = q.stride(), k_cache.stride(), v_cache.stride(), k_cache.shape
+    return [
+        q.data_ptr(), qs[0], qs[1], k_cache.data_ptr(), v_cache.data_ptr(), ks[0], ks[1], ks[2],
+        vs[0], vs[1], vs[2], tables.data_ptr(), tables.stride(0), tables.shape[1], lens.data_ptr(),
+        out.data_ptr(), q.shape[0], q.shape[1], kshape[0], q.shape[2], kshape[1], kshape[2], window or 0,
+        int(q.dtype == torch.bfloat16), threads, MIN_PAIRS_PER_THREAD,
+    ]  # fmt: skip
 
 
 def paged_decode_attention(
@@ -105,13 +119,8 @@ def paged_decode_attention(
             f"block_tables {tuple(tables.shape)}, context_lens {tuple(lens.shape)}; batch {batch}"
         )
     out = torch.empty((batch, heads, dim), dtype=dtype)
-    packed = _PACK.pack(
-        q.data_ptr(), qs[0], qs[1], k_cache.data_ptr(), v_cache.data_ptr(), ks[0], ks[1], ks[2],
-        vs[0], vs[1], vs[2], tables.data_ptr(), tables.stride(0), tables.shape[1], lens.data_ptr(),
-        out.data_ptr(), batch, heads, kshape[0], dim, kshape[1], kshape[2], window or 0,
-        dtype == torch.bfloat16, torch.get_num_threads(), MIN_PAIRS_PER_THREAD,
-    )  # fmt: skip
+    packed = _PACK.pack(*pack_args(q, k_cache, v_cache, tables, lens, out, window, torch.get_num_threads()))
     code = lib.cumulo_paged_decode_attention(packed, scale)
     if code:
-        raise ValueError(_ERRORS.get(code, f"kernel error {code}"))
+        raise ValueError(ERRORS.get(code, f"kernel error {code}"))
     return out

@@ -7,6 +7,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "bf16.h"
 
@@ -36,9 +37,46 @@ void norm_rows(const T* x, const T* w, T* y, int64_t rows, int64_t dim, float ep
     }
 }
 
+// x += r (rounded to x's dtype, as a torch add of the two would be), then y = norm(x): the residual add and the
+// next norm of a decoder layer in one pass over each row.
+template <typename T>
+void add_norm_rows(T* x, const T* r, const T* w, T* y, int64_t rows, int64_t dim, float eps, float offset) {
+    for (int64_t i = 0; i < rows * dim; ++i) store(x, i, load(x, i) + load(r, i));
+    norm_rows((const T*)x, w, y, rows, dim, eps, offset, 1);
+}
+
+inline float float_bits(int64_t v) {
+    const uint32_t u = (uint32_t)v;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 }  // namespace
 
 extern "C" {
+
+// The decode-graph forms (cumulo.platform.kernels.graph); eps and offset travel as fp32 bit patterns.
+// a = {x, w, y, rows, dim, eps, offset, bf16, threads}
+void cumulo_rms_norm_op(const int64_t* a) {
+    if (a[7])
+        norm_rows((const uint16_t*)a[0], (const uint16_t*)a[1], (uint16_t*)a[2], a[3], a[4], float_bits(a[5]),
+                  float_bits(a[6]), (int)a[8]);
+    else
+        norm_rows((const float*)a[0], (const float*)a[1], (float*)a[2], a[3], a[4], float_bits(a[5]),
+                  float_bits(a[6]), (int)a[8]);
+}
+
+// a = {x (updated in place), r, w, y, rows, dim, eps, offset, bf16}
+void cumulo_add_rms_norm_op(const int64_t* a) {
+    if (a[8])
+        add_norm_rows((uint16_t*)a[0], (const uint16_t*)a[1], (const uint16_t*)a[2], (uint16_t*)a[3], a[4], a[5],
+                      float_bits(a[6]), float_bits(a[7]));
+    else
+        add_norm_rows((float*)a[0], (const float*)a[1], (const float*)a[2], (float*)a[3], a[4], a[5],
+                      float_bits(a[6]), float_bits(a[7]));
+}
+
 
 // bf16 = 1: x, w, y are bf16 (uint16 bit patterns); 0: fp32. offset is added to w (Gemma's 1 + w convention).
 void cumulo_rms_norm(const void* x, const void* w, void* y, int64_t rows, int64_t dim, float eps, float offset,

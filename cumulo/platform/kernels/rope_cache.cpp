@@ -63,4 +63,13 @@ int cumulo_rope_cache(const void* qkv, int64_t T, int64_t ld, int64_t heads, int
                (float*)v_cache, cache_hs, slots, slot_mapping, (float*)q_out);
 }
 
+// The decode-graph form (cumulo.platform.kernels.graph): a holds the 17 arguments above in order, then a
+// pointer to an int64 status word that receives a non-zero return code.
+void cumulo_rope_cache_op(const int64_t* a) {
+    const int code = cumulo_rope_cache((const void*)a[0], a[1], a[2], a[3], a[4], a[5], (const int64_t*)a[6],
+                                       (const float*)a[7], (const float*)a[8], a[9], (void*)a[10], (void*)a[11],
+                                       a[12], a[13], (const int64_t*)a[14], (void*)a[15], (int)a[16]);
+    if (code) *(int64_t*)a[17] = code;
+}
+
 }  // extern "C"

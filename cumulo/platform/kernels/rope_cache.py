@@ -16,7 +16,7 @@ from cumulo.platform.kernels.build import KernelLibrary
 
 SOURCE = Path(__file__).with_name("rope_cache.cpp")
 DTYPES = (torch.float32, torch.bfloat16)
-_ERRORS = {1: "a position is outside the rotary table", 2: "a slot is outside the KV cache"}
+ERRORS = {1: "a position is outside the rotary table", 2: "a slot is outside the KV cache"}
 
 
 def _configure(lib: ctypes.CDLL) -> None:
@@ -81,5 +81,5 @@ def rope_and_cache(
         slot_mapping.data_ptr(), q.data_ptr(), dtype == torch.bfloat16,
     )  # fmt: skip
     if code:
-        raise ValueError(_ERRORS.get(code, f"kernel error {code}"))
+        raise ValueError(ERRORS.get(code, f"kernel error {code}"))
     return q

@@ -1,0 +1,135 @@
+"""Decode steps of Llama-family models replayed as one recorded graph of platform kernels.
+
+`DecodeGraph.record(model, kv_cache, batch, recorder)` walks a model whose decoder layers are the plain
+pre-norm kind (RMSNorm, fused q/k/v without per-head norms, rotary, paged attention, SiLU-gated MLP) and
+records one decode step at a fixed batch size over fixed buffers; it returns None for anything else (Gemma 3,
+Qwen3, linears without a recorded form), and the engine keeps its eager path. `run()` fills the step's inputs
+into the buffers, replays the graph and returns the final normalised hidden states. The recorder is the
+platform's (`Platform.decode_graph`), so the engine names no device here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cumulo.engine.attention import KVCache
+from cumulo.models.layers import Attention, GatedMLP, RMSNorm
+from cumulo.models.llama import LlamaModel
+
+MAX_BATCH = 8  # decode batches above this run eagerly (the fused linears take at most 8 rows)
+
+
+def _plain_layer(layer: nn.Module) -> bool:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    names = {name for name, _ in layer.named_children()}
+    return (
+        names == {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+        and isinstance(attn, Attention)
+        and attn.q_norm is None
+        and isinstance(mlp, GatedMLP)
+        and mlp.act == "silu"
+        and isinstance(layer.input_layernorm, RMSNorm)
+        and isinstance(layer.post_attention_layernorm, RMSNorm)
+    )
+
+
+class DecodeGraph:
+    def __init__(self, graph: Any, batch: int, buffers: dict[str, torch.Tensor]) -> None:
+        self.graph = graph
+        self.batch = batch
+        self.buffers = buffers
+
+    @classmethod
+    def record(cls, model: nn.Module, kv_cache: KVCache, batch: int, recorder: type) -> DecodeGraph | None:
+        """The graph of one decode step of `batch` sequences, or None where this model cannot be recorded."""
+        body = getattr(model, "model", None)
+        layers = getattr(body, "layers", None)
+        embed = getattr(body, "embed_tokens", None)
+        final_norm = getattr(body, "norm", None)
+        if (
+            not 1 <= batch <= MAX_BATCH
+            or layers is None
+            or len(layers) == 0
+            or not isinstance(embed, nn.Embedding)
+            or not isinstance(final_norm, RMSNorm)
+            or embed.weight.dtype not in recorder.DTYPES
+            or not isinstance(body, LlamaModel)  # embeddings in, final norm out, nothing else around the layers
+            or not all(_plain_layer(layer) for layer in layers)
+        ):
+            return None
+        dtype = embed.weight.dtype
+        attn0: Attention = layers[0].self_attn
+        hidden, heads, kv_heads, dim = embed.weight.shape[1], attn0.num_heads, attn0.num_kv_heads, attn0.head_dim
+        inter = layers[0].mlp.down_proj.in_features
+        width = attn0.qkv_proj.out_features
+
+        def buf(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dt)
+
+        b = {
+            "ids": buf(batch, dt=torch.int64), "positions": buf(batch, dt=torch.int64),
+            "slots": buf(batch, dt=torch.int64), "lens": buf(batch, dt=torch.int64),
+            "tables": buf(batch, kv_cache.num_blocks, dt=torch.int64),
+            "x": buf(batch, hidden), "h": buf(batch, hidden), "qkv": buf(batch, width),
+            "q": buf(batch, heads, dim), "attn": buf(batch, heads, dim), "o": buf(batch, hidden),
+            "gu": buf(batch, 2 * inter), "act": buf(batch, inter), "d": buf(batch, hidden),
+        }  # fmt: skip
+        g = recorder()
+        threads = torch.get_num_threads()
+
+        def linear(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
+            op = getattr(module, "graph_op", None)
+            recorded = op(x, y) if op is not None else None
+            if recorded is not None:
+                g.keep(module, x, y)
+                g.add(recorded)
+            return recorded is not None
+
+        def add_norm(r: torch.Tensor, n: RMSNorm) -> None:  # x += r; h = n(x)
+            g.add_rms_norm(b["x"], r, n.weight.detach().to(dtype).contiguous(), b["h"], n.eps, n.offset)
+
+        first = layers[0].input_layernorm
+        g.rms_norm(b["x"], first.weight.detach().to(dtype).contiguous(), b["h"], first.eps, first.offset)
+        for i, layer in enumerate(layers):
+            attn: Attention = layer.self_attn
+            mlp: GatedMLP = layer.mlp
+            if (attn.num_heads, attn.num_kv_heads, attn.head_dim) != (heads, kv_heads, dim):
+                return None
+            if not linear(attn.qkv_proj, b["h"], b["qkv"]):
+                return None
+            k_cache, v_cache = kv_cache.k[attn.layer_idx], kv_cache.v[attn.layer_idx]
+            g.rope_and_cache(b["qkv"], b["positions"], attn.rotary.cos, attn.rotary.sin, k_cache, v_cache,
+                             b["slots"], b["q"], heads, kv_heads)  # fmt: skip
+            g.attention(b["q"], k_cache, v_cache, b["tables"], b["lens"], b["attn"], attn.scale,
+                        attn.sliding_window, threads)  # fmt: skip
+            if not linear(attn.o_proj, b["attn"].view(batch, heads * dim), b["o"]):
+                return None
+            add_norm(b["o"], layer.post_attention_layernorm)
+            if not linear(mlp.gate_up_proj, b["h"], b["gu"]):
+                return None
+            g.silu_mul(b["gu"], b["act"])
+            if not linear(mlp.down_proj, b["act"], b["d"]):
+                return None
+            add_norm(b["d"], layers[i + 1].input_layernorm if i + 1 < len(layers) else final_norm)
+        b["embed"] = embed.weight
+        return cls(g, batch, b)
+
+    def run(
+        self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
+        context_lens: list[int],
+    ) -> torch.Tensor:  # fmt: skip
+        """Final normalised hidden states [batch, hidden] of one decode step (a view of the graph's buffer,
+        overwritten by the next run)."""
+        b = self.buffers
+        b["ids"].copy_(torch.tensor(input_ids))
+        b["positions"].copy_(torch.tensor(positions))
+        b["slots"].copy_(torch.tensor(slots))
+        b["lens"].copy_(torch.tensor(context_lens))
+        width = max(len(t) for t in block_tables)
+        b["tables"][:, :width] = torch.tensor([t + [0] * (width - len(t)) for t in block_tables])
+        torch.index_select(b["embed"], 0, b["ids"], out=b["x"])
+        self.graph.run()
+        return b["h"]

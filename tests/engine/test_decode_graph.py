@@ -1,0 +1,81 @@
+"""Decode graphs: a decode-only step replayed as one recorded list of kernel calls must compute what the eager
+model computes (same tokens, same log-probabilities up to bf16 rounding), for dense and packed weights, at
+every batch size, and fall back to the eager path for models it cannot record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cumulo.engine.decode_graph import DecodeGraph
+from cumulo.engine.factory import create_engine
+from cumulo.engine.llm_engine import EngineConfig, LLMEngine
+from cumulo.engine.params import SamplingParams
+from cumulo.platform.cpu import CpuPlatform
+from cumulo.platform.kernels import graph
+
+pytestmark = pytest.mark.skipif(
+    not CpuPlatform().supports_dtype(torch.bfloat16) or not graph.available(),
+    reason="the decode graph records bf16 kernels; this CPU has no native bf16 or no compiler",
+)
+
+PROMPTS = [[5, 9, 12, 40], [7, 7, 3], [100, 2, 31, 8, 19, 4, 66]]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory, write_tiny_llama) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("graph-llama"), vocab=256, hidden=128, intermediate=256)
+
+
+def _engine(path: Path, fmt: str | None, decode_graph: bool) -> LLMEngine:
+    config = EngineConfig(device="cpu", dtype="bfloat16", format=fmt, decode_graph=decode_graph, kv_cache_gib=0.01)
+    return create_engine(str(path), config)
+
+
+def _run(engine: LLMEngine, prompts: list[list[int]]) -> dict[str, tuple[list[int], list[float]]]:
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0)
+    ids = [engine.add_request(p, params, request_id=str(i)) for i, p in enumerate(prompts)]
+    out: dict[str, tuple[list[int], list[float]]] = {i: ([], []) for i in ids}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out[o.request_id][0].extend(o.new_token_ids)
+            out[o.request_id][1].extend(lp.logprob for lp in o.new_logprobs)
+    return out
+
+
+@pytest.mark.parametrize("fmt", [None, "ue8m0-fp8", "mxfp4", "mxint8"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graph_decode_matches_eager_decode(tiny_dir: Path, fmt: str | None, batch: int) -> None:
+    eager, replayed = _engine(tiny_dir, fmt, False), _engine(tiny_dir, fmt, True)
+    want, got = _run(eager, PROMPTS[:batch]), _run(replayed, PROMPTS[:batch])
+    # the graph really ran, at this batch size (and eager never recorded one)
+    assert isinstance(replayed.runner._graphs.get(batch), DecodeGraph)
+    assert eager.runner._graphs == {}
+    for rid, (tokens, logprobs) in want.items():
+        assert got[rid][0] == tokens
+        assert torch.allclose(torch.tensor(got[rid][1]), torch.tensor(logprobs), atol=0.05)
+
+
+def test_models_it_cannot_record_decode_eagerly(tmp_path: Path, make_engine) -> None:
+    from cumulo.engine.factory import use_platform_kernels
+
+    engine = make_engine("qwen3")  # per-head q/k norms: not a plain decoder layer
+    model = engine.runner.model.to(torch.bfloat16)
+    use_platform_kernels(model, CpuPlatform(), torch.bfloat16)
+    assert DecodeGraph.record(model, engine.kv_cache, 1, graph.Graph) is None
+
+
+def test_a_failing_kernel_stops_the_graph_with_its_error() -> None:
+    g = graph.Graph()
+    qkv = torch.zeros(1, (2 + 2 * 1) * 8, dtype=torch.bfloat16)
+    cos = sin = torch.zeros(4, 4)
+    cache = torch.zeros(1, 2, 4, 8, dtype=torch.bfloat16)
+    q = torch.zeros(1, 2, 8, dtype=torch.bfloat16)
+    positions = torch.tensor([9])  # outside the 4-position rotary table
+    g.rope_and_cache(qkv, positions, cos, sin, cache, cache.clone(), torch.tensor([0]), q, 2, 1)
+    with pytest.raises(ValueError, match="position is outside the rotary table"):
+        g.run()
+    positions[0] = 1  # the status word was cleared: the graph runs again once its input is good
+    g.run()
