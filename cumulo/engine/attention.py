@@ -10,10 +10,26 @@ checks, where no cache is wanted).
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+
+def _untouched_zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A zero CPU tensor on fresh anonymous pages of its own mapping.
+
+    The kernel hands such pages out zeroed and makes them resident only when first written, so the part of a
+    cache budget no sequence has reached costs no memory (torch.zeros would write, and so keep, every page;
+    torch.empty may reuse freed, non-zero heap memory for sizes under the allocator's mmap threshold).
+    The tensor keeps the mapping alive and unmaps it when freed.
+    """
+    if not hasattr(mmap, "MAP_ANONYMOUS"):  # not a POSIX system: plain zeros
+        return torch.zeros(numel, dtype=dtype)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    pages = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(pages, dtype=dtype, count=numel)
 
 
 class KVCache:
@@ -30,13 +46,8 @@ class KVCache:
         shape = (num_kv_heads, num_blocks, block_size, head_dim)
         per_tensor = num_kv_heads * num_blocks * block_size * head_dim
         total = 2 * num_layers * per_tensor
-        if (
-            torch.device(device).type == "cpu"
-            and total * torch.empty((), dtype=dtype).element_size() > 64 << 20
-        ):
-            # One big CPU allocation is served by fresh mmap'd pages, which the kernel hands out zeroed and
-            # which only become resident once written: a generous cache budget costs no memory until used.
-            flat = torch.empty(total, dtype=dtype, device=device)
+        if torch.device(device).type == "cpu":
+            flat = _untouched_zeros(total, dtype)
         else:
             flat = torch.zeros(total, dtype=dtype, device=device)
         views = flat.view(2 * num_layers, *shape)

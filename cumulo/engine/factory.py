@@ -70,14 +70,14 @@ def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
 
         get_scheme(config.format)  # an unknown name fails here, before the slow load
         loaded = load(model, dtype=torch.float32)
-        module = build_model(loaded.config, loaded.weights, dtype=torch.float32, device=device)
+        module = build_model(loaded.config, loaded.weights, dtype=torch.float32, device=device, consume=True)
         loaded.weights.clear()
         quantize_model(module, config.format)
         for param in module.parameters():
             param.data = param.data.to(dtype)
     else:
         loaded = load(model, dtype=dtype)
-        module = build_model(loaded.config, loaded.weights, dtype=dtype, device=device)
+        module = build_model(loaded.config, loaded.weights, dtype=dtype, device=device, consume=True)
         loaded.weights.clear()  # the module owns the tensors now; drop the loader's references
     use_platform_kernels(module, platform, dtype)
     max_len = loaded.config.max_position_embeddings

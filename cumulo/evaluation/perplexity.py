@@ -184,7 +184,7 @@ def run_perplexity(
         configure_cpu_threads(threads)
     torch_dtype = resolve_dtype(dtype, platform)
     loaded = load(model, dtype=torch_dtype)
-    module = build_model(loaded.config, loaded.weights, dtype=torch_dtype, device=target)
+    module = build_model(loaded.config, loaded.weights, dtype=torch_dtype, device=target, consume=True)
     loaded.weights.clear()
     if format:
         convert(module, format)

@@ -15,8 +15,10 @@ Tensors that are not `PackedWeight`s (embeddings, norms, kept layers) are stored
 
 from __future__ import annotations
 
+import ctypes
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -147,9 +149,110 @@ def _shard(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch
     return shards
 
 
-def _read_all(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
+
+def iter_safetensors(
+    path: str | Path, wanted: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for each tensor of one safetensors file (each `wanted` name), in file order, read into
+    memory it owns.
+
+    safetensors' own loaders hand out views of one mapping of the whole file: any tensor kept alive keeps
+    every page read through it resident, including those of tensors the caller has since copied and dropped
+    (q/k/v and gate/up once joined, anything cast to another dtype). Reading each tensor into its own buffer
+    (through the page cache, which is not this process's memory) lets a dropped tensor free its bytes.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb", buffering=0) as handle:
+            header, data_start = _safetensors_header(path, handle)
+            entries = sorted(
+                ((k, v) for k, v in header.items() if k != "__metadata__" and (wanted is None or wanted(k))),
+                key=lambda kv: kv[1]["data_offsets"],
+            )
+            for key, info in entries:
+                dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+                if dtype is None:
+                    raise InvalidModel(
+                        f"{path.name}: tensor {key} has unsupported dtype {info.get('dtype')!r}"
+                    )
+                begin, end = info["data_offsets"]
+                tensor = torch.empty(info["shape"], dtype=dtype)
+                nbytes = tensor.numel() * tensor.element_size()
+                if end - begin != nbytes:
+                    raise InvalidModel(
+                        f"{path.name}: tensor {key} has offsets {begin}..{end} for {nbytes} bytes"
+                    )
+                if nbytes:
+                    handle.seek(data_start + begin)
+                    view = memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+                    done = 0
+                    while done < nbytes:
+                        got = handle.readinto(view[done:])
+                        if not got:
+                            raise InvalidModel(f"{path.name}: truncated (tensor {key})")
+                        done += got
+                yield key, tensor
+    except OSError as exc:
+        raise InvalidModel(f"{path.name}: not a readable safetensors file ({exc})") from exc
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` strings of one safetensors file (no tensor data is read)."""
+    path = Path(path)
+    try:
+        with open(path, "rb", buffering=0) as handle:
+            header, _ = _safetensors_header(path, handle)
+    except OSError as exc:
+        raise InvalidModel(f"{path.name}: not a readable safetensors file ({exc})") from exc
+    return dict(header.get("__metadata__") or {})
+
+
+def _safetensors_header(path: Path, handle: Any) -> tuple[dict[str, Any], int]:
+    """(header JSON, offset of the data) of an open safetensors file: u64 little-endian size, then JSON."""
+    size = os.fstat(handle.fileno()).st_size
+    prefix = handle.read(8)
+    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if length < 2 or 8 + length > size:
+        raise InvalidModel(f"{path.name}: not a readable safetensors file (bad header size)")
+    data_start = 8 + length
+    try:
+        header = json.loads(handle.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            shape = info["shape"]
+            if not all(isinstance(v, int) and v >= 0 for v in (begin, end, *shape)) or begin > end:
+                raise ValueError(f"tensor {key} has a bad shape or data_offsets")
+            if end > size - data_start:
+                raise ValueError(f"truncated: tensor {key} ends past the end of the file")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidModel(f"{path.name}: not a readable safetensors file ({exc})") from exc
+    return header, data_start
+
+
+def _read_all(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -161,13 +264,8 @@ def _read_all(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, str] = {}
     for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata.update(handle.metadata() or {})
-                for key in handle.keys():
-                    tensors[key] = handle.get_tensor(key)
-        except (SafetensorError, OSError) as exc:
-            raise InvalidModel(f"{path.name}: not a readable safetensors file ({exc})") from exc
+        metadata.update(safetensors_metadata(path))
+        tensors.update(iter_safetensors(path))
     return tensors, metadata
 
 

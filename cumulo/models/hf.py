@@ -173,19 +173,14 @@ def hf_name(name: str) -> str | None:
 
 
 def read_weights(directory: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    # One tensor at a time, each in memory of its own (not views of a mapping of the whole file, whose pages
+    # would stay resident as long as any tensor of the file lives): a cast frees the stored copy at once.
+    from cumulo.formats.checkpoint import iter_safetensors
 
     out: dict[str, torch.Tensor] = {}
     for path in weight_files(directory):
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise InvalidModel(f"{path.name}: not a readable safetensors file ({exc})") from exc
-        for name, tensor in tensors.items():
-            hf = hf_name(name)
-            if hf is not None:
-                out[hf] = tensor.to(dtype)
+        for name, tensor in iter_safetensors(path, wanted=lambda n: hf_name(n) is not None):
+            out[str(hf_name(name))] = tensor.to(dtype)
     return out
 
 

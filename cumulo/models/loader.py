@@ -135,11 +135,11 @@ def _load_hf(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
         from cumulo.formats.checkpoint import load_packed_state_dict
 
         packed, quant_format = load_packed_state_dict(path)
-        weights = {
-            hf_name: (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
-            for name, t in packed.items()
-            if (hf_name := hf.hf_name(name)) is not None
-        }
+        weights = {}
+        for name in list(packed):
+            t = packed.pop(name)  # popped, so a cast frees the stored copy as it goes
+            if (hf_name := hf.hf_name(name)) is not None:
+                weights[hf_name] = t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
         fmt = "safetensors:" + quant_format
     else:
         weights = hf.read_weights(path, dtype)

@@ -4,10 +4,12 @@ it, fusing q/k/v and gate/up projections on the way.
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from cumulo.errors import InvalidModel, UnsupportedArchitecture
 from cumulo.models.config import ModelConfig
@@ -38,9 +40,11 @@ def _concat(tensors: list[Any]) -> Any:
     raise InvalidModel("a checkpoint mixes packed and plain weights within one fused projection")
 
 
-def fuse_weights(weights: dict[str, Any]) -> dict[str, Any]:
-    """HF names -> our module names (q/k/v -> qkv_proj, gate/up -> gate_up_proj). Input is not modified."""
-    out = dict(weights)
+def fuse_weights(weights: dict[str, Any], *, consume: bool = False) -> dict[str, Any]:
+    """HF names -> our module names (q/k/v -> qkv_proj, gate/up -> gate_up_proj). The input is not modified,
+    unless `consume`: then the parts are popped from `weights` itself (which is returned), so each part is freed
+    as soon as it is joined instead of every part and every joined copy being held at once."""
+    out = weights if consume else dict(weights)
     layer_prefixes = {n.rsplit(".self_attn.", 1)[0] for n in weights if ".self_attn.q_proj." in n}
     for prefix in layer_prefixes:
         for fused, parts in _FUSED.items():
@@ -73,21 +77,67 @@ def _swap_packed(
         setattr(parent, child, PackedLinear(packed, bias).to(device))
 
 
+class _SkipMetaInit(TorchFunctionMode):
+    """Skips the initialisers module constructors run (nn.init.*, Tensor.normal_ / uniform_ ...) on meta tensors.
+
+    A meta tensor holds no values, so they do nothing; but meta `normal_` (nn.Embedding's init) has no C++ meta
+    kernel, and its Python fallback imports torch's decompositions with sympy, torch._dynamo and torch._inductor:
+    about 70 MiB of resident memory and a second of import for nothing. Only meta tensors are skipped, and only
+    in the thread (mode stack) that builds the model.
+    """
+
+    _INIT = frozenset(
+        {getattr(nn.init, n) for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")}
+        | {getattr(torch.Tensor, n) for n in ("normal_", "uniform_", "erfinv_", "clamp_", "log_normal_",
+                                                "exponential_", "cauchy_", "geometric_", "random_", "bernoulli_")}
+    )  # fmt: skip
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func in self._INIT:
+            tensor = kwargs.get("tensor", args[0] if args else None)
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+def _release_freed_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing).
+
+    Loading frees many mid-sized blocks (checkpoint parts once joined, the tokenizer's parse): glibc keeps them
+    mapped in its heap, resident but unused, tens of MB for a small model, until a trim hands them back.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+
+
 def build_model(
     config: ModelConfig,
     weights: dict[str, Any],
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    *,
+    consume: bool = False,
 ) -> nn.Module:
+    """The architecture's module holding `weights` (Hugging Face names), cast to `dtype` on `device`.
+
+    consume: take the tensors out of `weights` as they are used (the dict is empty afterwards), so that q/k/v
+    and gate/up parts are freed as soon as they are joined rather than after the whole model is built.
+    """
     cls = ARCHITECTURES.get(config.architecture)
     if cls is None:
         known = ", ".join(sorted(ARCHITECTURES))
         raise UnsupportedArchitecture(
             f"architecture '{config.architecture}' is not supported (known: {known})"
         )
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipMetaInit():
         model = cls(config)
-    state = fuse_weights(weights)
+    state = fuse_weights(weights, consume=consume)
     _swap_packed(model, state, dtype, device)
     if config.tie_word_embeddings or "lm_head.weight" not in state:
         state.pop("lm_head.weight", None)
@@ -110,6 +160,9 @@ def build_model(
     model.load_state_dict(
         {n: state[n].to(device=device, dtype=dtype) for n in expected}, strict=False, assign=True
     )
+    if consume:
+        state.clear()
+        _release_freed_heap()
     if tie:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.config.tie_word_embeddings = tie

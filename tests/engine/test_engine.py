@@ -3,10 +3,12 @@ and chunking change nothing, the prefix cache and preemption keep outputs exact,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from cumulo.engine.attention import AttentionContext
+from cumulo.engine.attention import AttentionContext, KVCache
 from cumulo.engine.params import SamplingParams
 from cumulo.errors import ContextLengthExceeded, InvalidRequest
 
@@ -175,3 +177,25 @@ def test_bad_requests_are_refused_with_clear_errors(make_engine):
     with pytest.raises(InvalidRequest):
         engine.add_request([5], SamplingParams(max_tokens=0))
     assert not engine.has_unfinished_requests()
+
+
+def _rss_anon_bytes() -> int | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in status.splitlines() if ln.startswith("RssAnon:")), None)
+    return int(line.split()[1]) * 1024 if line else None
+
+
+def test_cpu_kv_cache_is_zero_and_resident_only_where_written():
+    """A CPU cache of any size sits on fresh pages: all zeros, and costing memory only once written."""
+    if _rss_anon_bytes() is None:
+        pytest.skip("no /proc/self/status here")
+    before = _rss_anon_bytes()
+    cache = KVCache(4, 256, 16, 8, 64, torch.float32, "cpu")  # 64 MiB
+    grew = _rss_anon_bytes() - before
+    assert grew < 16 << 20, f"allocating the cache made {grew >> 20} MiB resident"
+    assert all(bool((t == 0).all()) for t in cache.k + cache.v)
+    cache.k[3][:, 7].fill_(1.5)
+    assert float(cache.k[3].sum()) == 1.5 * 8 * 16 * 64 and float(cache.v[3].sum()) == 0.0

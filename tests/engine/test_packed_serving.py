@@ -3,6 +3,11 @@ computes what its dequantized weights compute, and `--format` on load swaps the 
 
 from __future__ import annotations
 
+import gc
+import os
+import subprocess
+import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -76,3 +81,52 @@ def test_nvfp4_checkpoint_loads_with_fused_projections_exact(tiny_hf_dir, tmp_pa
     ids = torch.arange(3, 30)
     with torch.no_grad():
         torch.testing.assert_close(_logits(served, ids), _logits(reference, ids), rtol=1e-4, atol=1e-4)
+
+
+def _q_and_gate(weights: dict) -> list[torch.Tensor]:
+    names = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.gate_proj.weight")
+    return [w.codes if isinstance(w, PackedWeight) else w for w in (weights[n] for n in names)]
+
+
+@pytest.mark.parametrize("fmt", ["ue8m0-fp8", None])
+def test_consuming_build_frees_the_joined_parts_and_serves_the_same(tiny_hf_dir, tmp_path, fmt):
+    """build_model(consume=True), as the engine calls it, drops each q/k/v and gate/up part once joined: no
+    reference to a part outlives the build (so the parts and the joined copies are never all held at once)."""
+    path = tiny_hf_dir
+    if fmt is not None:
+        path = tmp_path / fmt
+        assert cli(["convert", str(tiny_hf_dir), "--format", fmt, "-o", str(path)]) == 0
+    loaded, again = load(str(path)), load(str(path))
+    parts = [weakref.ref(t) for t in _q_and_gate(loaded.weights)]
+    served = build_model(loaded.config, loaded.weights, consume=True)
+    assert loaded.weights == {}
+    gc.collect()
+    assert all(p() is None for p in parts)
+    reference = build_model(again.config, again.weights)
+    assert all(t is not None for t in _q_and_gate(again.weights))  # without consume the input is untouched
+    ids = torch.arange(3, 40)
+    with torch.no_grad():
+        assert torch.equal(_logits(served, ids), _logits(reference, ids))
+
+
+def test_building_a_model_imports_no_compiler_stack(tiny_hf_dir):
+    """Module constructors initialise their parameters; on the meta device that is skipped, because meta
+    `normal_` would import torch's decompositions (sympy, dynamo, inductor: ~70 MiB resident) for nothing."""
+    code = (
+        "import sys\n"
+        "from cumulo.models.loader import load\n"
+        "from cumulo.models.registry import build_model\n"
+        "loaded = load(sys.argv[1])\n"
+        "build_model(loaded.config, loaded.weights, consume=True)\n"
+        "print([m for m in ('sympy', 'torch._dynamo', 'torch._inductor') if m in sys.modules])\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_hf_dir)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -10,8 +10,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cumulo.errors import FormatError
-from cumulo.formats.checkpoint import load_packed_state_dict, save_packed_state_dict
+from cumulo.errors import FormatError, InvalidModel
+from cumulo.formats.checkpoint import (
+    iter_safetensors,
+    load_packed_state_dict,
+    safetensors_metadata,
+    save_packed_state_dict,
+)
 from cumulo.formats.packed import PackedWeight
 from cumulo.formats.quantize import quantize
 from cumulo.formats.schemes import SCHEMES
@@ -127,3 +132,56 @@ def test_joined_weights_are_refused_by_the_writer(tmp_path: Path) -> None:
     )
     with pytest.raises(FormatError, match="save the parts"):
         save_packed_state_dict({"a.weight": joined}, tmp_path, "ue8m0-fp8")
+
+
+def test_loaded_tensors_own_their_memory(tmp_path: Path) -> None:
+    """Each loaded tensor has a buffer of its own, not a view of one mapping of the whole file (which would keep
+    every page read through it resident, joined q/k/v and gate/up parts included, while any tensor lives)."""
+    save_packed_state_dict(_state("ue8m0-fp8"), tmp_path, "ue8m0-fp8")
+    loaded, _ = load_packed_state_dict(tmp_path)
+    tensors = []
+    for value in loaded.values():
+        if isinstance(value, PackedWeight):
+            tensors += [t for t in (value.codes, value.scales, value.tensor_scale) if t is not None]
+        else:
+            tensors.append(value)
+    assert len(tensors) == 4
+    for t in tensors:
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
+
+
+def test_reader_matches_safetensors_for_every_dtype(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(3)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g),
+        "f16": torch.randn(7, generator=g).half(),
+        "bf16": torch.randn(2, 2, 2, generator=g).bfloat16(),
+        "f8": torch.randn(4, 8, generator=g).to(torch.float8_e4m3fn),
+        "i64": torch.arange(-5, 5),
+        "u8": torch.randint(0, 256, (9,), generator=g, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 4),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"k": "v"})
+    got = dict(iter_safetensors(path))
+    assert got.keys() == tensors.keys()
+    for key, want in tensors.items():
+        assert got[key].dtype == want.dtype and got[key].shape == want.shape, key
+        assert torch.equal(got[key].reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), key
+    assert safetensors_metadata(path) == {"k": "v"}
+    assert set(dict(iter_safetensors(path, wanted=lambda n: n.startswith("f")))) == {"f32", "f16", "f8"}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_damaged_file_is_an_invalid_model(tmp_path: Path, damage: str) -> None:
+    save_packed_state_dict(_state("ue8m0-fp8"), tmp_path, "ue8m0-fp8")
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(
+        data[: len(data) - 100] if damage == "truncated" else data[:8] + b"{not json" + data[17:]
+    )
+    with pytest.raises(InvalidModel, match="model.safetensors"):
+        load_packed_state_dict(tmp_path)
