@@ -42,9 +42,9 @@ class CpuPlatform(Platform):
     def dense_linear(self, dtype: torch.dtype) -> LinearFn | None:
         from cumulo.platform.kernels import gemv
 
-        if dtype == torch.bfloat16 and gemv.available():
-            return gemv.bf16_linear
-        return None
+        if not gemv.available():
+            return None
+        return {torch.bfloat16: gemv.bf16_linear, torch.float32: gemv.f32_linear}.get(dtype)
 
     def rms_norm(self, dtype: torch.dtype) -> NormFn | None:
         from cumulo.platform.kernels import rms_norm

@@ -90,6 +90,20 @@ def test_output_head_logits_come_from_the_fp32_kernel():
     assert bool(((fast - refined).abs() <= fast.abs() * 2.0**-8 + 1e-6).all())
 
 
+@pytest.mark.parametrize("avx2_only", PATHS)
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n,k", [(64, 576), (7, 45), (130, 1536)])
+def test_fp32_kernel_matches_float64_reference(avx2_only, m, n, k):
+    gen = torch.Generator().manual_seed(n + k + m)
+    x, w, b = (torch.randn(*s, generator=gen) for s in ((m, k), (n, k), (n,)))
+    for bias in (None, b):
+        y = gemv.f32_linear(x, w, bias, avx2_only=avx2_only)
+        ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        assert y is not None and y.dtype == torch.float32
+        # fp32 sums in another order than the reference: a few fp32 roundings of the magnitudes involved
+        assert bool(((y.double() - ref).abs() <= 1e-5 * (x.abs().double() @ w.abs().double().t() + 1)).all())
+
+
 def test_declines_what_it_does_not_take():
     w = torch.randn(8, 32).bfloat16()
     assert gemv.bf16_linear(torch.randn(gemv.MAX_ROWS + 1, 32).bfloat16(), w) is None  # prefill: torch
@@ -127,7 +141,7 @@ def test_dense_linear_swap_keeps_ties_and_answers():
     assert seen == [24]
 
 
-def test_engine_uses_the_kernel_for_bf16_only(tmp_path, write_tiny_llama):
+def test_engine_uses_the_kernel_of_its_dtype(tmp_path, write_tiny_llama):
     from cumulo.engine.attention import AttentionContext
     from cumulo.engine.factory import create_engine
     from cumulo.engine.llm_engine import EngineConfig
@@ -136,7 +150,8 @@ def test_engine_uses_the_kernel_for_bf16_only(tmp_path, write_tiny_llama):
     for dtype in ("bfloat16", "float32"):
         model = create_engine(str(path), EngineConfig(dtype=dtype, kv_cache_gib=0.01)).runner.model
         dense = [m for m in model.modules() if isinstance(m, DenseLinear)]
-        assert bool(dense) == (dtype == "bfloat16")
+        want = gemv.bf16_linear if dtype == "bfloat16" else gemv.f32_linear
+        assert dense and all(m.kernel is want for m in dense)
         norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
         assert norms and all(m.kernel is not None for m in norms)  # both dtypes: the one-call RMSNorm
     # One token through the whole model: the kernel's logits match torch's bf16 path.

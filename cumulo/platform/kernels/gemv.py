@@ -1,8 +1,9 @@
-"""Skinny bf16 matmul on the CPU (decode rows): the ctypes binding of gemv.cpp and its torch-facing call.
+"""Skinny bf16 and fp32 matmuls on the CPU (decode rows): the ctypes binding of gemv.cpp and its torch-facing
+calls.
 
-`bf16_linear(x, weight, bias)` answers for bf16 CPU tensors with at most MAX_ROWS rows of x and returns None
-otherwise, so callers fall back to `F.linear` (which stays the better choice for prefill, where oneDNN's GEMM
-is compute-bound and uses the CPU's matrix units). `available()` says whether the kernel built here.
+`bf16_linear(x, weight, bias)` (and `f32_linear` for fp32) answers for CPU tensors of its dtype with at most
+MAX_ROWS rows of x and returns None otherwise, so callers fall back to `F.linear` (which stays the better choice
+for prefill, where oneDNN's GEMM is compute-bound and uses the CPU's matrix units). `available()` says whether the kernel built here.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from cumulo.platform.kernels.build import KernelLibrary, requires_avx2
 SOURCE = Path(__file__).with_name("gemv.cpp")
 # Above this many rows the matmul is compute-bound and torch's GEMM wins.
 MAX_ROWS = 8
+DTYPES = (torch.bfloat16, torch.float32)
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -26,6 +28,8 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.cumulo_bf16_linear.argtypes = [_P, _I, _I, _I, _P, _I, _I, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.cumulo_bf16_linear.restype = None
     lib.cumulo_bf16_linear_wide.restype = ctypes.c_int
+    lib.cumulo_f32_linear.argtypes = [_P, _I, _I, _I, _P, _I, _I, _P, _P, ctypes.c_int, ctypes.c_int]
+    lib.cumulo_f32_linear.restype = None
 
 
 _kernel = KernelLibrary(SOURCE, "CPU bf16 matmul kernel", _configure, requires=requires_avx2)
@@ -46,6 +50,23 @@ def uses_avx512_bf16() -> bool:
     return lib is not None and bool(lib.cumulo_bf16_linear_wide())
 
 
+def _checked(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the kernel of `dtype` takes x [M, K] and weight [N, K] (raises if they do not multiply)."""
+    if (
+        x.dim() != 2
+        or x.shape[0] > MAX_ROWS
+        or x.dtype != dtype
+        or weight.dtype != dtype
+        or x.device.type != "cpu"
+        or weight.device.type != "cpu"
+        or weight.stride(1) != 1
+    ):
+        return False
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not multiply")
+    return True
+
+
 def bf16_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -55,29 +76,17 @@ def bf16_linear(
     avx2_only: bool = False,
 ) -> torch.Tensor | None:
     """x [M, K] @ weight[N, K]^T (+ bias) in bf16 with fp32 accumulation; None when this kernel does not apply
-    (not bf16, not CPU, more than MAX_ROWS rows, or no kernel here). `out_dtype=torch.float32` returns the fp32
-    sums unrounded (logits); `avx2_only` forces the fallback path."""
+    (not bf16, not CPU, more than MAX_ROWS rows, column-major weight, or no kernel here).
+    `out_dtype=torch.float32` returns the fp32 sums unrounded (logits); `avx2_only` forces the fallback path."""
     lib = library()
-    if (
-        lib is None
-        or x.dim() != 2
-        or x.shape[0] > MAX_ROWS
-        or x.dtype != torch.bfloat16
-        or weight.dtype != torch.bfloat16
-        or x.device.type != "cpu"
-        or weight.device.type != "cpu"
-    ):
+    if lib is None or not _checked(x, weight, torch.bfloat16):
         return None
-    m, k = x.shape
-    n = weight.shape[0]
-    if weight.shape[1] != k:
-        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not multiply")
     if x.stride(1) != 1:
         x = x.contiguous()
-    if weight.stride(1) != 1:
-        return None
     if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
         bias = bias.to(torch.bfloat16).contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
     fp32_out = out_dtype == torch.float32
     y = torch.empty((m, n), dtype=torch.float32 if fp32_out else torch.bfloat16)
     lib.cumulo_bf16_linear(
@@ -90,25 +99,46 @@ def bf16_linear(
 bf16_linear.fp32_out = True  # type: ignore[attr-defined]  # DenseLinear.fp32_logits may ask for fp32 outputs
 
 
+def f32_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    avx2_only: bool = False,
+) -> torch.Tensor | None:
+    """x [M, K] @ weight[N, K]^T (+ bias) in fp32; None when this kernel does not apply (as `bf16_linear`)."""
+    lib = library()
+    if lib is None or not _checked(x, weight, torch.float32):
+        return None
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty((m, n), dtype=torch.float32)
+    lib.cumulo_f32_linear(
+        x.data_ptr(), m, k, x.stride(0), weight.data_ptr(), n, weight.stride(0),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(), 0 if avx2_only else -1,
+    )  # fmt: skip
+    return y
+
+
 def graph_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor
 ) -> tuple[int, list[int]] | None:
-    """The recorded form of `bf16_linear(x, weight, bias)` into y (cumulo.platform.kernels.graph), or None."""
+    """The recorded form of `bf16_linear` / `f32_linear` (x, weight, bias) into y for a decode graph
+    (cumulo.platform.kernels.graph), or None where the kernel would not take them."""
     lib = library()
-    if (
-        lib is None
-        or x.shape[0] > MAX_ROWS
-        or x.dtype != torch.bfloat16
-        or weight.dtype != torch.bfloat16
-        or weight.stride(1) != 1
-        or x.stride(1) != 1
-        or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()))
-    ):
+    if lib is None or not _checked(x, weight, x.dtype) or x.dtype not in DTYPES or x.stride(1) != 1:
         return None
-    fn = ctypes.cast(lib.cumulo_bf16_linear_op, ctypes.c_void_p).value or 0
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        return None
+    fn = lib.cumulo_bf16_linear_op if x.dtype == torch.bfloat16 else lib.cumulo_f32_linear_op
     args = [x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), weight.data_ptr(), weight.shape[0], weight.stride(0),
             0 if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(), 0]  # fmt: skip
-    return fn, args
+    return ctypes.cast(fn, ctypes.c_void_p).value or 0, args
 
 
-bf16_linear.graph_op = graph_op  # type: ignore[attr-defined]  # DenseLinear.graph_op records through it
+bf16_linear.graph_op = graph_op  # type: ignore[attr-defined]  # DenseLinear.graph_op records through them
+f32_linear.graph_op = graph_op  # type: ignore[attr-defined]

@@ -20,7 +20,7 @@ from cumulo.platform.kernels import gemv, paged_attention, rms_norm, rope_cache
 from cumulo.platform.kernels.build import KernelLibrary
 
 SOURCE = Path(__file__).with_name("graph.cpp")
-DTYPES = (torch.bfloat16,)  # the decode graph records the bf16 kernels (the engine's dtype on such CPUs)
+DTYPES = (torch.bfloat16, torch.float32)  # the engine's dtypes on CPUs; every recorded kernel takes both
 Op = tuple[int, list[int]]  # (function address, its int64 arguments)
 
 
