@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cumulo.chips.catalog import load_catalog  # noqa: E402
 from cumulo.chips.predict import Assumptions, Prediction, predict  # noqa: E402
+from cumulo.engine.decode_graph import MAX_BATCH as DECODE_GRAPH_MAX_BATCH  # noqa: E402
 
 
 def _row(label: str, claim: str, model: str, source: str) -> None:
@@ -204,12 +205,12 @@ def _best(llm, batch: int, prompt_len: int, max_tokens: int, clock, repeats: int
     return max(r[0] for r in runs), min(r[1] for r in runs)
 
 
-def probe_software(llm, pred, budget: int, max_tokens: int, clock) -> Assumptions:
+def probe_software(llm, pred, budget: int, max_tokens: int, clock, graph_max_batch: int = 0) -> Assumptions:
     """The engine's software time beyond the hardware model, from short runs (best of PROBE_REPEATS each):
     batches 1 and 8 with 16-token prompts give the decode step's a + b * sequences; those and one 48-token
     prompt give the prefill's c0 + c1 * tokens per prompt (on top of a per step). Fitted on the probes only;
     the table's cells use other prompt lengths (64) and batch sizes (4, 16)."""
-    hw = Assumptions(max_step_tokens=budget)
+    hw = Assumptions(max_step_tokens=budget, graph_max_batch=graph_max_batch)
     (b1, b2), (p1, p2) = PROBE_BATCHES, PROBE_PROMPTS
     step_res, pre_short = [], []
     for b in PROBE_BATCHES:
@@ -230,6 +231,7 @@ def probe_software(llm, pred, budget: int, max_tokens: int, clock) -> Assumption
         prefill_seq_overhead_s=per_prompt,
         prefill_token_overhead_s=per_token,
         max_step_tokens=budget,
+        graph_max_batch=graph_max_batch,
     )
 
 
@@ -265,7 +267,8 @@ def engine(
     local = load_catalog().get("local")
     print(
         f"  local: {local.memory_bandwidth_gbs:.1f} GB/s read, fp32 matmul {local.get('fp32_tflops') * 1e3:.0f} "
-        f"GFLOP/s, op latency {local.get('op_latency_us'):.1f} us"
+        f"GFLOP/s, op latency {local.get('op_latency_us'):.1f} us (in a decode graph "
+        f"{local.get('graph_op_latency_us') or 0:.2f} us)"
     )
     try:
         pull.ensure("smollm2-135m", progress=False)
@@ -298,14 +301,16 @@ def engine(
                 assumptions=soft,
             )
 
-        soft = probe_software(llm, pred, budget, max_tokens, clock)
+        # Decode steps of up to MAX_BATCH sequences replay the engine's recorded graph where it has a recorder.
+        graphs = DECODE_GRAPH_MAX_BATCH if llm.engine.runner.graph_recorder is not None else 0
+        soft = probe_software(llm, pred, budget, max_tokens, clock, graphs)
         print(
             f"  {fmt + '/' + dtype:<10} probes: engine software {soft.step_overhead_s * 1e3:.1f} ms/step "
             f"+ {soft.seq_overhead_s * 1e3:.2f} ms/sequence (decode), "
             f"{soft.prefill_seq_overhead_s * 1e3:.1f} ms/prompt + {soft.prefill_token_overhead_s * 1e6:.0f} us/token "
             "(prefill), beyond the roofline"
         )
-        hw_only = Assumptions(max_step_tokens=budget)
+        hw_only = Assumptions(max_step_tokens=budget, graph_max_batch=graphs)
         for b in batches:
             dec, ttft = _best(llm, b, prompt_len, max_tokens, clock, CELL_REPEATS)
             hw = pred(b, prompt_len + max_tokens // 2, hw_only)

@@ -30,6 +30,7 @@ class Calibration:
     skinny_tflops: dict[str, dict[int, float]]  # dtype or format -> rows M -> TFLOP/s of [M, K] x [K, N]
     op_latency_us: float
     memory_gb: float
+    graph_op_latency_us: float | None = None  # per op of a recorded decode graph, where the platform has one
 
 
 def _best_time(
@@ -135,8 +136,29 @@ def measure(
     ]
     latency = sum(_best_time(op, sync, min_time / 10, repeats, clock) for op in ops) / len(ops)
     return Calibration(
-        device, torch.get_num_threads(), bandwidth, rates, skinny, latency * 1e6, _total_memory_gb(device)
-    )
+        device, torch.get_num_threads(), bandwidth, rates, skinny, latency * 1e6, _total_memory_gb(device),
+        _graph_op_latency(device, sync, min_time, repeats, clock),
+    )  # fmt: skip
+
+
+GRAPH_PROBE_OPS = 200
+
+
+def _graph_op_latency(device: str, sync: Callable, min_time: float, repeats: int, clock: Callable) -> float | None:
+    """Seconds (as microseconds) per op of a recorded decode graph (Platform.decode_graph), or None where the
+    platform records none: the same small norm, replayed GRAPH_PROBE_OPS times in one graph."""
+    import torch
+
+    from cumulo.platform import get_platform
+
+    recorder = get_platform(device).decode_graph(torch.float32)
+    if recorder is None:
+        return None
+    graph = recorder()
+    h, g, y = torch.randn(1, 576), torch.ones(576), torch.empty(1, 576)
+    for _ in range(GRAPH_PROBE_OPS):
+        graph.rms_norm(h, g, y, 1e-6, 0.0)
+    return _best_time(graph.run, sync, min_time / 10, repeats, clock) / GRAPH_PROBE_OPS * 1e6
 
 
 def _engine_linear(device: str, dtype) -> Callable:
@@ -215,6 +237,11 @@ def to_record(cal: Calibration) -> dict:
         "memory_gb": fig(cal.memory_gb),
         "memory_bandwidth_gbs": fig(cal.memory_bandwidth_gbs, "float32 sum over a large tensor"),
         "op_latency_us": fig(cal.op_latency_us, "mean of small norm/activation/add ops, dispatch-bound"),
+        **(
+            {"graph_op_latency_us": fig(cal.graph_op_latency_us, "a small norm replayed in a recorded decode graph")}
+            if cal.graph_op_latency_us is not None
+            else {}
+        ),
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     for dtype, curve in cal.skinny_tflops.items():

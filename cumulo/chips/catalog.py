@@ -39,6 +39,7 @@ FIGURE_KEYS = (
     "price_usd",
     "die_area_mm2",
     "op_latency_us",
+    "graph_op_latency_us",  # per op when a decode step replays a recorded graph (CUDA graphs, Cumulo's CPU graph)
     # measured only (calibration): achieved TFLOP/s of a linear with M rows over big weights, the decode shape
     *(f"{dtype}_m{m}_tflops" for dtype in ("fp32", "bf16") for m in (1, 4, 8, 16, 64, 256, 512)),
 )

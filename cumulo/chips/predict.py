@@ -33,6 +33,9 @@ class Assumptions:
     memory_reserve: float = 0.10  # memory kept back for runtime, activations, fragmentation
     dequant_ops_per_weight: float = 4.0  # unpack, scale, convert: ALU ops per weight when emulating
     ops_per_layer: int = 14  # kernels/ops launched per decoder layer (for per-op overhead)
+    # Decode steps of at most this many sequences replay a recorded graph (an engine's CUDA graphs, Cumulo's
+    # CPU decode graph): their ops cost the chip's graph_op_latency_us (0 where it has none), not op_latency_us.
+    graph_max_batch: int = 0
     step_overhead_s: float = 0.0  # serving software per step (scheduling, sampling); 0 = not modelled
     seq_overhead_s: float = 0.0  # serving software per sequence in a decode step (sampling, bookkeeping)
     prefill_seq_overhead_s: float = 0.0  # serving software per prompt in a prefill (per-sequence attention calls)
@@ -117,7 +120,14 @@ def _peak_key(compute: str) -> str:
     return "int8_tops" if compute == "int8" else f"{compute}_tflops"
 
 
-def _time(chip: Chip, flops: float, bytes_moved: float, ops: float, peak: float, a: Assumptions) -> _Step:
+def _op_latency_s(chip: Chip, graphed: bool) -> float:
+    key = "graph_op_latency_us" if graphed else "op_latency_us"
+    return (chip.get(key) or 0.0) * 1e-6
+
+
+def _time(
+    chip: Chip, flops: float, bytes_moved: float, ops: float, peak: float, a: Assumptions, graphed: bool = False
+) -> _Step:
     c_eff = 1.0 if chip.achieved else a.compute_efficiency
     b_eff = 1.0 if chip.achieved else a.bandwidth_efficiency
     bw = (chip.memory_bandwidth_gbs or 0.0) * 1e9 * b_eff
@@ -125,7 +135,7 @@ def _time(chip: Chip, flops: float, bytes_moved: float, ops: float, peak: float,
         raise InvalidRequest(f"chip '{chip.id}' has no published memory bandwidth; cannot predict")
     t_compute = flops / (peak * c_eff)
     t_memory = bytes_moved / bw
-    t_overhead = ops * (chip.get("op_latency_us") or 0.0) * 1e-6
+    t_overhead = ops * _op_latency_s(chip, graphed)
     bound = "compute" if t_compute >= t_memory else "memory"
     if t_overhead > max(t_compute, t_memory):
         bound = "overhead"
@@ -191,8 +201,9 @@ def predict(
     head_bytes = max(act_bytes, w_bytes)
 
     def step(
-        tokens: int, kv_tokens_read: float, attn_ctx_tokens: float, kv_tokens_written: float, logits: int
-    ) -> _Step:
+        tokens: int, kv_tokens_read: float, attn_ctx_tokens: float, kv_tokens_written: float, logits: int,
+        graphed: bool = False,
+    ) -> _Step:  # fmt: skip
         weights = shape.weights_read(tokens) - shape.head_params  # the quantized body
         # The LM head runs only for tokens that sample (the last of each prompt in prefill).
         matmul_flops = 2 * (shape.active_params - shape.head_params) * tokens + 2 * shape.head_params * logits
@@ -200,10 +211,10 @@ def predict(
         act = shape.num_layers * tokens * shape.hidden_size * act_bytes * a.activation_passes
         other_bytes = (kv_tokens_read + kv_tokens_written) * shape.kv_elems_per_token * kv_bytes + act
         if curve and bw_local > 0:
-            return _curve_step(weights, tokens, logits, other_bytes, attn_flops)
+            return _curve_step(weights, tokens, logits, other_bytes, attn_flops, graphed)
         flops = matmul_flops + attn_flops
         moved = weights * (w_bytes + extra_w_bytes) + shape.head_params * head_bytes + other_bytes
-        st = _time(c, flops * shard, moved * shard, shape.num_layers * a.ops_per_layer, peak, a)
+        st = _time(c, flops * shard, moved * shard, shape.num_layers * a.ops_per_layer, peak, a, graphed)
         if deq_ops and fp32_peak:
             # Dequantization runs on the ALUs alongside the matmul; it only shows when it is the longer task.
             t_deq = weights * shard * deq_ops / (fp32_peak * (1.0 if c.achieved else a.compute_efficiency))
@@ -212,7 +223,7 @@ def predict(
         return st
 
     def _curve_step(
-        weights: float, tokens: int, logits: int, other_bytes: float, other_flops: float
+        weights: float, tokens: int, logits: int, other_bytes: float, other_flops: float, graphed: bool
     ) -> _Step:
         body_curve = format_curve or curve
         t_mm = 2 * weights * tokens / rate_at(body_curve, tokens) + 2 * shape.head_params * logits / rate_at(
@@ -226,7 +237,7 @@ def predict(
             else weights * (w_bytes + expanded) / bw_local
         )
         t_other = other_bytes / bw_local + other_flops / peak + t_deq
-        t_ops = shape.num_layers * a.ops_per_layer * (c.get("op_latency_us") or 0.0) * 1e-6
+        t_ops = shape.num_layers * a.ops_per_layer * _op_latency_s(c, graphed)
         roof_compute = 2 * weights * tokens / peak >= weights * expanded / bw_local
         bound = "overhead" if t_ops > t_mm + t_other else ("compute" if roof_compute else "memory")
         return _Step((t_mm + t_other + t_ops) * shard, bound)
@@ -258,10 +269,10 @@ def predict(
     if parallel == "pp" and n > 1:
         # n microbatches in flight: a token of every sequence needs each stage to run n microbatches.
         micro = math.ceil(batch / n)
-        dec = step(micro, micro * context, micro * context, micro, micro)
+        dec = step(micro, micro * context, micro * context, micro, micro, micro <= a.graph_max_batch)
         t_work, t_comm = n * (dec.seconds + a.step_overhead_s + micro * a.seq_overhead_s), comm(micro)
     else:
-        dec = step(batch, batch * context, batch * context, batch, batch)
+        dec = step(batch, batch * context, batch * context, batch, batch, batch <= a.graph_max_batch)
         t_work, t_comm = dec.seconds + a.step_overhead_s + batch * a.seq_overhead_s, comm(batch)
     t_dec = t_work + t_comm
     bound = "interconnect" if t_comm > t_work else dec.bound
