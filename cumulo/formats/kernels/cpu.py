@@ -72,6 +72,10 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.cumulo_mxfp4_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.cumulo_fp8_dequant.argtypes = [_F, _I, _I, _F, _F, _I, _I, _F, ctypes.c_int]
     lib.cumulo_mxfp4_dequant.argtypes = [_F, _I, _I, _F, _F, ctypes.c_int]
+    lib.cumulo_table8_linear_bf16.argtypes = [_F, _I, _I, _F, _I, _F, _I, _I, _F, ctypes.c_int, _F]
+    lib.cumulo_table8_linear_bf16.restype = ctypes.c_int
+    lib.cumulo_table8_runs.argtypes = [_I, _I]
+    lib.cumulo_table8_runs.restype = ctypes.c_int
     lib.cumulo_lut_linear.argtypes = [_F, _I, _I, _F, _I, ctypes.c_int, _F, _F, _F, _F, ctypes.c_float, _I, _I,
                                       _F, ctypes.c_int, ctypes.c_int, ctypes.c_int]  # fmt: skip
     for fn in (
@@ -201,6 +205,15 @@ def bind_mxfp4(w: PackedWeight) -> BoundKernel | None:
     return run
 
 
+def _sign_magnitude_bf16(lut: torch.Tensor, bits: int) -> bool:
+    """Whether an element's 256-entry value table is sign-magnitude (code | 0x80 is the negative of code, the
+    NaN/zero codes aside) with every magnitude exact in bf16: then its codes can be looked up as bf16."""
+    if bits != 8:
+        return False
+    mags = lut[:128]
+    return bool(torch.equal(lut[129:], -mags[1:]) and torch.equal(mags.bfloat16().float(), mags))
+
+
 def bind_lut(w: PackedWeight) -> BoundKernel | None:
     """Any 8- or 4-bit element type through a value table (HiF8, MX INT8, NVFP4). Prefill uses the reference
     dequantize, as these formats have no C++ dequantizer."""
@@ -233,23 +246,39 @@ def bind_lut(w: PackedWeight) -> BoundKernel | None:
         scale_mul = float(w.tensor_scale)
     else:
         scale_f32 = w.scales.to(torch.float32).contiguous()
-    keep = (codes, lut, scale_f32, scale_codes, scale_lut)
+    # An 8-bit sign-magnitude element exact in bf16 (HiF8) with fp32 scales also runs through the FP8 kernel's
+    # bf16 path, its magnitudes looked up as exact bf16; the LUT kernel answers where that path cannot.
+    mags = lut[:128].contiguous() if scale_f32 is not None and _sign_magnitude_bf16(lut, elem.bits) else None
+    keep = (codes, lut, scale_f32, scale_codes, scale_lut, mags)
     ptrs = [_ptr(t) for t in keep]
     mode = 0 if elem.kind is Kind.INT else elem.bits  # 0: MX INT8, decoded arithmetically
 
     def fused(px: int, m: int, py: int, threads: int, bf16: bool) -> None:
+        if bf16 and mags is not None and USE_AVX512:
+            if lib.cumulo_table8_linear_bf16(px, m, k, ptrs[0], n, ptrs[2], bn, bk, py, threads, ptrs[5]):
+                return
         lib.cumulo_lut_linear(px, m, k, ptrs[0], n, mode, ptrs[1], ptrs[2], ptrs[3], ptrs[4], scale_mul, bn, bk, py,
                               threads, bf16, int(USE_AVX512))  # fmt: skip
 
     def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
         return _call(x, n, fused, None)
 
-    run.graph_op = _graph_op(  # type: ignore[attr-defined]
-        lib.cumulo_lut_linear_op,
-        lambda x, y: [x.data_ptr(), x.shape[0], k, ptrs[0], n, mode, ptrs[1], ptrs[2] or 0, ptrs[3] or 0,
-                      ptrs[4] or 0, graph_f32_bits(scale_mul), bn, bk, y.data_ptr(), kernel_threads(),
-                      int(x.dtype == torch.bfloat16), int(USE_AVX512)],  # fmt: skip
-    )
+    def lut_args(x: torch.Tensor, y: torch.Tensor) -> list[int]:
+        return [x.data_ptr(), x.shape[0], k, ptrs[0], n, mode, ptrs[1], ptrs[2] or 0, ptrs[3] or 0, ptrs[4] or 0,
+                graph_f32_bits(scale_mul), bn, bk, y.data_ptr(), kernel_threads(), int(x.dtype == torch.bfloat16),
+                int(USE_AVX512)]  # fmt: skip
+
+    def table_args(x: torch.Tensor, y: torch.Tensor) -> list[int]:
+        return [x.data_ptr(), x.shape[0], k, ptrs[0], n, ptrs[2], bn, bk, y.data_ptr(), kernel_threads(), ptrs[5]]
+
+    lut_op = _graph_op(lib.cumulo_lut_linear_op, lut_args)
+    table_op = _graph_op(lib.cumulo_table8_linear_bf16_op, table_args)
+
+    def graph_op(x: torch.Tensor, y: torch.Tensor) -> tuple[int, list[int]] | None:
+        table = mags is not None and x.dtype == torch.bfloat16 and USE_AVX512 and lib.cumulo_table8_runs(k, bk)
+        return table_op(x, y) if table else lut_op(x, y)
+
+    run.graph_op = graph_op  # type: ignore[attr-defined]
     return run
 
 

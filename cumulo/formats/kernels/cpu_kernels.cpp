@@ -216,10 +216,13 @@ struct E4M3Tables {
     __m512i lo0, lo1, hi0, hi1;
 };
 
-__attribute__((target("avx512f,avx512bw,avx512vbmi"))) E4M3Tables make_e4m3_tables() {
+// The byte tables for any 8-bit sign-magnitude element whose 128 magnitudes are exact in bf16 (E4M3 when
+// mags is null; HiF8 through cumulo_table8_linear): NaN and Inf codes, which weights never hold, become 0.
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) E4M3Tables make_e4m3_tables(const float* mags = nullptr) {
     alignas(64) uint8_t lo[128], hi[128];
     for (int c = 0; c < 128; ++c) {
-        const float v = c == 0x7F ? 0.0f : e4m3_value((uint8_t)c);  // the NaN code never occurs in weights
+        float v = mags ? mags[c] : e4m3_value((uint8_t)c);
+        if (!isfinite(v)) v = 0.0f;
         uint32_t u;
         memcpy(&u, &v, 4);
         lo[c] = (uint8_t)(u >> 16);
@@ -510,9 +513,10 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16"))) void fp8_rows_
 // bf16 x [M, K] -> bf16 y [M, N] through fp8_row_bf16 (fp8_rows_bf16 when M = 1 and the blocks allow).
 // False if the block shape is not one it handles.
 bool fp8_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N, const Scales& sc,
-                     int64_t bn, int64_t bk, uint16_t* y, int nthreads) {
+                     int64_t bn, int64_t bk, uint16_t* y, int nthreads, const float* mags = nullptr) {
     if (!(bk % 64 == 0 || bk >= K || ((bk == 16 || bk == 32) && K % bk == 0))) return false;
-    static const E4M3Tables tables = make_e4m3_tables();
+    static const E4M3Tables e4m3 = make_e4m3_tables();
+    const E4M3Tables tables = mags ? make_e4m3_tables(mags) : e4m3;
     const int64_t xs = (K + 63) / 64 * 64;
     std::vector<uint16_t> xp(M * xs);
     for (int64_t m = 0; m < M; ++m) permute_x(x + m * K, K, xp.data() + m * xs);
@@ -934,6 +938,29 @@ void cumulo_lut_linear_op(const int64_t* a) {
     cumulo_lut_linear((const void*)a[0], a[1], a[2], (const uint8_t*)a[3], a[4], (int)a[5], (const float*)a[6],
                       (const float*)a[7], (const uint8_t*)a[8], (const float*)a[9], scale_mul, a[11], a[12],
                       (void*)a[13], (int)a[14], (int)a[15], (int)a[16]);
+}
+
+// Any 8-bit sign-magnitude element through the FP8 bf16 kernel (codes looked up as exact bf16): HiF8, whose
+// 128 magnitudes all fit bf16's 8 significant bits. mags: the value of each magnitude code (bit 7 is the
+// sign); scales fp32 [ceil(N / bn), ceil(K / bk)]. Returns 0 (nothing written) where this CPU lacks
+// AVX512-BF16 + VBMI or the blocks are of a shape the kernel does not take; the caller then uses the LUT
+// kernel.
+int cumulo_table8_linear_bf16(const void* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
+                              const float* scales_f32, int64_t bn, int64_t bk, void* y, int nthreads,
+                              const float* mags) {
+    if (!has_avx512_bf16_vbmi()) return 0;
+    const Scales sc{scales_f32, nullptr, (K + bk - 1) / bk};
+    return fp8_linear_bf16((const uint16_t*)x, M, K, codes, N, sc, bn, bk, (uint16_t*)y, nthreads, mags) ? 1 : 0;
+}
+
+// 1 where cumulo_table8_linear_bf16 runs for this K and column block (a decode graph records it then).
+int cumulo_table8_runs(int64_t K, int64_t bk) {
+    return has_avx512_bf16_vbmi() && (bk % 64 == 0 || bk >= K || ((bk == 16 || bk == 32) && K % bk == 0));
+}
+
+void cumulo_table8_linear_bf16_op(const int64_t* a) {
+    cumulo_table8_linear_bf16((const void*)a[0], a[1], a[2], (const uint8_t*)a[3], a[4], (const float*)a[5], a[6],
+                              a[7], (void*)a[8], (int)a[9], (const float*)a[10]);
 }
 
 }  // extern "C"
