@@ -44,7 +44,7 @@ def _run(engine: LLMEngine, prompts: list[list[int]]) -> dict[str, tuple[list[in
 
 @pytest.mark.parametrize(
     "fmt,dtype",
-    [(None, "bfloat16"), ("ue8m0-fp8", "bfloat16"), ("mxfp4", "bfloat16"), ("mxint8", "bfloat16"),
+    [(None, "bfloat16"), ("ue8m0-fp8", "bfloat16"), ("mxfp4", "bfloat16"), ("mxint8", "bfloat16"), ("mxint8-rceil", "bfloat16"),
      ("hif8", "bfloat16"), (None, "float32"), ("ue8m0-fp8", "float32")],
 )  # fmt: skip
 @pytest.mark.parametrize("batch", [1, 3])

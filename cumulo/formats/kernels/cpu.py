@@ -72,7 +72,7 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.cumulo_mxfp4_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.cumulo_fp8_dequant.argtypes = [_F, _I, _I, _F, _F, _I, _I, _F, ctypes.c_int]
     lib.cumulo_mxfp4_dequant.argtypes = [_F, _I, _I, _F, _F, ctypes.c_int]
-    lib.cumulo_table8_linear_bf16.argtypes = [_F, _I, _I, _F, _I, _F, _I, _I, _F, ctypes.c_int, _F]
+    lib.cumulo_table8_linear_bf16.argtypes = [_F, _I, _I, _F, _I, _F, _F, _I, _I, _F, ctypes.c_int, _F, ctypes.c_int]
     lib.cumulo_table8_linear_bf16.restype = ctypes.c_int
     lib.cumulo_table8_runs.argtypes = [_I, _I]
     lib.cumulo_table8_runs.restype = ctypes.c_int
@@ -205,13 +205,13 @@ def bind_mxfp4(w: PackedWeight) -> BoundKernel | None:
     return run
 
 
-def _sign_magnitude_bf16(lut: torch.Tensor, bits: int) -> bool:
-    """Whether an element's 256-entry value table is sign-magnitude (code | 0x80 is the negative of code, the
-    NaN/zero codes aside) with every magnitude exact in bf16: then its codes can be looked up as bf16."""
-    if bits != 8:
-        return False
+def _bf16_table(lut: torch.Tensor, twos: bool) -> bool:
+    """Whether an 8-bit element's 256-entry value table can be looked up by magnitude as exact bf16: sign-
+    magnitude (code | 0x80 is the negative of code, NaN and zero codes aside) or, with `twos`, two's complement
+    (code -c is the negative of code c), and every magnitude exact in bf16."""
     mags = lut[:128]
-    return bool(torch.equal(lut[129:], -mags[1:]) and torch.equal(mags.bfloat16().float(), mags))
+    negative = lut[256 - torch.arange(1, 128)] if twos else lut[129:]  # the codes of -1..-127 / of 0x81..0xFF
+    return bool(torch.equal(negative, -mags[1:]) and torch.equal(mags.bfloat16().float(), mags))
 
 
 def bind_lut(w: PackedWeight) -> BoundKernel | None:
@@ -246,16 +246,21 @@ def bind_lut(w: PackedWeight) -> BoundKernel | None:
         scale_mul = float(w.tensor_scale)
     else:
         scale_f32 = w.scales.to(torch.float32).contiguous()
-    # An 8-bit sign-magnitude element exact in bf16 (HiF8) with fp32 scales also runs through the FP8 kernel's
-    # bf16 path, its magnitudes looked up as exact bf16; the LUT kernel answers where that path cannot.
-    mags = lut[:128].contiguous() if scale_f32 is not None and _sign_magnitude_bf16(lut, elem.bits) else None
-    keep = (codes, lut, scale_f32, scale_codes, scale_lut, mags)
+    # 8-bit elements exact in bf16, sign-magnitude (HiF8) or two's complement (MX INT8), with fp32 or E8M0
+    # scales also run through the FP8 kernel's bf16 path, their magnitudes looked up as exact bf16; the LUT
+    # kernel answers where that path cannot.
+    twos = elem.kind is Kind.INT
+    table8 = elem.bits == 8 and scheme.scale != "nvfp4" and _bf16_table(lut, twos)
+    mags = (lut[:128].abs() if twos else lut[:128]).contiguous() if table8 else None
+    e8m0 = scale_codes if scheme.scale.startswith("e8m0") else None
+    keep = (codes, lut, scale_f32, scale_codes, scale_lut, mags, e8m0)
     ptrs = [_ptr(t) for t in keep]
     mode = 0 if elem.kind is Kind.INT else elem.bits  # 0: MX INT8, decoded arithmetically
 
     def fused(px: int, m: int, py: int, threads: int, bf16: bool) -> None:
         if bf16 and mags is not None and USE_AVX512:
-            if lib.cumulo_table8_linear_bf16(px, m, k, ptrs[0], n, ptrs[2], bn, bk, py, threads, ptrs[5]):
+            if lib.cumulo_table8_linear_bf16(px, m, k, ptrs[0], n, ptrs[2], ptrs[6], bn, bk, py, threads, ptrs[5],
+                                             twos):  # fmt: skip
                 return
         lib.cumulo_lut_linear(px, m, k, ptrs[0], n, mode, ptrs[1], ptrs[2], ptrs[3], ptrs[4], scale_mul, bn, bk, py,
                               threads, bf16, int(USE_AVX512))  # fmt: skip
@@ -269,7 +274,8 @@ def bind_lut(w: PackedWeight) -> BoundKernel | None:
                 int(USE_AVX512)]  # fmt: skip
 
     def table_args(x: torch.Tensor, y: torch.Tensor) -> list[int]:
-        return [x.data_ptr(), x.shape[0], k, ptrs[0], n, ptrs[2], bn, bk, y.data_ptr(), kernel_threads(), ptrs[5]]
+        return [x.data_ptr(), x.shape[0], k, ptrs[0], n, ptrs[2] or 0, ptrs[6] or 0, bn, bk, y.data_ptr(),
+                kernel_threads(), ptrs[5], int(twos)]  # fmt: skip
 
     lut_op = _graph_op(lib.cumulo_lut_linear_op, lut_args)
     table_op = _graph_op(lib.cumulo_table8_linear_bf16_op, table_args)

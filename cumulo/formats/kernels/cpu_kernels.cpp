@@ -214,11 +214,14 @@ bool has_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_su
 // 64-code chunks (DeepSeek 128x128, per-channel), or per 128-bit lane (16 codes) for MX's 32-code blocks.
 struct E4M3Tables {
     __m512i lo0, lo1, hi0, hi1;
+    bool twos;  // codes are two's complement integers (MX INT8): looked up by |code|, sign from bit 7
 };
 
-// The byte tables for any 8-bit sign-magnitude element whose 128 magnitudes are exact in bf16 (E4M3 when
-// mags is null; HiF8 through cumulo_table8_linear): NaN and Inf codes, which weights never hold, become 0.
-__attribute__((target("avx512f,avx512bw,avx512vbmi"))) E4M3Tables make_e4m3_tables(const float* mags = nullptr) {
+// The byte tables for any 8-bit element whose 128 magnitudes are exact in bf16 and whose bit 7 is the sign
+// (E4M3 when mags is null; HiF8 through cumulo_table8_linear), or two's complement integers (twos: MX INT8,
+// whose codes never hold -128). NaN and Inf codes, which weights never hold, become 0.
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) E4M3Tables make_e4m3_tables(const float* mags = nullptr,
+                                                                                  bool twos = false) {
     alignas(64) uint8_t lo[128], hi[128];
     for (int c = 0; c < 128; ++c) {
         float v = mags ? mags[c] : e4m3_value((uint8_t)c);
@@ -228,7 +231,8 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) E4M3Tables make_e4m3_tabl
         lo[c] = (uint8_t)(u >> 16);
         hi[c] = (uint8_t)(u >> 24);
     }
-    return {_mm512_load_si512(lo), _mm512_load_si512(lo + 64), _mm512_load_si512(hi), _mm512_load_si512(hi + 64)};
+    return {_mm512_load_si512(lo), _mm512_load_si512(lo + 64), _mm512_load_si512(hi), _mm512_load_si512(hi + 64),
+            twos};
 }
 
 // x (bf16 bits, K of them) -> the lane order the unpacks produce, zero-padded to whole 64-code chunks.
@@ -245,19 +249,21 @@ void permute_x(const uint16_t* x, int64_t K, uint16_t* out) {
 
 __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16"))) inline void decode_e4m3_64_bf16(
     const uint8_t* p, __mmask64 m, const E4M3Tables& t, __m512i& w0, __m512i& w1) {
-    const __m512i c = _mm512_maskz_loadu_epi8(m, p);
+    const __m512i s = _mm512_maskz_loadu_epi8(m, p);
+    const __m512i c = t.twos ? _mm512_abs_epi8(s) : s;
     const __m512i lo = _mm512_permutex2var_epi8(t.lo0, c, t.lo1);
     const __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(t.hi0, c, t.hi1),
-                                       _mm512_and_si512(c, _mm512_set1_epi8((char)0x80)));
+                                       _mm512_and_si512(s, _mm512_set1_epi8((char)0x80)));
     w0 = _mm512_unpacklo_epi8(lo, hi);
     w1 = _mm512_unpackhi_epi8(lo, hi);
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16"))) inline void decode_e4m3_64_bf16_full(
     const uint8_t* p, const E4M3Tables& t, __m512i& w0, __m512i& w1) {
-    const __m512i c = _mm512_loadu_si512(p);
+    const __m512i s = _mm512_loadu_si512(p);
+    const __m512i c = t.twos ? _mm512_abs_epi8(s) : s;
     const __m512i lo = _mm512_permutex2var_epi8(t.lo0, c, t.lo1);
-    const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t.hi0, c, t.hi1), c,
+    const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t.hi0, c, t.hi1), s,
                                                  _mm512_set1_epi8((char)0x80), 0xF8);  // a | (b & c)
     w0 = _mm512_unpacklo_epi8(lo, hi);
     w1 = _mm512_unpackhi_epi8(lo, hi);
@@ -513,10 +519,11 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16"))) void fp8_rows_
 // bf16 x [M, K] -> bf16 y [M, N] through fp8_row_bf16 (fp8_rows_bf16 when M = 1 and the blocks allow).
 // False if the block shape is not one it handles.
 bool fp8_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N, const Scales& sc,
-                     int64_t bn, int64_t bk, uint16_t* y, int nthreads, const float* mags = nullptr) {
+                     int64_t bn, int64_t bk, uint16_t* y, int nthreads, const float* mags = nullptr,
+                     bool twos = false) {
     if (!(bk % 64 == 0 || bk >= K || ((bk == 16 || bk == 32) && K % bk == 0))) return false;
     static const E4M3Tables e4m3 = make_e4m3_tables();
-    const E4M3Tables tables = mags ? make_e4m3_tables(mags) : e4m3;
+    const E4M3Tables tables = mags ? make_e4m3_tables(mags, twos) : e4m3;
     const int64_t xs = (K + 63) / 64 * 64;
     std::vector<uint16_t> xp(M * xs);
     for (int64_t m = 0; m < M; ++m) permute_x(x + m * K, K, xp.data() + m * xs);
@@ -940,17 +947,19 @@ void cumulo_lut_linear_op(const int64_t* a) {
                       (void*)a[13], (int)a[14], (int)a[15], (int)a[16]);
 }
 
-// Any 8-bit sign-magnitude element through the FP8 bf16 kernel (codes looked up as exact bf16): HiF8, whose
-// 128 magnitudes all fit bf16's 8 significant bits. mags: the value of each magnitude code (bit 7 is the
-// sign); scales fp32 [ceil(N / bn), ceil(K / bk)]. Returns 0 (nothing written) where this CPU lacks
-// AVX512-BF16 + VBMI or the blocks are of a shape the kernel does not take; the caller then uses the LUT
-// kernel.
+// Other 8-bit elements through the FP8 bf16 kernel (codes looked up as exact bf16): HiF8 (sign-magnitude,
+// its 128 magnitudes all fit bf16's 8 significant bits) and MX INT8 (twos = 1: two's complement, looked up by
+// magnitude). mags: the value of each magnitude code; scales fp32 [ceil(N / bn), ceil(K / bk)] (scales_f32) or
+// E8M0 bytes (scales_e8m0; pass the other as null). Returns 0 (nothing written) where this CPU lacks
+// AVX512-BF16 + VBMI or the blocks are of a shape the kernel does not take; the caller then uses the LUT kernel.
 int cumulo_table8_linear_bf16(const void* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
-                              const float* scales_f32, int64_t bn, int64_t bk, void* y, int nthreads,
-                              const float* mags) {
+                              const float* scales_f32, const uint8_t* scales_e8m0, int64_t bn, int64_t bk, void* y,
+                              int nthreads, const float* mags, int twos) {
     if (!has_avx512_bf16_vbmi()) return 0;
-    const Scales sc{scales_f32, nullptr, (K + bk - 1) / bk};
-    return fp8_linear_bf16((const uint16_t*)x, M, K, codes, N, sc, bn, bk, (uint16_t*)y, nthreads, mags) ? 1 : 0;
+    const Scales sc{scales_f32, scales_e8m0, (K + bk - 1) / bk};
+    const bool done = fp8_linear_bf16((const uint16_t*)x, M, K, codes, N, sc, bn, bk, (uint16_t*)y, nthreads, mags,
+                                      twos != 0);
+    return done ? 1 : 0;
 }
 
 // 1 where cumulo_table8_linear_bf16 runs for this K and column block (a decode graph records it then).
@@ -959,8 +968,9 @@ int cumulo_table8_runs(int64_t K, int64_t bk) {
 }
 
 void cumulo_table8_linear_bf16_op(const int64_t* a) {
-    cumulo_table8_linear_bf16((const void*)a[0], a[1], a[2], (const uint8_t*)a[3], a[4], (const float*)a[5], a[6],
-                              a[7], (void*)a[8], (int)a[9], (const float*)a[10]);
+    cumulo_table8_linear_bf16((const void*)a[0], a[1], a[2], (const uint8_t*)a[3], a[4], (const float*)a[5],
+                              (const uint8_t*)a[6], a[7], a[8], (void*)a[9], (int)a[10], (const float*)a[11],
+                              (int)a[12]);
 }
 
 }  // extern "C"
