@@ -516,7 +516,36 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16"))) void fp8_rows_
     for (int r = 0; r < NR; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-// bf16 x [M, K] -> bf16 y [M, N] through fp8_row_bf16 (fp8_rows_bf16 when M = 1 and the blocks allow).
+// The same for MX's 32-code blocks (K % 32 == 0): two scales per 64-code chunk, on fp32 lanes 0-7 and 8-15.
+template <int NR>
+__attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16"))) void fp8_rows_bf16_mx(
+    const uint16_t* xp, int64_t K, const uint8_t* rows, const Scales& sc, int64_t n0, int64_t bn,
+    const E4M3Tables& t, float* out) {
+    __m512 acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 64) {
+        const __m512i x0 = _mm512_loadu_si512(xp + k), x1 = _mm512_loadu_si512(xp + k + 32);
+        const bool full = K - k >= 64;
+        const __mmask64 m = full ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+        const int64_t kb = k / 32;
+        for (int r = 0; r < NR; ++r) {
+            const uint8_t* row = rows + r * K;
+            _mm_prefetch((const char*)(row + k) + kAhead, _MM_HINT_T1);
+            __m512i w0, w1;
+            if (full) decode_e4m3_64_bf16_full(row + k, t, w0, w1);
+            else decode_e4m3_64_bf16(row + k, m, t, w0, w1);
+            const int64_t rb = (n0 + r) / bn;
+            const __m512 s = _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(sc.at(rb, kb)),
+                                                  _mm512_set1_ps(full ? sc.at(rb, kb + 1) : 0.0f));
+            __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w0, (__m512bh)x0);
+            p = _mm512_dpbf16_ps(p, (__m512bh)w1, (__m512bh)x1);
+            acc[r] = _mm512_fmadd_ps(p, s, acc[r]);
+        }
+    }
+    for (int r = 0; r < NR; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+// bf16 x [M, K] -> bf16 y [M, N] through fp8_row_bf16 (fp8_rows_bf16[_mx] when M = 1 and the blocks allow).
 // False if the block shape is not one it handles.
 bool fp8_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N, const Scales& sc,
                      int64_t bn, int64_t bk, uint16_t* y, int nthreads, const float* mags = nullptr,
@@ -527,15 +556,19 @@ bool fp8_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* cod
     const int64_t xs = (K + 63) / 64 * 64;
     std::vector<uint16_t> xp(M * xs);
     for (int64_t m = 0; m < M; ++m) permute_x(x + m * K, K, xp.data() + m * xs);
-    if (M == 1 && (bk % 64 == 0 || bk >= K)) {
+    const bool mx = bk == 32 && K % 32 == 0 && K > 32;
+    if (M == 1 && (bk % 64 == 0 || bk >= K || mx)) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t g = 0; g < (N + NR - 1) / NR; ++g) {
             const int64_t n0 = g * NR, nr = N - n0 < NR ? N - n0 : NR;
             float out[NR];
-            if (nr == NR) fp8_rows_bf16<NR>(xp.data(), K, codes + n0 * K, sc, n0, bn, bk, tables, out);
-            else
-                for (int64_t r = 0; r < nr; ++r)
-                    fp8_rows_bf16<1>(xp.data(), K, codes + (n0 + r) * K, sc, n0 + r, bn, bk, tables, out + r);
+            for (int64_t r = 0; r < nr; r += nr == NR ? NR : 1) {
+                const uint8_t* rows = codes + (n0 + r) * K;
+                if (nr == NR && mx) fp8_rows_bf16_mx<NR>(xp.data(), K, rows, sc, n0, bn, tables, out);
+                else if (nr == NR) fp8_rows_bf16<NR>(xp.data(), K, rows, sc, n0, bn, bk, tables, out);
+                else if (mx) fp8_rows_bf16_mx<1>(xp.data(), K, rows, sc, n0 + r, bn, tables, out + r);
+                else fp8_rows_bf16<1>(xp.data(), K, rows, sc, n0 + r, bn, bk, tables, out + r);
+            }
             for (int64_t r = 0; r < nr; ++r) y[n0 + r] = round_bf16(out[r]);
         }
         return true;
