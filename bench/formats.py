@@ -12,8 +12,12 @@ its own peak resident memory (VmHWM), and the perplexity of the served weights o
 the fp32 baseline. GB/s = weight bytes read per token (every weight once; the tied embedding is read whole by
 lm_head) x decode tok/s, next to the machine's read bandwidth (bench/bandwidth.py) measured in the same run.
 If the llama.cpp anchor is built (bench/.anchors/venv, `python -m bench.anchors`), llama-cpp-python decodes
-the Q4_1 GGUF with the same prompts and threads. Prints a table and the issue's target ratios, writes JSON to
-bench/results/ and a plot of perplexity delta against decode tok/s. Never gates CI.
+the Q4_1 GGUF with the same prompts and threads. Then --rounds more decode-only rounds (default 3) go over the
+systems the speed targets compare (fp32, ue8m0-fp8, mxfp4 and llama.cpp) in turn, fresh processes each, so
+that every system sees the same phases of a shared host's load; each system's decode figure is its best over
+the first pass and the rounds, and the ratios of each round are printed too (their spread is the host's noise).
+Prints a table and the issue's target ratios, writes JSON to bench/results/ and a plot of perplexity delta
+against decode tok/s. Never gates CI.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ FORMATS = [
     ("hif8", "hif8", COMPACT),
 ]
 DENSE_BITS = {"float32": 32, "bfloat16": 16}
+SPEED_FORMATS = ("float32", "ue8m0-fp8", "mxfp4")  # the formats the speed targets compare (with llama.cpp)
 WORKER_TIMEOUT_S = 900
 
 
@@ -81,41 +86,47 @@ def worker_args(args: argparse.Namespace) -> list[str]:
             "--repeats", str(args.repeats), "--budget-s", str(args.decode_budget_s)]  # fmt: skip
 
 
-def measure_format(label: str, fmt: str | None, dtype: str, gguf: Path, args: argparse.Namespace) -> dict:
+def measure_format(
+    label: str, fmt: str | None, dtype: str, gguf: Path, args: argparse.Namespace, work: Path
+) -> tuple[dict, list[str] | None]:
+    """The format's row, and the worker command that served it (for the speed rounds; None if it failed).
+    Checkpoints are converted into `work`, which the caller removes."""
     if dtype == COMPACT:
         dtype = args.compact_dtype
     row: dict = {"label": label, "format": fmt or dtype, "dtype": dtype}
     ppl = ["--ppl-tokens", str(args.ppl_tokens), "--context", str(args.context), "--stride", str(args.stride)]
-    with tempfile.TemporaryDirectory(prefix=f"cumulo-{label.split()[0]}-") as tmp:
-        served = gguf
-        if fmt is not None:
-            log(f"[{label}] converting ...")
-            row.update(convert(gguf, fmt, Path(tmp) / fmt, args.threads))
-            if "error" in row:
-                return row
-            served = Path(tmp) / fmt
-        log(f"[{label}] serving {'the GGUF' if fmt is None else 'the packed checkpoint'} (dtype {dtype}) ...")
-        cmd = [
-            sys.executable,
-            "-m",
-            "bench.formats_worker",
-            "cumulo",
-            "--model",
-            str(served),
-            "--dtype",
-            dtype,
-        ]
-        row.update(run_child(cmd + worker_args(args) + ppl, args.threads))
-        if fmt is not None and "error" in row:
-            # The checkpoint would not load (e.g. NVFP4 q/k/v parts with different tensor scales cannot be fused
-            # exactly): measure the same format converted on load instead, and say so in the row.
-            failed = row.pop("error")
-            log(
-                f"[{label}] the checkpoint failed ({failed}); serving the GGUF with --format {fmt} instead ..."
-            )
-            cmd[cmd.index(str(served))] = str(gguf)
-            row.update(run_child([*cmd, "--format", fmt, *worker_args(args), *ppl], args.threads))
-            row["served"] = f"converted on load; the checkpoint failed to load: {failed}"
+    tmp = tempfile.mkdtemp(prefix=f"{label.split()[0]}-", dir=work)
+    served = gguf
+    if fmt is not None:
+        log(f"[{label}] converting ...")
+        row.update(convert(gguf, fmt, Path(tmp) / fmt, args.threads))
+        if "error" in row:
+            return row, None
+        served = Path(tmp) / fmt
+    log(f"[{label}] serving {'the GGUF' if fmt is None else 'the packed checkpoint'} (dtype {dtype}) ...")
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.formats_worker",
+        "cumulo",
+        "--model",
+        str(served),
+        "--dtype",
+        dtype,
+    ]
+    row.update(run_child(cmd + worker_args(args) + ppl, args.threads))
+    serve = cmd
+    if fmt is not None and "error" in row:
+        # The checkpoint would not load (e.g. NVFP4 q/k/v parts with different tensor scales cannot be fused
+        # exactly): measure the same format converted on load instead, and say so in the row.
+        failed = row.pop("error")
+        log(
+            f"[{label}] the checkpoint failed ({failed}); serving the GGUF with --format {fmt} instead ..."
+        )
+        cmd[cmd.index(str(served))] = str(gguf)
+        serve = [*cmd, "--format", fmt]
+        row.update(run_child([*serve, *worker_args(args), *ppl], args.threads))
+        row["served"] = f"converted on load; the checkpoint failed to load: {failed}"
     if "weights" in row:
         if fmt is None:  # the GGUF is Q4_1 on disk; these are the sizes of an fp32 / bf16 safetensors file
             row["checkpoint_bytes"] = row["weights"] * DENSE_BITS[dtype] // 8
@@ -127,22 +138,45 @@ def measure_format(label: str, fmt: str | None, dtype: str, gguf: Path, args: ar
     if "decode_tok_s" in row:
         row["weight_gb_s"] = row["bytes_per_token"] * row["decode_tok_s"] / 1e9
     log(f"[{label}] {row.get('error') or 'done'}")
-    return row
+    return row, (None if "error" in row else serve)
+
+
+def llama_command(gguf: Path) -> list[str] | None:
+    """The llama-cpp-python worker command, if the anchor venv has it; None when the anchor is not built."""
+    from bench import anchors  # noqa: PLC0415
+
+    python = anchors.VENV_PYTHON
+    if not python.exists() or subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True).returncode:
+        return None
+    return [str(python), "-m", "bench.formats_worker", "llama", "--model", str(gguf)]
+
+
+def speed_rounds(systems: dict[str, tuple[dict, list[str]]], args: argparse.Namespace) -> list[dict[str, float]]:
+    """args.rounds decode-only rounds over `systems` (label -> (row, worker command)), in turn within each round.
+    Each row's decode_tok_s becomes its best over the first pass and the rounds; returns each round's tok/s."""
+    rounds = []
+    for r in range(args.rounds):
+        log(f"[speed round {r + 1}/{args.rounds}] {', '.join(systems)} ...")
+        measured = {}
+        for label, (row, cmd) in systems.items():
+            tok_s = run_child(cmd + worker_args(args), args.threads).get("decode_tok_s")
+            if tok_s:
+                measured[label] = tok_s
+                row["decode_tok_s"] = max(row.get("decode_tok_s") or 0.0, tok_s)
+        rounds.append(measured)
+    for row, _ in systems.values():
+        if row.get("decode_tok_s") and row.get("bytes_per_token"):
+            row["weight_gb_s"] = row["bytes_per_token"] * row["decode_tok_s"] / 1e9
+    return rounds
 
 
 def measure_llama(gguf: Path, args: argparse.Namespace, weights: int | None) -> dict | None:
     """llama-cpp-python on the Q4_1 GGUF, if the anchor venv has it; None when the anchor is not built."""
-    from bench import anchors  # noqa: PLC0415
-
-    python = anchors.VENV_PYTHON
-    if not python.exists():
-        return None
-    probe = subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True)
-    if probe.returncode != 0:
+    cmd = llama_command(gguf)
+    if cmd is None:
         return None
     log("[llama.cpp] decoding the Q4_1 GGUF ...")
-    row = run_child([str(python), "-m", "bench.formats_worker", "llama", "--model", str(gguf)] + worker_args(args),
-                    args.threads)  # fmt: skip
+    row = run_child(cmd + worker_args(args), args.threads)
     row.update(label="llama.cpp Q4_1", format="gguf:Q4_1", dtype="Q4_1")
     row["checkpoint_bytes"] = gguf.stat().st_size
     row["linear_bits_per_weight"] = 5.0  # Q4_1: 32 four-bit codes + an fp16 scale and an fp16 minimum
@@ -177,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-budget-s", type=float, default=60.0,
                         help="formats predicted to decode slower than this get fewer tokens")  # fmt: skip
     parser.add_argument("--no-llama", action="store_true", help="skip the llama.cpp anchor")
+    parser.add_argument("--rounds", type=int, help="decode-only rounds over fp32, ue8m0-fp8, mxfp4 and llama.cpp "
+                        "after the first pass (default 3; quick 0)")
     parser.add_argument("--compact-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="activation dtype the compact formats are served in (default bfloat16, the engine's "
                              "default on CPUs with native bf16; float32 for the exact-fp32 kernels)")  # fmt: skip
@@ -185,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args.ppl_tokens = args.ppl_tokens or (512 if args.quick else 2048)
     args.tokens = args.tokens or (32 if args.quick else 64)
     args.repeats = args.repeats or (1 if args.quick else 3)
+    args.rounds = (0 if args.quick else 3) if args.rounds is None else args.rounds
     if args.quick:
         args.decode_budget_s = min(args.decode_budget_s, 20.0)
     chosen = FORMATS
@@ -201,8 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     gguf = model_path(args.model)
     log(f"model {gguf}; measuring read bandwidth with {args.threads} thread(s) ...")
     bandwidth = read_bandwidth_gb_s(args.threads, size_bytes=(256 if args.quick else 1024) << 20)
-    rows = [measure_format(label, fmt, dtype, gguf, args) for label, fmt, dtype in chosen]
-    llama = None if args.no_llama else measure_llama(gguf, args, rows[0].get("weights"))
+    with tempfile.TemporaryDirectory(prefix="cumulo-formats-") as work:
+        measured = [measure_format(label, fmt, dtype, gguf, args, Path(work)) for label, fmt, dtype in chosen]
+        rows = [row for row, _ in measured]
+        llama = None if args.no_llama else measure_llama(gguf, args, rows[0].get("weights"))
+        systems = {row["label"]: (row, cmd) for row, cmd in measured if cmd and row["format"] in SPEED_FORMATS}
+        if llama and llama.get("decode_tok_s"):
+            systems[llama["label"]] = (llama, llama_command(gguf) or [])
+        rounds = speed_rounds(systems, args) if len(systems) > 1 else []
     result = {
         "model": str(gguf),
         "baseline": "fp32 = the GGUF's Q4_1 weights dequantized to fp32 (no 16-bit HF checkpoint offline)",
@@ -219,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.time() - started,
         "formats": rows,
         "llama_cpp": llama,
+        "speed_rounds": rounds,
     }
     result["targets"] = targets(rows, llama)
     print_report(result)

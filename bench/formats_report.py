@@ -90,6 +90,17 @@ def print_report(result: dict) -> None:
         "(Q4_1: 5.0).\nGB/s: weight bytes read per token x tok/s (llama.cpp: the GGUF's size per token); "
         "% roof: of the read bandwidth."
     )
+    rounds = result.get("speed_rounds") or []
+    if rounds:
+        fp32 = next((r["label"] for r in result["formats"] if r.get("format") == "float32"), None)
+        llama = (result.get("llama_cpp") or {}).get("label")
+        pairs = [(a, b) for a, b in (("ue8m0-fp8", fp32), ("ue8m0-fp8", llama), ("mxfp4", llama)) if b]
+        print(f"\ndecode tok/s in {len(rounds)} more rounds, every system in turn (the table keeps each one's best):")
+        for i, rnd in enumerate(rounds, 1):
+            ratios = "  ".join(
+                f"{a}/{b.split()[0]} {_fmt(rnd.get(a) and rnd.get(b) and rnd[a] / rnd[b], '4.2f')}" for a, b in pairs
+            )
+            print(f"  round {i}: " + "  ".join(f"{k} {v:.1f}" for k, v in rnd.items()) + f"   ratios: {ratios}")
     print("\ntargets (issue 3):")
     for t in result["targets"]:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
