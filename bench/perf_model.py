@@ -195,7 +195,7 @@ def _ratio(pred: float, meas: float) -> str:
 
 
 PROBE_BATCHES = (1, 8)  # decode software cost: a + b * sequences, fitted from these two batch sizes
-PROBE_PROMPTS = (16, 48)  # prefill software cost per prompt: c0 + c1 * tokens, from these two lengths
+PROBE_PROMPTS = (32, 128)  # prefill software cost per prompt: c0 + c1 * tokens, from these two lengths
 PROBE_REPEATS = 3
 CELL_REPEATS = 2  # each measured cell is the best of this many runs (the least disturbed by the host)
 

@@ -44,7 +44,7 @@ FIGURE_KEYS = (
     *(f"{dtype}_m{m}_tflops" for dtype in ("fp32", "bf16") for m in (1, 4, 8, 16, 64, 256, 512)),
 )
 # Rows of the measured linears: decode batches up to a prefill step (the engine's default budget is 512
-# tokens); 8 is where the CPU's decode kernels hand over to torch's GEMM.
+# tokens); 16 is where the CPU's dense decode kernels hand over to torch's GEMM.
 SKINNY_ROWS = (1, 4, 8, 16, 64, 256, 512)
 # Measured only: the same curve for Cumulo's packed linear in a compact format ("mxfp4_m16_tflops"), which
 # includes whatever dequantization or fused kernel the formats layer uses on this machine.

@@ -19,7 +19,7 @@ from cumulo.engine.attention import KVCache
 from cumulo.models.layers import Attention, GatedMLP, RMSNorm
 from cumulo.models.llama import LlamaModel
 
-MAX_BATCH = 8  # decode batches above this run eagerly (the fused linears take at most 8 rows)
+MAX_BATCH = 16  # decode batches above this run eagerly (the dense decode kernels take at most 16 rows)
 
 
 def _plain_layer(layer: nn.Module) -> bool:

@@ -18,7 +18,7 @@ from cumulo.platform.kernels import graph
 
 pytestmark = pytest.mark.skipif(not graph.available(), reason="no C++ compiler (or no AVX2) for the CPU kernels")
 
-PROMPTS = [[5, 9, 12, 40], [7, 7, 3], [100, 2, 31, 8, 19, 4, 66]]
+PROMPTS = [[5, 9, 12, 40], [7, 7, 3], [100, 2, 31, 8, 19, 4, 66]] + [[3 + i, 50 + 7 * i, 200 - i] for i in range(9)]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def _run(engine: LLMEngine, prompts: list[list[int]]) -> dict[str, tuple[list[in
     [(None, "bfloat16"), ("ue8m0-fp8", "bfloat16"), ("mxfp4", "bfloat16"), ("mxint8", "bfloat16"), ("mxint8-rceil", "bfloat16"),
      ("hif8", "bfloat16"), (None, "float32"), ("ue8m0-fp8", "float32")],
 )  # fmt: skip
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 12])
 def test_graph_decode_matches_eager_decode(tiny_dir: Path, fmt: str | None, dtype: str, batch: int) -> None:
     eager, replayed = _engine(tiny_dir, fmt, False, dtype), _engine(tiny_dir, fmt, True, dtype)
     want, got = _run(eager, PROMPTS[:batch]), _run(replayed, PROMPTS[:batch])

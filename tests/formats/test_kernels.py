@@ -24,7 +24,7 @@ def fp8_path(request, monkeypatch) -> bool:
 
 
 @pytest.mark.parametrize("fmt", cpu.FP8_FORMATS + cpu.MXFP4_FORMATS + cpu.LUT_FORMATS)
-@pytest.mark.parametrize("rows", [1, 3, 6, 20])
+@pytest.mark.parametrize("rows", [1, 3, 6, 20, 80])  # 80: past FUSED_MAX_ROWS, the prefill path
 def test_fused_kernel_matches_reference_dequantize_then_matmul(fmt: str, rows: int, fp8_path: bool) -> None:
     g = torch.Generator().manual_seed(rows)
     n, k = (200, 320) if fmt.startswith("mxfp4") else (200, 300)  # 300: tails in every K-blocking
