@@ -107,6 +107,25 @@ def print_report(result: dict) -> None:
         print(f"  {t['target']:<44} {_fmt(t['value'], '7.2f')}  target {t['op']} {t['bound']}  {verdict}")
 
 
+def _label_points(fig, ax, rows: list[dict]) -> None:  # type: ignore[no-untyped-def]
+    """Label each point on the first side (right/left, above/below) whose text box, estimated in pixels, meets
+    no label placed before it: formats of similar speed and accuracy (ue8m0-fp8, fp8, hif8) sit side by side."""
+    fig.canvas.draw()  # fixes the axis limits, so data map to pixels
+    placed: list[tuple[float, float, float, float]] = []
+    for r in sorted(rows, key=lambda r: r["decode_tok_s"]):
+        px, py = ax.transData.transform((r["decode_tok_s"], r["ppl_delta_pct"]))
+        w, h = 5.5 * len(r["label"]) * fig.dpi / 100, 10 * fig.dpi / 100
+        for dx, dy, ha in ((5, 5, "left"), (5, -12, "left"), (-5, 5, "right"), (-5, -12, "right"), (5, 16, "left")):
+            x0 = px + dx * fig.dpi / 72 - (w if ha == "right" else 0)
+            y0 = py + dy * fig.dpi / 72
+            box = (x0, y0, x0 + w, y0 + h)
+            if not any(b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3] for b in placed):
+                break
+        placed.append(box)
+        ax.annotate(r["label"], (r["decode_tok_s"], r["ppl_delta_pct"]), textcoords="offset points",
+                    xytext=(dx, dy), ha=ha, fontsize=8)  # fmt: skip
+
+
 def plot(result: dict, path: Path) -> None:
     """Perplexity delta (%) against decode tok/s, one labelled point per format; llama.cpp as a vertical line."""
     import matplotlib  # noqa: PLC0415
@@ -117,25 +136,23 @@ def plot(result: dict, path: Path) -> None:
 
     rows = [r for r in result["formats"] if r.get("decode_tok_s") and r.get("ppl_delta_pct") is not None]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for i, r in enumerate(sorted(rows, key=lambda r: r["decode_tok_s"])):
+    for r in rows:
         ax.scatter(
             r["decode_tok_s"], r["ppl_delta_pct"], s=30, color="C3" if r["format"] == "float32" else "C0"
         )
-        # Alternate label sides so that neighbours at similar speed and delta stay readable.
-        ax.annotate(r["label"], (r["decode_tok_s"], r["ppl_delta_pct"]), textcoords="offset points",
-                    xytext=(5, 5 if i % 2 == 0 else -11), fontsize=8)  # fmt: skip
     # Deltas span 0.1% (bf16) to tens of % (4-bit): linear below 1%, logarithmic above.
     ax.set_yscale("symlog", linthresh=1.0)
     low, high = ax.get_ylim()
     ax.set_yticks([t for t in (-2, -1, 0, 0.5, 1, 2, 5, 10, 20, 50, 100) if low <= t <= max(2.0, high)])
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    _label_points(fig, ax, rows)
     llama = result.get("llama_cpp") or {}
     if llama.get("decode_tok_s"):
         ax.axvline(llama["decode_tok_s"], color="grey", linestyle="--", linewidth=1)
         ax.annotate("llama.cpp Q4_1", (llama["decode_tok_s"], ax.get_ylim()[1]), textcoords="offset points",
                     xytext=(-4, -12), ha="right", fontsize=8, color="grey")  # fmt: skip
     ax.axhline(1.0, color="C2", linestyle=":", linewidth=1, label="+1% (target for ue8m0-fp8 and mxfp8)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     ax.set_xlabel("single-stream decode, tok/s (higher is better)")
     ax.set_ylabel("perplexity delta vs fp32, % (lower is better)")
     m = result["machine"]
