@@ -63,21 +63,26 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-template <int R>
-void row_avx2(const uint16_t* x, int64_t xs, int64_t K, const uint16_t* w, float* out) {
+// 8 weights or activations as fp32: bf16 widened by a shift (exact), fp32 loaded as is.
+inline __m256 load8(const uint16_t* p) { return widen8(p); }
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+template <int R, typename T>
+void row_avx2(const T* x, int64_t xs, int64_t K, const T* w, float* out) {
     __m256 a0[R], a1[R];
     float tail[R];
     for (int i = 0; i < R; ++i) a0[i] = a1[i] = _mm256_setzero_ps(), tail[i] = 0.0f;
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
-        const __m256 w0 = widen8(w + k), w1 = widen8(w + k + 8);
+        _mm_prefetch((const char*)(w + k) + kAhead, _MM_HINT_T1);
+        const __m256 w0 = load8(w + k), w1 = load8(w + k + 8);
         for (int i = 0; i < R; ++i) {
-            a0[i] = _mm256_fmadd_ps(w0, widen8(x + i * xs + k), a0[i]);
-            a1[i] = _mm256_fmadd_ps(w1, widen8(x + i * xs + k + 8), a1[i]);
+            a0[i] = _mm256_fmadd_ps(w0, load8(x + i * xs + k), a0[i]);
+            a1[i] = _mm256_fmadd_ps(w1, load8(x + i * xs + k + 8), a1[i]);
         }
     }
     for (; k < K; ++k)
-        for (int i = 0; i < R; ++i) tail[i] += to_float(w[k]) * to_float(x[i * xs + k]);
+        for (int i = 0; i < R; ++i) tail[i] += cumulo_bf16::load(w, k) * cumulo_bf16::load(x, i * xs + k);
     for (int i = 0; i < R; ++i) out[i] = hsum(_mm256_add_ps(a0[i], a1[i])) + tail[i];
 }
 
@@ -115,28 +120,9 @@ __attribute__((target("avx512f"))) void row_f32_avx512(const float* x, int64_t x
 }
 
 template <int R>
-void row_f32_avx2(const float* x, int64_t xs, int64_t K, const float* w, float* out) {
-    __m256 a0[R], a1[R];
-    float tail[R];
-    for (int i = 0; i < R; ++i) a0[i] = a1[i] = _mm256_setzero_ps(), tail[i] = 0.0f;
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        _mm_prefetch((const char*)(w + k) + kAhead, _MM_HINT_T1);
-        const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
-        for (int i = 0; i < R; ++i) {
-            a0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i * xs + k), a0[i]);
-            a1[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i * xs + k + 8), a1[i]);
-        }
-    }
-    for (; k < K; ++k)
-        for (int i = 0; i < R; ++i) tail[i] += w[k] * x[i * xs + k];
-    for (int i = 0; i < R; ++i) out[i] = hsum(_mm256_add_ps(a0[i], a1[i])) + tail[i];
-}
-
-template <int R>
 inline void row(bool wide, const float* x, int64_t xs, int64_t K, const float* w, float* out) {
     if (wide) row_f32_avx512<R>(x, xs, K, w, out);
-    else row_f32_avx2<R>(x, xs, K, w, out);
+    else row_avx2<R>(x, xs, K, w, out);
 }
 
 // y [M, N] = x [M, K] W^T (+ bias) for either storage type: OpenMP over weight rows, kRows rows of x per pass.

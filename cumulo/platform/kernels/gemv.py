@@ -68,6 +68,30 @@ def _checked(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
     return True
 
 
+def _linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, out_dtype: torch.dtype,
+    avx2_only: bool,
+) -> torch.Tensor | None:  # fmt: skip
+    """The kernel of `dtype` on x and weight (None where it does not apply): shared by the two entry points."""
+    lib = library()
+    if lib is None or not _checked(x, weight, dtype):
+        return None
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if bias is not None and (bias.dtype != dtype or not bias.is_contiguous()):
+        bias = bias.to(dtype).contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype)
+    args = [x.data_ptr(), m, k, x.stride(0), weight.data_ptr(), n, weight.stride(0),
+            None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(), 0 if avx2_only else -1]  # fmt: skip
+    if dtype == torch.bfloat16:
+        lib.cumulo_bf16_linear(*args, out_dtype == torch.float32)
+    else:
+        lib.cumulo_f32_linear(*args)
+    return y
+
+
 def bf16_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -79,22 +103,7 @@ def bf16_linear(
     """x [M, K] @ weight[N, K]^T (+ bias) in bf16 with fp32 accumulation; None when this kernel does not apply
     (not bf16, not CPU, more than MAX_ROWS rows, column-major weight, or no kernel here).
     `out_dtype=torch.float32` returns the fp32 sums unrounded (logits); `avx2_only` forces the fallback path."""
-    lib = library()
-    if lib is None or not _checked(x, weight, torch.bfloat16):
-        return None
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
-        bias = bias.to(torch.bfloat16).contiguous()
-    m, k = x.shape
-    n = weight.shape[0]
-    fp32_out = out_dtype == torch.float32
-    y = torch.empty((m, n), dtype=torch.float32 if fp32_out else torch.bfloat16)
-    lib.cumulo_bf16_linear(
-        x.data_ptr(), m, k, x.stride(0), weight.data_ptr(), n, weight.stride(0),
-        None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(), 0 if avx2_only else -1, fp32_out,
-    )  # fmt: skip
-    return y
+    return _linear(x, weight, bias, torch.bfloat16, out_dtype, avx2_only)
 
 
 bf16_linear.fp32_out = True  # type: ignore[attr-defined]  # DenseLinear.fp32_logits may ask for fp32 outputs
@@ -108,21 +117,7 @@ def f32_linear(
     avx2_only: bool = False,
 ) -> torch.Tensor | None:
     """x [M, K] @ weight[N, K]^T (+ bias) in fp32; None when this kernel does not apply (as `bf16_linear`)."""
-    lib = library()
-    if lib is None or not _checked(x, weight, torch.float32):
-        return None
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.to(torch.float32).contiguous()
-    m, k = x.shape
-    n = weight.shape[0]
-    y = torch.empty((m, n), dtype=torch.float32)
-    lib.cumulo_f32_linear(
-        x.data_ptr(), m, k, x.stride(0), weight.data_ptr(), n, weight.stride(0),
-        None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(), 0 if avx2_only else -1,
-    )  # fmt: skip
-    return y
+    return _linear(x, weight, bias, torch.float32, torch.float32, avx2_only)
 
 
 def graph_op(
