@@ -1,6 +1,6 @@
 """Decode steps of Llama-family models replayed as one recorded graph of platform kernels.
 
-`DecodeGraph.record(model, kv_cache, batch, recorder)` walks a model whose decoder layers are the plain
+`DecodeGraph.record(model, kv_cache, batch, recorder, max_blocks)` walks a model whose decoder layers are the plain
 pre-norm kind (RMSNorm, fused q/k/v without per-head norms, rotary, paged attention, SiLU-gated MLP) and
 records one decode step at a fixed batch size over fixed buffers; it returns None for anything else (Gemma 3,
 Qwen3, linears without a recorded form), and the engine keeps its eager path. `run()` fills the step's inputs
@@ -43,8 +43,11 @@ class DecodeGraph:
         self.buffers = buffers
 
     @classmethod
-    def record(cls, model: nn.Module, kv_cache: KVCache, batch: int, recorder: type) -> DecodeGraph | None:
-        """The graph of one decode step of `batch` sequences, or None where this model cannot be recorded."""
+    def record(
+        cls, model: nn.Module, kv_cache: KVCache, batch: int, recorder: type, max_blocks: int | None = None
+    ) -> DecodeGraph | None:
+        """The graph of one decode step of `batch` sequences, or None where this model cannot be recorded.
+        `max_blocks`: the most KV blocks a sequence can hold (the block tables' width; default: the cache's)."""
         body = getattr(model, "model", None)
         layers = getattr(body, "layers", None)
         embed = getattr(body, "embed_tokens", None)
@@ -72,7 +75,7 @@ class DecodeGraph:
         b = {
             "ids": buf(batch, dt=torch.int64), "positions": buf(batch, dt=torch.int64),
             "slots": buf(batch, dt=torch.int64), "lens": buf(batch, dt=torch.int64),
-            "tables": buf(batch, kv_cache.num_blocks, dt=torch.int64),
+            "tables": buf(batch, max_blocks or kv_cache.num_blocks, dt=torch.int64),
             "x": buf(batch, hidden), "h": buf(batch, hidden), "qkv": buf(batch, width),
             "q": buf(batch, heads, dim), "attn": buf(batch, heads, dim), "o": buf(batch, hidden),
             "gu": buf(batch, 2 * inter), "act": buf(batch, inter), "d": buf(batch, hidden),

@@ -89,7 +89,10 @@ class LLMEngine:
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv_cache, device, decode_attention, decode_graph)
+        self.runner = ModelRunner(
+            model, self.kv_cache, device, decode_attention, decode_graph,
+            max_blocks_per_seq=-(-max_model_len // config.block_size),
+        )  # fmt: skip
         self.sampler = Sampler()
         self.eos_token_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", set()) or cfg.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}

@@ -23,12 +23,14 @@ class ModelRunner:
         device: torch.device,
         decode_attention: Callable[..., torch.Tensor] | None = None,
         graph_recorder: type | None = None,
+        max_blocks_per_seq: int | None = None,
     ) -> None:
         self.model = model
         # Decode-only steps replay a recorded graph per batch size where the platform offers a recorder and
         # the model can be recorded (None in the dict: tried, not recordable).
         self.graph_recorder = graph_recorder
         self._graphs: dict[int, DecodeGraph | None] = {}
+        self.max_blocks_per_seq = max_blocks_per_seq or kv_cache.num_blocks  # block-table width of a graph
         self.decode_attention = decode_attention
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
@@ -44,7 +46,9 @@ class ModelRunner:
         if self.graph_recorder is None or batch.prefills or not n:
             return None
         if n not in self._graphs:
-            self._graphs[n] = DecodeGraph.record(self.model, self.kv_cache, n, self.graph_recorder)
+            self._graphs[n] = DecodeGraph.record(
+                self.model, self.kv_cache, n, self.graph_recorder, self.max_blocks_per_seq
+            )
         return self._graphs[n]
 
     @torch.inference_mode()
