@@ -195,7 +195,9 @@ def _ratio(pred: float, meas: float) -> str:
 
 
 PROBE_BATCHES = (1, 8)  # decode software cost: a + b * sequences, fitted from these two batch sizes
-PROBE_PROMPTS = (32, 128)  # prefill software cost per prompt: c0 + c1 * tokens, from these two lengths
+# Prefill software cost per prompt, c0 + c1 * tokens, fitted by least squares over these (batch, prompt length)
+# probes: more points than unknowns, since a single prefill on a shared host is noisy (50-250 ms, +-20%).
+PREFILL_PROBES = ((1, 32), (8, 32), (1, 128), (2, 96), (4, 48))
 PROBE_REPEATS = 3
 CELL_REPEATS = 2  # each measured cell is the best of this many runs (the least disturbed by the host)
 
@@ -205,26 +207,42 @@ def _best(llm, batch: int, prompt_len: int, max_tokens: int, clock, repeats: int
     return max(r[0] for r in runs), min(r[1] for r in runs)
 
 
+def _fit_prefill(points: list[tuple[int, int, float]]) -> tuple[float, float]:
+    """(c0, c1) >= 0 minimising sum (c0 * b + c1 * b * L - residual)^2 over (batch b, length L, residual s)."""
+    import numpy as np
+
+    a = np.array([[b, b * n] for b, n, _ in points], dtype=float)
+    r = np.array([res for _, _, res in points], dtype=float)
+    c0, c1 = np.linalg.lstsq(a, r, rcond=None)[0]
+    if c0 < 0 or c1 < 0:  # the fit wants a negative term: keep the other one alone
+        only = [(max(0.0, float(np.linalg.lstsq(a[:, [i]], r, rcond=None)[0][0])), i) for i in (0, 1)]
+        (best, i) = min(only, key=lambda t: float(np.sum((a[:, t[1]] * t[0] - r) ** 2)))
+        return (best, 0.0) if i == 0 else (0.0, best)
+    return float(c0), float(c1)
+
+
 def probe_software(llm, pred, budget: int, max_tokens: int, clock, graph_max_batch: int = 0) -> Assumptions:
     """The engine's software time beyond the hardware model, from short runs (best of PROBE_REPEATS each):
-    batches 1 and 8 with 16-token prompts give the decode step's a + b * sequences; those and one 48-token
-    prompt give the prefill's c0 + c1 * tokens per prompt (on top of a per step). Fitted on the probes only;
-    the table's cells use other prompt lengths (64) and batch sizes (4, 16)."""
+    batches 1 and 8 with 32-token prompts give the decode step's a + b * sequences; the PREFILL_PROBES' TTFTs
+    (those two among them) give the prefill's c0 + c1 * tokens per prompt, by least squares, on top of a per
+    step. Fitted on the probes only; the table's cells use other shapes (64-token prompts at 1, 4 and 16)."""
     hw = Assumptions(max_step_tokens=budget, graph_max_batch=graph_max_batch)
-    (b1, b2), (p1, p2) = PROBE_BATCHES, PROBE_PROMPTS
-    step_res, pre_short = [], []
+    (b1, b2), p1 = PROBE_BATCHES, PREFILL_PROBES[0][1]
+    ttfts: dict[tuple[int, int], float] = {}
+    step_res = []
     for b in PROBE_BATCHES:
-        dec, ttft = _best(llm, b, p1, max_tokens, clock, PROBE_REPEATS)
+        dec, ttfts[(b, p1)] = _best(llm, b, p1, max_tokens, clock, PROBE_REPEATS)
         step_res.append(b / dec - pred(b, p1 + max_tokens // 2, hw).tpot_s)
-        pre_short.append((ttft - pred(b, p1, hw).ttft_s) / b)
-    _, ttft_long = _best(llm, b1, p2, max_tokens, clock, PROBE_REPEATS)
     per_seq = max(0.0, (step_res[1] - step_res[0]) / (b2 - b1))
     per_step = max(0.0, step_res[0] - per_seq * b1)
-    # One engine step per probe prefill: what its step overhead leaves is per prompt, c0 + c1 * length.
-    short = sum(pre_short) / len(pre_short) - per_step / ((b1 + b2) / 2)
-    long = ttft_long - pred(b1, p2, hw).ttft_s - per_step
-    per_token = max(0.0, (long - short) / (p2 - p1))
-    per_prompt = max(0.0, short - per_token * p1)
+    for b, n in PREFILL_PROBES:
+        if (b, n) not in ttfts:
+            ttfts[(b, n)] = _best(llm, b, n, 2, clock, PROBE_REPEATS)[1]
+    # What a probe's TTFT leaves beyond the hardware model and its prefill steps' overhead is per prompt.
+    points = [
+        (b, n, t - pred(b, n, hw).ttft_s - per_step * max(1, -(-b * n // budget))) for (b, n), t in ttfts.items()
+    ]
+    per_prompt, per_token = _fit_prefill(points)
     return Assumptions(
         step_overhead_s=per_step,
         seq_overhead_s=per_seq,
