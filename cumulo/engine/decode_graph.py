@@ -29,6 +29,9 @@ def _plain_layer(layer: nn.Module) -> bool:
         names == {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
         and isinstance(attn, Attention)
         and attn.q_norm is None
+        # the rotary kernel reads fp32 tables; a model cast whole to 16 bits rotates eagerly with its own
+        and attn.rotary.cos.dtype == torch.float32
+        and attn.rotary.cos.is_contiguous()
         and isinstance(mlp, GatedMLP)
         and mlp.act == "silu"
         and isinstance(layer.input_layernorm, RMSNorm)
@@ -59,6 +62,7 @@ class DecodeGraph:
             or not isinstance(embed, nn.Embedding)
             or not isinstance(final_norm, RMSNorm)
             or embed.weight.dtype not in recorder.DTYPES
+            or kv_cache.k[0].dtype != embed.weight.dtype  # the kernels write the cache in the activations' dtype
             or not isinstance(body, LlamaModel)  # embeddings in, final norm out, nothing else around the layers
             or not all(_plain_layer(layer) for layer in layers)
         ):

@@ -66,6 +66,12 @@ def test_models_it_cannot_record_decode_eagerly(tmp_path: Path, make_engine) -> 
     model = engine.runner.model.to(torch.bfloat16)
     use_platform_kernels(model, CpuPlatform(), torch.bfloat16)
     assert DecodeGraph.record(model, engine.kv_cache, 1, graph.Graph) is None
+    # a model cast whole to 16 bits has 16-bit rotary tables, which the rotary kernel does not read: such a
+    # model decodes eagerly (a graph would feed the kernel bf16 tables as fp32), and as built it records
+    whole, built = (_tiny_engine("llama", torch.bfloat16, graph.Graph, cast_whole=c) for c in (True, False))
+    assert whole.runner.model.model.layers[0].self_attn.rotary.cos.dtype == torch.bfloat16
+    assert DecodeGraph.record(whole.runner.model, whole.kv_cache, 1, graph.Graph) is None
+    assert DecodeGraph.record(built.runner.model, built.kv_cache, 1, graph.Graph) is not None
 
 
 def test_a_failing_kernel_stops_the_graph_with_its_error() -> None:
@@ -80,3 +86,38 @@ def test_a_failing_kernel_stops_the_graph_with_its_error() -> None:
         g.run()
     positions[0] = 1  # the status word was cleared: the graph runs again once its input is good
     g.run()
+
+
+def _tiny_engine(arch: str, dtype: torch.dtype, recorder: type | None, cast_whole: bool = False) -> LLMEngine:
+    """A tiny random model of `arch` served in `dtype`, built as the engine builds models (weights in dtype,
+    rotary tables in fp32) or, with `cast_whole`, by `.to(dtype)` on the whole module (16-bit tables too)."""
+    from cumulo.engine.factory import use_platform_kernels
+    from tests.engine.conftest import CharTokenizer, tiny_config, tiny_model
+
+    cfg = tiny_config(arch)
+    model = tiny_model(cfg)
+    if cast_whole:
+        model = model.to(dtype)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    use_platform_kernels(model, CpuPlatform(), dtype)
+    return LLMEngine(
+        model, CharTokenizer(), EngineConfig(device="cpu"), device=torch.device("cpu"), max_model_len=512,
+        kv_cache_bytes=4096 * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4,
+        decode_attention=CpuPlatform().paged_decode_attention(dtype, cfg.head_dim), decode_graph=recorder,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_qwen2_qkv_biases_are_recorded_with_their_linear(dtype: torch.dtype) -> None:
+    """Qwen2's q/k/v bias rides in the dense kernel's recorded call: the graph runs and matches eager decode."""
+    from tests.engine.conftest import VOCAB
+
+    prompts = [[p % VOCAB for p in prompt] for prompt in PROMPTS[:3]]
+    eager, replayed = _tiny_engine("qwen2", dtype, None), _tiny_engine("qwen2", dtype, graph.Graph)
+    assert replayed.runner.model.model.layers[0].self_attn.qkv_proj.bias is not None
+    want, got = _run(eager, prompts), _run(replayed, prompts)
+    assert isinstance(replayed.runner._graphs.get(3), DecodeGraph)
+    for rid, (tokens, logprobs) in want.items():
+        assert got[rid][0] == tokens
+        assert torch.allclose(torch.tensor(got[rid][1]), torch.tensor(logprobs), atol=0.05)
