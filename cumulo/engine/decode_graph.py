@@ -32,6 +32,7 @@ def _plain_layer(layer: nn.Module) -> bool:
         # the rotary kernel reads fp32 tables; a model cast whole to 16 bits rotates eagerly with its own
         and attn.rotary.cos.dtype == torch.float32
         and attn.rotary.cos.is_contiguous()
+        and attn.rotary.cos.shape[1] * 2 == attn.head_dim  # rotary over the whole head, as the kernel does
         and isinstance(mlp, GatedMLP)
         and mlp.act == "silu"
         and isinstance(layer.input_layernorm, RMSNorm)
