@@ -41,9 +41,8 @@ def _plain_layer(layer: nn.Module) -> bool:
 
 
 class DecodeGraph:
-    def __init__(self, graph: Any, batch: int, buffers: dict[str, torch.Tensor]) -> None:
-        self.graph = graph
-        self.batch = batch
+    def __init__(self, graph: Any, buffers: dict[str, torch.Tensor]) -> None:
+        self.graph = graph  # the platform recorder's graph, holding the ops
         self.buffers = buffers
 
     @classmethod
@@ -123,7 +122,7 @@ class DecodeGraph:
                 return None
             add_norm(b["d"], layers[i + 1].input_layernorm if i + 1 < len(layers) else final_norm)
         b["embed"] = embed.weight
-        return cls(g, batch, b)
+        return cls(g, b)
 
     def run(
         self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],

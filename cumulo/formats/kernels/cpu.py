@@ -24,8 +24,7 @@ from cumulo.formats.element import E4M3FN, Kind
 from cumulo.formats.kernels import BoundKernel, register_kernel
 from cumulo.formats.packed import PackedWeight
 from cumulo.formats.scales import e8m0_to_float
-from cumulo.platform.kernels.build import KernelLibrary, requires_avx2
-from cumulo.platform.kernels.graph import f32_bits as graph_f32_bits
+from cumulo.platform.kernels.build import KernelLibrary, address, f32_bits, requires_avx2
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
@@ -142,14 +141,14 @@ def _call(
 def _graph_op(fn: Callable[..., None], args: Callable[[torch.Tensor, torch.Tensor], list[int]]) -> Callable:
     """A bound kernel's recorded form (cumulo.platform.kernels.graph): (x, y) -> (address, args) or None, for
     the fused decode path only (contiguous x of at most FUSED_MAX_ROWS rows, y of x's dtype)."""
-    address = ctypes.cast(fn, ctypes.c_void_p).value or 0
+    fn_address = address(fn)
 
     def op(x: torch.Tensor, y: torch.Tensor) -> tuple[int, list[int]] | None:
         if x.shape[0] > FUSED_MAX_ROWS or not x.is_contiguous() or y.dtype != x.dtype:
             return None
         if x.dtype not in (torch.float32, torch.bfloat16):
             return None
-        return address, args(x, y)
+        return fn_address, args(x, y)
 
     return op
 
@@ -273,7 +272,7 @@ def bind_lut(w: PackedWeight) -> BoundKernel | None:
 
     def lut_args(x: torch.Tensor, y: torch.Tensor) -> list[int]:
         return [x.data_ptr(), x.shape[0], k, ptrs[0], n, mode, ptrs[1], ptrs[2] or 0, ptrs[3] or 0, ptrs[4] or 0,
-                graph_f32_bits(scale_mul), bn, bk, y.data_ptr(), kernel_threads(), int(x.dtype == torch.bfloat16),
+                f32_bits(scale_mul), bn, bk, y.data_ptr(), kernel_threads(), int(x.dtype == torch.bfloat16),
                 int(USE_AVX512)]  # fmt: skip
 
     def table_args(x: torch.Tensor, y: torch.Tensor) -> list[int]:

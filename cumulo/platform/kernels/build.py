@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
@@ -146,6 +147,16 @@ class KernelLibrary:
                     warnings.warn(f"{self.what} unavailable ({exc}); {self.fallback}", stacklevel=3)
             self._tried = True
         return self._lib
+
+
+def address(fn: Callable) -> int:
+    """A loaded C function's address, for a decode-graph op record (cumulo.platform.kernels.graph)."""
+    return ctypes.cast(fn, ctypes.c_void_p).value or 0
+
+
+def f32_bits(value: float) -> int:
+    """An fp32 argument as the int64 the C op forms read it from (its IEEE bit pattern)."""
+    return struct.unpack("=I", struct.pack("=f", value))[0]
 
 
 def requires_avx2() -> str | None:

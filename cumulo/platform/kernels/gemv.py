@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cumulo.platform.kernels.build import KernelLibrary, requires_avx2
+from cumulo.platform.kernels.build import KernelLibrary, address, requires_avx2
 
 SOURCE = Path(__file__).with_name("gemv.cpp")
 # Above this many rows the matmul is compute-bound and torch's GEMM wins (here at 32 rows in bf16; at 16 rows the
@@ -133,7 +133,7 @@ def graph_op(
     fn = lib.cumulo_bf16_linear_op if x.dtype == torch.bfloat16 else lib.cumulo_f32_linear_op
     args = [x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), weight.data_ptr(), weight.shape[0], weight.stride(0),
             0 if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(), 0]  # fmt: skip
-    return ctypes.cast(fn, ctypes.c_void_p).value or 0, args
+    return address(fn), args
 
 
 bf16_linear.graph_op = graph_op  # type: ignore[attr-defined]  # DenseLinear.graph_op records through them

@@ -11,13 +11,12 @@ form beside its eager one (`*_op` functions in the C sources, `graph_op` on the 
 from __future__ import annotations
 
 import ctypes
-import struct
 from pathlib import Path
 
 import torch
 
 from cumulo.platform.kernels import gemv, paged_attention, rms_norm, rope_cache
-from cumulo.platform.kernels.build import KernelLibrary
+from cumulo.platform.kernels.build import KernelLibrary, address, f32_bits
 
 SOURCE = Path(__file__).with_name("graph.cpp")
 DTYPES = (torch.bfloat16, torch.float32)  # the engine's dtypes on CPUs; every recorded kernel takes both
@@ -34,16 +33,6 @@ _kernel = KernelLibrary(SOURCE, "CPU decode graph", _configure, fallback="runnin
 
 def library() -> ctypes.CDLL | None:
     return _kernel.get()
-
-
-def address(fn: ctypes._CFuncPtr) -> int:  # type: ignore[name-defined]
-    """The C function's address, for an op record."""
-    return ctypes.cast(fn, ctypes.c_void_p).value or 0
-
-
-def f32_bits(value: float) -> int:
-    """An fp32 argument as the int64 the op forms read it from."""
-    return struct.unpack("=I", struct.pack("=f", value))[0]
 
 
 def available() -> bool:
