@@ -34,7 +34,7 @@ def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | N
 
 
 @pytest.mark.parametrize("avx2_only", PATHS)
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 11, gemv.MAX_ROWS])
 @pytest.mark.parametrize("n,k", [(64, 576), (7, 45), (33, 100), (130, 1536), (16, 32)])
 def test_matches_float64_reference(avx2_only, m, n, k):
     gen = torch.Generator().manual_seed(n * 1000 + k + m)
@@ -48,8 +48,8 @@ def test_bias_and_strided_rows(avx2_only):
     gen = torch.Generator().manual_seed(1)
     wide = torch.randn(3, 200, generator=gen).bfloat16()
     x = wide[:, 10:110]  # rows 200 apart: read in place
-    w = torch.randn(40, 100, generator=gen).bfloat16()
-    b = torch.randn(40, generator=gen).bfloat16()
+    w = torch.randn(42, 130, generator=gen).bfloat16()[:, 20:120]  # weight rows 130 apart, 42 = 10 tiles + 2
+    b = torch.randn(42, generator=gen).bfloat16()
     check(gemv.bf16_linear(x, w, b, avx2_only=avx2_only), x, w, b)
 
 
@@ -91,7 +91,7 @@ def test_output_head_logits_come_from_the_fp32_kernel():
 
 
 @pytest.mark.parametrize("avx2_only", PATHS)
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, gemv.MAX_ROWS])
 @pytest.mark.parametrize("n,k", [(64, 576), (7, 45), (130, 1536)])
 def test_fp32_kernel_matches_float64_reference(avx2_only, m, n, k):
     gen = torch.Generator().manual_seed(n + k + m)

@@ -1,14 +1,19 @@
 // Skinny bf16 and fp32 matmuls for CPUs (cumulo.platform.kernels.gemv): y = x W^T for few rows of x (decode),
-// W [N, K]. (The fp32 variant is described beside its row loop below.)
+// W [N, K].
 //
-// Why: a decode step multiplies one activation row by every weight matrix, so it should run at the memory's
-// read bandwidth. PyTorch's bf16 path on CPU reaches well under half of it at one row (it widens bf16 to fp32
-// in a generic loop), and is slower per byte than its own fp32 path. Here each weight row is read once, as is:
-// - AVX512-BF16 (vdpbf16ps): 32 bf16 products per instruction, accumulated in fp32; K tails by masked loads.
-// - otherwise AVX2: bf16 widened to fp32 by a shift (exact), then FMA.
+// Why: a decode step multiplies one activation row (or a few) by every weight matrix, so it should run at the
+// memory's read bandwidth. PyTorch's bf16 path on CPU reaches well under half of it at one row (it widens bf16
+// to fp32 in a generic loop), and its fp32 path reads one row against W at a fraction of the bandwidth on some
+// CPUs (9 GB/s of 28 on an AMD EPYC). Here each weight row is read from memory once, as is:
+// - AVX-512: a tile of weight rows times up to kRows rows of x, all sums in registers. Above kTileRowsAt rows
+//   of x the tile takes kTileN weight rows, so each x load feeds kTileN products and x is read once per kTileN
+//   weight rows (reading it once per weight row made 16 rows of K = 2048 bf16 slower than 8: x no longer fit
+//   in L1 and came from L2 for every weight row). bf16 weights by AVX512-BF16 (vdpbf16ps, 32 products per
+//   instruction, fp32 sums), fp32 by FMA (16).
+// - otherwise AVX2: one weight row against up to kRows rows of x; bf16 widened to fp32 by a shift (exact).
 // The path is chosen at run time (__builtin_cpu_supports), so one build runs on any x86-64 with AVX2.
-// Outputs are fp32 sums rounded once to bf16 (round to nearest even), as a bf16 GEMM with fp32 accumulation
-// does. OpenMP over output rows (the libgomp torch has loaded). Plain C ABI, called through ctypes.
+// bf16 outputs are fp32 sums rounded once to bf16 (round to nearest even), as a bf16 GEMM with fp32
+// accumulation does. OpenMP over weight rows (the libgomp torch has loaded). Plain C ABI, called through ctypes.
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -18,39 +23,9 @@
 
 namespace {
 
-constexpr int kRows = 4;  // rows of x per pass over a weight row (accumulators stay in registers)
+constexpr int kRows = 4;  // rows of x per pass over the weights (accumulators stay in registers)
+constexpr int kTileN = 4;  // weight rows per AVX-512 tile: 4 x 4 accumulators, 4 weight vectors and one of x
 constexpr int kAhead = 32768;  // bytes of weights prefetched ahead of the loads (into L2: _MM_HINT_T1)
-
-using cumulo_bf16::to_float;
-
-template <int R>
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void row_avx512(const uint16_t* x, int64_t xs,
-                                                                       int64_t K, const uint16_t* w,
-                                                                       float* out) {
-    __m512 a0[R], a1[R];
-    for (int i = 0; i < R; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-        // Rows a thread reads are contiguous: fetch ahead across row ends, where the hardware prefetcher
-        // would otherwise stall.
-        _mm_prefetch((const char*)(w + k) + kAhead, _MM_HINT_T1);
-        _mm_prefetch((const char*)(w + k) + kAhead + 64, _MM_HINT_T1);
-        const __m512i w0 = _mm512_loadu_si512(w + k), w1 = _mm512_loadu_si512(w + k + 32);
-        for (int i = 0; i < R; ++i) {
-            const uint16_t* xr = x + i * xs + k;
-            a0[i] = _mm512_dpbf16_ps(a0[i], (__m512bh)w0, (__m512bh)_mm512_loadu_si512(xr));
-            a1[i] = _mm512_dpbf16_ps(a1[i], (__m512bh)w1, (__m512bh)_mm512_loadu_si512(xr + 32));
-        }
-    }
-    for (; k < K; k += 32) {
-        const int64_t left = K - k;
-        const __mmask32 m = left >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << left) - 1u);
-        const __m512i w0 = _mm512_maskz_loadu_epi16(m, w + k);
-        for (int i = 0; i < R; ++i)
-            a0[i] = _mm512_dpbf16_ps(a0[i], (__m512bh)w0, (__m512bh)_mm512_maskz_loadu_epi16(m, x + i * xs + k));
-    }
-    for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
-}
 
 inline __m256 widen8(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
@@ -86,67 +61,157 @@ void row_avx2(const T* x, int64_t xs, int64_t K, const T* w, float* out) {
     for (int i = 0; i < R; ++i) out[i] = hsum(_mm256_add_ps(a0[i], a1[i])) + tail[i];
 }
 
-template <int R>
-inline void row(bool wide, const uint16_t* x, int64_t xs, int64_t K, const uint16_t* w, float* out) {
-    if (wide) row_avx512<R>(x, xs, K, w, out);
-    else row_avx2<R>(x, xs, K, w, out);
-}
+#define CUMULO_AVX512 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
-// fp32 weights (CPUs without native bf16 serve dense models in fp32): the same loop with FMA, 16 (AVX-512) or
-// 8 (AVX2) products per instruction. torch's fp32 matmul reads one row of x against W at a fraction of the
-// memory's bandwidth on some CPUs (9 GB/s of 28 on an AMD EPYC here), which is what makes this worth having.
-template <int R>
-__attribute__((target("avx512f"))) void row_f32_avx512(const float* x, int64_t xs, int64_t K, const float* w,
-                                                        float* out) {
-    __m512 a0[R], a1[R];
-    for (int i = 0; i < R; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+// What the AVX-512 tile needs of a storage type: one 512-bit load, a masked load of the last `left` elements,
+// and the multiply-accumulate into 16 fp32 sums. (The fp32 instantiation uses AVX-512F only; its path is taken
+// on CPUs without AVX512-BF16.)
+struct Bf16Ops {
+    using T = uint16_t;
+    using V = __m512i;
+    static constexpr int kStep = 32;
+    CUMULO_AVX512 static inline V load(const T* p) { return _mm512_loadu_si512(p); }
+    CUMULO_AVX512 static inline V load_tail(const T* p, int64_t left) {
+        return _mm512_maskz_loadu_epi16(left >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << left) - 1u), p);
+    }
+    CUMULO_AVX512 static inline __m512 dot(__m512 acc, V w, V x) {
+        return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
+    }
+};
+
+struct F32Ops {
+    using T = float;
+    using V = __m512;
+    static constexpr int kStep = 16;
+    CUMULO_AVX512 static inline V load(const T* p) { return _mm512_loadu_ps(p); }
+    CUMULO_AVX512 static inline V load_tail(const T* p, int64_t left) {
+        return _mm512_maskz_loadu_ps(left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u), p);
+    }
+    CUMULO_AVX512 static inline __m512 dot(__m512 acc, V w, V x) { return _mm512_fmadd_ps(w, x, acc); }
+};
+
+// out[i * NR + j] = x row i . w row j, for NR weight rows (stride ws) and MR rows of x (stride xs). A single
+// weight row (NR = 1) runs two steps per iteration into two sets of sums, so that one row of x is not held to
+// one multiply-accumulate per instruction latency.
+template <typename Ops, int NR, int MR>
+CUMULO_AVX512 void tile(const typename Ops::T* x, int64_t xs, int64_t K, const typename Ops::T* w, int64_t ws,
+                        float* out) {
+    using V = typename Ops::V;
+    constexpr int U = NR == 1 ? 2 : 1;
+    constexpr int64_t step = Ops::kStep;
+    __m512 acc[U][MR][NR];
+    for (int u = 0; u < U; ++u)
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NR; ++j) acc[u][i][j] = _mm512_setzero_ps();
     int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        _mm_prefetch((const char*)(w + k) + kAhead, _MM_HINT_T1);
-        _mm_prefetch((const char*)(w + k) + kAhead + 64, _MM_HINT_T1);
-        const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + k + 16);
-        for (int i = 0; i < R; ++i) {
-            a0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i * xs + k), a0[i]);
-            a1[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i * xs + k + 16), a1[i]);
+    for (; k + U * step <= K; k += U * step) {
+        for (int u = 0; u < U; ++u) {
+            V wv[NR];
+            for (int j = 0; j < NR; ++j) {
+                // A thread's rows are contiguous: fetch ahead across row ends, where the hardware prefetcher
+                // would otherwise stall.
+                _mm_prefetch((const char*)(w + j * ws + k + u * step) + kAhead, _MM_HINT_T1);
+                wv[j] = Ops::load(w + j * ws + k + u * step);
+            }
+            for (int i = 0; i < MR; ++i) {
+                const V xv = Ops::load(x + i * xs + k + u * step);
+                for (int j = 0; j < NR; ++j) acc[u][i][j] = Ops::dot(acc[u][i][j], wv[j], xv);
+            }
         }
     }
-    for (; k < K; k += 16) {
-        const int64_t left = K - k;
-        const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-        const __m512 w0 = _mm512_maskz_loadu_ps(m, w + k);
-        for (int i = 0; i < R; ++i) a0[i] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, x + i * xs + k), a0[i]);
+    for (; k < K; k += step) {  // what is left: whole steps, then a masked one
+        V wv[NR];
+        for (int j = 0; j < NR; ++j) wv[j] = Ops::load_tail(w + j * ws + k, K - k);
+        for (int i = 0; i < MR; ++i) {
+            const V xv = Ops::load_tail(x + i * xs + k, K - k);
+            for (int j = 0; j < NR; ++j) acc[0][i][j] = Ops::dot(acc[0][i][j], wv[j], xv);
+        }
     }
-    for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) {
+            __m512 sum = acc[0][i][j];
+            for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][i][j]);
+            out[i * NR + j] = _mm512_reduce_add_ps(sum);
+        }
 }
 
-template <int R>
-inline void row(bool wide, const float* x, int64_t xs, int64_t K, const float* w, float* out) {
-    if (wide) row_f32_avx512<R>(x, xs, K, w, out);
-    else row_avx2<R>(x, xs, K, w, out);
+template <typename Ops, int NR>
+void tile_rows(int64_t mb, const typename Ops::T* x, int64_t xs, int64_t K, const typename Ops::T* w, int64_t ws,
+               float* out) {
+    switch (mb) {
+        case 1: tile<Ops, NR, 1>(x, xs, K, w, ws, out); break;
+        case 2: tile<Ops, NR, 2>(x, xs, K, w, ws, out); break;
+        case 3: tile<Ops, NR, 3>(x, xs, K, w, ws, out); break;
+        default: tile<Ops, NR, 4>(x, xs, K, w, ws, out); break;
+    }
 }
 
-// y [M, N] = x [M, K] W^T (+ bias) for either storage type: OpenMP over weight rows, kRows rows of x per pass.
+// y [m0 + i, n0 + j] = out[i * nr + j] + bias, as fp32 or rounded to the storage type.
 template <typename T>
-void linear(const T* x, int64_t M, int64_t K, int64_t xs, const T* w, int64_t N, int64_t ws, const T* bias,
-            void* y, int nthreads, bool wide, bool y_fp32) {
+inline void emit(const float* out, int64_t mb, int64_t nr, int64_t m0, int64_t n0, int64_t N, const T* bias,
+                 void* y, bool y_fp32) {
+    for (int64_t i = 0; i < mb; ++i)
+        for (int64_t j = 0; j < nr; ++j) {
+            const float v = out[i * nr + j] + (bias ? cumulo_bf16::load(bias, n0 + j) : 0.0f);
+            if (y_fp32) ((float*)y)[(m0 + i) * N + n0 + j] = v;
+            else cumulo_bf16::store((T*)y, (m0 + i) * N + n0 + j, v);
+        }
+}
+
+// The AVX-512 path: OpenMP over tiles of `nt` weight rows (a last partial tile row by row). Up to kTileRowsAt rows
+// of x, one weight row at a time: the weights stream as one sequential run per thread, which measured faster
+// than interleaving four rows while memory-bound (1-4 rows of x: 20-35% faster on Zen 5). More rows of x are
+// bound by reading x instead, and tiles of kTileN weight rows read it a quarter as often (16 rows: 20% faster).
+constexpr int64_t kTileRowsAt = 8;
+
+template <typename Ops, int NT>
+void tiled_rows(const typename Ops::T* x, int64_t M, int64_t K, int64_t xs, const typename Ops::T* w, int64_t N,
+                int64_t ws, const typename Ops::T* bias, void* y, int nthreads, bool y_fp32) {
+    const int64_t tiles = (N + NT - 1) / NT;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t n0 = t * NT, nr = N - n0 < NT ? N - n0 : NT;
+        float out[kRows * NT];
+        for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+            const int64_t mb = M - m0 < kRows ? M - m0 : kRows;
+            if (nr == NT) {
+                tile_rows<Ops, NT>(mb, x + m0 * xs, xs, K, w + n0 * ws, ws, out);
+                emit(out, mb, NT, m0, n0, N, bias, y, y_fp32);
+                continue;
+            }
+            for (int64_t j = 0; j < nr; ++j) {
+                tile_rows<Ops, 1>(mb, x + m0 * xs, xs, K, w + (n0 + j) * ws, ws, out);
+                emit(out, mb, 1, m0, n0 + j, N, bias, y, y_fp32);
+            }
+        }
+    }
+}
+
+template <typename Ops>
+void linear_tiled(const typename Ops::T* x, int64_t M, int64_t K, int64_t xs, const typename Ops::T* w, int64_t N,
+                  int64_t ws, const typename Ops::T* bias, void* y, int nthreads, bool y_fp32) {
+    if (M > kTileRowsAt) tiled_rows<Ops, kTileN>(x, M, K, xs, w, N, ws, bias, y, nthreads, y_fp32);
+    else tiled_rows<Ops, 1>(x, M, K, xs, w, N, ws, bias, y, nthreads, y_fp32);
+}
+
+// The AVX2 path, for either storage type: OpenMP over weight rows, kRows rows of x per pass over each.
+template <typename T>
+void linear_rows(const T* x, int64_t M, int64_t K, int64_t xs, const T* w, int64_t N, int64_t ws, const T* bias,
+                 void* y, int nthreads, bool y_fp32) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         const T* wr = w + n * ws;
-        const float b = bias ? cumulo_bf16::load(bias, n) : 0.0f;
         float out[kRows];
         for (int64_t m0 = 0; m0 < M; m0 += kRows) {
             const int64_t mb = M - m0 < kRows ? M - m0 : kRows;
             const T* xm = x + m0 * xs;
             switch (mb) {
-                case 1: row<1>(wide, xm, xs, K, wr, out); break;
-                case 2: row<2>(wide, xm, xs, K, wr, out); break;
-                case 3: row<3>(wide, xm, xs, K, wr, out); break;
-                default: row<4>(wide, xm, xs, K, wr, out); break;
+                case 1: row_avx2<1>(xm, xs, K, wr, out); break;
+                case 2: row_avx2<2>(xm, xs, K, wr, out); break;
+                case 3: row_avx2<3>(xm, xs, K, wr, out); break;
+                default: row_avx2<4>(xm, xs, K, wr, out); break;
             }
-            for (int64_t i = 0; i < mb; ++i) {
-                if (y_fp32) ((float*)y)[(m0 + i) * N + n] = out[i] + b;
-                else cumulo_bf16::store((T*)y, (m0 + i) * N + n, out[i] + b);
-            }
+            emit(out, mb, 1, m0, n, N, bias, y, y_fp32);
         }
     }
 }
@@ -165,16 +230,20 @@ int cumulo_bf16_linear_wide(void) {
 // path: -1 the best this CPU has, 0 AVX2 (tests use it to cover the fallback on AVX-512 machines).
 void cumulo_bf16_linear(const uint16_t* x, int64_t M, int64_t K, int64_t xs, const uint16_t* w, int64_t N,
                         int64_t ws, const uint16_t* bias, void* y, int nthreads, int path, int y_fp32) {
-    linear(x, M, K, xs, w, N, ws, bias, y, nthreads, path != 0 && cumulo_bf16_linear_wide() != 0, y_fp32 != 0);
+    if (path != 0 && cumulo_bf16_linear_wide()) linear_tiled<Bf16Ops>(x, M, K, xs, w, N, ws, bias, y, nthreads, y_fp32);
+    else linear_rows(x, M, K, xs, w, N, ws, bias, y, nthreads, y_fp32 != 0);
 }
 
 // 1 if this CPU runs the AVX-512 fp32 path, 0 for AVX2.
-int cumulo_f32_linear_wide(void) { return __builtin_cpu_supports("avx512f") ? 1 : 0; }
+int cumulo_f32_linear_wide(void) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? 1 : 0;
+}
 
 // The same for fp32 x, w, bias and y.
 void cumulo_f32_linear(const float* x, int64_t M, int64_t K, int64_t xs, const float* w, int64_t N, int64_t ws,
                        const float* bias, float* y, int nthreads, int path) {
-    linear(x, M, K, xs, w, N, ws, bias, y, nthreads, path != 0 && cumulo_f32_linear_wide() != 0, true);
+    if (path != 0 && cumulo_f32_linear_wide()) linear_tiled<F32Ops>(x, M, K, xs, w, N, ws, bias, y, nthreads, true);
+    else linear_rows(x, M, K, xs, w, N, ws, bias, y, nthreads, true);
 }
 
 // The decode-graph forms (cumulo.platform.kernels.graph): a = {x, M, K, xs, w, N, ws, bias, y, threads, y_fp32};
