@@ -136,9 +136,7 @@ def _measure(llm, batch: int, prompt_len: int, max_tokens: int, clock) -> tuple[
     vocab = 1000
     # Prompts never repeat across runs (each run's tokens start from its own offset): the engine's prefix cache
     # would otherwise serve a repeated prompt's blocks and shorten its TTFT.
-    prompts = [
-        [(17 * i + 31 * j + 7919 * run) % vocab + 10 for j in range(prompt_len)] for i in range(batch)
-    ]
+    prompts = [[(17 * i + 31 * j + 7919 * run) % vocab + 10 for j in range(prompt_len)] for i in range(batch)]
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
     first: dict[str, float] = {}
     done: dict[str, float] = {}
@@ -198,21 +196,32 @@ PROBE_BATCHES = (1, 8)  # decode software cost: a + b * sequences, fitted from t
 # Prefill software cost per prompt, c0 + c1 * tokens, fitted by least squares over these (batch, prompt length)
 # probes: more points than unknowns, since a single prefill on a shared host is noisy (50-250 ms, +-20%).
 PREFILL_PROBES = ((1, 32), (8, 32), (1, 128), (2, 96), (4, 48))
-PROBE_REPEATS = 3
-CELL_REPEATS = 2  # each measured cell is the best of this many runs (the least disturbed by the host)
+ROUNDS = 3  # every probe and cell is run once per round, the rounds taking them in turn; each keeps its best
 
 
-def _best(llm, batch: int, prompt_len: int, max_tokens: int, clock, repeats: int) -> tuple[float, float]:
-    runs = [_measure(llm, batch, prompt_len, max_tokens, clock) for _ in range(repeats)]
-    return max(r[0] for r in runs), min(r[1] for r in runs)
+def _best(
+    llm, shapes: list[tuple[int, int, int]], clock, rounds: int = ROUNDS
+) -> dict[tuple[int, int, int], tuple[float, float]]:
+    """{(batch, prompt length, max tokens): (best decode tok/s, best TTFT s)} over `rounds` rounds that run the
+    shapes in turn: a host whose speed drifts over seconds is sampled across its phases for every shape, instead
+    of one shape catching a slow phase in all of its runs."""
+    best = {shape: (0.0, float("inf")) for shape in shapes}
+    for _ in range(rounds):
+        for shape in shapes:
+            dec, ttft = _measure(llm, *shape, clock)
+            best[shape] = (max(best[shape][0], dec), min(best[shape][1], ttft))
+    return best
 
 
-def _fit_prefill(points: list[tuple[int, int, float]]) -> tuple[float, float]:
-    """(c0, c1) >= 0 minimising sum (c0 * b + c1 * b * L - residual)^2 over (batch b, length L, residual s)."""
+def _fit_prefill(points: list[tuple[int, int, float, float]]) -> tuple[float, float]:
+    """(c0, c1) >= 0 minimising sum ((c0 * b + c1 * b * L - residual) / ttft)^2 over (batch b, length L, residual,
+    measured ttft): errors relative to each probe's TTFT, the measure the table is judged by, so that the long
+    probes do not outweigh the short ones."""
     import numpy as np
 
-    a = np.array([[b, b * n] for b, n, _ in points], dtype=float)
-    r = np.array([res for _, _, res in points], dtype=float)
+    w = np.array([1.0 / t for *_, t in points])
+    a = np.array([[b, b * n] for b, n, *_ in points], dtype=float) * w[:, None]
+    r = np.array([res for _, _, res, _ in points], dtype=float) * w
     c0, c1 = np.linalg.lstsq(a, r, rcond=None)[0]
     if c0 < 0 or c1 < 0:  # the fit wants a negative term: keep the other one alone
         only = [(max(0.0, float(np.linalg.lstsq(a[:, [i]], r, rcond=None)[0][0])), i) for i in (0, 1)]
@@ -222,25 +231,25 @@ def _fit_prefill(points: list[tuple[int, int, float]]) -> tuple[float, float]:
 
 
 def probe_software(llm, pred, budget: int, max_tokens: int, clock, graph_max_batch: int = 0) -> Assumptions:
-    """The engine's software time beyond the hardware model, from short runs (best of PROBE_REPEATS each):
+    """The engine's software time beyond the hardware model, from short runs (best of ROUNDS each, interleaved):
     batches 1 and 8 with 32-token prompts give the decode step's a + b * sequences; the PREFILL_PROBES' TTFTs
     (those two among them) give the prefill's c0 + c1 * tokens per prompt, by least squares, on top of a per
     step. Fitted on the probes only; the table's cells use other shapes (64-token prompts at 1, 4 and 16)."""
     hw = Assumptions(max_step_tokens=budget, graph_max_batch=graph_max_batch)
     (b1, b2), p1 = PROBE_BATCHES, PREFILL_PROBES[0][1]
-    ttfts: dict[tuple[int, int], float] = {}
-    step_res = []
-    for b in PROBE_BATCHES:
-        dec, ttfts[(b, p1)] = _best(llm, b, p1, max_tokens, clock, PROBE_REPEATS)
-        step_res.append(b / dec - pred(b, p1 + max_tokens // 2, hw).tpot_s)
+    shapes = [(b, p1, max_tokens) for b in PROBE_BATCHES]
+    shapes += [(b, n, 2) for b, n in PREFILL_PROBES if (b, n) not in {(b1, p1), (b2, p1)}]
+    runs = _best(llm, shapes, clock)
+    ttfts = {(b, n): ttft for (b, n, _), (_, ttft) in runs.items()}
+    step_res = [
+        b / runs[(b, p1, max_tokens)][0] - pred(b, p1 + max_tokens // 2, hw).tpot_s for b in PROBE_BATCHES
+    ]
     per_seq = max(0.0, (step_res[1] - step_res[0]) / (b2 - b1))
     per_step = max(0.0, step_res[0] - per_seq * b1)
-    for b, n in PREFILL_PROBES:
-        if (b, n) not in ttfts:
-            ttfts[(b, n)] = _best(llm, b, n, 2, clock, PROBE_REPEATS)[1]
     # What a probe's TTFT leaves beyond the hardware model and its prefill steps' overhead is per prompt.
     points = [
-        (b, n, t - pred(b, n, hw).ttft_s - per_step * max(1, -(-b * n // budget))) for (b, n), t in ttfts.items()
+        (b, n, t - pred(b, n, hw).ttft_s - per_step * max(1, -(-b * n // budget)), t)
+        for (b, n), t in ttfts.items()
     ]
     per_prompt, per_token = _fit_prefill(points)
     return Assumptions(
@@ -307,7 +316,9 @@ def engine(
 
         budget = llm.engine.config.max_num_batched_tokens  # prefills run in steps of at most this many tokens
 
-        def pred(batch: int, context: int, soft: Assumptions, fmt: str = fmt, dtype: str = dtype) -> Prediction:
+        def pred(
+            batch: int, context: int, soft: Assumptions, fmt: str = fmt, dtype: str = dtype
+        ) -> Prediction:
             return predict(
                 "smollm2-135m",
                 fmt,
@@ -329,8 +340,9 @@ def engine(
             "(prefill), beyond the roofline"
         )
         hw_only = Assumptions(max_step_tokens=budget, graph_max_batch=graphs)
+        cells = _best(llm, [(b, prompt_len, max_tokens) for b in batches], clock)
         for b in batches:
-            dec, ttft = _best(llm, b, prompt_len, max_tokens, clock, CELL_REPEATS)
+            dec, ttft = cells[(b, prompt_len, max_tokens)]
             hw = pred(b, prompt_len + max_tokens // 2, hw_only)
             p = pred(b, prompt_len + max_tokens // 2, soft)
             pre = pred(b, prompt_len, soft)

@@ -6,6 +6,7 @@ written as JSON next to the other Cumulo data (`<data dir>/chips/local.json`) an
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -18,6 +19,8 @@ from pathlib import Path
 from cumulo.chips.catalog import SKINNY_ROWS, local_chip_path
 
 MATMUL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+STACK_MIN_MB = 64  # and the least weight one pass streams, MiB (twice a large last-level cache)
+STACK_FLOPS = 4e9  # the most work one timed pass over a format curve's stack does (rows x weights x 2)
 SKINNY_K = 1024  # the decode-shape matrices: K x K, a mid-size layer (SmolLM2: 576, Llama 3.1 8B: 4096)
 
 
@@ -39,10 +42,12 @@ def _best_time(
     min_time: float,
     repeats: int,
     clock: Callable[[], float] = time.perf_counter,
+    warm: bool = True,
 ) -> float:
     """Fastest of `repeats` timed runs, each long enough (>= min_time / repeats) to swamp timer noise."""
-    fn()
-    sync()
+    if warm:
+        fn()
+        sync()
     best = float("inf")
     for _ in range(repeats):
         n, start = 0, clock()
@@ -55,6 +60,28 @@ def _best_time(
                 break
         best = min(best, elapsed / n)
     return best
+
+
+CURVE_ROUNDS = 5
+
+
+def _curve(
+    stacks: dict[int, tuple[Callable[[], object], float]],
+    sync: Callable[[], None],
+    min_time: float,
+    clock: Callable[[], float],
+) -> dict[int, float]:
+    """TFLOP/s per row count, from {rows: (one pass over a stack, its FLOPs)}. Every point is timed once in each
+    of CURVE_ROUNDS rounds that take the points in turn, and keeps its fastest: a host whose speed drifts over
+    seconds (a shared VM) is sampled across its phases at every point, not one phase per point."""
+    for fn, _ in stacks.values():
+        fn()
+        sync()
+    best = dict.fromkeys(stacks, float("inf"))
+    for _ in range(CURVE_ROUNDS):
+        for m, (fn, _) in stacks.items():
+            best[m] = min(best[m], _best_time(fn, sync, min_time / CURVE_ROUNDS, 1, clock, warm=False))
+    return {m: flops / best[m] / 1e12 for m, (_, flops) in stacks.items()}
 
 
 def _total_memory_gb(device: str) -> float:
@@ -98,8 +125,8 @@ def measure(
             continue
         rates[name] = 2 * matmul_n**3 / t / 1e12
     # Decode multiplies a few rows by every weight matrix of a model in turn: measure that, as a stack of
-    # separate K x K matrices streamed one after another (so per-call costs and cold starts count, as they
-    # do in a model), where CPUs fall far below both their streaming bandwidth and their square-matmul peak.
+    # separate K x K matrices streamed one after another (so cold starts count, as they do in a model), where
+    # CPUs fall far below both their streaming bandwidth and their square-matmul peak.
     k = SKINNY_K
     skinny: dict[str, dict[int, float]] = {}
     for name in ("fp32", "bf16"):
@@ -107,22 +134,16 @@ def measure(
             continue
         dtype = getattr(torch, MATMUL_DTYPES[name])
         count = max(bandwidth_mb * 2**20 // (4 * k * k), 4)  # the same matrices for both dtypes
-        ws = [torch.randn(k, k, device=device).to(dtype) for _ in range(count)]
-        skinny[name] = {}
-        linear = _engine_linear(device, dtype)
-        for m in SKINNY_ROWS:
-            xm = torch.randn(m, k, device=device).to(dtype)
-
-            def stack(xm=xm, ws=ws, f=linear) -> None:
-                for w in ws:
-                    f(xm, w)
-
-            t = _best_time(stack, sync, min_time / 2, repeats, clock)
-            skinny[name][m] = 2 * m * k * k * count / t / 1e12
-        del ws
+        layers = [_engine_linear(device, torch.randn(k, k, device=device).to(dtype)) for _ in range(count)]
+        stacks = {
+            m: (_stack(device, layers, torch.randn(m, k, device=device).to(dtype)), 2 * m * k * k * count)
+            for m in SKINNY_ROWS
+        }
+        skinny[name] = _curve(stacks, sync, min_time, clock)
+        del layers, stacks
     if formats:
         act = "bf16" if rates.get("bf16", 0.0) >= rates.get("fp32", 0.0) > 0 else "fp32"
-        skinny.update(_format_curves(formats, act, device, sync, min_time, repeats, clock))
+        skinny.update(_format_curves(formats, act, device, sync, min_time, repeats, clock, bandwidth_mb))
     # Per-op overhead: the small elementwise ops and tiny matmuls that surround every layer's big matmuls.
     h = torch.randn(1, 576, device=device)
     g = torch.ones(576, device=device)
@@ -144,7 +165,9 @@ def measure(
 GRAPH_PROBE_OPS = 200
 
 
-def _graph_op_latency(device: str, sync: Callable, min_time: float, repeats: int, clock: Callable) -> float | None:
+def _graph_op_latency(
+    device: str, sync: Callable, min_time: float, repeats: int, clock: Callable
+) -> float | None:
     """Seconds (as microseconds) per op of a recorded decode graph (Platform.decode_graph), or None where the
     platform records none: the same small norm, replayed GRAPH_PROBE_OPS times in one graph."""
     import torch
@@ -161,22 +184,48 @@ def _graph_op_latency(device: str, sync: Callable, min_time: float, repeats: int
     return _best_time(graph.run, sync, min_time / 10, repeats, clock) / GRAPH_PROBE_OPS * 1e6
 
 
-def _engine_linear(device: str, dtype) -> Callable:
-    """The matmul the engine runs for dense weights of `dtype` here: the platform's decode kernel where it has
-    one (it declines shapes it does not take), else F.linear."""
-    import torch.nn.functional as F
+def _engine_linear(device: str, weight) -> Callable:
+    """A layer multiplying by `weight` [N, K] as the engine does for dense weights here: through the platform's
+    decode kernel where it has one (it declines shapes it does not take), else F.linear."""
+    from torch import nn
 
+    from cumulo.formats.linear import DenseLinear
     from cumulo.platform import get_platform
 
-    kernel = get_platform(device).dense_linear(dtype)
-    if kernel is None:
-        return F.linear
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    kernel = get_platform(device).dense_linear(weight.dtype)
+    return linear if kernel is None else DenseLinear(linear, kernel)
 
-    def run(x, w):
-        y = kernel(x, w, None)
-        return F.linear(x, w) if y is None else y
 
-    return run
+def _stack(device: str, layers: list, x) -> Callable[[], object]:
+    """One call multiplying x by every layer in turn. Rows the engine decodes through a recorded graph (at most
+    the decode graphs' batch, every layer with a recorded form) are timed the same way, replayed from a graph:
+    the rate is then the kernels' own, without the per-call cost of Python, which the performance model
+    counts separately (op_latency_us, graph_op_latency_us). Otherwise the layers are called one by one."""
+    import torch
+
+    from cumulo.engine.decode_graph import MAX_BATCH
+    from cumulo.platform import get_platform
+
+    recorder = get_platform(device).decode_graph(x.dtype) if x.shape[0] <= MAX_BATCH else None
+    if recorder is not None:
+        graph = recorder()
+        for layer in layers:
+            y = torch.empty(x.shape[0], layer.out_features, dtype=x.dtype, device=x.device)
+            op = getattr(layer, "graph_op", lambda x, y: None)(x, y)
+            if op is None:
+                break
+            graph.keep(layer, x, y)
+            graph.add(op)
+        else:
+            return graph.run
+
+    def eager() -> None:
+        for layer in layers:
+            layer(x)
+
+    return eager
 
 
 def _format_curves(
@@ -187,9 +236,11 @@ def _format_curves(
     min_time: float,
     repeats: int,
     clock: Callable[[], float],
+    stack_mb: int,
 ) -> dict[str, dict[int, float]]:
-    """Rates of Cumulo's packed linear per compact format (2048 x 2048 weights, `act` activations): the real
-    emulation cost here, dequantization or fused kernel included. Formats the formats layer lacks are skipped."""
+    """Rates of Cumulo's packed linear per compact format (a stack of about `stack_mb` MiB of 2048 x 2048 weights,
+    `act` activations): the real emulation cost here, dequantization or fused kernel included. Formats the
+    formats layer lacks are skipped."""
     import torch
 
     try:
@@ -202,11 +253,18 @@ def _format_curves(
     for fmt in formats:
         try:
             layer = PackedLinear.from_linear(base, fmt).to(device)
-            curve = {}
+            size = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+            # Distinct copies, as many as the dense curves stream: the weights come from memory, as in a model.
+            layers = [copy.deepcopy(layer) for _ in range(max(4, stack_mb * 2**20 // size))]
+            stacks = {}
             for m in SKINNY_ROWS:
-                xm = torch.randn(m, 2048, device=device).to(dtype)
-                t = _best_time(lambda xm=xm, layer=layer: layer(xm), sync, min_time / 4, repeats, clock)
-                curve[m] = 2 * m * 2048 * 2048 / t / 1e12
+                # Many rows make each layer compute-bound, where streaming them all from memory only costs time;
+                # but never fewer than overflow a CPU's last-level cache, or the weights would come from there.
+                least = -(-min(STACK_MIN_MB, stack_mb) * 2**20 // size)
+                used = layers[: max(least, int(STACK_FLOPS // (2 * m * 2048 * 2048)))]
+                x = torch.randn(m, 2048, device=device).to(dtype)
+                stacks[m] = (_stack(device, used, x), 2 * m * 2048 * 2048 * len(used))
+            curve = _curve(stacks, sync, min_time, clock)
         except Exception:  # noqa: BLE001 - a format this build cannot pack or run is simply not measured
             continue
         curves[fmt] = curve
@@ -238,7 +296,11 @@ def to_record(cal: Calibration) -> dict:
         "memory_bandwidth_gbs": fig(cal.memory_bandwidth_gbs, "float32 sum over a large tensor"),
         "op_latency_us": fig(cal.op_latency_us, "mean of small norm/activation/add ops, dispatch-bound"),
         **(
-            {"graph_op_latency_us": fig(cal.graph_op_latency_us, "a small norm replayed in a recorded decode graph")}
+            {
+                "graph_op_latency_us": fig(
+                    cal.graph_op_latency_us, "a small norm replayed in a recorded decode graph"
+                )
+            }
             if cal.graph_op_latency_us is not None
             else {}
         ),

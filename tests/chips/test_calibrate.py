@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from cumulo.chips.calibrate import calibrate
-from cumulo.chips.catalog import load_catalog, local_chip_path
+from cumulo.chips.catalog import SKINNY_ROWS, load_catalog, local_chip_path
 from cumulo.chips.predict import predict
 from cumulo.cli.main import main
 
@@ -27,3 +27,10 @@ def test_calibrate_cli_prints_json(capsys):
     assert main(["chips", "calibrate", "--quick", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["memory_bandwidth_gbs"]["provenance"] == "measured"
+
+
+def test_format_curves_measure_the_packed_linear_at_every_row_count():
+    record = calibrate("cpu", formats=("mxfp8", "not-a-format"), **QUICK)
+    rates = [record[f"mxfp8_m{m}_tflops"]["value"] for m in SKINNY_ROWS]
+    assert all(r > 0 for r in rates)
+    assert not any(key.startswith("not-a-format") for key in record)  # a format it cannot pack is left out
