@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from cumulo.formats.kernels import BoundKernel, cpu, find_kernel, register_kernel, registered
 from cumulo.formats.packed import PackedWeight, concat_rows
 from cumulo.formats.quantize import quantize
+from cumulo.platform.kernels.build import cpu_flags
 
 
 def _close(y: torch.Tensor, ref: torch.Tensor) -> None:
@@ -66,6 +67,33 @@ def test_bf16_activations_give_bf16_results_of_the_same_product(fmt: str, rows: 
     ref = F.linear(x.double(), p.dequantize().double())
     spacing = torch.ldexp(torch.ones_like(ref), torch.frexp(ref.abs().clamp(min=1e-30))[1] - 8)
     assert bool(((y.double() - ref).abs() <= spacing + 1e-5 * ref.abs().amax()).all())
+
+
+@pytest.mark.parametrize("fmt", cpu.FP8_FORMATS + cpu.MXFP4_FORMATS)
+@pytest.mark.parametrize("k", [320, 576, 300])
+@pytest.mark.parametrize("rows", [17, cpu.FUSED_MAX_ROWS + 3])  # 17: past every FUSED_MAX_ROWS_BF16
+def test_bf16_prefill_dequantizes_into_bf16_exactly_as_the_reference(
+    fmt: str, k: int, rows: int, fp8_path: bool
+) -> None:
+    """Past its FUSED_MAX_ROWS_BF16 rows, bf16 x takes torch's bf16 GEMM over weights dequantized into bf16 where the
+    CPU has AVX512-BF16: the same weights, bit for bit, as the reference dequantizes, so the same answer."""
+    if "fp4" in fmt and k % 32:
+        return  # MXFP4 needs whole 32-blocks (the quantizer refuses others)
+    g = torch.Generator().manual_seed(k)
+    n = 70  # rows of weights: not a multiple of anything the kernels group by
+    p = quantize(torch.randn(n, k, generator=g) * torch.logspace(-3, 2, n).unsqueeze(1), fmt)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    y = find_kernel("cpu", fmt)(p)(x)
+    assert y is not None
+    if fp8_path and {"avx512_bf16", "avx512vl"} <= cpu_flags():
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(y, F.linear(x, p.dequantize(torch.bfloat16)))
+    elif rows > cpu.FUSED_MAX_ROWS:  # fp32 dequantize and GEMM
+        _close(y, F.linear(x.float(), p.dequantize()))
+    else:  # the fused kernel: the same product, rounded once to bf16
+        ref = F.linear(x.float(), p.dequantize())
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), ref, rtol=2**-7, atol=1e-5 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("k", [128, 45])

@@ -30,11 +30,16 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 # The kernels take their AVX-512 paths where the CPU has them (tests turn this off to cover the AVX2 paths).
 USE_AVX512 = True
-# Above this many rows of x, dequantize once and let torch's sgemm do the compute-bound work. The fused kernels
-# decode each weight row once per 4 rows of x, and still beat dequantize + sgemm at 64 rows on SmolLM2's shapes
-# here (ue8m0-fp8 158 vs 295 ms over the 120 matrices; 16 rows: 23 vs 162 ms), since dequantizing writes and
-# rereads 4 bytes per weight.
+# Above this many rows of x, dequantize once and let torch's GEMM do the compute-bound work. The fused kernels
+# decode each weight row once per 4 rows of x. Against dequantize + fp32 sgemm they still win at 64 rows on
+# SmolLM2's shapes here (ue8m0-fp8 158 vs 295 ms over the 120 matrices; 16 rows: 23 vs 162 ms), since
+# dequantizing writes and rereads 4 bytes per weight.
 FUSED_MAX_ROWS = 64
+# Against dequantize into bf16 + torch's bf16 GEMM (bf16 x, CPUs with AVX512-BF16) they win over fewer rows.
+# SmolLM2 prefill of one prompt, fused vs dequantized, Zen 5: mxfp8 16 tokens 26 vs 31 ms, 32 tokens 44 vs 35 ms;
+# mxfp4 4 tokens 13 vs 16 ms, 8 tokens 20 vs 17 ms, 16 tokens 32 vs 19 ms. (At 8 rows mxfp4 keeps the fused
+# kernel all the same: decode steps of up to 8 sequences then still replay a decode graph.)
+FUSED_MAX_ROWS_BF16 = {"fp8": 16, "mxfp4": 8}
 
 # Threads per kernel call: torch's setting unless CUMULO_KERNEL_THREADS or set_kernel_threads says otherwise.
 # On a machine shared with other busy processes one thread can beat two, because every call is a fork-join
@@ -74,6 +79,10 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.cumulo_mxfp4_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.cumulo_fp8_dequant.argtypes = [_F, _I, _I, _F, _F, _I, _I, _F, ctypes.c_int]
     lib.cumulo_mxfp4_dequant.argtypes = [_F, _I, _I, _F, _F, ctypes.c_int]
+    lib.cumulo_fp8_dequant_bf16.argtypes = lib.cumulo_fp8_dequant.argtypes
+    lib.cumulo_mxfp4_dequant_bf16.argtypes = lib.cumulo_mxfp4_dequant.argtypes
+    lib.cumulo_fp8_dequant_bf16.restype = lib.cumulo_mxfp4_dequant_bf16.restype = ctypes.c_int
+    lib.cumulo_dequant_bf16_runs.restype = ctypes.c_int
     lib.cumulo_table8_linear_bf16.argtypes = [_F, _I, _I, _F, _I, _F, _F, _I, _I, _F, ctypes.c_int, _F, ctypes.c_int]
     lib.cumulo_table8_linear_bf16.restype = ctypes.c_int
     lib.cumulo_table8_runs.argtypes = [_I, _I]
@@ -116,20 +125,35 @@ def _fp8_scales(w: PackedWeight) -> tuple[torch.Tensor | None, torch.Tensor | No
     return scales.to(torch.float32), None, br or n, bc or k
 
 
+def fused_max_rows(dtype: torch.dtype, family: str | None) -> int:
+    """Most rows of x of `dtype` a fused kernel of `family` ("fp8", "mxfp4"; None for the others) takes; more
+    are dequantized for a GEMM, into bf16 for bf16 x where the CPU has AVX512-BF16 (then from fewer rows)."""
+    lib = library()
+    bf16_rows = FUSED_MAX_ROWS_BF16.get(family or "")
+    if bf16_rows and dtype == torch.bfloat16 and USE_AVX512 and lib is not None and lib.cumulo_dequant_bf16_runs():
+        return bf16_rows
+    return FUSED_MAX_ROWS
+
+
 def _call(
-    x: torch.Tensor, n: int, fused: Callable[..., None], dequant: Callable[..., None] | None
+    x: torch.Tensor, n: int, fused: Callable[..., None], dequant: Callable[..., bool] | None, family: str | None
 ) -> torch.Tensor | None:
     """Decode (few rows): the fused kernel, taking and giving bf16 or fp32 as x is. Prefill (many rows):
-    dequantize once, then torch's sgemm; None (the reference path) for kernels without a C++ dequantizer."""
+    dequantize once, then torch's GEMM, in bf16 for bf16 x where the kernels can write bf16 (else fp32);
+    None (the reference path) for kernels without a C++ dequantizer."""
     if not x.is_cpu:
         return None
     threads = kernel_threads()
-    if x.shape[0] > FUSED_MAX_ROWS:
+    if x.shape[0] > fused_max_rows(x.dtype, family):
         if dequant is None:
             return None
+        if x.dtype == torch.bfloat16:
+            dense = torch.empty(n, x.shape[1], dtype=torch.bfloat16)
+            if dequant(dense.data_ptr(), threads, True):
+                return F.linear(x, dense)
         xc = x.to(torch.float32).contiguous()
         dense = torch.empty(n, xc.shape[1], dtype=torch.float32)
-        dequant(dense.data_ptr(), threads)
+        dequant(dense.data_ptr(), threads, False)
         return F.linear(xc, dense)
     bf16 = x.dtype == torch.bfloat16
     xc = x.contiguous() if bf16 else x.to(torch.float32).contiguous()
@@ -138,13 +162,15 @@ def _call(
     return y
 
 
-def _graph_op(fn: Callable[..., None], args: Callable[[torch.Tensor, torch.Tensor], list[int]]) -> Callable:
+def _graph_op(
+    fn: Callable[..., None], args: Callable[[torch.Tensor, torch.Tensor], list[int]], family: str | None
+) -> Callable:
     """A bound kernel's recorded form (cumulo.platform.kernels.graph): (x, y) -> (address, args) or None, for
-    the fused decode path only (contiguous x of at most FUSED_MAX_ROWS rows, y of x's dtype)."""
+    the fused decode path only (contiguous x of at most fused_max_rows rows, y of x's dtype)."""
     fn_address = address(fn)
 
     def op(x: torch.Tensor, y: torch.Tensor) -> tuple[int, list[int]] | None:
-        if x.shape[0] > FUSED_MAX_ROWS or not x.is_contiguous() or y.dtype != x.dtype:
+        if x.shape[0] > fused_max_rows(x.dtype, family) or not x.is_contiguous() or y.dtype != x.dtype:
             return None
         if x.dtype not in (torch.float32, torch.bfloat16):
             return None
@@ -166,16 +192,21 @@ def bind_fp8(w: PackedWeight) -> BoundKernel | None:
     def fused(px: int, m: int, py: int, threads: int, bf16: bool) -> None:
         lib.cumulo_fp8_linear(px, m, k, pc, n, pf, pe, bn, bk, py, threads, int(USE_AVX512), bf16)
 
-    def dequant(pout: int, threads: int) -> None:
+    def dequant(pout: int, threads: int, bf16: bool) -> bool:
+        """Into bf16 (False where the CPU cannot) or fp32 at pout."""
+        if bf16:
+            return USE_AVX512 and bool(lib.cumulo_fp8_dequant_bf16(pc, n, k, pf, pe, bn, bk, pout, threads))
         lib.cumulo_fp8_dequant(pc, n, k, pf, pe, bn, bk, pout, threads)
+        return True
 
     def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
-        return _call(x, n, fused, dequant)
+        return _call(x, n, fused, dequant, "fp8")
 
     run.graph_op = _graph_op(  # type: ignore[attr-defined]
         lib.cumulo_fp8_linear_op,
         lambda x, y: [x.data_ptr(), x.shape[0], k, pc, n, pf or 0, pe or 0, bn, bk, y.data_ptr(), kernel_threads(),
                       int(USE_AVX512), int(x.dtype == torch.bfloat16)],  # fmt: skip
+        family="fp8",
     )
     return run
 
@@ -193,16 +224,20 @@ def bind_mxfp4(w: PackedWeight) -> BoundKernel | None:
     def fused(px: int, m: int, py: int, threads: int, bf16: bool) -> None:
         lib.cumulo_mxfp4_linear(px, m, k, pc, n, ps, py, threads, bf16, int(USE_AVX512))
 
-    def dequant(pout: int, threads: int) -> None:
+    def dequant(pout: int, threads: int, bf16: bool) -> bool:
+        if bf16:
+            return USE_AVX512 and bool(lib.cumulo_mxfp4_dequant_bf16(pc, n, k, ps, pout, threads))
         lib.cumulo_mxfp4_dequant(pc, n, k, ps, pout, threads)
+        return True
 
     def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
-        return _call(x, n, fused, dequant)
+        return _call(x, n, fused, dequant, "mxfp4")
 
     run.graph_op = _graph_op(  # type: ignore[attr-defined]
         lib.cumulo_mxfp4_linear_op,
         lambda x, y: [x.data_ptr(), x.shape[0], k, pc, n, ps, y.data_ptr(), kernel_threads(),
                       int(x.dtype == torch.bfloat16), int(USE_AVX512)],  # fmt: skip
+        family="mxfp4",
     )
     return run
 
@@ -268,7 +303,7 @@ def bind_lut(w: PackedWeight) -> BoundKernel | None:
                               threads, bf16, int(USE_AVX512))  # fmt: skip
 
     def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
-        return _call(x, n, fused, None)
+        return _call(x, n, fused, None, None)
 
     def lut_args(x: torch.Tensor, y: torch.Tensor) -> list[int]:
         return [x.data_ptr(), x.shape[0], k, ptrs[0], n, mode, ptrs[1], ptrs[2] or 0, ptrs[3] or 0, ptrs[4] or 0,
@@ -279,8 +314,8 @@ def bind_lut(w: PackedWeight) -> BoundKernel | None:
         return [x.data_ptr(), x.shape[0], k, ptrs[0], n, ptrs[2] or 0, ptrs[6] or 0, bn, bk, y.data_ptr(),
                 kernel_threads(), ptrs[5], int(twos)]  # fmt: skip
 
-    lut_op = _graph_op(lib.cumulo_lut_linear_op, lut_args)
-    table_op = _graph_op(lib.cumulo_table8_linear_bf16_op, table_args)
+    lut_op = _graph_op(lib.cumulo_lut_linear_op, lut_args, family=None)
+    table_op = _graph_op(lib.cumulo_table8_linear_bf16_op, table_args, family=None)
 
     def graph_op(x: torch.Tensor, y: torch.Tensor) -> tuple[int, list[int]] | None:
         table = mags is not None and x.dtype == torch.bfloat16 and USE_AVX512 and lib.cumulo_table8_runs(k, bk)

@@ -826,6 +826,71 @@ struct Bf16Io {
     }
 };
 
+// Dequantizing into bf16, for prefill through torch's bf16 GEMM (several times its fp32 GEMM on CPUs with
+// AVX512-BF16). 16 values per step, as fp32, times their block scale, then rounded to bf16 in pairs of vectors
+// (vcvtne2ps2bf16, nearest even): exact wherever the scale is a power of two (E8M0), as E4M3 and E2M1 values
+// are exact in bf16.
+#define CUMULO_DEQ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// 16 E4M3 codes as fp32 times 2^-120: the sign to bit 31, exponent and mantissa to bits 26..20 (subnormals map
+// to subnormals); callers fold 2^120 into the scale.
+CUMULO_DEQ inline __m512 e4m3_16(const uint8_t* p, __mmask16 m) {
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p));
+    const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(c, _mm512_set1_epi32(0x80)), 24);
+    const __m512i em = _mm512_slli_epi32(_mm512_and_si512(c, _mm512_set1_epi32(0x7F)), 20);
+    return _mm512_castsi512_ps(_mm512_or_si512(sign, em));
+}
+
+// 32 consecutive weights (two fp32 vectors, scaled) -> 32 bf16 at out, the last `left` < 32 of them masked.
+CUMULO_DEQ inline void store_bf16_32(uint16_t* out, __m512 lo, __m512 hi, int64_t left) {
+    const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    const __mmask32 m = left >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << left) - 1u);
+    _mm512_mask_storeu_epi16(out, m, v);
+}
+
+CUMULO_DEQ void fp8_dequant_bf16(const uint8_t* codes, int64_t N, int64_t K, const Scales& sc, int64_t bn,
+                                 int64_t bk, uint16_t* out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* row = codes + n * K;
+        for (int64_t k = 0; k < K; k += 32) {  // bk is K or a multiple of 16: one scale per 16 codes
+            const int64_t left = K - k;
+            const __mmask16 m0 = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+            const __mmask16 m1 =
+                left >= 32 ? (__mmask16)0xFFFF : left > 16 ? (__mmask16)((1u << (left - 16)) - 1u) : (__mmask16)0;
+            const __m512 s0 = _mm512_set1_ps(sc.at(n / bn, k / bk) * 0x1p120f);
+            const __m512 s1 = _mm512_set1_ps(left > 16 ? sc.at(n / bn, (k + 16) / bk) * 0x1p120f : 0.0f);
+            const __m512 lo = _mm512_mul_ps(e4m3_16(row + k, m0), s0);
+            const __m512 hi = _mm512_mul_ps(e4m3_16(row + k + 16, m1), s1);
+            store_bf16_32(out + n * K + k, lo, hi, left);
+        }
+    }
+}
+
+// Packed E2M1 [N, K / 2] (element 0 in the low nibble) with E8M0 scales [N, K / 32], K % 32 == 0: a block of
+// 32 is 16 bytes, whose nibbles are looked up in a 16-entry fp32 table and put back in element order.
+CUMULO_DEQ void mxfp4_dequant_bf16(const uint8_t* codes, int64_t N, int64_t K, const uint8_t* scales,
+                                   uint16_t* out, int nthreads) {
+    const __m512 table = _mm512_loadu_ps(kE2M1);
+    const __m512i even = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i odd = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t b = 0; b < K / 32; ++b) {
+            const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes + n * (K / 2) + b * 16)));
+            const __m512 s = _mm512_set1_ps(e8m0_value(scales[n * (K / 32) + b]));
+            const __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)), table);
+            const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), table);
+            const __m512 lo = _mm512_mul_ps(_mm512_permutex2var_ps(low, even, high), s);  // elements 0..15
+            const __m512 hi = _mm512_mul_ps(_mm512_permutex2var_ps(low, odd, high), s);  // elements 16..31
+            store_bf16_32(out + n * K + b * 32, lo, hi, 32);
+        }
+}
+
+bool has_avx512_bf16() {
+    return has_avx512() && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+
 }  // namespace
 
 extern "C" {
@@ -968,7 +1033,10 @@ void cumulo_fp8_dequant(const uint8_t* codes, int64_t N, int64_t K, const float*
     for (int c = 0; c < 256; ++c) table[c] = e4m3_value((uint8_t)c);
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
     for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < K; ++k) out[n * K + k] = table[codes[n * K + k]] * sc.at(n / bn, k / bk);
+        for (int64_t k0 = 0; k0 < K; k0 += bk) {
+            const float s = sc.at(n / bn, k0 / bk);
+            for (int64_t k = k0; k < k0 + bk && k < K; ++k) out[n * K + k] = table[codes[n * K + k]] * s;
+        }
 }
 
 // Same for packed E2M1 [N, K / 2] with E8M0 scales [N, K / 32].
@@ -980,6 +1048,24 @@ void cumulo_mxfp4_dequant(const uint8_t* codes, int64_t N, int64_t K, const uint
             const uint8_t byte = codes[n * (K / 2) + k / 2];
             out[n * K + k] = kE2M1[k & 1 ? byte >> 4 : byte & 0xF] * e8m0_value(scales[n * (K / 32) + k / 32]);
         }
+}
+
+// 1 where the CPU has what the bf16 dequantizers below need (AVX512-BF16 and VL).
+int cumulo_dequant_bf16_runs(void) { return has_avx512_bf16() ? 1 : 0; }
+
+// The same into bf16 [N, K], where the CPU has AVX512-BF16; 0 (nothing written) where it has not.
+int cumulo_fp8_dequant_bf16(const uint8_t* codes, int64_t N, int64_t K, const float* scales_f32,
+                            const uint8_t* scales_e8m0, int64_t bn, int64_t bk, uint16_t* out, int nthreads) {
+    if (!has_avx512_bf16()) return 0;
+    fp8_dequant_bf16(codes, N, K, Scales{scales_f32, scales_e8m0, (K + bk - 1) / bk}, bn, bk, out, nthreads);
+    return 1;
+}
+
+int cumulo_mxfp4_dequant_bf16(const uint8_t* codes, int64_t N, int64_t K, const uint8_t* scales, uint16_t* out,
+                              int nthreads) {
+    if (!has_avx512_bf16() || K % 32) return 0;
+    mxfp4_dequant_bf16(codes, N, K, scales, out, nthreads);
+    return 1;
 }
 
 // The decode-graph forms (cumulo.platform.kernels.graph): one int64 array holding the arguments above in order
