@@ -136,16 +136,8 @@ class PerplexityReport:
 
 def convert(module: nn.Module, format_name: str) -> None:
     """Swap the module's Linear layers for packed ones of `format_name` (cumulo.formats)."""
-    from cumulo.errors import FormatError
+    from cumulo.formats.linear import quantize_model
 
-    try:
-        from cumulo.formats import quantize as formats_quantize
-
-        quantize_model = getattr(formats_quantize, "quantize_model", None)
-        if quantize_model is None:  # it has lived next to PackedLinear too
-            from cumulo.formats.linear import quantize_model
-    except ImportError as exc:
-        raise FormatError(f"compact formats are not available in this install ({exc})") from None
     quantize_model(module, format_name)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 
 import pytest
 import torch
@@ -29,11 +28,3 @@ def test_converting_to_mxfp8_keeps_perplexity_close(
 def test_an_unknown_format_is_a_format_error(tiny_llama: torch.nn.Module) -> None:
     with pytest.raises(FormatError, match="no-such-format"):
         convert(copy.deepcopy(tiny_llama), "no-such-format")
-
-
-def test_a_missing_formats_package_is_a_format_error(
-    tiny_llama: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setitem(sys.modules, "cumulo.formats", None)  # what an install without the package looks like
-    with pytest.raises(FormatError, match="not available"):
-        convert(copy.deepcopy(tiny_llama), "mxfp8")
