@@ -20,7 +20,7 @@ from cumulo.chips.catalog import SKINNY_ROWS, local_chip_path
 
 MATMUL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 STACK_MIN_MB = 64  # and the least weight one pass streams, MiB (twice a large last-level cache)
-STACK_FLOPS = 4e9  # the most work one timed pass over a format curve's stack does (rows x weights x 2)
+STACK_FLOPS = 4e9  # work (rows x weights x 2) one timed pass over a format curve's stack stops adding layers at
 SKINNY_K = 1024  # the decode-shape matrices: K x K, a mid-size layer (SmolLM2: 576, Llama 3.1 8B: 4096)
 
 
@@ -143,7 +143,7 @@ def measure(
         del layers, stacks
     if formats:
         act = "bf16" if rates.get("bf16", 0.0) >= rates.get("fp32", 0.0) > 0 else "fp32"
-        skinny.update(_format_curves(formats, act, device, sync, min_time, repeats, clock, bandwidth_mb))
+        skinny.update(_format_curves(formats, act, device, sync, min_time, clock, bandwidth_mb))
     # Per-op overhead: the small elementwise ops and tiny matmuls that surround every layer's big matmuls.
     h = torch.randn(1, 576, device=device)
     g = torch.ones(576, device=device)
@@ -234,7 +234,6 @@ def _format_curves(
     device: str,
     sync: Callable[[], None],
     min_time: float,
-    repeats: int,
     clock: Callable[[], float],
     stack_mb: int,
 ) -> dict[str, dict[int, float]]:
@@ -255,7 +254,8 @@ def _format_curves(
             layer = PackedLinear.from_linear(base, fmt).to(device)
             size = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
             # Distinct copies, as many as the dense curves stream: the weights come from memory, as in a model.
-            layers = [copy.deepcopy(layer) for _ in range(max(4, stack_mb * 2**20 // size))]
+            # (.to() also unbinds each copy's kernel, which would otherwise point at the first layer's buffers)
+            layers = [copy.deepcopy(layer).to(device) for _ in range(max(4, stack_mb * 2**20 // size))]
             stacks = {}
             for m in SKINNY_ROWS:
                 # Many rows make each layer compute-bound, where streaming them all from memory only costs time;

@@ -96,6 +96,28 @@ def test_bf16_prefill_dequantizes_into_bf16_exactly_as_the_reference(
         torch.testing.assert_close(y.float(), ref, rtol=2**-7, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("fmt,scale", [("fp8-tensor", 300.0), ("fp8-tensor", 2.0**-140), ("mxfp8", 135),
+                                       ("mxfp8", 1), ("mxfp4", 200), ("mxfp4", 1), ("mxfp4", 0)])  # fmt: skip
+def test_bf16_prefill_keeps_extreme_scales_subnormals_and_nan_codes(fmt: str, scale: float) -> None:
+    """Every code under a scale far above 1 or far below it: the bf16 weights are still the reference's, bit for
+    bit (no overflow from folding constants into the scale, no subnormal flushed), read back through an identity
+    x; NaN codes, kept to weight row 0, make that row's outputs NaN and no other's."""
+    p = quantize(torch.randn(16, 256, generator=torch.Generator().manual_seed(5)), fmt)
+    codes = torch.arange(p.codes.numel(), dtype=torch.int64).remainder(256).to(torch.uint8).view_as(p.codes)
+    if "fp4" not in fmt:  # E4M3 0x7F and 0xFF are NaN: only in row 0
+        codes[1:][(codes[1:] & 0x7F) == 0x7F] = 0
+    p.codes.copy_(codes)
+    p.scales.fill_(scale)  # fp32 for the tensor scale; an E8M0 code for the MX formats
+    x = torch.eye(256).bfloat16()  # y[i, n] = weight[n, i], exactly
+    y = find_kernel("cpu", fmt)(p)(x)
+    assert y is not None and y.dtype == torch.bfloat16
+    want = F.linear(x, p.dequantize(torch.bfloat16))
+    if "fp4" not in fmt:
+        assert bool(want[:, 0].isnan().all()) and not bool(want[:, 1:].isnan().any())
+    if {"avx512_bf16", "avx512vl"} <= cpu_flags():
+        torch.testing.assert_close(y, want, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("k", [128, 45])
 def test_fp8_kernel_handles_subnormal_codes_and_both_signs(k: int, fp8_path: bool) -> None:
     codes = torch.arange(256, dtype=torch.uint8)

@@ -44,9 +44,10 @@ def test_matches_float64_reference(avx2_only, m, n, k):
 
 
 @pytest.mark.parametrize("avx2_only", PATHS)
-def test_bias_and_strided_rows(avx2_only):
+@pytest.mark.parametrize("m", [3, 12])  # 12: the AVX-512 path's tiles of 4 weight rows
+def test_bias_and_strided_rows(avx2_only, m):
     gen = torch.Generator().manual_seed(1)
-    wide = torch.randn(3, 200, generator=gen).bfloat16()
+    wide = torch.randn(m, 200, generator=gen).bfloat16()
     x = wide[:, 10:110]  # rows 200 apart: read in place
     w = torch.randn(42, 130, generator=gen).bfloat16()[:, 20:120]  # weight rows 130 apart, 42 = 10 tiles + 2
     b = torch.randn(42, generator=gen).bfloat16()

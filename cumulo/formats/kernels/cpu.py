@@ -12,6 +12,7 @@ the reference path; a single warning says why.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -125,18 +126,24 @@ def _fp8_scales(w: PackedWeight) -> tuple[torch.Tensor | None, torch.Tensor | No
     return scales.to(torch.float32), None, br or n, bc or k
 
 
+@functools.cache
+def _dequantizes_into_bf16() -> bool:
+    """Whether this CPU runs the bf16 dequantizers (AVX512-BF16: where torch's bf16 GEMM is fast, too)."""
+    lib = library()
+    return lib is not None and bool(lib.cumulo_dequant_bf16_runs())
+
+
 def fused_max_rows(dtype: torch.dtype, family: str | None) -> int:
     """Most rows of x of `dtype` a fused kernel of `family` ("fp8", "mxfp4"; None for the others) takes; more
     are dequantized for a GEMM, into bf16 for bf16 x where the CPU has AVX512-BF16 (then from fewer rows)."""
-    lib = library()
     bf16_rows = FUSED_MAX_ROWS_BF16.get(family or "")
-    if bf16_rows and dtype == torch.bfloat16 and USE_AVX512 and lib is not None and lib.cumulo_dequant_bf16_runs():
+    if bf16_rows and dtype == torch.bfloat16 and USE_AVX512 and _dequantizes_into_bf16():
         return bf16_rows
     return FUSED_MAX_ROWS
 
 
 def _call(
-    x: torch.Tensor, n: int, fused: Callable[..., None], dequant: Callable[..., bool] | None, family: str | None
+    x: torch.Tensor, n: int, fused: Callable[..., None], dequant: Callable[..., None] | None, family: str | None
 ) -> torch.Tensor | None:
     """Decode (few rows): the fused kernel, taking and giving bf16 or fp32 as x is. Prefill (many rows):
     dequantize once, then torch's GEMM, in bf16 for bf16 x where the kernels can write bf16 (else fp32);
@@ -147,10 +154,10 @@ def _call(
     if x.shape[0] > fused_max_rows(x.dtype, family):
         if dequant is None:
             return None
-        if x.dtype == torch.bfloat16:
+        if x.dtype == torch.bfloat16 and USE_AVX512 and _dequantizes_into_bf16():
             dense = torch.empty(n, x.shape[1], dtype=torch.bfloat16)
-            if dequant(dense.data_ptr(), threads, True):
-                return F.linear(x, dense)
+            dequant(dense.data_ptr(), threads, True)
+            return F.linear(x, dense)
         xc = x.to(torch.float32).contiguous()
         dense = torch.empty(n, xc.shape[1], dtype=torch.float32)
         dequant(dense.data_ptr(), threads, False)
@@ -192,12 +199,12 @@ def bind_fp8(w: PackedWeight) -> BoundKernel | None:
     def fused(px: int, m: int, py: int, threads: int, bf16: bool) -> None:
         lib.cumulo_fp8_linear(px, m, k, pc, n, pf, pe, bn, bk, py, threads, int(USE_AVX512), bf16)
 
-    def dequant(pout: int, threads: int, bf16: bool) -> bool:
-        """Into bf16 (False where the CPU cannot) or fp32 at pout."""
+    def dequant(pout: int, threads: int, bf16: bool) -> None:
+        """Into bf16 (where _dequantizes_into_bf16) or fp32 at pout."""
         if bf16:
-            return USE_AVX512 and bool(lib.cumulo_fp8_dequant_bf16(pc, n, k, pf, pe, bn, bk, pout, threads))
-        lib.cumulo_fp8_dequant(pc, n, k, pf, pe, bn, bk, pout, threads)
-        return True
+            lib.cumulo_fp8_dequant_bf16(pc, n, k, pf, pe, bn, bk, pout, threads)
+        else:
+            lib.cumulo_fp8_dequant(pc, n, k, pf, pe, bn, bk, pout, threads)
 
     def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
         return _call(x, n, fused, dequant, "fp8")
@@ -224,11 +231,11 @@ def bind_mxfp4(w: PackedWeight) -> BoundKernel | None:
     def fused(px: int, m: int, py: int, threads: int, bf16: bool) -> None:
         lib.cumulo_mxfp4_linear(px, m, k, pc, n, ps, py, threads, bf16, int(USE_AVX512))
 
-    def dequant(pout: int, threads: int, bf16: bool) -> bool:
+    def dequant(pout: int, threads: int, bf16: bool) -> None:
         if bf16:
-            return USE_AVX512 and bool(lib.cumulo_mxfp4_dequant_bf16(pc, n, k, ps, pout, threads))
-        lib.cumulo_mxfp4_dequant(pc, n, k, ps, pout, threads)
-        return True
+            lib.cumulo_mxfp4_dequant_bf16(pc, n, k, ps, pout, threads)
+        else:
+            lib.cumulo_mxfp4_dequant(pc, n, k, ps, pout, threads)
 
     def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
         return _call(x, n, fused, dequant, "mxfp4")

@@ -827,25 +827,33 @@ struct Bf16Io {
 };
 
 // Dequantizing into bf16, for prefill through torch's bf16 GEMM (several times its fp32 GEMM on CPUs with
-// AVX512-BF16). 16 values per step, as fp32, times their block scale, then rounded to bf16 in pairs of vectors
-// (vcvtne2ps2bf16, nearest even): exact wherever the scale is a power of two (E8M0), as E4M3 and E2M1 values
-// are exact in bf16.
-#define CUMULO_DEQ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+// AVX512-BF16). 16 values per step, as fp32, times their block scale (one rounding), then rounded to bf16 as
+// torch's .to(bfloat16) does: to nearest even, subnormals kept, NaN kept NaN. So the weights are bit-equal to the
+// reference's bf16 dequantization, and exact wherever the scale is a power of two (E8M0), as E4M3 and E2M1 values
+// are exact in bf16. (vcvtne2ps2bf16 would flush subnormals to zero; the rounding is done in integers instead.)
+#define CUMULO_DEQ __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-// 16 E4M3 codes as fp32 times 2^-120: the sign to bit 31, exponent and mantissa to bits 26..20 (subnormals map
-// to subnormals); callers fold 2^120 into the scale.
+// 16 E4M3 codes as fp32: the sign to bit 31, exponent and mantissa to bits 26..20 give the value times 2^-120
+// (subnormals map to subnormals), times 2^120 exactly; codes 0x7F and 0xFF are NaN, as in the reference.
 CUMULO_DEQ inline __m512 e4m3_16(const uint8_t* p, __mmask16 m) {
     const __m512i c = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p));
+    const __m512i mag = _mm512_and_si512(c, _mm512_set1_epi32(0x7F));
     const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(c, _mm512_set1_epi32(0x80)), 24);
-    const __m512i em = _mm512_slli_epi32(_mm512_and_si512(c, _mm512_set1_epi32(0x7F)), 20);
-    return _mm512_castsi512_ps(_mm512_or_si512(sign, em));
+    const __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(sign, _mm512_slli_epi32(mag, 20))),
+                                   _mm512_set1_ps(0x1p120f));
+    return _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F)), v,
+                                _mm512_set1_ps(__builtin_nanf("")));
 }
 
-// 32 consecutive weights (two fp32 vectors, scaled) -> 32 bf16 at out, the last `left` < 32 of them masked.
-CUMULO_DEQ inline void store_bf16_32(uint16_t* out, __m512 lo, __m512 hi, int64_t left) {
-    const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-    const __mmask32 m = left >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << left) - 1u);
-    _mm512_mask_storeu_epi16(out, m, v);
+// 16 fp32 -> bf16 at out (the lanes in mask m): round to nearest even on the bit pattern, NaN quieted.
+CUMULO_DEQ inline void store_bf16_16(uint16_t* out, __m512 v, __mmask16 m) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    const __m512i nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    const __mmask16 is_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    _mm512_mask_cvtepi32_storeu_epi16(out, m, _mm512_mask_blend_epi32(is_nan, rounded, nan));
 }
 
 CUMULO_DEQ void fp8_dequant_bf16(const uint8_t* codes, int64_t N, int64_t K, const Scales& sc, int64_t bn,
@@ -853,16 +861,10 @@ CUMULO_DEQ void fp8_dequant_bf16(const uint8_t* codes, int64_t N, int64_t K, con
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         const uint8_t* row = codes + n * K;
-        for (int64_t k = 0; k < K; k += 32) {  // bk is K or a multiple of 16: one scale per 16 codes
-            const int64_t left = K - k;
-            const __mmask16 m0 = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-            const __mmask16 m1 =
-                left >= 32 ? (__mmask16)0xFFFF : left > 16 ? (__mmask16)((1u << (left - 16)) - 1u) : (__mmask16)0;
-            const __m512 s0 = _mm512_set1_ps(sc.at(n / bn, k / bk) * 0x1p120f);
-            const __m512 s1 = _mm512_set1_ps(left > 16 ? sc.at(n / bn, (k + 16) / bk) * 0x1p120f : 0.0f);
-            const __m512 lo = _mm512_mul_ps(e4m3_16(row + k, m0), s0);
-            const __m512 hi = _mm512_mul_ps(e4m3_16(row + k + 16, m1), s1);
-            store_bf16_32(out + n * K + k, lo, hi, left);
+        for (int64_t k = 0; k < K; k += 16) {  // bk is K or a multiple of 16: one scale per 16 codes
+            const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+            const __m512 v = _mm512_mul_ps(e4m3_16(row + k, m), _mm512_set1_ps(sc.at(n / bn, k / bk)));
+            store_bf16_16(out + n * K + k, v, m);
         }
     }
 }
@@ -883,7 +885,8 @@ CUMULO_DEQ void mxfp4_dequant_bf16(const uint8_t* codes, int64_t N, int64_t K, c
             const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), table);
             const __m512 lo = _mm512_mul_ps(_mm512_permutex2var_ps(low, even, high), s);  // elements 0..15
             const __m512 hi = _mm512_mul_ps(_mm512_permutex2var_ps(low, odd, high), s);  // elements 16..31
-            store_bf16_32(out + n * K + b * 32, lo, hi, 32);
+            store_bf16_16(out + n * K + b * 32, lo, (__mmask16)0xFFFF);
+            store_bf16_16(out + n * K + b * 32 + 16, hi, (__mmask16)0xFFFF);
         }
 }
 

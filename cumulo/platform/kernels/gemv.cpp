@@ -64,8 +64,9 @@ void row_avx2(const T* x, int64_t xs, int64_t K, const T* w, float* out) {
 #define CUMULO_AVX512 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 // What the AVX-512 tile needs of a storage type: one 512-bit load, a masked load of the last `left` elements,
-// and the multiply-accumulate into 16 fp32 sums. (The fp32 instantiation uses AVX-512F only; its path is taken
-// on CPUs without AVX512-BF16.)
+// and the multiply-accumulate into 16 fp32 sums. (The fp32 instantiation is compiled under the same target but
+// uses AVX-512F only: GCC emits no BF16 instruction for fp32 code, checked in its disassembly. Its path is taken
+// on CPUs with AVX-512F and BW, with or without AVX512-BF16.)
 struct Bf16Ops {
     using T = uint16_t;
     using V = __m512i;
