@@ -27,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"catalog name, .gguf file or model directory; repeat to serve several (default {DEFAULT_MODEL})")
     p.add_argument("--device", default="auto", help="device for the engines: auto, cpu, cuda:0, ... (default auto)")
     p.add_argument("--format", default=None, help="convert weights to this number format on load")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the engines' kernels (default: the physical cores, or OMP_NUM_THREADS). "
+                   "On a small machine one fewer than the cores leaves a core to the HTTP side: faster single "
+                   "streams, slower large batches (docs/service.md)")
     p.add_argument("--database-url", default=None,
                    help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (default: SQLite in the data dir)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -40,7 +44,7 @@ def model_refs(args: argparse.Namespace) -> list[str]:
     return [m.strip() for m in env.split(",") if m.strip()] or [DEFAULT_MODEL]
 
 
-def load_engines(refs: list[str], device: str, format: str | None) -> dict[str, Any]:
+def load_engines(refs: list[str], device: str, format: str | None, threads: int | None = None) -> dict[str, Any]:
     """Builds one in-process engine per reference, pulling catalog models that are not cached yet."""
     from cumulo.engine.async_engine import build_engine
     from cumulo.models import catalog, pull
@@ -50,7 +54,7 @@ def load_engines(refs: list[str], device: str, format: str | None) -> dict[str, 
         if not Path(ref).expanduser().exists() and ref in catalog.CATALOG and not pull.is_pulled(ref):
             print(f"Pulling {ref} ...", flush=True)
             pull.ensure(ref, progress=True)
-        engine = build_engine(ref, device=device, format=format)
+        engine = build_engine(ref, device=device, format=format, threads=threads)
         engines[engine.model_name] = engine
     return engines
 
@@ -63,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from cumulo.service.settings import Settings
 
     settings = Settings.from_env(host=args.host, port=args.port, database_url=args.database_url)
-    engines = load_engines(model_refs(args), args.device, args.format)
+    engines = load_engines(model_refs(args), args.device, args.format, args.threads)
     app = create_app(settings, engines)
     created = ensure_admin_key(app.state.service)
     if created is not None:

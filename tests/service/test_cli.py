@@ -98,3 +98,19 @@ def test_settings_read_the_environment_and_flags_win(monkeypatch, tmp_path):
     assert (settings.host, settings.port, settings.database_url) == ("0.0.0.0", 9002, "postgresql+psycopg://x@y/z")
     monkeypatch.delenv("CUMULO_DATABASE_URL")
     assert Settings.from_env(data_dir=tmp_path).database_url == f"sqlite:///{tmp_path / 'cumulo.db'}"
+
+
+def test_serve_refuses_a_thread_count_below_one_in_one_line(data_dir, capsys):
+    assert main(["--data-dir", str(data_dir), "serve", "--model", str(data_dir), "--threads", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["cumulo: error: threads must be at least 1, not 0"]
+
+
+def test_serve_hands_its_thread_count_to_every_engine(monkeypatch):
+    from cumulo.cli import serve
+    from cumulo.engine import async_engine
+
+    seen = []
+    monkeypatch.setattr(async_engine, "build_engine", lambda ref, **options: seen.append(options) or FakeEngine())
+    serve.load_engines(["/a", "/b"], "cpu", None, threads=1)
+    assert [o["threads"] for o in seen] == [1, 1]
