@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from cumulo.formats.kernels import BoundKernel, cpu, find_kernel, register_kernel, registered
 from cumulo.formats.packed import PackedWeight, concat_rows
 from cumulo.formats.quantize import quantize
-from cumulo.platform.kernels.build import cpu_flags
 
 
 def _close(y: torch.Tensor, ref: torch.Tensor) -> None:
@@ -85,7 +84,7 @@ def test_bf16_prefill_dequantizes_into_bf16_exactly_as_the_reference(
     x = torch.randn(rows, k, generator=g).bfloat16()
     y = find_kernel("cpu", fmt)(p)(x)
     assert y is not None
-    if fp8_path and {"avx512_bf16", "avx512vl"} <= cpu_flags():
+    if fp8_path and cpu.dequantizes_into_bf16():
         assert y.dtype == torch.bfloat16
         assert torch.equal(y, F.linear(x, p.dequantize(torch.bfloat16)))
     elif rows > cpu.FUSED_MAX_ROWS:  # fp32 dequantize and GEMM
@@ -114,7 +113,7 @@ def test_bf16_prefill_keeps_extreme_scales_subnormals_and_nan_codes(fmt: str, sc
     want = F.linear(x, p.dequantize(torch.bfloat16))
     if "fp4" not in fmt:
         assert bool(want[:, 0].isnan().all()) and not bool(want[:, 1:].isnan().any())
-    if fp8_path and {"avx512_bf16", "avx512vl"} <= cpu_flags():
+    if fp8_path and cpu.dequantizes_into_bf16():
         assert y.dtype == torch.bfloat16
         torch.testing.assert_close(y, want, rtol=0, atol=0, equal_nan=True)
     else:  # fp32 dequantize and sgemm: the same weights in fp32, NaN where they are

@@ -127,7 +127,7 @@ def _fp8_scales(w: PackedWeight) -> tuple[torch.Tensor | None, torch.Tensor | No
 
 
 @functools.cache
-def _dequantizes_into_bf16() -> bool:
+def dequantizes_into_bf16() -> bool:
     """Whether this CPU runs the bf16 dequantizers (AVX512-BF16: where torch's bf16 GEMM is fast, too)."""
     lib = library()
     return lib is not None and bool(lib.cumulo_dequant_bf16_runs())
@@ -137,7 +137,7 @@ def fused_max_rows(dtype: torch.dtype, family: str | None) -> int:
     """Most rows of x of `dtype` a fused kernel of `family` ("fp8", "mxfp4"; None for the others) takes; more
     are dequantized for a GEMM, into bf16 for bf16 x where the CPU has AVX512-BF16 (then from fewer rows)."""
     bf16_rows = FUSED_MAX_ROWS_BF16.get(family or "")
-    if bf16_rows and dtype == torch.bfloat16 and USE_AVX512 and _dequantizes_into_bf16():
+    if bf16_rows and dtype == torch.bfloat16 and USE_AVX512 and dequantizes_into_bf16():
         return bf16_rows
     return FUSED_MAX_ROWS
 
@@ -154,7 +154,7 @@ def _call(
     if x.shape[0] > fused_max_rows(x.dtype, family):
         if dequant is None:
             return None
-        if x.dtype == torch.bfloat16 and USE_AVX512 and _dequantizes_into_bf16():
+        if x.dtype == torch.bfloat16 and USE_AVX512 and dequantizes_into_bf16():
             dense = torch.empty(n, x.shape[1], dtype=torch.bfloat16)
             dequant(dense.data_ptr(), threads, True)
             return F.linear(x, dense)
@@ -200,7 +200,7 @@ def bind_fp8(w: PackedWeight) -> BoundKernel | None:
         lib.cumulo_fp8_linear(px, m, k, pc, n, pf, pe, bn, bk, py, threads, int(USE_AVX512), bf16)
 
     def dequant(pout: int, threads: int, bf16: bool) -> None:
-        """Into bf16 (where _dequantizes_into_bf16) or fp32 at pout."""
+        """Into bf16 (where dequantizes_into_bf16) or fp32 at pout."""
         if bf16:
             lib.cumulo_fp8_dequant_bf16(pc, n, k, pf, pe, bn, bk, pout, threads)
         else:
