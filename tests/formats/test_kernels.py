@@ -51,7 +51,7 @@ def test_fused_kernel_matches_reference_dequantize_then_matmul(fmt: str, rows: i
         if k % 32 == 0 or "fp4" not in f
     ],
 )
-@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("rows", [1, 2, 5, 7, 11, 16])  # 7, 11, 16: the 8-row MXFP4 kernel, in two passes  # 11, 16: two passes of the 8-row MXFP4 kernel
 def test_bf16_activations_give_bf16_results_of_the_same_product(fmt: str, rows: int, k: int, fp8_path) -> None:
     """bf16 x (the engine's default dtype here) runs without conversions in torch: the product of the bf16
     values with the exact weights, accumulated in fp32 and rounded once to bf16."""
@@ -70,11 +70,11 @@ def test_bf16_activations_give_bf16_results_of_the_same_product(fmt: str, rows: 
 
 @pytest.mark.parametrize("fmt", cpu.FP8_FORMATS + cpu.MXFP4_FORMATS)
 @pytest.mark.parametrize("k", [320, 576, 300])
-@pytest.mark.parametrize("rows", [17, cpu.FUSED_MAX_ROWS + 3])  # 17: past every FUSED_MAX_ROWS_BF16
+@pytest.mark.parametrize("rows", [cpu.FUSED_MAX_ROWS_BF16 + 1, cpu.FUSED_MAX_ROWS + 3])
 def test_bf16_prefill_dequantizes_into_bf16_exactly_as_the_reference(
     fmt: str, k: int, rows: int, fp8_path: bool
 ) -> None:
-    """Past its FUSED_MAX_ROWS_BF16 rows, bf16 x takes torch's bf16 GEMM over weights dequantized into bf16 where the
+    """Past FUSED_MAX_ROWS_BF16 rows, bf16 x takes torch's bf16 GEMM over weights dequantized into bf16 where the
     CPU has AVX512-BF16: the same weights, bit for bit, as the reference dequantizes, so the same answer."""
     if "fp4" in fmt and k % 32:
         return  # MXFP4 needs whole 32-blocks (the quantizer refuses others)

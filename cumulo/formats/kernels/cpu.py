@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,11 +37,11 @@ USE_AVX512 = True
 # SmolLM2's shapes here (ue8m0-fp8 158 vs 295 ms over the 120 matrices; 16 rows: 23 vs 162 ms), since
 # dequantizing writes and rereads 4 bytes per weight.
 FUSED_MAX_ROWS = 64
-# Against dequantize into bf16 + torch's bf16 GEMM (bf16 x, CPUs with AVX512-BF16) they win over fewer rows.
-# SmolLM2 prefill of one prompt, fused vs dequantized, Zen 5: mxfp8 16 tokens 26 vs 31 ms, 32 tokens 44 vs 35 ms;
-# mxfp4 4 tokens 13 vs 16 ms, 8 tokens 20 vs 17 ms, 16 tokens 32 vs 19 ms. (At 8 rows mxfp4 keeps the fused
-# kernel all the same: decode steps of up to 8 sequences then still replay a decode graph.)
-FUSED_MAX_ROWS_BF16 = {"fp8": 16, "mxfp4": 8}
+# Against dequantize into bf16 + torch's bf16 GEMM (bf16 x, CPUs with AVX512-BF16; FP8 and MXFP4) they win over
+# fewer rows: to 16. SmolLM2 prefill of one prompt, fused vs dequantized, Zen 5: mxfp8 16 tokens 28 vs 46 ms,
+# 32 tokens 53 vs 53 ms; mxfp4 16 tokens 27 vs 34 ms, 32 tokens 45 vs 43 ms.
+FUSED_MAX_ROWS_BF16 = 16
+BF16_DEQUANT_FAMILIES = ("fp8", "mxfp4")
 
 # Threads per kernel call: torch's setting unless CUMULO_KERNEL_THREADS or set_kernel_threads says otherwise.
 # On a machine shared with other busy processes one thread can beat two, because every call is a fork-join
@@ -136,10 +137,25 @@ def dequantizes_into_bf16() -> bool:
 def fused_max_rows(dtype: torch.dtype, family: str | None) -> int:
     """Most rows of x of `dtype` a fused kernel of `family` ("fp8", "mxfp4"; None for the others) takes; more
     are dequantized for a GEMM, into bf16 for bf16 x where the CPU has AVX512-BF16 (then from fewer rows)."""
-    bf16_rows = FUSED_MAX_ROWS_BF16.get(family or "")
-    if bf16_rows and dtype == torch.bfloat16 and USE_AVX512 and dequantizes_into_bf16():
-        return bf16_rows
+    if family in BF16_DEQUANT_FAMILIES and dtype == torch.bfloat16 and USE_AVX512 and dequantizes_into_bf16():
+        return FUSED_MAX_ROWS_BF16
     return FUSED_MAX_ROWS
+
+
+_scratch = threading.local()
+
+
+def _dense_scratch(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """An [n, k] buffer for dequantized weights, reused by later calls on this thread (each engine steps on its
+    own thread) and grown to the largest matrix seen. A fresh tensor per call cost more than dequantizing into
+    it: 10 ms of page faults for a 4096 x 4096 bf16 matrix, against 3 ms to dequantize it."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < n * k:
+        buf = buffers[dtype] = torch.empty(n * k, dtype=dtype)
+    return buf[: n * k].view(n, k)
 
 
 def _call(
@@ -155,11 +171,11 @@ def _call(
         if dequant is None:
             return None
         if x.dtype == torch.bfloat16 and USE_AVX512 and dequantizes_into_bf16():
-            dense = torch.empty(n, x.shape[1], dtype=torch.bfloat16)
+            dense = _dense_scratch(n, x.shape[1], torch.bfloat16)
             dequant(dense.data_ptr(), threads, True)
             return F.linear(x, dense)
         xc = x.to(torch.float32).contiguous()
-        dense = torch.empty(n, xc.shape[1], dtype=torch.float32)
+        dense = _dense_scratch(n, xc.shape[1], torch.float32)
         dequant(dense.data_ptr(), threads, False)
         return F.linear(xc, dense)
     bf16 = x.dtype == torch.bfloat16
