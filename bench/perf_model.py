@@ -6,7 +6,8 @@
 
 Part 1 prints the model's answer to each claim next to the claim, with the claim's provenance. Part 2 calibrates
 this machine as the `local` chip (unless --no-calibrate and a calibration exists), runs SmolLM2-135M through the
-engine and prints predicted against measured decode tokens/s and TTFT; the target is within +-25%.
+engine and prints predicted against measured decode tokens/s and TTFT; the target is within +-25%. The cells,
+probes and calibration also go to bench/results/perf-model-<time>.json.
 The engine part is skipped, with the reason, when the engine or the model cannot be loaded. Never gates CI.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 import time
@@ -21,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import RESULTS_DIR  # noqa: E402
 from cumulo.chips.catalog import load_catalog  # noqa: E402
 from cumulo.chips.predict import Assumptions, Prediction, predict  # noqa: E402
 from cumulo.engine.decode_graph import MAX_BATCH as DECODE_GRAPH_MAX_BATCH  # noqa: E402
@@ -307,6 +310,17 @@ def engine(
         f"{'pred TTFT':>9} {'meas TTFT':>9} {'ratio':>5}  bound"
     )
     within, total = 0, 0
+    record: dict = {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(["python", "bench/perf_model.py", *sys.argv[1:]]),
+        "local": {
+            key: local.get(key)
+            for key in ("memory_bandwidth_gbs", "fp32_tflops", "bf16_tflops", "op_latency_us", "graph_op_latency_us")
+        },
+        "workload": {"prompt_tokens": prompt_len, "max_tokens": max_tokens, "rounds": ROUNDS},
+        "probes": {},
+        "cells": [],
+    }
     for fmt in formats:
         llm = _load_engine(LLM, fmt, threads)
         if llm is None:
@@ -340,6 +354,12 @@ def engine(
             "(prefill), beyond the roofline"
         )
         hw_only = Assumptions(max_step_tokens=budget, graph_max_batch=graphs)
+        record["probes"][f"{fmt}/{dtype}"] = {
+            "step_overhead_s": soft.step_overhead_s,
+            "seq_overhead_s": soft.seq_overhead_s,
+            "prefill_seq_overhead_s": soft.prefill_seq_overhead_s,
+            "prefill_token_overhead_s": soft.prefill_token_overhead_s,
+        }
         cells = _best(llm, [(b, prompt_len, max_tokens) for b in batches], clock)
         for b in batches:
             dec, ttft = cells[(b, prompt_len, max_tokens)]
@@ -349,6 +369,11 @@ def engine(
             for pv, mv in ((p.decode_tok_s, dec), (pre.ttft_s, ttft)):
                 total += 1
                 within += abs(pv / mv - 1) <= 0.25 if mv > 0 else 0
+            record["cells"].append({
+                "format": fmt, "dtype": dtype, "batch": b, "hw_only_decode_tok_s": hw.decode_tok_s,
+                "predicted_decode_tok_s": p.decode_tok_s, "measured_decode_tok_s": dec,
+                "predicted_ttft_s": pre.ttft_s, "measured_ttft_s": ttft, "bound": p.bound,
+            })  # fmt: skip
             print(
                 f"  {fmt + '/' + dtype:<10} {b:>5} {hw.decode_tok_s:>8.1f} {p.decode_tok_s:>8.1f} {dec:>8.1f} "
                 f"{_ratio(p.decode_tok_s, dec)}   {pre.ttft_s:>9.3f} {ttft:>9.3f} {_ratio(pre.ttft_s, ttft)}  "
@@ -359,6 +384,11 @@ def engine(
         print(
             f"  within +-25%: {within}/{total} cells (target: all); load average now {os.getloadavg()[0]:.1f}"
         )
+        record.update(within=within, total=total)
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        path = RESULTS_DIR / f"perf-model-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        print(f"  wrote {path}")
 
 
 def main() -> int:
