@@ -256,11 +256,11 @@ def _format_curves(
             # Distinct copies, as many as the dense curves stream: the weights come from memory, as in a model.
             # (.to() also unbinds each copy's kernel, which would otherwise point at the first layer's buffers)
             layers = [copy.deepcopy(layer).to(device) for _ in range(max(4, stack_mb * 2**20 // size))]
+            # Many rows make each layer compute-bound, where streaming them all from memory only costs time; but
+            # never fewer than overflow a CPU's last-level cache, or the weights would come from there.
+            least = -(-min(STACK_MIN_MB, stack_mb) * 2**20 // size)
             stacks = {}
             for m in SKINNY_ROWS:
-                # Many rows make each layer compute-bound, where streaming them all from memory only costs time;
-                # but never fewer than overflow a CPU's last-level cache, or the weights would come from there.
-                least = -(-min(STACK_MIN_MB, stack_mb) * 2**20 // size)
                 used = layers[: max(least, int(STACK_FLOPS // (2 * m * 2048 * 2048)))]
                 x = torch.randn(m, 2048, device=device).to(dtype)
                 stacks[m] = (_stack(device, used, x), 2 * m * 2048 * 2048 * len(used))

@@ -134,12 +134,16 @@ def dequantizes_into_bf16() -> bool:
     return lib is not None and bool(lib.cumulo_dequant_bf16_runs())
 
 
+def _bf16_dequant(dtype: torch.dtype, family: str | None) -> bool:
+    """Whether x of `dtype` against weights of `family` ("fp8", "mxfp4"; None for the others) takes the bf16
+    dequantize + bf16 GEMM path past the fused kernel's rows."""
+    return family in BF16_DEQUANT_FAMILIES and dtype == torch.bfloat16 and USE_AVX512 and dequantizes_into_bf16()
+
+
 def fused_max_rows(dtype: torch.dtype, family: str | None) -> int:
-    """Most rows of x of `dtype` a fused kernel of `family` ("fp8", "mxfp4"; None for the others) takes; more
-    are dequantized for a GEMM, into bf16 for bf16 x where the CPU has AVX512-BF16 (then from fewer rows)."""
-    if family in BF16_DEQUANT_FAMILIES and dtype == torch.bfloat16 and USE_AVX512 and dequantizes_into_bf16():
-        return FUSED_MAX_ROWS_BF16
-    return FUSED_MAX_ROWS
+    """Most rows of x of `dtype` a fused kernel of `family` takes; more are dequantized for a GEMM, into bf16
+    where `_bf16_dequant` says so (then from fewer rows)."""
+    return FUSED_MAX_ROWS_BF16 if _bf16_dequant(dtype, family) else FUSED_MAX_ROWS
 
 
 _scratch = threading.local()
@@ -170,7 +174,7 @@ def _call(
     if x.shape[0] > fused_max_rows(x.dtype, family):
         if dequant is None:
             return None
-        if x.dtype == torch.bfloat16 and USE_AVX512 and dequantizes_into_bf16():
+        if _bf16_dequant(x.dtype, family):
             dense = _dense_scratch(n, x.shape[1], torch.bfloat16)
             dequant(dense.data_ptr(), threads, True)
             return F.linear(x, dense)
