@@ -10,7 +10,9 @@ serve: setup
 test:
 	scripts/setup.sh test
 	.venv/bin/ruff check cumulo tests bench
+	.venv/bin/ruff format --check cumulo tests bench
 	.venv/bin/python -m pytest -q
 
 lint:
 	.venv/bin/ruff check cumulo tests bench
+	.venv/bin/ruff format --check cumulo tests bench

@@ -120,9 +120,7 @@ def measure_format(
         # The checkpoint would not load (e.g. NVFP4 q/k/v parts with different tensor scales cannot be fused
         # exactly): measure the same format converted on load instead, and say so in the row.
         failed = row.pop("error")
-        log(
-            f"[{label}] the checkpoint failed ({failed}); serving the GGUF with --format {fmt} instead ..."
-        )
+        log(f"[{label}] the checkpoint failed ({failed}); serving the GGUF with --format {fmt} instead ...")
         cmd[cmd.index(str(served))] = str(gguf)
         serve = [*cmd, "--format", fmt]
         row.update(run_child([*serve, *worker_args(args), *ppl], args.threads))
@@ -146,12 +144,17 @@ def llama_command(gguf: Path) -> list[str] | None:
     from bench import anchors  # noqa: PLC0415
 
     python = anchors.VENV_PYTHON
-    if not python.exists() or subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True).returncode:
+    if (
+        not python.exists()
+        or subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True).returncode
+    ):
         return None
     return [str(python), "-m", "bench.formats_worker", "llama", "--model", str(gguf)]
 
 
-def speed_rounds(systems: dict[str, tuple[dict, list[str]]], args: argparse.Namespace) -> list[dict[str, float]]:
+def speed_rounds(
+    systems: dict[str, tuple[dict, list[str]]], args: argparse.Namespace
+) -> list[dict[str, float]]:
     """args.rounds decode-only rounds over `systems` (label -> (row, worker command)), in turn within each round.
     Each row's decode_tok_s becomes its best over the first pass and the rounds; returns each round's tok/s."""
     rounds = []
@@ -211,8 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-budget-s", type=float, default=60.0,
                         help="formats predicted to decode slower than this get fewer tokens")  # fmt: skip
     parser.add_argument("--no-llama", action="store_true", help="skip the llama.cpp anchor")
-    parser.add_argument("--rounds", type=int, help="decode-only rounds over fp32, ue8m0-fp8, mxfp4 and llama.cpp "
-                        "after the first pass (default 3; quick 0)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="decode-only rounds over fp32, ue8m0-fp8, mxfp4 and llama.cpp "
+        "after the first pass (default 3; quick 0)",
+    )
     parser.add_argument("--compact-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="activation dtype the compact formats are served in (default bfloat16, the engine's "
                              "default on CPUs with native bf16; float32 for the exact-fp32 kernels)")  # fmt: skip
@@ -242,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         measured = [measure_format(label, fmt, dtype, gguf, args, Path(work)) for label, fmt, dtype in chosen]
         rows = [row for row, _ in measured]
         llama = None if args.no_llama else measure_llama(gguf, args, rows[0].get("weights"))
-        systems = {row["label"]: (row, cmd) for row, cmd in measured if cmd and row["format"] in SPEED_FORMATS}
+        systems = {
+            row["label"]: (row, cmd) for row, cmd in measured if cmd and row["format"] in SPEED_FORMATS
+        }
         if llama and llama.get("decode_tok_s"):
             systems[llama["label"]] = (llama, llama_command(gguf) or [])
         rounds = speed_rounds(systems, args) if len(systems) > 1 else []

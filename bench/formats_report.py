@@ -95,12 +95,17 @@ def print_report(result: dict) -> None:
         fp32 = next((r["label"] for r in result["formats"] if r.get("format") == "float32"), None)
         llama = (result.get("llama_cpp") or {}).get("label")
         pairs = [(a, b) for a, b in (("ue8m0-fp8", fp32), ("ue8m0-fp8", llama), ("mxfp4", llama)) if b]
-        print(f"\ndecode tok/s in {len(rounds)} more rounds, every system in turn (the table keeps each one's best):")
+        print(
+            f"\ndecode tok/s in {len(rounds)} more rounds, every system in turn (the table keeps each one's best):"
+        )
         for i, rnd in enumerate(rounds, 1):
             ratios = "  ".join(
-                f"{a}/{b.split()[0]} {_fmt(rnd.get(a) and rnd.get(b) and rnd[a] / rnd[b], '4.2f')}" for a, b in pairs
+                f"{a}/{b.split()[0]} {_fmt(rnd.get(a) and rnd.get(b) and rnd[a] / rnd[b], '4.2f')}"
+                for a, b in pairs
             )
-            print(f"  round {i}: " + "  ".join(f"{k} {v:.1f}" for k, v in rnd.items()) + f"   ratios: {ratios}")
+            print(
+                f"  round {i}: " + "  ".join(f"{k} {v:.1f}" for k, v in rnd.items()) + f"   ratios: {ratios}"
+            )
     print("\ntargets (issue 3):")
     for t in result["targets"]:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
@@ -115,7 +120,13 @@ def _label_points(fig, ax, rows: list[dict]) -> None:  # type: ignore[no-untyped
     for r in sorted(rows, key=lambda r: r["decode_tok_s"]):
         px, py = ax.transData.transform((r["decode_tok_s"], r["ppl_delta_pct"]))
         w, h = 5.5 * len(r["label"]) * fig.dpi / 100, 10 * fig.dpi / 100
-        for dx, dy, ha in ((5, 5, "left"), (5, -12, "left"), (-5, 5, "right"), (-5, -12, "right"), (5, 16, "left")):
+        for dx, dy, ha in (
+            (5, 5, "left"),
+            (5, -12, "left"),
+            (-5, 5, "right"),
+            (-5, -12, "right"),
+            (5, 16, "left"),
+        ):
             x0 = px + dx * fig.dpi / 72 - (w if ha == "right" else 0)
             y0 = py + dy * fig.dpi / 72
             box = (x0, y0, x0 + w, y0 + h)

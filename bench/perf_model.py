@@ -314,7 +314,13 @@ def engine(
         "command": " ".join(["python", "bench/perf_model.py", *sys.argv[1:]]),
         "local": {
             key: local.get(key)
-            for key in ("memory_bandwidth_gbs", "fp32_tflops", "bf16_tflops", "op_latency_us", "graph_op_latency_us")
+            for key in (
+                "memory_bandwidth_gbs",
+                "fp32_tflops",
+                "bf16_tflops",
+                "op_latency_us",
+                "graph_op_latency_us",
+            )
         },
         "workload": {"prompt_tokens": prompt_len, "max_tokens": max_tokens, "rounds": ROUNDS},
         "probes": {},

@@ -42,15 +42,19 @@ class LevelResult:
         tpot = [t.tpot for t in self.timings if t.tpot is not None]
         itl = [gap for t in self.timings for gap in t.itl]
         return {
-            "system": self.system, "concurrency": self.concurrency, "requests": self.requests,
+            "system": self.system,
+            "concurrency": self.concurrency,
+            "requests": self.requests,
             "duration_s": round(self.duration, 3),
             "output_tok_s": round(self.output_tokens / self.duration, 2),
             "request_s": round(self.requests / self.duration, 3),
-            "ttft_ms_mean": round(statistics.fmean(ttft) * 1000, 2), "ttft_ms_p50": round(pct(ttft, 50), 2),
+            "ttft_ms_mean": round(statistics.fmean(ttft) * 1000, 2),
+            "ttft_ms_p50": round(pct(ttft, 50), 2),
             "ttft_ms_p99": round(pct(ttft, 99), 2),
             "tpot_ms_mean": round(statistics.fmean(tpot) * 1000, 2) if tpot else 0.0,
             "tpot_ms_p50": round(pct(tpot, 50), 2) if tpot else 0.0,
-            "itl_ms_p50": round(pct(itl, 50), 2) if itl else 0.0, "itl_ms_p99": round(pct(itl, 99), 2) if itl else 0.0,
+            "itl_ms_p50": round(pct(itl, 50), 2) if itl else 0.0,
+            "itl_ms_p99": round(pct(itl, 99), 2) if itl else 0.0,
         }
 
 
@@ -80,12 +84,20 @@ async def _one(client: httpx.AsyncClient, url: str, headers: dict[str, str], bod
             last = now
             chunks += 1
     end = time.perf_counter()
-    return RequestTiming(ttft=(first or end) - start, e2e=end - start, output_tokens=usage_tokens or chunks,
-                         itl=gaps)
+    return RequestTiming(
+        ttft=(first or end) - start, e2e=end - start, output_tokens=usage_tokens or chunks, itl=gaps
+    )
 
 
-async def run_level(system: str, url: str, headers: dict[str, str], model: str, prompts: list[list[int]],
-                    output_len: int, concurrency: int) -> LevelResult:
+async def run_level(
+    system: str,
+    url: str,
+    headers: dict[str, str],
+    model: str,
+    prompts: list[list[int]],
+    output_len: int,
+    concurrency: int,
+) -> LevelResult:
     """Sends every prompt once, keeping `concurrency` requests in flight."""
     queue: asyncio.Queue[list[int]] = asyncio.Queue()
     for prompt in prompts:
@@ -96,14 +108,24 @@ async def run_level(system: str, url: str, headers: dict[str, str], model: str, 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+
         async def worker() -> None:
             while not queue.empty():
                 prompt = queue.get_nowait()
-                body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
-                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+                body = {
+                    "model": model,
+                    "prompt": prompt,
+                    "max_tokens": output_len,
+                    "temperature": 0.0,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
                 timings.append(await _one(client, url, headers, body))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         duration = time.perf_counter() - start
-    return LevelResult(system, concurrency, len(timings), duration, sum(t.output_tokens for t in timings), timings)
+    return LevelResult(
+        system, concurrency, len(timings), duration, sum(t.output_tokens for t in timings), timings
+    )

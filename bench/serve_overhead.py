@@ -40,15 +40,25 @@ class InstantEngine:
     model_name, seal, max_model_len, device = "instant", "sha256:" + "0" * 64, 4096, "cpu"
     tokenizer = _Tokenizer()
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
         metrics = RequestMetrics(arrival_time=time.monotonic())
         tokens: list[int] = []
         for i in range(params.max_tokens):
             tokens.append(97)
             done = i == params.max_tokens - 1
-            yield RequestOutput(request_id or "", prompt_token_ids, list(tokens), [97], "a" * len(tokens), "a",
-                                done, "length" if done else None, metrics)
+            yield RequestOutput(
+                request_id or "",
+                prompt_token_ids,
+                list(tokens),
+                [97],
+                "a" * len(tokens),
+                "a",
+                done,
+                "length" if done else None,
+                metrics,
+            )
 
     async def abort(self, request_id: str) -> None:
         return None
@@ -63,13 +73,17 @@ def _bare_app(engine: InstantEngine) -> FastAPI:
         prompt = engine.tokenizer.encode(body["prompt"])
         outputs = [o async for o in engine.generate(prompt, SamplingParams(max_tokens=body["max_tokens"]))]
         out = outputs[-1]
-        return {"choices": [{"index": 0, "text": out.text, "finish_reason": out.finish_reason}],
-                "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(out.token_ids)}}
+        return {
+            "choices": [{"index": 0, "text": out.text, "finish_reason": out.finish_reason}],
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(out.token_ids)},
+        }
 
     return app
 
 
-async def _timed(client: httpx.AsyncClient, headers: dict[str, str], body: dict[str, Any]) -> tuple[float, float]:
+async def _timed(
+    client: httpx.AsyncClient, headers: dict[str, str], body: dict[str, Any]
+) -> tuple[float, float]:
     cpu, start = time.process_time(), time.perf_counter()
     response = await client.post("/v1/completions", headers=headers, json=body)
     elapsed, cpu_used = time.perf_counter() - start, time.process_time() - cpu
@@ -94,15 +108,26 @@ async def _measure(requests: int, output_len: int, plan_limits: bool) -> dict[st
         plan = "default"
         if plan_limits:  # a plan with every limit on, so admission runs all its checks
             plan = "limited"
-            crud.create_plan(session, plan, rpm=10**9, tpm=10**12, concurrency=10**6, monthly_tokens=10**15,
-                             price_in=0.1, price_out=0.4)
+            crud.create_plan(
+                session,
+                plan,
+                rpm=10**9,
+                tpm=10**12,
+                concurrency=10**6,
+                monthly_tokens=10**15,
+                price_in=0.1,
+                price_out=0.4,
+            )
         _, key = crud.create_key(session, state.hasher, org_name="bench", plan_name=plan)
     headers = {"Authorization": f"Bearer {key}"}
     body = {"model": "instant", "prompt": "hello world", "max_tokens": output_len}
     gateway, direct = [], []
     gateway_cpu = direct_cpu = 0.0
     bare = httpx.AsyncClient(transport=httpx.ASGITransport(app=_bare_app(engine)), base_url="http://bare")
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as client, bare:
+    async with (
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as client,
+        bare,
+    ):
         for i in range(requests + 20):  # interleaved, so both see the same machine load
             elapsed, cpu_used = await _timed(client, headers, body)
             baseline, cpu_base = await _timed(bare, {}, body)
@@ -114,12 +139,16 @@ async def _measure(requests: int, output_len: int, plan_limits: bool) -> dict[st
     state.db.dispose()
     base = _percentile(direct, 50)
     added = [g - base for g in gateway]
-    return {"overhead_ms_p50": round(_percentile(added, 50) * 1000, 3),
-            "overhead_ms_p99": round(_percentile(added, 99) * 1000, 3),
-            # CPU time (all threads) per request: what the overhead costs on an idle machine, whatever the load.
-            "overhead_cpu_ms_mean": round((gateway_cpu - direct_cpu) / requests * 1000, 3),
-            "bare_server_ms_p50": round(base * 1000, 3), "requests": requests, "output_len": output_len,
-            "plan_limits": plan_limits}
+    return {
+        "overhead_ms_p50": round(_percentile(added, 50) * 1000, 3),
+        "overhead_ms_p99": round(_percentile(added, 99) * 1000, 3),
+        # CPU time (all threads) per request: what the overhead costs on an idle machine, whatever the load.
+        "overhead_cpu_ms_mean": round((gateway_cpu - direct_cpu) / requests * 1000, 3),
+        "bare_server_ms_p50": round(base * 1000, 3),
+        "requests": requests,
+        "output_len": output_len,
+        "plan_limits": plan_limits,
+    }
 
 
 def gateway_overhead(requests: int = 300, output_len: int = 16, plan_limits: bool = True) -> dict[str, float]:

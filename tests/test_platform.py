@@ -146,7 +146,9 @@ def test_cpu_without_native_bf16_prefers_float32(monkeypatch):
 
 def test_accelerators_offer_no_fused_decode_attention_yet():
     # Only the CPU ships a fused paged-attention kernel; accelerators use the portable PyTorch path until theirs land.
-    assert all(kind.paged_decode_attention(kind.__new__(kind), torch.float32, 64) is None for kind in ACCELERATORS)
+    assert all(
+        kind.paged_decode_attention(kind.__new__(kind), torch.float32, 64) is None for kind in ACCELERATORS
+    )
 
 
 def write_topology(root: Path, cpu: int, package: int, core: int) -> None:

@@ -20,7 +20,9 @@ from cumulo.chips.catalog import SKINNY_ROWS, local_chip_path
 
 MATMUL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 STACK_MIN_MB = 64  # and the least weight one pass streams, MiB (twice a large last-level cache)
-STACK_FLOPS = 4e9  # work (rows x weights x 2) one timed pass over a format curve's stack stops adding layers at
+STACK_FLOPS = (
+    4e9  # work (rows x weights x 2) one timed pass over a format curve's stack stops adding layers at
+)
 SKINNY_K = 1024  # the decode-shape matrices: K x K, a mid-size layer (SmolLM2: 576, Llama 3.1 8B: 4096)
 
 

@@ -38,7 +38,9 @@ class Assumptions:
     graph_max_batch: int = 0
     step_overhead_s: float = 0.0  # serving software per step (scheduling, sampling); 0 = not modelled
     seq_overhead_s: float = 0.0  # serving software per sequence in a decode step (sampling, bookkeeping)
-    prefill_seq_overhead_s: float = 0.0  # serving software per prompt in a prefill (per-sequence attention calls)
+    prefill_seq_overhead_s: float = (
+        0.0  # serving software per prompt in a prefill (per-sequence attention calls)
+    )
     prefill_token_overhead_s: float = 0.0  # ... and per prompt token (masks, per-sequence attention glue)
     max_step_tokens: int = 0  # an engine's token budget per step: prefills split into steps (0 = one pass)
     activation_passes: int = 10  # activation reads+writes per layer per token (norms, residuals, glue)
@@ -126,7 +128,13 @@ def _op_latency_s(chip: Chip, graphed: bool) -> float:
 
 
 def _time(
-    chip: Chip, flops: float, bytes_moved: float, ops: float, peak: float, a: Assumptions, graphed: bool = False
+    chip: Chip,
+    flops: float,
+    bytes_moved: float,
+    ops: float,
+    peak: float,
+    a: Assumptions,
+    graphed: bool = False,
 ) -> _Step:
     c_eff = 1.0 if chip.achieved else a.compute_efficiency
     b_eff = 1.0 if chip.achieved else a.bandwidth_efficiency

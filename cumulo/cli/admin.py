@@ -18,24 +18,39 @@ from cumulo.errors import InvalidRequest
 
 def register(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--database-url", default=argparse.SUPPRESS,
-                        help="SQLAlchemy URL of the service database (default: as `cumulo serve`)")
-    admin = sub.add_parser("admin", help="manage plans, organisations, API keys; read usage",
-                           description="Manage the service's plans, organisations and API keys.")
+    common.add_argument(
+        "--database-url",
+        default=argparse.SUPPRESS,
+        help="SQLAlchemy URL of the service database (default: as `cumulo serve`)",
+    )
+    admin = sub.add_parser(
+        "admin",
+        help="manage plans, organisations, API keys; read usage",
+        description="Manage the service's plans, organisations and API keys.",
+    )
     groups = admin.add_subparsers(dest="admin_group", metavar="GROUP")
 
-    plan = groups.add_parser("plan", help="subscription plans").add_subparsers(dest="admin_verb", metavar="VERB")
+    plan = groups.add_parser("plan", help="subscription plans").add_subparsers(
+        dest="admin_verb", metavar="VERB"
+    )
     create = plan.add_parser("create", parents=[common], help="add a plan")
     create.add_argument("name")
     create.add_argument("--rpm", type=int, default=None, help="requests per minute per key")
     create.add_argument("--tpm", type=int, default=None, help="tokens per minute per key")
     create.add_argument("--concurrency", type=int, default=None, help="concurrent requests per key")
     create.add_argument("--monthly-tokens", type=int, default=None, help="token quota per key and month")
-    create.add_argument("--models", default=None, help="comma-separated models the plan may use (default: all)")
+    create.add_argument(
+        "--models", default=None, help="comma-separated models the plan may use (default: all)"
+    )
     create.add_argument("--price-in", type=float, default=0.0, help="USD per million input tokens")
     create.add_argument("--price-out", type=float, default=0.0, help="USD per million output tokens")
-    create.add_argument("--model-price", action="append", default=None, metavar="MODEL=IN,OUT",
-                        help="price of one model in USD per million input,output tokens (repeatable)")
+    create.add_argument(
+        "--model-price",
+        action="append",
+        default=None,
+        metavar="MODEL=IN,OUT",
+        help="price of one model in USD per million input,output tokens (repeatable)",
+    )
     create.add_argument("--explicit-label", action="store_true", help="append a visible AI-content notice")
     create.set_defaults(func=plan_create)
     plan.add_parser("list", parents=[common], help="list plans").set_defaults(func=plan_list)
@@ -46,7 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     kc.add_argument("--plan", default="default", help="plan of the key (default: default)")
     kc.add_argument("--name", default="", help="a note to recognise the key by")
     kc.add_argument("--user", default=None, help="e-mail of the user the key belongs to")
-    kc.add_argument("--expires-days", type=float, default=None, help="the key stops working after this many days")
+    kc.add_argument(
+        "--expires-days", type=float, default=None, help="the key stops working after this many days"
+    )
     kc.add_argument("--admin", action="store_true", help="the key may use the /admin API")
     kc.set_defaults(func=key_create)
     kl = key.add_parser("list", parents=[common], help="list keys (never their secrets)")
@@ -104,7 +121,9 @@ def _model_prices(items: list[str] | None) -> dict[str, list[float]] | None:
         try:
             price_in, price_out = (float(x) for x in pair.split(","))
         except ValueError:
-            raise InvalidRequest(f"--model-price {item!r}: expected MODEL=IN,OUT, e.g. smollm2-135m=0.1,0.4") from None
+            raise InvalidRequest(
+                f"--model-price {item!r}: expected MODEL=IN,OUT, e.g. smollm2-135m=0.1,0.4"
+            ) from None
         if not model or price_in < 0 or price_out < 0:
             raise InvalidRequest(f"--model-price {item!r}: expected MODEL=IN,OUT with prices >= 0")
         prices[model] = [price_in, price_out]
@@ -117,9 +136,17 @@ def plan_create(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     with _db(args) as (sessions, _), sessions() as session, session.begin():
         plan = crud.create_plan(
-            session, args.name, rpm=args.rpm, tpm=args.tpm, concurrency=args.concurrency,
-            monthly_tokens=args.monthly_tokens, models=models, price_in=args.price_in, price_out=args.price_out,
-            model_prices=_model_prices(args.model_price), explicit_label=args.explicit_label,
+            session,
+            args.name,
+            rpm=args.rpm,
+            tpm=args.tpm,
+            concurrency=args.concurrency,
+            monthly_tokens=args.monthly_tokens,
+            models=models,
+            price_in=args.price_in,
+            price_out=args.price_out,
+            model_prices=_model_prices(args.model_price),
+            explicit_label=args.explicit_label,
         )
         print(f"Created plan {plan.name!r} (id {plan.id}).")
     return 0
@@ -129,10 +156,34 @@ def plan_list(args: argparse.Namespace) -> int:
     from cumulo.service import crud
 
     with _db(args) as (sessions, _), sessions() as session:
-        rows = [(p.name, p.rpm, p.tpm, p.concurrency, p.monthly_tokens, ",".join(p.models) if p.models else "all",
-                 p.price_in, p.price_out, "yes" if p.explicit_label else "no") for p in crud.list_plans(session)]
-    _table(["plan", "rpm", "tpm", "concurrency", "monthly_tokens", "models", "usd/M in", "usd/M out", "visible label"],
-           rows)
+        rows = [
+            (
+                p.name,
+                p.rpm,
+                p.tpm,
+                p.concurrency,
+                p.monthly_tokens,
+                ",".join(p.models) if p.models else "all",
+                p.price_in,
+                p.price_out,
+                "yes" if p.explicit_label else "no",
+            )
+            for p in crud.list_plans(session)
+        ]
+    _table(
+        [
+            "plan",
+            "rpm",
+            "tpm",
+            "concurrency",
+            "monthly_tokens",
+            "models",
+            "usd/M in",
+            "usd/M out",
+            "visible label",
+        ],
+        rows,
+    )
     return 0
 
 
@@ -144,11 +195,19 @@ def key_create(args: argparse.Namespace) -> int:
     expires = time.time() + args.expires_days * 86400 if args.expires_days is not None else None
     with _db(args) as (sessions, hasher), sessions() as session, session.begin():
         row, secret = crud.create_key(
-            session, hasher, org_name=args.org, plan_name=args.plan, name=args.name, user_email=args.user,
-            expires_at=expires, is_admin=args.admin,
+            session,
+            hasher,
+            org_name=args.org,
+            plan_name=args.plan,
+            name=args.name,
+            user_email=args.user,
+            expires_at=expires,
+            is_admin=args.admin,
         )
-        print(f"Created key {row.id} for organisation {args.org!r} on plan {args.plan!r}"
-              f"{'; expires ' + str(_when(expires)) + ' UTC' if expires else ''}.")
+        print(
+            f"Created key {row.id} for organisation {args.org!r} on plan {args.plan!r}"
+            f"{'; expires ' + str(_when(expires)) + ' UTC' if expires else ''}."
+        )
         print("Store it now; it is shown only this once:")
         print(secret)
     return 0
@@ -158,10 +217,24 @@ def key_list(args: argparse.Namespace) -> int:
     from cumulo.service import crud
 
     with _db(args) as (sessions, _), sessions() as session:
-        rows = [(k.id, k.prefix + "...", org, plan, k.name, "yes" if k.is_admin else "",
-                 _when(k.created_at), _when(k.expires_at), _when(k.revoked_at), k.month_tokens)
-                for k, org, plan in crud.list_keys(session, args.org)]
-    _table(["id", "key", "org", "plan", "name", "admin", "created", "expires", "revoked", "month_tokens"], rows)
+        rows = [
+            (
+                k.id,
+                k.prefix + "...",
+                org,
+                plan,
+                k.name,
+                "yes" if k.is_admin else "",
+                _when(k.created_at),
+                _when(k.expires_at),
+                _when(k.revoked_at),
+                k.month_tokens,
+            )
+            for k, org, plan in crud.list_keys(session, args.org)
+        ]
+    _table(
+        ["id", "key", "org", "plan", "name", "admin", "created", "expires", "revoked", "month_tokens"], rows
+    )
     return 0
 
 
@@ -210,11 +283,29 @@ def usage_show(args: argparse.Namespace) -> int:
             org_id = session.scalar(select(Organization.id).where(Organization.name == args.org))
             if org_id is None:
                 raise NotFound(f"no organisation named {args.org!r}")
-        rows, _more, totals = crud.usage_page(session, org_id=org_id, start_time=_since(args.since),
-                                              limit=max(1, args.limit))
-    print(f"requests {totals.requests}  prompt_tokens {totals.prompt_tokens}  "
-          f"completion_tokens {totals.completion_tokens}  cost_usd {totals.cost_nanos / 1e9:.6f}")
-    _table(["id", "time", "org_id", "key_id", "model", "status", "prompt", "completion", "cost_usd", "ttft_s"],
-           [(r.id, _when(r.started_at), r.org_id, r.key_id, r.model, r.status, r.prompt_tokens, r.completion_tokens,
-             f"{r.cost_nanos / 1e9:.6f}", None if r.ttft is None else f"{r.ttft:.3f}") for r in rows])
+        rows, _more, totals = crud.usage_page(
+            session, org_id=org_id, start_time=_since(args.since), limit=max(1, args.limit)
+        )
+    print(
+        f"requests {totals.requests}  prompt_tokens {totals.prompt_tokens}  "
+        f"completion_tokens {totals.completion_tokens}  cost_usd {totals.cost_nanos / 1e9:.6f}"
+    )
+    _table(
+        ["id", "time", "org_id", "key_id", "model", "status", "prompt", "completion", "cost_usd", "ttft_s"],
+        [
+            (
+                r.id,
+                _when(r.started_at),
+                r.org_id,
+                r.key_id,
+                r.model,
+                r.status,
+                r.prompt_tokens,
+                r.completion_tokens,
+                f"{r.cost_nanos / 1e9:.6f}",
+                None if r.ttft is None else f"{r.ttft:.3f}",
+            )
+            for r in rows
+        ],
+    )
     return 0

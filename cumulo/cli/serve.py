@@ -23,16 +23,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1, env CUMULO_HOST)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000, env CUMULO_PORT)")
-    p.add_argument("--model", action="append", metavar="NAME_OR_PATH", default=None,
-                   help=f"catalog name, .gguf file or model directory; repeat to serve several (default {DEFAULT_MODEL})")
-    p.add_argument("--device", default="auto", help="device for the engines: auto, cpu, cuda:0, ... (default auto)")
+    p.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME_OR_PATH",
+        default=None,
+        help=f"catalog name, .gguf file or model directory; repeat to serve several (default {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--device", default="auto", help="device for the engines: auto, cpu, cuda:0, ... (default auto)"
+    )
     p.add_argument("--format", default=None, help="convert weights to this number format on load")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the engines' kernels (default: the physical cores, or OMP_NUM_THREADS). "
-                   "On a small machine one fewer than the cores leaves a core to the HTTP side: faster single "
-                   "streams, slower large batches (docs/service.md)")
-    p.add_argument("--database-url", default=None,
-                   help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (default: SQLite in the data dir)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for the engines' kernels (default: the physical cores, or OMP_NUM_THREADS). "
+        "On a small machine one fewer than the cores leaves a core to the HTTP side: faster single "
+        "streams, slower large batches (docs/service.md)",
+    )
+    p.add_argument(
+        "--database-url",
+        default=None,
+        help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (default: SQLite in the data dir)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -44,7 +58,9 @@ def model_refs(args: argparse.Namespace) -> list[str]:
     return [m.strip() for m in env.split(",") if m.strip()] or [DEFAULT_MODEL]
 
 
-def load_engines(refs: list[str], device: str, format: str | None, threads: int | None = None) -> dict[str, Any]:
+def load_engines(
+    refs: list[str], device: str, format: str | None, threads: int | None = None
+) -> dict[str, Any]:
     """Builds one in-process engine per reference, pulling catalog models that are not cached yet."""
     from cumulo.engine.async_engine import build_engine
     from cumulo.models import catalog, pull

@@ -62,14 +62,22 @@ class DecodeGraph:
             or not isinstance(embed, nn.Embedding)
             or not isinstance(final_norm, RMSNorm)
             or embed.weight.dtype not in recorder.DTYPES
-            or kv_cache.k[0].dtype != embed.weight.dtype  # the kernels write the cache in the activations' dtype
-            or not isinstance(body, LlamaModel)  # embeddings in, final norm out, nothing else around the layers
+            or kv_cache.k[0].dtype
+            != embed.weight.dtype  # the kernels write the cache in the activations' dtype
+            or not isinstance(
+                body, LlamaModel
+            )  # embeddings in, final norm out, nothing else around the layers
             or not all(_plain_layer(layer) for layer in layers)
         ):
             return None
         dtype = embed.weight.dtype
         attn0: Attention = layers[0].self_attn
-        hidden, heads, kv_heads, dim = embed.weight.shape[1], attn0.num_heads, attn0.num_kv_heads, attn0.head_dim
+        hidden, heads, kv_heads, dim = (
+            embed.weight.shape[1],
+            attn0.num_heads,
+            attn0.num_kv_heads,
+            attn0.head_dim,
+        )
         inter = layers[0].mlp.down_proj.in_features
         width = attn0.qkv_proj.out_features
 

@@ -41,7 +41,9 @@ def check_format(secret: str | None) -> str:
     return secret
 
 
-def authenticate(session: Session, hasher: KeyHasher, secret: str | None, key_hash: str | None = None) -> Principal:
+def authenticate(
+    session: Session, hasher: KeyHasher, secret: str | None, key_hash: str | None = None
+) -> Principal:
     secret = check_format(secret)
     row = session.execute(
         select(ApiKey, Organization.name, Plan)

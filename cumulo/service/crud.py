@@ -33,7 +33,12 @@ def create_plan(
     model_prices: dict[str, list[float]] | None = None,
     explicit_label: bool = False,
 ) -> Plan:
-    for label, value in (("rpm", rpm), ("tpm", tpm), ("concurrency", concurrency), ("monthly_tokens", monthly_tokens)):
+    for label, value in (
+        ("rpm", rpm),
+        ("tpm", tpm),
+        ("concurrency", concurrency),
+        ("monthly_tokens", monthly_tokens),
+    ):
         if value is not None and value < 0:
             raise InvalidRequest(f"{label} must not be negative")
     if price_in < 0 or price_out < 0:
@@ -41,8 +46,16 @@ def create_plan(
     if session.scalar(select(Plan).where(Plan.name == name)) is not None:
         raise Conflict(f"plan {name!r} already exists")
     plan = Plan(
-        name=name, rpm=rpm, tpm=tpm, concurrency=concurrency, monthly_tokens=monthly_tokens, models=models,
-        price_in=price_in, price_out=price_out, model_prices=model_prices, explicit_label=explicit_label,
+        name=name,
+        rpm=rpm,
+        tpm=tpm,
+        concurrency=concurrency,
+        monthly_tokens=monthly_tokens,
+        models=models,
+        price_in=price_in,
+        price_out=price_out,
+        model_prices=model_prices,
+        explicit_label=explicit_label,
         created_at=time.time(),
     )
     session.add(plan)
@@ -106,9 +119,17 @@ def create_key(
     user = get_or_create_user(session, org, user_email) if user_email else None
     secret = new_key()
     row = ApiKey(
-        org_id=org.id, plan_id=plan.id, user_id=user.id if user else None, name=name,
-        prefix=display_prefix(secret), key_hash=hasher.hash(secret), is_admin=is_admin,
-        created_at=time.time(), expires_at=expires_at, quota_month="", month_tokens=0,
+        org_id=org.id,
+        plan_id=plan.id,
+        user_id=user.id if user else None,
+        name=name,
+        prefix=display_prefix(secret),
+        key_hash=hasher.hash(secret),
+        is_admin=is_admin,
+        created_at=time.time(),
+        expires_at=expires_at,
+        quota_month="",
+        month_tokens=0,
     )
     session.add(row)
     session.flush()

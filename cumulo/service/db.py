@@ -101,9 +101,13 @@ class Usage(Base):
     model: Mapped[str] = mapped_column(String(256))
     seal: Mapped[str] = mapped_column(String(80), default="")
     device: Mapped[str] = mapped_column(String(64), default="")
-    gateway: Mapped[str] = mapped_column(String(160), default="")  # "host:pid:start" of the process serving it
+    gateway: Mapped[str] = mapped_column(
+        String(160), default=""
+    )  # "host:pid:start" of the process serving it
     month: Mapped[str] = mapped_column(String(7))
-    status: Mapped[str] = mapped_column(String(16))  # in_progress|completed|aborted|error|interrupted|rejected
+    status: Mapped[str] = mapped_column(
+        String(16)
+    )  # in_progress|completed|aborted|error|interrupted|rejected
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)

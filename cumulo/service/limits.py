@@ -87,24 +87,50 @@ def admit(
         model_prices = json.loads(key.model_prices) if isinstance(key.model_prices, str) else key.model_prices
         price_in, price_out = prices(key.price_in, key.price_out, model_prices, spec.model)
         row = {
-            "request_id": spec.request_id, "key_id": key_id, "org_id": key.org_id, "endpoint": spec.endpoint,
-            "model": spec.model, "seal": spec.seal, "device": spec.device, "gateway": spec.gateway, "month": month,
-            "started_at": now, "user": spec.user,
+            "request_id": spec.request_id,
+            "key_id": key_id,
+            "org_id": key.org_id,
+            "endpoint": spec.endpoint,
+            "model": spec.model,
+            "seal": spec.seal,
+            "device": spec.device,
+            "gateway": spec.gateway,
+            "month": month,
+            "started_at": now,
+            "user": spec.user,
         }
         try:
             max_tokens = _check(conn, key_id, key, month_tokens, spec, now, stale_after)
         except CumuloError as exc:
             # The rejected row is the record that this request was seen; it commits, then we refuse.
-            sql.INSERT_USAGE.run(conn, {**row, "status": "rejected", "error_code": exc.code,
-                                            "prompt_tokens": 0, "billed_tokens": 0, "idempotency_key": None})
+            sql.INSERT_USAGE.run(
+                conn,
+                {
+                    **row,
+                    "status": "rejected",
+                    "error_code": exc.code,
+                    "prompt_tokens": 0,
+                    "billed_tokens": 0,
+                    "idempotency_key": None,
+                },
+            )
             refusal = exc
         else:
             reserved = spec.prompt_tokens + max_tokens * spec.num_seqs
-            usage_id = sql.INSERT_USAGE.run(conn, {
-                **row, "status": "in_progress", "error_code": None, "prompt_tokens": spec.prompt_tokens,
-                "billed_tokens": reserved, "idempotency_key": spec.idempotency_key,
-            }).fetchone()[0]
-            sql.SET_MONTH.run(conn, {"month": month, "month_tokens": month_tokens + reserved, "key_id": key_id})
+            usage_id = sql.INSERT_USAGE.run(
+                conn,
+                {
+                    **row,
+                    "status": "in_progress",
+                    "error_code": None,
+                    "prompt_tokens": spec.prompt_tokens,
+                    "billed_tokens": reserved,
+                    "idempotency_key": spec.idempotency_key,
+                },
+            ).fetchone()[0]
+            sql.SET_MONTH.run(
+                conn, {"month": month, "month_tokens": month_tokens + reserved, "key_id": key_id}
+            )
     if refusal is not None:
         raise refusal
     return Admission(usage_id, key_id, month, reserved, max_tokens, price_in, price_out)
@@ -118,13 +144,22 @@ def prices(price_in: float, price_out: float, model_prices: dict | None, model: 
     return float(price_in), float(price_out)
 
 
-def _check(conn: Connection, key_id: int, plan: SimpleNamespace, month_tokens: int, spec: RequestSpec, now: float,
-           stale_after: float) -> int:
+def _check(
+    conn: Connection,
+    key_id: int,
+    plan: SimpleNamespace,
+    month_tokens: int,
+    spec: RequestSpec,
+    now: float,
+    stale_after: float,
+) -> int:
     """Raises when a limit refuses; returns max_tokens, cut to the token allowance left."""
     if plan.concurrency is not None:
         running = sql.RUNNING.run(conn, {"key_id": key_id, "since": now - stale_after}).fetchone()[0]
         if running >= plan.concurrency:
-            raise RateLimited(f"too many concurrent requests: plan {plan.name!r} allows {plan.concurrency}", 1.0)
+            raise RateLimited(
+                f"too many concurrent requests: plan {plan.name!r} allows {plan.concurrency}", 1.0
+            )
     oldest = None
     allowance = math.inf
     tpm_binding = False

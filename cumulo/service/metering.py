@@ -44,18 +44,29 @@ def settle(db: Engine, admission: Admission, outcome: Outcome, now: float | None
     billed = outcome.prompt_tokens + outcome.completion_tokens
     with db.begin() as conn:
         # The usage row first: only the transaction that moves it out of 'in_progress' touches the counter.
-        moved = sql.SETTLE_USAGE.run(conn, {
-            "status": outcome.status, "error_code": outcome.error_code, "prompt_tokens": outcome.prompt_tokens,
-            "completion_tokens": outcome.completion_tokens, "cached_tokens": outcome.cached_tokens,
-            "billed_tokens": billed, "ttft": outcome.ttft, "now": now, "response": outcome.response,
-            "cost_nanos": cost_nanos(admission.price_in, admission.price_out, outcome.prompt_tokens,
-                                     outcome.completion_tokens),
-            "usage_id": admission.usage_id,
-        }).rowcount
+        moved = sql.SETTLE_USAGE.run(
+            conn,
+            {
+                "status": outcome.status,
+                "error_code": outcome.error_code,
+                "prompt_tokens": outcome.prompt_tokens,
+                "completion_tokens": outcome.completion_tokens,
+                "cached_tokens": outcome.cached_tokens,
+                "billed_tokens": billed,
+                "ttft": outcome.ttft,
+                "now": now,
+                "response": outcome.response,
+                "cost_nanos": cost_nanos(
+                    admission.price_in, admission.price_out, outcome.prompt_tokens, outcome.completion_tokens
+                ),
+                "usage_id": admission.usage_id,
+            },
+        ).rowcount
         if moved == 0:
             return False  # settled already (e.g. by recovery): never bill twice
-        sql.REFUND.run(conn, {"delta": billed - admission.reserved, "key_id": admission.key_id,
-                                  "month": admission.month})
+        sql.REFUND.run(
+            conn, {"delta": billed - admission.reserved, "key_id": admission.key_id, "month": admission.month}
+        )
     return True
 
 
@@ -83,9 +94,19 @@ def settle_interrupted(db: Engine, stale_after: float, now: float | None = None)
     now = time.time() if now is None else now
     with db.connect() as conn:
         rows = conn.execute(
-            select(_usage.c.id, _usage.c.key_id, _usage.c.month, _usage.c.billed_tokens, _usage.c.prompt_tokens,
-                   _usage.c.model, _usage.c.gateway, _usage.c.started_at, _plans.c.price_in, _plans.c.price_out,
-                   _plans.c.model_prices)
+            select(
+                _usage.c.id,
+                _usage.c.key_id,
+                _usage.c.month,
+                _usage.c.billed_tokens,
+                _usage.c.prompt_tokens,
+                _usage.c.model,
+                _usage.c.gateway,
+                _usage.c.started_at,
+                _plans.c.price_in,
+                _plans.c.price_out,
+                _plans.c.model_prices,
+            )
             .join(_keys, _keys.c.id == _usage.c.key_id)
             .join(_plans, _plans.c.id == _keys.c.plan_id)
             .where(_usage.c.status == "in_progress")

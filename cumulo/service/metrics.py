@@ -51,8 +51,15 @@ class Metrics:
             self.in_flight += 1
 
     def finished(
-        self, *, model: str, endpoint: str, status: str, prompt: int, completion: int,
-        ttft: float | None, e2e: float | None,
+        self,
+        *,
+        model: str,
+        endpoint: str,
+        status: str,
+        prompt: int,
+        completion: int,
+        ttft: float | None,
+        e2e: float | None,
     ) -> None:
         with self._lock:
             self.in_flight -= 1
@@ -71,14 +78,21 @@ class Metrics:
     def render(self) -> str:
         with self._lock:
             out: list[str] = []
-            out += ["# HELP cumulo_requests_total Requests by model, endpoint and final status.",
-                    "# TYPE cumulo_requests_total counter"]
+            out += [
+                "# HELP cumulo_requests_total Requests by model, endpoint and final status.",
+                "# TYPE cumulo_requests_total counter",
+            ]
             out += [f"cumulo_requests_total{_labels(k)} {v}" for k, v in sorted(self.requests.items())]
-            out += ["# HELP cumulo_tokens_total Tokens processed, by model and kind (prompt or completion).",
-                    "# TYPE cumulo_tokens_total counter"]
+            out += [
+                "# HELP cumulo_tokens_total Tokens processed, by model and kind (prompt or completion).",
+                "# TYPE cumulo_tokens_total counter",
+            ]
             out += [f"cumulo_tokens_total{_labels(k)} {v}" for k, v in sorted(self.tokens.items())]
-            out += ["# HELP cumulo_requests_in_flight Requests this process is serving now.",
-                    "# TYPE cumulo_requests_in_flight gauge", f"cumulo_requests_in_flight {self.in_flight}"]
+            out += [
+                "# HELP cumulo_requests_in_flight Requests this process is serving now.",
+                "# TYPE cumulo_requests_in_flight gauge",
+                f"cumulo_requests_in_flight {self.in_flight}",
+            ]
             for name, help_text, data in (
                 ("cumulo_time_to_first_token_seconds", "Time to first token.", self.ttft),
                 ("cumulo_request_duration_seconds", "Whole request, arrival to last token.", self.e2e),

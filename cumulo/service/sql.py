@@ -28,8 +28,21 @@ class Statement:
         return cursor
 
 
-KEY_AND_PLAN_COLUMNS = ("revoked_at", "expires_at", "quota_month", "month_tokens", "org_id", "name", "rpm", "tpm",
-                        "concurrency", "monthly_tokens", "price_in", "price_out", "model_prices")
+KEY_AND_PLAN_COLUMNS = (
+    "revoked_at",
+    "expires_at",
+    "quota_month",
+    "month_tokens",
+    "org_id",
+    "name",
+    "rpm",
+    "tpm",
+    "concurrency",
+    "monthly_tokens",
+    "price_in",
+    "price_out",
+    "model_prices",
+)
 LOCK_KEY_AND_PLAN = Statement(
     "SELECT k.revoked_at, k.expires_at, k.quota_month, k.month_tokens, k.org_id, p.name, p.rpm, p.tpm, "
     "p.concurrency, p.monthly_tokens, p.price_in, p.price_out, p.model_prices "
@@ -37,7 +50,9 @@ LOCK_KEY_AND_PLAN = Statement(
     pg_suffix=" FOR UPDATE OF k",  # SQLite has no row locks: BEGIN IMMEDIATE already holds the database
 )
 
-IDEMPOTENT = Statement("SELECT status, response FROM usage WHERE key_id = :key_id AND idempotency_key = :idem")
+IDEMPOTENT = Statement(
+    "SELECT status, response FROM usage WHERE key_id = :key_id AND idempotency_key = :idem"
+)
 
 RUNNING = Statement(
     "SELECT count(*) FROM usage WHERE key_id = :key_id AND status = 'in_progress' AND started_at > :since"
@@ -51,12 +66,14 @@ WINDOW = Statement(
 INSERT_USAGE = Statement(
     "INSERT INTO usage (request_id, key_id, org_id, idempotency_key, endpoint, model, seal, device, gateway, "
     "month, status, error_code, prompt_tokens, completion_tokens, cached_tokens, billed_tokens, cost_nanos, "
-    "started_at, \"user\") VALUES (:request_id, :key_id, :org_id, :idempotency_key, :endpoint, :model, :seal, "
+    'started_at, "user") VALUES (:request_id, :key_id, :org_id, :idempotency_key, :endpoint, :model, :seal, '
     ":device, :gateway, :month, :status, :error_code, :prompt_tokens, 0, 0, :billed_tokens, 0, :started_at, "
     ":user) RETURNING id"
 )
 
-SET_MONTH = Statement("UPDATE api_keys SET quota_month = :month, month_tokens = :month_tokens WHERE id = :key_id")
+SET_MONTH = Statement(
+    "UPDATE api_keys SET quota_month = :month, month_tokens = :month_tokens WHERE id = :key_id"
+)
 
 SETTLE_USAGE = Statement(
     "UPDATE usage SET status = :status, error_code = :error_code, prompt_tokens = :prompt_tokens, "

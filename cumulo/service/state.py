@@ -66,6 +66,12 @@ def build_state(settings: Settings, engines: dict[str, EngineClient]) -> Service
     now = time.time()
     labeler = Labeler(load_or_create_signing_key(settings.data_dir), settings.provider, settings.service_name)
     return ServiceState(
-        settings=settings, db=db, sessions=sessions, hasher=KeyHasher(load_or_create_secret(settings.data_dir)),
-        labeler=labeler, engines=dict(engines), gateway=gateway_id(now), started_at=now,
+        settings=settings,
+        db=db,
+        sessions=sessions,
+        hasher=KeyHasher(load_or_create_secret(settings.data_dir)),
+        labeler=labeler,
+        engines=dict(engines),
+        gateway=gateway_id(now),
+        started_at=now,
     )

@@ -71,7 +71,17 @@ def test_unavailable_device_is_one_line_error(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_chat_streams_a_reply_per_turn_and_quits_on_empty_line(smollm2_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "cumulo.cli.main", "chat", str(smollm2_path), "--max-tokens", "8", "--seed", "1"],
+        [
+            sys.executable,
+            "-m",
+            "cumulo.cli.main",
+            "chat",
+            str(smollm2_path),
+            "--max-tokens",
+            "8",
+            "--seed",
+            "1",
+        ],
         input="Hello!\nWhat is 2+2?\n\n",
         capture_output=True,
         text=True,

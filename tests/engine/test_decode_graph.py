@@ -17,9 +17,13 @@ from cumulo.formats.kernels import cpu as format_kernels
 from cumulo.platform.cpu import CpuPlatform
 from cumulo.platform.kernels import graph
 
-pytestmark = pytest.mark.skipif(not graph.available(), reason="no C++ compiler (or no AVX2) for the CPU kernels")
+pytestmark = pytest.mark.skipif(
+    not graph.available(), reason="no C++ compiler (or no AVX2) for the CPU kernels"
+)
 
-PROMPTS = [[5, 9, 12, 40], [7, 7, 3], [100, 2, 31, 8, 19, 4, 66]] + [[3 + i, 50 + 7 * i, 200 - i] for i in range(9)]
+PROMPTS = [[5, 9, 12, 40], [7, 7, 3], [100, 2, 31, 8, 19, 4, 66]] + [
+    [3 + i, 50 + 7 * i, 200 - i] for i in range(9)
+]
 
 
 @pytest.fixture(scope="module")

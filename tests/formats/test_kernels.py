@@ -51,8 +51,12 @@ def test_fused_kernel_matches_reference_dequantize_then_matmul(fmt: str, rows: i
         if k % 32 == 0 or "fp4" not in f
     ],
 )
-@pytest.mark.parametrize("rows", [1, 2, 5, 7, 11, 16])  # 7, 11, 16: the 8-row MXFP4 kernel, in two passes  # 11, 16: two passes of the 8-row MXFP4 kernel
-def test_bf16_activations_give_bf16_results_of_the_same_product(fmt: str, rows: int, k: int, fp8_path) -> None:
+@pytest.mark.parametrize(
+    "rows", [1, 2, 5, 7, 11, 16]
+)  # 7, 11, 16: the 8-row MXFP4 kernel, in two passes  # 11, 16: two passes of the 8-row MXFP4 kernel
+def test_bf16_activations_give_bf16_results_of_the_same_product(
+    fmt: str, rows: int, k: int, fp8_path
+) -> None:
     """bf16 x (the engine's default dtype here) runs without conversions in torch: the product of the bf16
     values with the exact weights, accumulated in fp32 and rounded once to bf16."""
     g = torch.Generator().manual_seed(rows * k)
@@ -97,7 +101,9 @@ def test_bf16_prefill_dequantizes_into_bf16_exactly_as_the_reference(
 
 @pytest.mark.parametrize("fmt,scale", [("fp8-tensor", 300.0), ("fp8-tensor", 2.0**-140), ("mxfp8", 135),
                                        ("mxfp8", 1), ("mxfp4", 200), ("mxfp4", 1), ("mxfp4", 0)])  # fmt: skip
-def test_bf16_prefill_keeps_extreme_scales_subnormals_and_nan_codes(fmt: str, scale: float, fp8_path: bool) -> None:
+def test_bf16_prefill_keeps_extreme_scales_subnormals_and_nan_codes(
+    fmt: str, scale: float, fp8_path: bool
+) -> None:
     """Every code under a scale far above 1 or far below it: the bf16 weights are still the reference's, bit for
     bit (no overflow from folding constants into the scale, no subnormal flushed), read back through an identity
     x; NaN codes, kept to weight row 0, make that row's outputs NaN and no other's."""
@@ -184,7 +190,10 @@ def test_without_a_compiler_the_layer_warns_once_and_uses_the_reference_path(mon
 def test_fp8_kernel_runs_joined_weights_with_per_row_scales(fp8_path: bool, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(4)
     # parts scaled apart, so a row read with its neighbour's scale would be far off
-    parts = [quantize(torch.randn(n, 256, generator=g) * s, "ue8m0-fp8") for n, s in ((96, 1), (30, 50), (34, 1e-3))]
+    parts = [
+        quantize(torch.randn(n, 256, generator=g) * s, "ue8m0-fp8")
+        for n, s in ((96, 1), (30, 50), (34, 1e-3))
+    ]
     joined = concat_rows(parts)
     assert joined.block == (1, 128)
     kernel = cpu.bind_fp8(joined)

@@ -72,7 +72,9 @@ def test_fp32_outputs_are_the_unrounded_sums(avx2_only):
     ref = F.linear(x.double(), w.double())
     assert y.dtype == torch.float32
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)  # fp32 accumulation, no bf16 step
-    assert torch.equal(gemv.bf16_linear(x, w, avx2_only=avx2_only), y.bfloat16())  # rounding is the only change
+    assert torch.equal(
+        gemv.bf16_linear(x, w, avx2_only=avx2_only), y.bfloat16()
+    )  # rounding is the only change
 
 
 def test_output_head_logits_come_from_the_fp32_kernel():

@@ -34,9 +34,7 @@ def test_matches_the_torch_path(dtype, positions):
     slots = torch.randperm(8 * BLOCK, generator=gen)[: len(positions)]
     qkv = torch.randn(len(positions), (HEADS + 2 * KV_HEADS) * DIM, generator=gen).to(dtype)
     ours, ref = (KVCache(1, 8, BLOCK, KV_HEADS, DIM, dtype, "cpu") for _ in range(2))
-    q = rc.rope_and_cache(
-        qkv, pos, rotary.cos, rotary.sin, ours.k[0], ours.v[0], slots, HEADS, KV_HEADS
-    )
+    q = rc.rope_and_cache(qkv, pos, rotary.cos, rotary.sin, ours.k[0], ours.v[0], slots, HEADS, KV_HEADS)
     q_ref = torch_path(qkv, pos, rotary, ref, slots)
     # fp32 math rounded once (the torch path rounds each bf16 product): equal in fp32, within bf16 steps in bf16
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}

@@ -48,8 +48,14 @@ class FakeEngine:
     """
 
     def __init__(
-        self, name: str = "fake-model", *, max_model_len: int = 256, delay: float = 0.0,
-        eos_after: int | None = None, seal: str = "sha256:" + "ab" * 32, device: str = "cpu",
+        self,
+        name: str = "fake-model",
+        *,
+        max_model_len: int = 256,
+        delay: float = 0.0,
+        eos_after: int | None = None,
+        seal: str = "sha256:" + "ab" * 32,
+        device: str = "cpu",
     ) -> None:
         self.model_name = name
         self.seal = seal
@@ -100,13 +106,24 @@ class FakeEngine:
                     metrics.first_token_time = time.monotonic()
                 logprobs = []
                 if params.logprobs is not None:
-                    top = [(t, -0.1 * (i + 1)) for i, t in enumerate(range(OFFSET + 97, OFFSET + 97 + params.logprobs))]
+                    top = [
+                        (t, -0.1 * (i + 1))
+                        for i, t in enumerate(range(OFFSET + 97, OFFSET + 97 + params.logprobs))
+                    ]
                     logprobs = [TokenLogprob(token_id=new_ids[0], logprob=-0.05, top=top)]
                 finished = reason is not None
                 yield RequestOutput(
-                    request_id=rid, prompt_token_ids=prompt_token_ids, token_ids=list(tokens),
-                    new_token_ids=new_ids, text=text, new_text=text[len(previous):], finished=finished,
-                    finish_reason=reason, metrics=metrics, num_cached_tokens=0, new_logprobs=logprobs,
+                    request_id=rid,
+                    prompt_token_ids=prompt_token_ids,
+                    token_ids=list(tokens),
+                    new_token_ids=new_ids,
+                    text=text,
+                    new_text=text[len(previous) :],
+                    finished=finished,
+                    finish_reason=reason,
+                    metrics=metrics,
+                    num_cached_tokens=0,
+                    new_logprobs=logprobs,
                 )
                 if finished:
                     return

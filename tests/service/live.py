@@ -47,8 +47,19 @@ class LiveServer:
     def launch(self) -> LiveServer:
         """Starts the process without waiting, so several gateways can boot side by side."""
         self.port = free_port()
-        args = [sys.executable, str(SCRIPT), "--data-dir", str(self.data_dir), "serve", "--port", str(self.port),
-                "--model", MODEL, "--log-level", "warning"]
+        args = [
+            sys.executable,
+            str(SCRIPT),
+            "--data-dir",
+            str(self.data_dir),
+            "serve",
+            "--port",
+            str(self.port),
+            "--model",
+            MODEL,
+            "--log-level",
+            "warning",
+        ]
         if self.database_url:
             args += ["--database-url", self.database_url]
         env = {**os.environ, "CUMULO_FAKE_ENGINE": "1" if FAKE else "0", **self.env}

@@ -25,7 +25,9 @@ def test_keys_are_prefixed_and_stored_only_as_a_keyed_hash(make_service):
     assert secret.startswith("sk-cumulo-") and len(secret) > 40
     with service.state.sessions() as session:
         stored = session.scalars(select(ApiKey)).one()
-    assert secret not in (stored.key_hash, stored.prefix) and stored.key_hash == service.state.hasher.hash(secret)
+    assert secret not in (stored.key_hash, stored.prefix) and stored.key_hash == service.state.hasher.hash(
+        secret
+    )
     assert stored.key_hash != __import__("hashlib").sha256(secret.encode()).hexdigest()
 
 
@@ -35,7 +37,9 @@ def test_revoked_and_expired_keys_are_refused(make_service):
     assert service.client.post("/v1/completions", headers=auth(secret), json=COMPLETION).status_code == 200
     with service.state.sessions() as session, session.begin():
         crud.revoke_key(session, session.scalars(select(ApiKey)).one().id)
-        _, expired = crud.create_key(session, service.state.hasher, org_name="acme", expires_at=time.time() - 1)
+        _, expired = crud.create_key(
+            session, service.state.hasher, org_name="acme", expires_at=time.time() - 1
+        )
     for key in (secret, expired, "sk-cumulo-made-up", "not-a-key"):
         r = service.client.post("/v1/completions", headers=auth(key), json=COMPLETION)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -83,13 +87,19 @@ def test_admin_api_manages_plans_keys_and_sees_all_usage(make_service):
     assert service.client.post("/admin/plans", headers=admin, json={"name": "pro"}).status_code == 409
     created = service.client.post("/admin/keys", headers=admin, json={"org": "initech", "plan": "pro"}).json()
     assert created["key"].startswith("sk-cumulo-")
-    assert service.client.post("/v1/completions", headers=auth(created["key"]), json=COMPLETION).status_code == 200
+    assert (
+        service.client.post("/v1/completions", headers=auth(created["key"]), json=COMPLETION).status_code
+        == 200
+    )
     usage = service.client.get("/admin/usage?org=initech", headers=admin).json()
     assert usage["totals"]["requests"] == 1
     assert "key" not in service.client.get("/admin/keys", headers=admin).json()["data"][0]
     revoked = service.client.post(f"/admin/keys/{created['id']}/revoke", headers=admin)
     assert revoked.status_code == 200
-    assert service.client.post("/v1/completions", headers=auth(created["key"]), json=COMPLETION).status_code == 401
+    assert (
+        service.client.post("/v1/completions", headers=auth(created["key"]), json=COMPLETION).status_code
+        == 401
+    )
     user_key = service.key()
     assert service.client.get("/admin/plans", headers=auth(user_key)).status_code == 403
 
@@ -97,8 +107,11 @@ def test_admin_api_manages_plans_keys_and_sees_all_usage(make_service):
 def test_plan_with_explicit_label_appends_a_visible_notice(make_service):
     service = make_service()
     key = service.key(plan="labelled", explicit_label=True)
-    r = service.client.post("/v1/chat/completions", headers=auth(key), json={
-        "model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    r = service.client.post(
+        "/v1/chat/completions",
+        headers=auth(key),
+        json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+    )
     content = r.json()["choices"][0]["message"]["content"]
     assert "AI-generated" in content
     label = r.json()["choices"][0]["label"]

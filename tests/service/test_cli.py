@@ -26,14 +26,21 @@ def data_dir(tmp_path, monkeypatch):
 
 
 def test_admin_key_create_prints_a_working_key_as_its_last_line(data_dir, capsys):
-    assert main(["admin", "plan", "create", "pro", "--rpm", "5", "--models", "a,b", "--data-dir", str(data_dir)]) == 0
-    assert main(["admin", "key", "create", "--org", "acme", "--plan", "pro", "--data-dir", str(data_dir)]) == 0
+    assert (
+        main(["admin", "plan", "create", "pro", "--rpm", "5", "--models", "a,b", "--data-dir", str(data_dir)])
+        == 0
+    )
+    assert (
+        main(["admin", "key", "create", "--org", "acme", "--plan", "pro", "--data-dir", str(data_dir)]) == 0
+    )
     secret = capsys.readouterr().out.strip().splitlines()[-1]
     assert secret.startswith("sk-cumulo-")
     state = build_state(Settings(data_dir=data_dir), {})
     with state.sessions() as session:
         principal = authenticate(session, state.hasher, secret)
-    assert principal.org_name == "acme" and principal.plan.name == "pro" and principal.plan.models == ("a", "b")
+    assert (
+        principal.org_name == "acme" and principal.plan.name == "pro" and principal.plan.models == ("a", "b")
+    )
     assert main(["admin", "key", "list", "--data-dir", str(data_dir)]) == 0
     listing = capsys.readouterr().out
     assert "acme" in listing and secret not in listing
@@ -41,7 +48,10 @@ def test_admin_key_create_prints_a_working_key_as_its_last_line(data_dir, capsys
 
 
 def test_admin_plan_create_takes_per_model_prices(data_dir, capsys):
-    assert main(["--data-dir", str(data_dir), "admin", "plan", "create", "priced", "--model-price", "m=1.5,2"]) == 0
+    assert (
+        main(["--data-dir", str(data_dir), "admin", "plan", "create", "priced", "--model-price", "m=1.5,2"])
+        == 0
+    )
     assert main(["--data-dir", str(data_dir), "admin", "plan", "create", "bad", "--model-price", "m=x"]) == 1
     state = build_state(Settings(data_dir=data_dir), {})
     with state.sessions() as session:
@@ -95,7 +105,11 @@ def test_settings_read_the_environment_and_flags_win(monkeypatch, tmp_path):
     monkeypatch.setenv("CUMULO_PORT", "9001")
     monkeypatch.setenv("CUMULO_DATABASE_URL", "postgresql+psycopg://x@y/z")
     settings = Settings.from_env(port=9002, data_dir=tmp_path)
-    assert (settings.host, settings.port, settings.database_url) == ("0.0.0.0", 9002, "postgresql+psycopg://x@y/z")
+    assert (settings.host, settings.port, settings.database_url) == (
+        "0.0.0.0",
+        9002,
+        "postgresql+psycopg://x@y/z",
+    )
     monkeypatch.delenv("CUMULO_DATABASE_URL")
     assert Settings.from_env(data_dir=tmp_path).database_url == f"sqlite:///{tmp_path / 'cumulo.db'}"
 
@@ -111,6 +125,8 @@ def test_serve_hands_its_thread_count_to_every_engine(monkeypatch):
     from cumulo.engine import async_engine
 
     seen = []
-    monkeypatch.setattr(async_engine, "build_engine", lambda ref, **options: seen.append(options) or FakeEngine())
+    monkeypatch.setattr(
+        async_engine, "build_engine", lambda ref, **options: seen.append(options) or FakeEngine()
+    )
     serve.load_engines(["/a", "/b"], "cpu", None, threads=1)
     assert [o["threads"] for o in seen] == [1, 1]

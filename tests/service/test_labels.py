@@ -17,7 +17,12 @@ def _labeler(tmp_path) -> Labeler:  # noqa: ANN001
 def test_label_names_producer_model_seal_and_content(tmp_path):
     label = _labeler(tmp_path).label(text="hello", model="m", seal="sha256:1", content_id="c-1", created=5)
     assert label["aigc"]["Label"] == "1" and label["aigc"]["ProduceID"] == "c-1"
-    assert (label["provider"], label["model"], label["seal"], label["created"]) == ("Cumulo", "m", "sha256:1", 5)
+    assert (label["provider"], label["model"], label["seal"], label["created"]) == (
+        "Cumulo",
+        "m",
+        "sha256:1",
+        5,
+    )
     assert json.loads(base64.b64decode(header_value(label))) == label
 
 

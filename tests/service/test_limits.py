@@ -21,8 +21,10 @@ COMPLETION = {"model": "fake-model", "prompt": "x", "max_tokens": 3}  # 2 prompt
 def test_requests_per_minute_answer_429_with_retry_after(make_service):
     service = make_service()
     key = service.key(plan="slow", rpm=2)
-    codes = [service.client.post("/v1/completions", headers=auth(key), json=COMPLETION).status_code
-             for _ in range(3)]
+    codes = [
+        service.client.post("/v1/completions", headers=auth(key), json=COMPLETION).status_code
+        for _ in range(3)
+    ]
     assert codes == [200, 200, 429]
     r = service.client.post("/v1/completions", headers=auth(key), json=COMPLETION)
     assert r.json()["error"]["code"] == "rate_limit_exceeded" and int(r.headers["Retry-After"]) >= 1
@@ -42,7 +44,10 @@ def test_monthly_quota_is_never_exceeded(make_service):
     key = service.key(plan="small", monthly_tokens=11)
     first = service.client.post("/v1/completions", headers=auth(key), json=COMPLETION)  # 2 + 3 = 5
     cut = service.client.post("/v1/completions", headers=auth(key), json={**COMPLETION, "max_tokens": 50})
-    assert cut.json()["usage"]["completion_tokens"] == 4 and cut.json()["choices"][0]["finish_reason"] == "length"
+    assert (
+        cut.json()["usage"]["completion_tokens"] == 4
+        and cut.json()["choices"][0]["finish_reason"] == "length"
+    )
     refused = service.client.post("/v1/completions", headers=auth(key), json=COMPLETION)
     assert refused.status_code == 429 and refused.json()["error"]["type"] == "insufficient_quota"
     assert first.json()["usage"]["total_tokens"] + cut.json()["usage"]["total_tokens"] == 11
@@ -58,8 +63,9 @@ def test_concurrency_limit_refuses_the_extra_request_and_frees_the_slot(make_ser
     async def both() -> list[int]:
         transport = httpx.ASGITransport(app=service.client.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            slow = asyncio.create_task(client.post("/v1/completions", headers=auth(key),
-                                                   json={**COMPLETION, "max_tokens": 20}))
+            slow = asyncio.create_task(
+                client.post("/v1/completions", headers=auth(key), json={**COMPLETION, "max_tokens": 20})
+            )
             while engine.active == 0:
                 await asyncio.sleep(0.005)
             fast = await client.post("/v1/completions", headers=auth(key), json=COMPLETION)
@@ -77,7 +83,9 @@ def test_idempotency_key_replays_without_billing_twice(make_service):
     again = service.client.post("/v1/completions", headers=headers, json=COMPLETION)
     assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
     assert again.json() == first.json()
-    with service.client.stream("POST", "/v1/completions", headers=headers, json={**COMPLETION, "stream": True}) as r:
+    with service.client.stream(
+        "POST", "/v1/completions", headers=headers, json={**COMPLETION, "stream": True}
+    ) as r:
         replayed = "".join(r.iter_text())
     assert first.json()["choices"][0]["text"] in replayed and replayed.rstrip().endswith("[DONE]")
     usage = service.client.get("/v1/usage", headers=auth(key)).json()
@@ -97,8 +105,17 @@ def test_every_request_leaves_one_settled_usage_row(make_service):
 
 
 def _spec(n: int, max_tokens: int = 3) -> limits.RequestSpec:
-    return limits.RequestSpec(request_id=f"r-{n}", endpoint="completions", model="fake-model", seal="s",
-                              device="cpu", gateway="test", prompt_tokens=2, num_seqs=1, max_tokens=max_tokens)
+    return limits.RequestSpec(
+        request_id=f"r-{n}",
+        endpoint="completions",
+        model="fake-model",
+        seal="s",
+        device="cpu",
+        gateway="test",
+        prompt_tokens=2,
+        num_seqs=1,
+        max_tokens=max_tokens,
+    )
 
 
 def test_the_rpm_window_slides_and_the_month_rolls_over(make_service):

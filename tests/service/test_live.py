@@ -20,8 +20,9 @@ from tests.service.support import auth
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    live = LiveServer(tmp_path_factory.mktemp("live"), env={"CUMULO_FAKE_DELAY": "0.002",
-                                                            "CUMULO_FAKE_MAX_MODEL_LEN": "64"}).start()
+    live = LiveServer(
+        tmp_path_factory.mktemp("live"), env={"CUMULO_FAKE_DELAY": "0.002", "CUMULO_FAKE_MAX_MODEL_LEN": "64"}
+    ).start()
     yield live
     live.stop()
 
@@ -60,11 +61,16 @@ def test_openai_client_chat_and_completions_streaming_and_not(server: LiveServer
     messages = [{"role": "user", "content": "hi"}]
     chat = client.chat.completions.create(messages=messages, user="u1", **ask)
     assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 6
-    chunks = list(client.chat.completions.create(messages=messages, stream=True,
-                                                 stream_options={"include_usage": True}, **ask))
+    chunks = list(
+        client.chat.completions.create(
+            messages=messages, stream=True, stream_options={"include_usage": True}, **ask
+        )
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == chat.choices[0].message.content
-    assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].usage.prompt_tokens == chat.usage.prompt_tokens
+    assert (
+        chunks[-1].usage.completion_tokens == 6 and chunks[-1].usage.prompt_tokens == chat.usage.prompt_tokens
+    )
     text = client.completions.create(prompt="abc", **ask)
     parts = list(client.completions.create(prompt="abc", stream=True, **ask))
     assert "".join(p.choices[0].text for p in parts if p.choices) == text.choices[0].text
@@ -96,16 +102,21 @@ def test_bad_input_over_plain_http_is_a_clear_4xx_and_the_server_keeps_serving(s
     url = f"{server.url}/v1/chat/completions"
     ok = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     cases = [
-        (b"{\"model\": ", 400),
+        (b'{"model": ', 400),
         (b"[1, 2, 3]", 400),
         (json.dumps({**ok, "messages": "not a list"}).encode(), 400),
         (json.dumps({**ok, "max_tokens": -3}).encode(), 400),
         (json.dumps({**ok, "temperature": "hot"}).encode(), 400),
         (json.dumps({**ok, "n": 1000}).encode(), 400),
         (json.dumps({**ok, "model": "ghost"}).encode(), 404),
-        (json.dumps({**ok, "messages": [{"role": "user", "content": too_long_prompt(server, key)}]}).encode(), 400),
+        (
+            json.dumps(
+                {**ok, "messages": [{"role": "user", "content": too_long_prompt(server, key)}]}
+            ).encode(),
+            400,
+        ),
         (b"{" + b" " * (5 * 1024 * 1024) + b"}", 413),
-        ("{\"model\": \"\udcff\"}".encode("utf-8", "surrogatepass"), 400),
+        ('{"model": "\udcff"}'.encode("utf-8", "surrogatepass"), 400),
     ]
     with httpx.Client(timeout=30) as client:
         for body, status in cases:
@@ -127,18 +138,30 @@ def test_client_disconnect_mid_stream_bills_what_was_generated_and_stops(server:
                     seen += 1
                 if seen == 5:
                     break
-        rows = wait_until(lambda: [row for row in client.get(f"{server.url}/v1/usage", headers=auth(key))
-                                   .json()["data"] if row["status"] != "in_progress"])
+        rows = wait_until(
+            lambda: [
+                row
+                for row in client.get(f"{server.url}/v1/usage", headers=auth(key)).json()["data"]
+                if row["status"] != "in_progress"
+            ]
+        )
         assert rows[0]["status"] == "aborted"
         assert 5 <= rows[0]["completion_tokens"] < 60
         wait_until(lambda: "cumulo_requests_in_flight 0" in client.get(f"{server.url}/metrics").text)
 
 
 def test_many_concurrent_clients_are_all_answered_and_the_ledger_sums_exactly(server: LiveServer):
-    keys = [new_key(server, f"crowd-{i % 3}", plan, **terms) for i, (plan, terms) in enumerate(
-        [("crowd-a", {"rpm": 1000, "concurrency": 16, "price_in": 1.0, "price_out": 3.0}),
-         ("crowd-b", {"tpm": 100_000, "price_in": 0.5, "price_out": 0.25}),
-         ("crowd-a", {}), ("crowd-b", {})])]
+    keys = [
+        new_key(server, f"crowd-{i % 3}", plan, **terms)
+        for i, (plan, terms) in enumerate(
+            [
+                ("crowd-a", {"rpm": 1000, "concurrency": 16, "price_in": 1.0, "price_out": 3.0}),
+                ("crowd-b", {"tpm": 100_000, "price_in": 0.5, "price_out": 0.25}),
+                ("crowd-a", {}),
+                ("crowd-b", {}),
+            ]
+        )
+    ]
     clients = 40
 
     async def one(i: int) -> tuple[str, dict]:
@@ -147,8 +170,13 @@ def test_many_concurrent_clients_are_all_answered_and_the_ledger_sums_exactly(se
         tokens = 5 + i % 7
         if i % 2:
             stream = await api.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": f"client {i}"}], max_tokens=tokens,
-                stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+                model=MODEL,
+                messages=[{"role": "user", "content": f"client {i}"}],
+                max_tokens=tokens,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
             finish, usage = None, None
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].finish_reason:
@@ -156,8 +184,9 @@ def test_many_concurrent_clients_are_all_answered_and_the_ledger_sums_exactly(se
                 if chunk.usage:
                     usage = chunk.usage
         else:
-            out = await api.completions.create(model=MODEL, prompt=f"client {i}", max_tokens=tokens,
-                                               extra_body={"ignore_eos": True})
+            out = await api.completions.create(
+                model=MODEL, prompt=f"client {i}", max_tokens=tokens, extra_body={"ignore_eos": True}
+            )
             finish, usage = out.choices[0].finish_reason, out.usage
         assert finish == "length" and usage.completion_tokens == tokens  # answered completely
         await api.close()
@@ -175,8 +204,12 @@ def test_many_concurrent_clients_are_all_answered_and_the_ledger_sums_exactly(se
         assert totals["prompt_tokens"] == sum(u["prompt_tokens"] for u in mine)
         assert totals["completion_tokens"] == sum(u["completion_tokens"] for u in mine)
     admin = auth(server.admin_key())
-    everything = sum(httpx.get(f"{server.url}/admin/usage?org=crowd-{g}", headers=admin).json()["totals"]
-                     ["completion_tokens"] for g in range(3))
+    everything = sum(
+        httpx.get(f"{server.url}/admin/usage?org=crowd-{g}", headers=admin).json()["totals"][
+            "completion_tokens"
+        ]
+        for g in range(3)
+    )
     assert everything == sum(u["completion_tokens"] for _, u in results)
 
 
@@ -185,8 +218,11 @@ def test_usage_survives_kill_9_and_restart(tmp_path: Path):
     try:
         key = new_key(live, "durable")
         for tokens in (3, 4, 5):
-            r = httpx.post(f"{live.url}/v1/completions", headers=auth(key),
-                           json={"model": MODEL, "prompt": "x", "max_tokens": tokens})
+            r = httpx.post(
+                f"{live.url}/v1/completions",
+                headers=auth(key),
+                json={"model": MODEL, "prompt": "x", "max_tokens": tokens},
+            )
             assert r.status_code == 200
         live.kill()
         live.start()
@@ -210,17 +246,25 @@ def test_two_gateways_sharing_postgres_keep_limits_exact(tmp_path: Path, pg_data
 
         async def hammer(key: str, n: int, max_tokens: int) -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=60) as client:
-                return await asyncio.gather(*(
-                    client.post(f"{(first, second)[i % 2].url}/v1/completions", headers=auth(key),
-                                json={"model": MODEL, "prompt": "x", "max_tokens": max_tokens})
-                    for i in range(n)))
+                return await asyncio.gather(
+                    *(
+                        client.post(
+                            f"{(first, second)[i % 2].url}/v1/completions",
+                            headers=auth(key),
+                            json={"model": MODEL, "prompt": "x", "max_tokens": max_tokens},
+                        )
+                        for i in range(n)
+                    )
+                )
 
         rpm_results = asyncio.run(hammer(rpm_key, 24, 2))
         assert sorted(r.status_code for r in rpm_results) == [200] * 10 + [429] * 14
         quota_results = asyncio.run(hammer(quota_key, 30, 8))  # 2 + 8 tokens each: exactly 10 fit in 100
         ok = [r for r in quota_results if r.status_code == 200]
         assert sum(r.json()["usage"]["total_tokens"] for r in ok) == 100
-        assert all(r.json()["error"]["code"] == "insufficient_quota" for r in quota_results if r.status_code != 200)
+        assert all(
+            r.json()["error"]["code"] == "insufficient_quota" for r in quota_results if r.status_code != 200
+        )
         totals = httpx.get(f"{second.url}/v1/usage", headers=auth(quota_key)).json()["totals"]
         assert totals["prompt_tokens"] + totals["completion_tokens"] == 100
     finally:

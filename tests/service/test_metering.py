@@ -20,11 +20,22 @@ from tests.service.support import auth
 
 def _scope(path: str, key: str) -> dict:
     return {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-        "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-        "root_path": "", "client": ("127.0.0.1", 5000), "server": ("test", 80),
-        "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
-                    (b"authorization", f"Bearer {key}".encode())],
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 5000),
+        "server": ("test", 80),
+        "headers": [
+            (b"host", b"test"),
+            (b"content-type", b"application/json"),
+            (b"authorization", f"Bearer {key}".encode()),
+        ],
     }
 
 
@@ -73,8 +84,14 @@ def test_requests_of_a_dead_gateway_are_settled_as_interrupted_at_start(make_ser
     with service.state.sessions() as session:
         key_id = session.scalars(select(ApiKey.id)).one()
     spec = limits.RequestSpec(
-        request_id="cmpl-lost", endpoint="completions", model="fake-model", seal="s", device="cpu",
-        gateway=f"{metering.gateway_id(0).split(':')[0]}:{dead.pid}:0", prompt_tokens=7, num_seqs=1,
+        request_id="cmpl-lost",
+        endpoint="completions",
+        model="fake-model",
+        seal="s",
+        device="cpu",
+        gateway=f"{metering.gateway_id(0).split(':')[0]}:{dead.pid}:0",
+        prompt_tokens=7,
+        num_seqs=1,
         max_tokens=50,
     )
     limits.admit(service.state.db, key_id, spec)
@@ -93,8 +110,15 @@ def test_a_live_gateways_requests_are_left_running(make_service):
     with service.state.sessions() as session:
         key_id = session.scalars(select(ApiKey.id)).one()
     spec = limits.RequestSpec(
-        request_id="cmpl-running", endpoint="completions", model="fake-model", seal="s", device="cpu",
-        gateway=service.state.gateway, prompt_tokens=1, num_seqs=1, max_tokens=5,
+        request_id="cmpl-running",
+        endpoint="completions",
+        model="fake-model",
+        seal="s",
+        device="cpu",
+        gateway=service.state.gateway,
+        prompt_tokens=1,
+        num_seqs=1,
+        max_tokens=5,
     )
     limits.admit(service.state.db, key_id, spec)
     assert metering.settle_interrupted(service.state.db, stale_after=3600) == 0
@@ -104,8 +128,9 @@ def test_a_live_gateways_requests_are_left_running(make_service):
 def test_per_model_price_overrides_the_plan_price(make_service):
     service = make_service()
     key = service.key(plan="mixed", price_in=1.0, price_out=1.0, model_prices={"fake-model": [10.0, 20.0]})
-    r = service.client.post("/v1/completions", headers=auth(key),
-                            json={"model": "fake-model", "prompt": "x", "max_tokens": 3})
+    r = service.client.post(
+        "/v1/completions", headers=auth(key), json={"model": "fake-model", "prompt": "x", "max_tokens": 3}
+    )
     assert r.status_code == 200
     row = service.client.get("/v1/usage", headers=auth(key)).json()["data"][0]
     assert row["cost"] == (2 * 10.0 + 3 * 20.0) / 1e6

@@ -77,7 +77,21 @@ def _cpu_reason() -> str | None:
 
 
 def _configure(lib: ctypes.CDLL) -> None:
-    lib.cumulo_fp8_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, _I, _I, _F, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.cumulo_fp8_linear.argtypes = [
+        _F,
+        _I,
+        _I,
+        _F,
+        _I,
+        _F,
+        _F,
+        _I,
+        _I,
+        _F,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
     lib.cumulo_mxfp4_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.cumulo_fp8_dequant.argtypes = [_F, _I, _I, _F, _F, _I, _I, _F, ctypes.c_int]
     lib.cumulo_mxfp4_dequant.argtypes = [_F, _I, _I, _F, _F, ctypes.c_int]
@@ -85,7 +99,21 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.cumulo_mxfp4_dequant_bf16.argtypes = lib.cumulo_mxfp4_dequant.argtypes
     lib.cumulo_fp8_dequant_bf16.restype = lib.cumulo_mxfp4_dequant_bf16.restype = ctypes.c_int
     lib.cumulo_dequant_bf16_runs.restype = ctypes.c_int
-    lib.cumulo_table8_linear_bf16.argtypes = [_F, _I, _I, _F, _I, _F, _F, _I, _I, _F, ctypes.c_int, _F, ctypes.c_int]
+    lib.cumulo_table8_linear_bf16.argtypes = [
+        _F,
+        _I,
+        _I,
+        _F,
+        _I,
+        _F,
+        _F,
+        _I,
+        _I,
+        _F,
+        ctypes.c_int,
+        _F,
+        ctypes.c_int,
+    ]
     lib.cumulo_table8_linear_bf16.restype = ctypes.c_int
     lib.cumulo_table8_runs.argtypes = [_I, _I]
     lib.cumulo_table8_runs.restype = ctypes.c_int
@@ -103,7 +131,12 @@ def _configure(lib: ctypes.CDLL) -> None:
 
 # Built and cached like the platform's kernels (cumulo.platform.kernels.build), with the flags this source needs.
 _kernel = KernelLibrary(
-    SOURCE, "fused CPU kernels", _configure, requires=_cpu_reason, flags=FLAGS, fallback="using the reference path"
+    SOURCE,
+    "fused CPU kernels",
+    _configure,
+    requires=_cpu_reason,
+    flags=FLAGS,
+    fallback="using the reference path",
 )
 
 
@@ -137,7 +170,9 @@ def dequantizes_into_bf16() -> bool:
 def _bf16_dequant(dtype: torch.dtype, family: str | None) -> bool:
     """Whether x of `dtype` against weights of `family` ("fp8", "mxfp4"; None for the others) takes the bf16
     dequantize + bf16 GEMM path past the fused kernel's rows."""
-    return family in BF16_DEQUANT_FAMILIES and dtype == torch.bfloat16 and USE_AVX512 and dequantizes_into_bf16()
+    return (
+        family in BF16_DEQUANT_FAMILIES and dtype == torch.bfloat16 and USE_AVX512 and dequantizes_into_bf16()
+    )
 
 
 def fused_max_rows(dtype: torch.dtype, family: str | None) -> int:
@@ -163,7 +198,11 @@ def _dense_scratch(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _call(
-    x: torch.Tensor, n: int, fused: Callable[..., None], dequant: Callable[..., None] | None, family: str | None
+    x: torch.Tensor,
+    n: int,
+    fused: Callable[..., None],
+    dequant: Callable[..., None] | None,
+    family: str | None,
 ) -> torch.Tensor | None:
     """Decode (few rows): the fused kernel, taking and giving bf16 or fp32 as x is. Prefill (many rows):
     dequantize once, then torch's GEMM, in bf16 for bf16 x where the kernels can write bf16 (else fp32);
@@ -231,8 +270,21 @@ def bind_fp8(w: PackedWeight) -> BoundKernel | None:
 
     run.graph_op = _graph_op(  # type: ignore[attr-defined]
         lib.cumulo_fp8_linear_op,
-        lambda x, y: [x.data_ptr(), x.shape[0], k, pc, n, pf or 0, pe or 0, bn, bk, y.data_ptr(), kernel_threads(),
-                      int(USE_AVX512), int(x.dtype == torch.bfloat16)],  # fmt: skip
+        lambda x, y: [
+            x.data_ptr(),
+            x.shape[0],
+            k,
+            pc,
+            n,
+            pf or 0,
+            pe or 0,
+            bn,
+            bk,
+            y.data_ptr(),
+            kernel_threads(),
+            int(USE_AVX512),
+            int(x.dtype == torch.bfloat16),
+        ],  # fmt: skip
         family="fp8",
     )
     return run
@@ -262,8 +314,18 @@ def bind_mxfp4(w: PackedWeight) -> BoundKernel | None:
 
     run.graph_op = _graph_op(  # type: ignore[attr-defined]
         lib.cumulo_mxfp4_linear_op,
-        lambda x, y: [x.data_ptr(), x.shape[0], k, pc, n, ps, y.data_ptr(), kernel_threads(),
-                      int(x.dtype == torch.bfloat16), int(USE_AVX512)],  # fmt: skip
+        lambda x, y: [
+            x.data_ptr(),
+            x.shape[0],
+            k,
+            pc,
+            n,
+            ps,
+            y.data_ptr(),
+            kernel_threads(),
+            int(x.dtype == torch.bfloat16),
+            int(USE_AVX512),
+        ],  # fmt: skip
         family="mxfp4",
     )
     return run
@@ -345,7 +407,9 @@ def bind_lut(w: PackedWeight) -> BoundKernel | None:
     table_op = _graph_op(lib.cumulo_table8_linear_bf16_op, table_args, family=None)
 
     def graph_op(x: torch.Tensor, y: torch.Tensor) -> tuple[int, list[int]] | None:
-        table = mags is not None and x.dtype == torch.bfloat16 and USE_AVX512 and lib.cumulo_table8_runs(k, bk)
+        table = (
+            mags is not None and x.dtype == torch.bfloat16 and USE_AVX512 and lib.cumulo_table8_runs(k, bk)
+        )
         return table_op(x, y) if table else lut_op(x, y)
 
     run.graph_op = graph_op  # type: ignore[attr-defined]

@@ -26,7 +26,20 @@ _I = ctypes.c_int64
 
 
 def _configure(lib: ctypes.CDLL) -> None:
-    lib.cumulo_bf16_linear.argtypes = [_P, _I, _I, _I, _P, _I, _I, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.cumulo_bf16_linear.argtypes = [
+        _P,
+        _I,
+        _I,
+        _I,
+        _P,
+        _I,
+        _I,
+        _P,
+        _P,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
     lib.cumulo_bf16_linear.restype = None
     lib.cumulo_bf16_linear_wide.restype = ctypes.c_int
     lib.cumulo_f32_linear.argtypes = [_P, _I, _I, _I, _P, _I, _I, _P, _P, ctypes.c_int, ctypes.c_int]

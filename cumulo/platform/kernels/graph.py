@@ -62,7 +62,9 @@ class Graph:
         self._errors.append(errors or {})
         self._table = None
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, eps: float, offset: float) -> None:
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, eps: float, offset: float
+    ) -> None:
         lib = rms_norm.library()
         assert lib is not None
         self.keep(x, weight, y)
@@ -71,7 +73,13 @@ class Graph:
         self.add((address(lib.cumulo_rms_norm_op), args))
 
     def add_rms_norm(
-        self, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, eps: float, offset: float
+        self,
+        x: torch.Tensor,
+        r: torch.Tensor,
+        weight: torch.Tensor,
+        y: torch.Tensor,
+        eps: float,
+        offset: float,
     ) -> None:
         """x += r; y = rms_norm(x) * (weight + offset)."""
         lib = rms_norm.library()
@@ -85,7 +93,13 @@ class Graph:
         lib = library()
         assert lib is not None
         self.keep(gate_up, act)
-        args = [gate_up.data_ptr(), act.data_ptr(), act.shape[0], act.shape[1], int(act.dtype == torch.bfloat16)]
+        args = [
+            gate_up.data_ptr(),
+            act.data_ptr(),
+            act.shape[0],
+            act.shape[1],
+            int(act.dtype == torch.bfloat16),
+        ]
         self.add((address(lib.cumulo_silu_mul_op), args))
 
     def rope_and_cache(

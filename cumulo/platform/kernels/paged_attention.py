@@ -31,7 +31,6 @@ ERRORS = {
 }
 
 
-
 def _configure(lib: ctypes.CDLL) -> None:
     lib.cumulo_paged_decode_attention.argtypes = [ctypes.c_char_p, ctypes.c_float]
     lib.cumulo_paged_decode_attention.restype = ctypes.c_int

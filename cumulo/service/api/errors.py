@@ -64,7 +64,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error", exc_info=exc)
-        return JSONResponse(error_body("internal server error", "server_error", "internal_error"), status_code=500)
+        return JSONResponse(
+            error_body("internal server error", "server_error", "internal_error"), status_code=500
+        )
 
 
 class BodyLimit:
@@ -98,8 +100,11 @@ class BodyLimit:
 
     async def _refuse(self, send: Send) -> None:
         response = JSONResponse(
-            error_body(f"request body larger than {self.max_bytes} bytes", "invalid_request_error",
-                       "request_too_large"),
+            error_body(
+                f"request body larger than {self.max_bytes} bytes",
+                "invalid_request_error",
+                "request_too_large",
+            ),
             status_code=413,
         )
         await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})

@@ -71,21 +71,30 @@ def fit_max_tokens(engine: EngineClient, prompts: list[list[int]], max_tokens: i
     return max_tokens
 
 
-async def generate(state: ServiceState, principal: Principal, engine: EngineClient, job: Job, shape_cls: type[Shape]
-                   ) -> Response:
+async def generate(
+    state: ServiceState, principal: Principal, engine: EngineClient, job: Job, shape_cls: type[Shape]
+) -> Response:
     job.params.validate()
     arrival = time.monotonic()
     prefix = "chatcmpl" if job.endpoint == "chat" else "cmpl"
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     created = int(time.time())
     spec = limits.RequestSpec(
-        request_id=request_id, endpoint=job.endpoint, model=job.model, seal=engine.seal, device=engine.device,
-        gateway=state.gateway, prompt_tokens=sum(len(p) for p in job.prompts),
-        num_seqs=len(job.prompts) * job.n, max_tokens=job.params.max_tokens,
-        idempotency_key=job.idempotency_key, user=job.user,
+        request_id=request_id,
+        endpoint=job.endpoint,
+        model=job.model,
+        seal=engine.seal,
+        device=engine.device,
+        gateway=state.gateway,
+        prompt_tokens=sum(len(p) for p in job.prompts),
+        num_seqs=len(job.prompts) * job.n,
+        max_tokens=job.params.max_tokens,
+        idempotency_key=job.idempotency_key,
+        user=job.user,
     )
-    shape = shape_cls(request_id=request_id, created=created, model=job.model, seal=engine.seal,
-                      tokenizer=engine.tokenizer)
+    shape = shape_cls(
+        request_id=request_id, created=created, model=job.model, seal=engine.seal, tokenizer=engine.tokenizer
+    )
     try:
         admitted = await state.db_call(
             limits.admit, state.db, principal.key_id, spec, stale_after=state.settings.max_request_seconds
@@ -96,8 +105,11 @@ async def generate(state: ServiceState, principal: Principal, engine: EngineClie
     headers = {"X-Request-Id": request_id, "X-Cumulo-Model-Seal": engine.seal}
     if isinstance(admitted, limits.Replay):
         stored = json.loads(admitted.response)
-        headers = {"Idempotent-Replayed": "true", "X-Request-Id": stored["id"],
-                   "X-Cumulo-Model-Seal": stored.get("system_fingerprint", "")}
+        headers = {
+            "Idempotent-Replayed": "true",
+            "X-Request-Id": stored["id"],
+            "X-Cumulo-Model-Seal": stored.get("system_fingerprint", ""),
+        }
         if not job.stream:
             return JSONResponse(stored, headers=headers)
         chunks = [sse(c) for c in shape.replay(stored)] + [sse("[DONE]")]
@@ -139,8 +151,18 @@ async def generate(state: ServiceState, principal: Principal, engine: EngineClie
 class _Finisher:
     """Labels finished choices, builds the whole response, and settles usage exactly once."""
 
-    def __init__(self, state: ServiceState, principal: Principal, engine: EngineClient, job: Job, shape: Shape,
-                 run: Run, admission: limits.Admission, arrival: float, created: int) -> None:
+    def __init__(
+        self,
+        state: ServiceState,
+        principal: Principal,
+        engine: EngineClient,
+        job: Job,
+        shape: Shape,
+        run: Run,
+        admission: limits.Admission,
+        arrival: float,
+        created: int,
+    ) -> None:
         self.state, self.principal, self.engine, self.job, self.shape = state, principal, engine, job, shape
         self.run, self.admission, self.arrival, self.created = run, admission, arrival, created
         self.closed = False
@@ -153,12 +175,17 @@ class _Finisher:
     def label_choice(self, choice: Choice, extra_text: str) -> None:
         choice.text += extra_text
         choice.label = self.state.labeler.label(
-            text=choice.text, model=self.job.model, seal=self.engine.seal,
-            content_id=f"{self.shape.request_id}-{choice.index}", created=self.created,
+            text=choice.text,
+            model=self.job.model,
+            seal=self.engine.seal,
+            content_id=f"{self.shape.request_id}-{choice.index}",
+            created=self.created,
         )
 
     def usage(self) -> dict[str, Any]:
-        return usage_dict(sum(len(p) for p in self.job.prompts), self.run.completion_tokens, self.run.cached_tokens)
+        return usage_dict(
+            sum(len(p) for p in self.job.prompts), self.run.completion_tokens, self.run.cached_tokens
+        )
 
     def final_body(self) -> dict[str, Any]:
         notice = self.notice()
@@ -177,8 +204,12 @@ class _Finisher:
         stored = json.dumps(body) if body is not None and self.job.idempotency_key else None
         code = getattr(error, "code", None) or (type(error).__name__ if error else None)
         outcome = metering.Outcome(
-            status=status, prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
-            cached_tokens=usage["prompt_tokens_details"]["cached_tokens"], ttft=ttft, error_code=code,
+            status=status,
+            prompt_tokens=usage["prompt_tokens"],
+            completion_tokens=usage["completion_tokens"],
+            cached_tokens=usage["prompt_tokens_details"]["cached_tokens"],
+            ttft=ttft,
+            error_code=code,
             response=stored,
         )
         try:
@@ -186,8 +217,13 @@ class _Finisher:
         except Exception:  # the row stays in_progress; recovery settles it as interrupted (metering)
             log.exception("could not settle usage row %s", self.admission.usage_id)
         self.state.metrics.finished(
-            model=self.job.model, endpoint=self.job.endpoint, status=status, prompt=usage["prompt_tokens"],
-            completion=usage["completion_tokens"], ttft=ttft, e2e=time.monotonic() - self.arrival,
+            model=self.job.model,
+            endpoint=self.job.endpoint,
+            status=status,
+            prompt=usage["prompt_tokens"],
+            completion=usage["completion_tokens"],
+            ttft=ttft,
+            e2e=time.monotonic() - self.arrival,
         )
 
 

@@ -35,8 +35,12 @@ class Shape:
 
     def _envelope(self, name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
-            "id": self.request_id, "object": name, "created": self.created, "model": self.model,
-            "system_fingerprint": self.seal, "choices": choices,
+            "id": self.request_id,
+            "object": name,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.seal,
+            "choices": choices,
         }
 
     def chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -76,13 +80,18 @@ class ChatShape(Shape):
 
         return {
             "content": [
-                {**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries
+                {**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                for e in entries
             ]
         }
 
     def opening(self, choice: Choice) -> dict[str, Any] | None:
-        return {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                "finish_reason": None}
+        return {
+            "index": choice.index,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
 
     def delta(self, choice: Choice, text: str, logprobs: list[TokenLogprob], finish: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -108,8 +117,13 @@ class ChatShape(Shape):
         chunks = []
         for c in stored["choices"]:
             delta = {"role": "assistant", "content": c["message"]["content"]}
-            part = {"index": c["index"], "delta": delta, "logprobs": c.get("logprobs"),
-                    "finish_reason": c["finish_reason"], "label": c.get("label")}
+            part = {
+                "index": c["index"],
+                "delta": delta,
+                "logprobs": c.get("logprobs"),
+                "finish_reason": c["finish_reason"],
+                "label": c.get("label"),
+            }
             chunks.append({**stored, "object": self.chunk_name, "choices": [part], "usage": None})
         chunks.append({**stored, "object": self.chunk_name, "choices": [], "usage": stored["usage"]})
         return chunks
@@ -128,7 +142,12 @@ class CompletionShape(Shape):
             tops.append({_token_text(self.tokenizer, t): lp for t, lp in e.top})
             offsets.append(offset)
             offset += len(text)
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
 
     def delta(self, choice: Choice, text: str, logprobs: list[TokenLogprob], finish: bool) -> dict[str, Any]:
         body: dict[str, Any] = {

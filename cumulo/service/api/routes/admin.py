@@ -59,8 +59,13 @@ async def create_key(body: KeyCreate, state: State, _: Admin) -> dict[str, Any]:
     def write() -> dict[str, Any]:
         with state.sessions() as session, session.begin():
             row, secret = crud.create_key(
-                session, state.hasher, org_name=body.org, plan_name=body.plan, name=body.name,
-                user_email=body.user, expires_at=body.expires_at,
+                session,
+                state.hasher,
+                org_name=body.org,
+                plan_name=body.plan,
+                name=body.name,
+                user_email=body.user,
+                expires_at=body.expires_at,
             )
             return {**views.key(row, body.org, body.plan), "key": secret}
 
@@ -97,7 +102,11 @@ async def usage(
             rows, has_more, totals = crud.usage_page(
                 session, org_id=org_id, start_time=start_time, end_time=end_time, before_id=after, limit=limit
             )
-            return {"object": "list", "data": [views.usage_row(r) for r in rows], "has_more": has_more,
-                    "totals": views.totals(totals)}
+            return {
+                "object": "list",
+                "data": [views.usage_row(r) for r in rows],
+                "has_more": has_more,
+                "totals": views.totals(totals),
+            }
 
     return await run_in_threadpool(read)

@@ -25,7 +25,9 @@ def _prompts(engine: EngineClient, prompt: str | list[str] | list[int] | list[li
     else:
         items = list(prompt)  # type: ignore[arg-type]
     if not items or len(items) > MAX_BATCH:
-        raise InvalidRequest(f"prompt must hold 1 to {MAX_BATCH} prompts", )
+        raise InvalidRequest(
+            f"prompt must hold 1 to {MAX_BATCH} prompts",
+        )
     prompts: list[list[int]] = []
     vocab = engine.tokenizer.vocab_size
     for item in items:
@@ -56,13 +58,25 @@ async def completions(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k, min_p=body.min_p, seed=body.seed, stop=body.stop_list(), ignore_eos=body.ignore_eos,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty, logprobs=body.logprobs,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        seed=body.seed,
+        stop=body.stop_list(),
+        ignore_eos=body.ignore_eos,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logprobs=body.logprobs,
     )
     job = Job(
-        endpoint="completions", model=body.model, prompts=prompts, n=body.n, params=params, stream=body.stream,
-        include_usage=bool(body.stream_options and body.stream_options.include_usage), user=body.user,
+        endpoint="completions",
+        model=body.model,
+        prompts=prompts,
+        n=body.n,
+        params=params,
+        stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        user=body.user,
         idempotency_key=idempotency_key,
     )
     return await generate(state, principal, engine, job, CompletionShape)

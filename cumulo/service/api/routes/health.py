@@ -26,7 +26,8 @@ async def health(state: State) -> JSONResponse:
 
     ok = await run_in_threadpool(ping)
     body: dict[str, Any] = {
-        "status": "ok" if ok else "degraded", "database": "ok" if ok else "unreachable",
+        "status": "ok" if ok else "degraded",
+        "database": "ok" if ok else "unreachable",
         "models": {name: {"seal": e.seal, "device": e.device} for name, e in state.engines.items()},
     }
     return JSONResponse(body, status_code=200 if ok else 503)

@@ -20,4 +20,8 @@ async def verify(body: VerifyRequest, state: State) -> dict[str, Any]:
 
 @router.get("/v1/labels/public-key")
 async def public_key(state: State) -> dict[str, Any]:
-    return {"algorithm": "Ed25519", "key_id": state.labeler.key_id, "public_key": state.labeler.public_key_b64}
+    return {
+        "algorithm": "Ed25519",
+        "key_id": state.labeler.key_id,
+        "public_key": state.labeler.public_key_b64,
+    }

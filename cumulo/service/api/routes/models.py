@@ -15,8 +15,13 @@ router = APIRouter()
 
 def _card(name: str, engine: EngineClient, created: int) -> dict[str, Any]:
     return {
-        "id": name, "object": "model", "created": created, "owned_by": "cumulo", "seal": engine.seal,
-        "max_model_len": engine.max_model_len, "device": engine.device,
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "cumulo",
+        "seal": engine.seal,
+        "max_model_len": engine.max_model_len,
+        "device": engine.device,
     }
 
 

@@ -26,13 +26,20 @@ async def usage(
     def read() -> dict[str, Any]:
         with state.sessions() as session:
             rows, has_more, totals = crud.usage_page(
-                session, key_id=principal.key_id, start_time=start_time, end_time=end_time, before_id=after,
+                session,
+                key_id=principal.key_id,
+                start_time=start_time,
+                end_time=end_time,
+                before_id=after,
                 limit=limit,
             )
         data = [views.usage_row(r) for r in rows]
         return {
-            "object": "list", "data": data, "has_more": has_more,
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None,
+            "object": "list",
+            "data": data,
+            "has_more": has_more,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
             "totals": views.totals(totals),
         }
 
