@@ -11,8 +11,10 @@ test:
 	scripts/setup.sh test
 	.venv/bin/ruff check cumulo tests bench
 	.venv/bin/ruff format --check cumulo tests bench
+	.venv/bin/lint-imports --no-cache
 	.venv/bin/python -m pytest -q
 
 lint:
 	.venv/bin/ruff check cumulo tests bench
 	.venv/bin/ruff format --check cumulo tests bench
+	.venv/bin/lint-imports --no-cache

@@ -3,7 +3,7 @@
     python bench/attention.py [--batch 1,16,64] [--context 128,512,2048] [--dtype fp32,bf16] [--threads N]
 
 Shapes are SmolLM2-135M's (9 heads, 3 kv heads, head_dim 64, block 16), one layer. For each batch, context and
-cache dtype it times `cumulo.engine.attention._decode` (the anchor: gather + matmul + mask + softmax + matmul,
+cache dtype it times `cumulo.models.attention._decode` (the anchor: gather + matmul + mask + softmax + matmul,
 with the mask prebuilt as the engine does once per step) and `paged_decode_attention`, each the best of several
 rounds timed in turn, and prints the milliseconds, the kernel's speed-up and the GB/s of K/V it reads. Block
 tables are shuffled so blocks are scattered as in a long-running server. Never gates CI.
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cumulo.engine.attention import AttentionContext, KVCache, _decode  # noqa: E402
+from cumulo.models.attention import AttentionContext, KVCache, _decode  # noqa: E402
 from cumulo.platform.kernels import available, paged_decode_attention  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16

@@ -64,8 +64,8 @@ def cumulo_generate(model: Path, threads: int, dtype: str) -> Generate:
 
     torch.set_num_threads(threads)
     try:
+        from cumulo.contracts import SamplingParams  # noqa: PLC0415
         from cumulo.engine.llm import LLM  # noqa: PLC0415
-        from cumulo.engine.params import SamplingParams  # noqa: PLC0415
     except ImportError as exc:
         raise RuntimeError(f"Cumulo's engine is not importable yet (cumulo.engine.llm.LLM): {exc}") from exc
     llm = LLM(str(model), device="cpu", dtype=dtype, threads=threads)
@@ -76,8 +76,8 @@ def cumulo_generate(model: Path, threads: int, dtype: str) -> Generate:
         wrong = [len(o.token_ids) for o in outs if len(o.token_ids) != max_tokens]
         if wrong:
             raise RuntimeError(f"asked for {max_tokens} tokens with ignore_eos, got {wrong[:4]}")
-        m = outs[0].metrics
-        if m is None or m.first_token_time is None or m.finished_time is None:
+        m = outs[0]
+        if m.first_token_time is None or m.finished_time is None:
             return None, None
         return m.first_token_time - m.arrival_time, m.finished_time - m.first_token_time
 

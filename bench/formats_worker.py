@@ -58,14 +58,13 @@ def best_decode_tok_s(
 
 
 def cumulo_decode(llm: object) -> Decode:
-    from cumulo.engine.params import SamplingParams  # noqa: PLC0415
+    from cumulo.contracts import SamplingParams  # noqa: PLC0415
 
     def decode(prompt: list[int], n: int) -> float:
         out = llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))[0]
         if len(out.token_ids) != n:
             raise RuntimeError(f"asked for {n} tokens with ignore_eos, got {len(out.token_ids)}")
-        m = out.metrics
-        return m.finished_time - m.first_token_time
+        return out.finished_time - out.first_token_time
 
     return decode
 

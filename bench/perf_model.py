@@ -133,7 +133,7 @@ _run_ids = itertools.count(1)  # numbers the _measure calls
 
 def _measure(llm, batch: int, prompt_len: int, max_tokens: int, clock) -> tuple[float, float]:
     """(decode tok/s, TTFT s) for `batch` prompts of `prompt_len` tokens arriving together, timed by `clock`."""
-    from cumulo.engine.params import SamplingParams
+    from cumulo.contracts import SamplingParams
 
     run = next(_run_ids)
     vocab = 1000
@@ -146,7 +146,7 @@ def _measure(llm, batch: int, prompt_len: int, max_tokens: int, clock) -> tuple[
 
     def on_output(out) -> None:
         now = clock()
-        if out.token_ids and out.request_id not in first:
+        if out.new_token_ids and out.request_id not in first:
             first[out.request_id] = now
         if out.finished:
             done[out.request_id] = now

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 
-from cumulo.engine.params import RequestMetrics, RequestOutput, SamplingParams
+from cumulo.contracts import EngineHealth, ModelInfo, RequestOutput, SamplingParams
 
 
 class _Tokenizer:
@@ -37,30 +37,23 @@ class _Tokenizer:
 
 
 class InstantEngine:
-    model_name, seal, max_model_len, device = "instant", "sha256:" + "0" * 64, 4096, "cpu"
+    info = ModelInfo("instant", "sha256:" + "0" * 64, 4096)
     tokenizer = _Tokenizer()
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        metrics = RequestMetrics(arrival_time=time.monotonic())
-        tokens: list[int] = []
         for i in range(params.max_tokens):
-            tokens.append(97)
             done = i == params.max_tokens - 1
-            yield RequestOutput(
-                request_id or "",
-                prompt_token_ids,
-                list(tokens),
-                [97],
-                "a" * len(tokens),
-                "a",
-                done,
-                "length" if done else None,
-                metrics,
-            )
+            yield RequestOutput(request_id or "", [97], "a", done, "length" if done else None)
 
     async def abort(self, request_id: str) -> None:
+        return None
+
+    async def health(self) -> EngineHealth:
+        return EngineHealth(ok=True)
+
+    def shutdown(self) -> None:
         return None
 
 
@@ -72,10 +65,11 @@ def _bare_app(engine: InstantEngine) -> FastAPI:
         body = await request.json()
         prompt = engine.tokenizer.encode(body["prompt"])
         outputs = [o async for o in engine.generate(prompt, SamplingParams(max_tokens=body["max_tokens"]))]
-        out = outputs[-1]
+        text = "".join(o.new_text for o in outputs)
+        completion_tokens = sum(len(o.new_token_ids) for o in outputs)
         return {
-            "choices": [{"index": 0, "text": out.text, "finish_reason": out.finish_reason}],
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(out.token_ids)},
+            "choices": [{"index": 0, "text": text, "finish_reason": outputs[-1].finish_reason}],
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens},
         }
 
     return app

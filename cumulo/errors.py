@@ -113,3 +113,11 @@ class EngineOverloaded(CumuloError):
     status = 503
     type = "server_error"
     code = "engine_overloaded"
+
+
+class EngineUnavailable(CumuloError):
+    """The engine serving a model cannot take requests: it shut down, or its worker died."""
+
+    status = 503
+    type = "server_error"
+    code = "engine_unavailable"

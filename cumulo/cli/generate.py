@@ -85,7 +85,7 @@ def _build(args: argparse.Namespace):
 
 
 def _params(args: argparse.Namespace, default_temperature: float):
-    from cumulo.engine.params import SamplingParams
+    from cumulo.contracts import SamplingParams
 
     temperature = default_temperature if args.temperature is None else args.temperature
     return SamplingParams(
@@ -96,6 +96,12 @@ def _params(args: argparse.Namespace, default_temperature: float):
         seed=args.seed,
         stop=args.stop,
     )
+
+
+def _echo(out) -> None:
+    if out.new_text:
+        sys.stdout.write(out.new_text)
+        sys.stdout.flush()
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -110,19 +116,12 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         prompt_ids = tok.encode(prompt)
     params = _params(args, 0.0)
-    engine.add_request(prompt_ids, params)
-    final = None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if not args.json and out.new_text:
-                sys.stdout.write(out.new_text)
-                sys.stdout.flush()
-            final = out
-    assert final is not None
-    m = final.metrics
+    from cumulo.engine.llm import LLM
+
+    [final] = LLM(engine).generate([prompt_ids], params, on_output=None if args.json else _echo)
     if args.json:
-        ttft = m.ttft or 0.0
-        total = (m.finished_time or 0.0) - m.arrival_time
+        ttft = final.ttft or 0.0
+        total = (final.finished_time or 0.0) - final.arrival_time
         decode = total - ttft
         n = len(final.token_ids)
         print(
@@ -180,13 +179,9 @@ def _chat(args: argparse.Namespace) -> int:
             )
             messages.pop()
             continue
-        engine.add_request(prompt_ids, params)
-        reply = ""
         sys.stdout.write("assistant> ")
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                sys.stdout.write(out.new_text)
-                sys.stdout.flush()
-                reply = out.text
+        from cumulo.engine.llm import LLM
+
+        [reply] = LLM(engine).generate([prompt_ids], params, on_output=_echo)
         sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": reply})
+        messages.append({"role": "assistant", "content": reply.text})

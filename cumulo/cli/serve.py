@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+
+from cumulo.contracts import EngineClient
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -60,18 +61,18 @@ def model_refs(args: argparse.Namespace) -> list[str]:
 
 def load_engines(
     refs: list[str], device: str, format: str | None, threads: int | None = None
-) -> dict[str, Any]:
+) -> dict[str, EngineClient]:
     """Builds one in-process engine per reference, pulling catalog models that are not cached yet."""
     from cumulo.engine.async_engine import build_engine
     from cumulo.models import catalog, pull
 
-    engines: dict[str, Any] = {}
+    engines: dict[str, EngineClient] = {}
     for ref in refs:
         if not Path(ref).expanduser().exists() and ref in catalog.CATALOG and not pull.is_pulled(ref):
             print(f"Pulling {ref} ...", flush=True)
             pull.ensure(ref, progress=True)
         engine = build_engine(ref, device=device, format=format, threads=threads)
-        engines[engine.model_name] = engine
+        engines[engine.info.name] = engine
     return engines
 
 
@@ -88,14 +89,12 @@ def run(args: argparse.Namespace) -> int:
     created = ensure_admin_key(app.state.service)
     if created is not None:
         print(f"Created the admin key; it is in {created} (readable by you only) and is not shown again.")
-    names = ", ".join(f"{name} ({e.seal[:19]}, {e.device})" for name, e in engines.items())
+    names = ", ".join(f"{name} ({e.info.seal[:19]}, {e.info.device})" for name, e in engines.items())
     print(f"Serving {names} at http://{settings.host}:{settings.port}/v1", flush=True)
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
     finally:
         for engine in engines.values():
-            shutdown = getattr(engine, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
+            engine.shutdown()
         app.state.service.db.dispose()
     return 0

@@ -13,9 +13,9 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 
-from cumulo.engine.factory import create_engine
+from cumulo.contracts import EngineHealth, ModelInfo, RequestOutput, SamplingParams
 from cumulo.engine.llm_engine import EngineConfig, LLMEngine
-from cumulo.engine.params import RequestOutput, SamplingParams
+from cumulo.errors import EngineUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +23,13 @@ log = logging.getLogger(__name__)
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self.model_name = engine.model_name
-        self.seal = engine.seal
-        self.max_model_len = engine.max_model_len
-        self.device = str(engine.device)
+        self.info = ModelInfo(
+            name=engine.model_name,
+            seal=engine.seal,
+            max_model_len=engine.max_model_len,
+            chat_template=getattr(engine.tokenizer, "chat_template", None),
+            device=str(engine.device),
+        )
         self.tokenizer = engine.tokenizer
         self._queues: dict[
             str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]
@@ -46,25 +49,32 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except Exception as exc:  # a broken step must fail its requests, not hang them
                 log.exception("engine step failed")
-                for loop, queue in list(self._queues.values()):
-                    loop.call_soon_threadsafe(queue.put_nowait, exc)
-                for rid in list(self._queues):
-                    self.engine.abort(rid)
+                self._fail_all(exc)
                 continue
             for out in outputs:
                 entry = self._queues.get(out.request_id)
                 if entry is not None:
                     entry[0].call_soon_threadsafe(entry[1].put_nowait, out)
 
+    def _fail_all(self, exc: BaseException) -> None:
+        for loop, queue in list(self._queues.values()):
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+        for rid in list(self._queues):
+            self.engine.abort(rid)
+
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
+        if self._stopped:
+            raise EngineUnavailable(f"the engine of {self.info.name!r} has shut down")
         request_id = request_id or uuid.uuid4().hex
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = (asyncio.get_running_loop(), queue)
         finished = False
+        added = False
         try:
             self.engine.add_request(prompt_token_ids, params, request_id)
+            added = True
             self._wake.set()
             while True:
                 item = await queue.get()
@@ -76,7 +86,7 @@ class AsyncEngine:
                     return
         finally:
             self._queues.pop(request_id, None)
-            if not finished:
+            if added and not finished:
                 self.engine.abort(request_id)
                 self._wake.set()
 
@@ -84,14 +94,25 @@ class AsyncEngine:
         self.engine.abort(request_id)
         self._wake.set()
 
+    async def health(self) -> EngineHealth:
+        if self._stopped or not self._thread.is_alive():
+            return EngineHealth(ok=False, detail="the engine thread has stopped")
+        running, waiting = self.engine.load()
+        return EngineHealth(ok=True, num_running=running, num_waiting=waiting)
+
     def shutdown(self) -> None:
+        if self._stopped:
+            return
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=5)
+        self._fail_all(EngineUnavailable(f"the engine of {self.info.name!r} has shut down"))
 
 
 def build_engine(
     model: str, device: str = "auto", format: str | None = None, **options: object
 ) -> AsyncEngine:
+    from cumulo.engine.factory import create_engine
+
     config = EngineConfig(device=device, format=format, **options)  # type: ignore[arg-type]
     return AsyncEngine(create_engine(model, config))

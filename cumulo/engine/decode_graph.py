@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cumulo.engine.attention import KVCache
+from cumulo.models.attention import KVCache
 from cumulo.models.layers import Attention, GatedMLP, RMSNorm
 from cumulo.models.llama import LlamaModel
 

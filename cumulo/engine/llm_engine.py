@@ -14,15 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
-from cumulo.engine.attention import KVCache
+from cumulo.contracts import RequestOutput, SamplingParams
 from cumulo.engine.block_manager import BlockManager
 from cumulo.engine.model_runner import ModelRunner
-from cumulo.engine.params import RequestOutput, SamplingParams
 from cumulo.engine.sampler import Sampler, make_state
 from cumulo.engine.scheduler import Scheduler
 from cumulo.engine.sequence import Sequence
 from cumulo.engine.stop import StopChecker
 from cumulo.errors import ContextLengthExceeded, InvalidRequest
+from cumulo.models.attention import KVCache
 from cumulo.models.detokenize import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,11 @@ class LLMEngine:
         with self._lock:
             return bool(self._seqs)
 
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+        with self._lock:
+            return len(self.scheduler.running), len(self.scheduler.waiting)
+
     # -- one step ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         with self._lock:
@@ -190,7 +195,6 @@ class LLMEngine:
                 more, _ = seq.stop_checker.feed(seq.detokenizer.flush())
                 text += more + seq.stop_checker.flush()
             return self._finish(seq, reason, [token], text, [logprob] if logprob is not None else [])
-        seq.text += text
         return self._output(seq, [token], text, [logprob] if logprob is not None else [], finished=False)
 
     def _finish(
@@ -203,7 +207,6 @@ class LLMEngine:
     ) -> RequestOutput:
         self.scheduler.finish(seq, reason)
         seq.metrics.finished_time = time.perf_counter()
-        seq.text += new_text
         del self._seqs[seq.request_id]
         return self._output(seq, new_ids or [], new_text, new_logprobs or [], finished=True)
 
@@ -212,14 +215,10 @@ class LLMEngine:
     ) -> RequestOutput:
         return RequestOutput(
             request_id=seq.request_id,
-            prompt_token_ids=seq.prompt_token_ids,
-            token_ids=seq.output_token_ids,
             new_token_ids=new_ids,
-            text=seq.text,
             new_text=new_text,
             finished=finished,
             finish_reason=seq.finish_reason if finished else None,
-            metrics=seq.metrics,
             num_cached_tokens=seq.num_cached_tokens,
             new_logprobs=new_logprobs,
         )

@@ -9,10 +9,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from cumulo.engine.attention import AttentionContext, KVCache, PrefillChunk
 from cumulo.engine.decode_graph import DecodeGraph
 from cumulo.engine.scheduler import ScheduledBatch
 from cumulo.engine.sequence import Sequence
+from cumulo.models.attention import AttentionContext, KVCache, PrefillChunk
 
 
 class ModelRunner:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cumulo.engine.params import SamplingParams, TokenLogprob
+from cumulo.contracts import SamplingParams, TokenLogprob
 
 # Below this temperature the softmax is numerically a one-hot; treat it as greedy (as vLLM does).
 _GREEDY_TEMPERATURE = 1e-5

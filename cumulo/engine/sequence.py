@@ -7,9 +7,20 @@ from __future__ import annotations
 
 import enum
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from cumulo.engine.params import RequestMetrics, SamplingParams
+from cumulo.contracts import SamplingParams
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    """When a request arrived, was first scheduled, got its first token and finished (perf_counter seconds)."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
 
 
 class SequenceStatus(enum.Enum):
@@ -35,7 +46,6 @@ class Sequence:
         self.sampling_state: Any = None
         self.detokenizer: Any = None
         self.stop_checker: Any = None
-        self.text = ""
 
     @property
     def num_tokens(self) -> int:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cumulo.engine.attention import AttentionContext
 from cumulo.errors import InvalidRequest
+from cumulo.models.attention import AttentionContext
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cumulo.engine.protocol import Tokenizer
+from cumulo.contracts import Tokenizer
 
 REPLACEMENT = "\ufffd"
 # Tokens decoded before the new ones so that spaces and merges at the seam come out as in a full decode.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cumulo.engine.attention import AttentionContext
+from cumulo.models.attention import AttentionContext
 from cumulo.models.config import ModelConfig
 from cumulo.models.layers import Attention, CausalLM, GatedMLP, RMSNorm, RotaryEmbedding
 

@@ -2,7 +2,7 @@
 
 Inputs are flattened across the batch ("varlen"): `x` is [T, hidden] where T is the number of tokens this step
 schedules over all sequences. `AttentionContext` says which tokens belong to which sequence and where their keys
-and values live in the paged KV cache; `cumulo.engine.attention` does the cache reads and writes.
+and values live in the paged KV cache; `cumulo.models.attention` does the cache reads and writes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cumulo.engine.attention import AttentionContext, paged_attention
+from cumulo.models.attention import AttentionContext, paged_attention
 from cumulo.models.config import ModelConfig
 
 REFINE_TOP = 8

@@ -50,7 +50,7 @@ _SPLITS = {
 
 
 class Tokenizer:
-    """Implements `cumulo.engine.protocol.Tokenizer` over a `tokenizers.Tokenizer`."""
+    """Implements `cumulo.contracts.Tokenizer` over a `tokenizers.Tokenizer`."""
 
     def __init__(
         self,

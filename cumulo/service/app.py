@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from cumulo import __version__
-from cumulo.engine.protocol import EngineClient
+from cumulo.contracts import EngineClient
 from cumulo.service.api import errors
 from cumulo.service.api.routes import admin, chat, completions, health, labels, models, usage
 from cumulo.service.settings import Settings

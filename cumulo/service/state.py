@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from cumulo.engine.protocol import EngineClient
+from cumulo.contracts import EngineClient
 from cumulo.errors import ModelNotFound
 from cumulo.service.auth import PrincipalCache
 from cumulo.service.db import open_engine, session_factory

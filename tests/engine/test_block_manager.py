@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from cumulo.contracts import SamplingParams
 from cumulo.engine.block_manager import BlockManager
-from cumulo.engine.params import SamplingParams
 from cumulo.engine.sequence import Sequence
 
 

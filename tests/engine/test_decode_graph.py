@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cumulo.contracts import SamplingParams
 from cumulo.engine.decode_graph import MAX_BATCH, DecodeGraph
 from cumulo.engine.factory import create_engine
 from cumulo.engine.llm_engine import EngineConfig, LLMEngine
-from cumulo.engine.params import SamplingParams
 from cumulo.formats.kernels import cpu as format_kernels
 from cumulo.platform.cpu import CpuPlatform
 from cumulo.platform.kernels import graph
@@ -102,7 +102,7 @@ def _tiny_engine(arch: str, dtype: torch.dtype, recorder: type | None, cast_whol
     """A tiny random model of `arch` served in `dtype`, built as the engine builds models (weights in dtype,
     rotary tables in fp32) or, with `cast_whole`, by `.to(dtype)` on the whole module (16-bit tables too)."""
     from cumulo.engine.factory import use_platform_kernels
-    from tests.engine.conftest import CharTokenizer, tiny_config, tiny_model
+    from tests.support.tiny import CharTokenizer, tiny_config, tiny_model
 
     cfg = tiny_config(arch)
     model = tiny_model(cfg)
@@ -121,7 +121,7 @@ def _tiny_engine(arch: str, dtype: torch.dtype, recorder: type | None, cast_whol
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_qwen2_qkv_biases_are_recorded_with_their_linear(dtype: torch.dtype) -> None:
     """Qwen2's q/k/v bias rides in the dense kernel's recorded call: the graph runs and matches eager decode."""
-    from tests.engine.conftest import VOCAB
+    from tests.support.tiny import VOCAB
 
     prompts = [[p % VOCAB for p in prompt] for prompt in PROMPTS[:3]]
     eager, replayed = _tiny_engine("qwen2", dtype, None), _tiny_engine("qwen2", dtype, graph.Graph)

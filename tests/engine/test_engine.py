@@ -8,22 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from cumulo.engine.attention import AttentionContext, KVCache
-from cumulo.engine.params import SamplingParams
+from cumulo.contracts import SamplingParams
+from cumulo.engine.llm import LLM
 from cumulo.errors import ContextLengthExceeded, InvalidRequest
+from cumulo.models.attention import AttentionContext, KVCache
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
 
 
 def run_all(engine, prompts, params):
-    params_list = params if isinstance(params, list) else [params] * len(prompts)
-    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
-    final = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
-    return [final[i] for i in ids]
+    """Each prompt's whole answer, added up from the engine's deltas."""
+    return LLM(engine).generate(prompts, params)
 
 
 def greedy(n: int) -> SamplingParams:
@@ -157,13 +152,12 @@ def test_stop_string_trims_text_and_ends_the_request(make_engine):
 
 def test_streamed_text_deltas_add_up_to_the_final_text(make_engine):
     engine = make_engine()
-    rid = engine.add_request(prompts_of([6])[0], greedy(15))
-    pieces, final = [], None
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            pieces.append(o.new_text)
-            final = o
-    assert "".join(pieces) == final.text and len(final.token_ids) == 15 and final.request_id == rid
+    outputs = []
+    [final] = LLM(engine).generate(prompts_of([6]), greedy(15), on_output=outputs.append)
+    assert all(o.request_id == final.request_id for o in outputs)
+    assert "".join(o.new_text for o in outputs) == final.text and len(final.token_ids) == 15
+    assert [t for o in outputs for t in o.new_token_ids] == final.token_ids
+    assert [o.finished for o in outputs] == [False] * (len(outputs) - 1) + [True]
 
 
 def test_bad_requests_are_refused_with_clear_errors(make_engine):

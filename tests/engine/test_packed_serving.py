@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from cumulo.cli.main import main as cli
-from cumulo.engine.attention import AttentionContext
+from cumulo.contracts import SamplingParams
 from cumulo.engine.factory import create_engine
+from cumulo.engine.llm import LLM
 from cumulo.engine.llm_engine import EngineConfig
-from cumulo.engine.params import SamplingParams
 from cumulo.formats.linear import PackedLinear
 from cumulo.formats.packed import PackedWeight
+from cumulo.models.attention import AttentionContext
 from cumulo.models.loader import load
 from cumulo.models.registry import build_model
 
@@ -60,11 +61,8 @@ def test_format_on_load_swaps_linears_and_generates(tiny_hf_dir):
     )
     packed = [m for m in engine.runner.model.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == 8 and all(m.format == "ue8m0-fp8" for m in packed)
-    engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-    outs = []
-    while engine.has_unfinished_requests():
-        outs.extend(engine.step())
-    assert len(outs[-1].token_ids) == 4 and outs[-1].finish_reason == "length"
+    [out] = LLM(engine).generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert len(out.token_ids) == 4 and out.finish_reason == "length"
 
 
 def test_nvfp4_checkpoint_loads_with_fused_projections_exact(tiny_hf_dir, tmp_path):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cumulo.engine.params import SamplingParams
+from cumulo.contracts import SamplingParams
 from cumulo.engine.sampler import Sampler, apply_penalties, make_state
 
 sampler = Sampler()

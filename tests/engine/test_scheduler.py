@@ -3,8 +3,8 @@ before waiting prefills, chunked prompts, preemption of the newest sequence, and
 
 from __future__ import annotations
 
+from cumulo.contracts import SamplingParams
 from cumulo.engine.block_manager import BlockManager
-from cumulo.engine.params import SamplingParams
 from cumulo.engine.scheduler import ScheduledBatch, Scheduler
 from cumulo.engine.sequence import Sequence, SequenceStatus
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cumulo.engine.attention import AttentionContext
+from cumulo.models.attention import AttentionContext
 from cumulo.models.config import ModelConfig
 from cumulo.models.registry import ARCHITECTURES
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cumulo.engine.attention import AttentionContext
 from cumulo.errors import InvalidRequest
 from cumulo.evaluation.perplexity import perplexity, windows
+from cumulo.models.attention import AttentionContext
 
 from .conftest import TINY_VOCAB, CyclePredictor, UniformPredictor
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 import transformers
 
-from cumulo.engine.attention import AttentionContext
+from cumulo.contracts import SamplingParams
+from cumulo.engine.llm import LLM
 from cumulo.engine.llm_engine import EngineConfig
-from cumulo.engine.params import SamplingParams
+from cumulo.models.attention import AttentionContext
 from cumulo.models.loader import load
 from cumulo.models.registry import build_model
 
@@ -98,10 +99,5 @@ def test_smollm2_greedy_continuation_matches_transformers_for_32_tokens(smollm2_
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
     engine = create_engine(str(smollm2_path), EngineConfig(device="cpu", dtype="float32", kv_cache_gib=0.25))
-    engine.add_request(prompt, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
-    final = None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            final = out
-    assert final is not None
+    [final] = LLM(engine).generate([prompt], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
     assert final.token_ids == ref[0, len(prompt) :].tolist()

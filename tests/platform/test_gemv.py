@@ -145,9 +145,9 @@ def test_dense_linear_swap_keeps_ties_and_answers():
 
 
 def test_engine_uses_the_kernel_of_its_dtype(tmp_path, write_tiny_llama):
-    from cumulo.engine.attention import AttentionContext
     from cumulo.engine.factory import create_engine
     from cumulo.engine.llm_engine import EngineConfig
+    from cumulo.models.attention import AttentionContext
 
     path = write_tiny_llama(tmp_path / "m", vocab=64, hidden=64, intermediate=128)
     for dtype in ("bfloat16", "float32"):

@@ -10,7 +10,7 @@ import torch
 
 import cumulo.platform.kernels.build as build
 import cumulo.platform.kernels.paged_attention as pa
-from cumulo.engine.attention import AttentionContext, KVCache, _decode
+from cumulo.models.attention import AttentionContext, KVCache, _decode
 from cumulo.platform.kernels import available, paged_decode_attention
 
 BLOCK = 16

@@ -1,12 +1,12 @@
 """The one-call rotary + KV-cache write against the torch path it replaces (RotaryEmbedding, then the cache
-write of cumulo.engine.attention), for fp32 and bf16, grouped-query heads and scattered slots."""
+write of cumulo.models.attention), for fp32 and bf16, grouped-query heads and scattered slots."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cumulo.engine.attention import AttentionContext, KVCache, _write_cache
+from cumulo.models.attention import AttentionContext, KVCache, _write_cache
 from cumulo.models.layers import RotaryEmbedding
 from cumulo.platform.kernels import rope_cache as rc
 

@@ -18,8 +18,7 @@ from typing import Any
 import anyio
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from cumulo.engine.params import SamplingParams
-from cumulo.engine.protocol import EngineClient
+from cumulo.contracts import EngineClient, SamplingParams
 from cumulo.errors import ContextLengthExceeded, CumuloError, PermissionDenied, SealMismatch
 from cumulo.service import labels, limits, metering
 from cumulo.service.api.errors import error_body
@@ -49,23 +48,23 @@ def resolve_engine(state: ServiceState, principal: Principal, model: str, seal: 
     engine = state.engine_for(model)
     if not principal.plan.allows(model):
         raise PermissionDenied(f"plan {principal.plan.name!r} does not include the model {model!r}")
-    if seal is not None and seal != engine.seal:
-        raise SealMismatch(f"the served model {model!r} has seal {engine.seal}, not {seal}")
+    if seal is not None and seal != engine.info.seal:
+        raise SealMismatch(f"the served model {model!r} has seal {engine.info.seal}, not {seal}")
     return engine
 
 
 def fit_max_tokens(engine: EngineClient, prompts: list[list[int]], max_tokens: int | None) -> int:
     longest = max(len(p) for p in prompts)
-    room = engine.max_model_len - longest
+    room = engine.info.max_model_len - longest
     if room < 1:
         raise ContextLengthExceeded(
-            f"this model's maximum context length is {engine.max_model_len} tokens; the prompt has {longest}"
+            f"this model's maximum context length is {engine.info.max_model_len} tokens; the prompt has {longest}"
         )
     if max_tokens is None:
         return room
     if max_tokens > room:
         raise ContextLengthExceeded(
-            f"this model's maximum context length is {engine.max_model_len} tokens; the prompt has {longest} "
+            f"this model's maximum context length is {engine.info.max_model_len} tokens; the prompt has {longest} "
             f"and max_tokens asks for {max_tokens} more"
         )
     return max_tokens
@@ -83,8 +82,8 @@ async def generate(
         request_id=request_id,
         endpoint=job.endpoint,
         model=job.model,
-        seal=engine.seal,
-        device=engine.device,
+        seal=engine.info.seal,
+        device=engine.info.device,
         gateway=state.gateway,
         prompt_tokens=sum(len(p) for p in job.prompts),
         num_seqs=len(job.prompts) * job.n,
@@ -93,7 +92,11 @@ async def generate(
         user=job.user,
     )
     shape = shape_cls(
-        request_id=request_id, created=created, model=job.model, seal=engine.seal, tokenizer=engine.tokenizer
+        request_id=request_id,
+        created=created,
+        model=job.model,
+        seal=engine.info.seal,
+        tokenizer=engine.tokenizer,
     )
     try:
         admitted = await state.db_call(
@@ -102,7 +105,7 @@ async def generate(
     except CumuloError as exc:
         state.metrics.refused(endpoint=job.endpoint, code=exc.code or exc.type)
         raise
-    headers = {"X-Request-Id": request_id, "X-Cumulo-Model-Seal": engine.seal}
+    headers = {"X-Request-Id": request_id, "X-Cumulo-Model-Seal": engine.info.seal}
     if isinstance(admitted, limits.Replay):
         stored = json.loads(admitted.response)
         headers = {
@@ -177,7 +180,7 @@ class _Finisher:
         choice.label = self.state.labeler.label(
             text=choice.text,
             model=self.job.model,
-            seal=self.engine.seal,
+            seal=self.engine.info.seal,
             content_id=f"{self.shape.request_id}-{choice.index}",
             created=self.created,
         )

@@ -11,8 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cumulo.engine.params import RequestOutput, SamplingParams, TokenLogprob
-from cumulo.engine.protocol import EngineClient
+from cumulo.contracts import EngineClient, RequestOutput, SamplingParams, TokenLogprob
 
 
 @dataclass(slots=True)
@@ -85,8 +84,8 @@ class Run:
                 raise item
             if item.new_token_ids and self.first_token_time is None:
                 self.first_token_time = time.monotonic()
-            choice.text = item.text
-            choice.num_tokens = len(item.token_ids)
+            choice.text += item.new_text
+            choice.num_tokens += len(item.new_token_ids)
             if item.new_logprobs:
                 choice.logprobs.extend(item.new_logprobs)
             if item.num_cached_tokens:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cumulo.engine.params import TokenLogprob
-from cumulo.engine.protocol import Tokenizer
+from cumulo.contracts import Tokenizer, TokenLogprob
 from cumulo.service.api.run import Choice
 
 

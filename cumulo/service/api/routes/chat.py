@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Header
 from fastapi.responses import Response
 
-from cumulo.engine.params import SamplingParams
+from cumulo.contracts import SamplingParams
 from cumulo.errors import InvalidRequest
 from cumulo.service.api.deps import Caller, State
 from cumulo.service.api.generation import Job, fit_max_tokens, generate, resolve_engine

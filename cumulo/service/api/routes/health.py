@@ -1,4 +1,5 @@
-"""GET /health (liveness plus a database round trip) and GET /metrics (Prometheus text format)."""
+"""GET /health (liveness, a database round trip, each engine's own health) and GET /metrics (Prometheus text
+format)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
+from cumulo.contracts import EngineHealth
 from cumulo.service.api.deps import State
 
 router = APIRouter()
@@ -24,11 +26,27 @@ async def health(state: State) -> JSONResponse:
         except Exception:
             return False
 
-    ok = await run_in_threadpool(ping)
+    db_ok = await run_in_threadpool(ping)
+    models: dict[str, Any] = {}
+    for name, engine in state.engines.items():
+        try:
+            h = await engine.health()
+        except Exception as exc:  # an engine that cannot even answer is as down as one that says so
+            h = EngineHealth(ok=False, detail=f"health check failed: {exc}")
+        models[name] = {
+            "seal": engine.info.seal,
+            "device": engine.info.device,
+            "status": "ok" if h.ok else "down",
+            "running": h.num_running,
+            "waiting": h.num_waiting,
+        }
+        if h.detail:
+            models[name]["detail"] = h.detail
+    ok = db_ok and all(m["status"] == "ok" for m in models.values())
     body: dict[str, Any] = {
         "status": "ok" if ok else "degraded",
-        "database": "ok" if ok else "unreachable",
-        "models": {name: {"seal": e.seal, "device": e.device} for name, e in state.engines.items()},
+        "database": "ok" if db_ok else "unreachable",
+        "models": models,
     }
     return JSONResponse(body, status_code=200 if ok else 503)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from cumulo.engine.protocol import EngineClient
+from cumulo.contracts import EngineClient
 from cumulo.errors import ModelNotFound
 from cumulo.service.api.deps import Caller, State
 
@@ -19,9 +19,9 @@ def _card(name: str, engine: EngineClient, created: int) -> dict[str, Any]:
         "object": "model",
         "created": created,
         "owned_by": "cumulo",
-        "seal": engine.seal,
-        "max_model_len": engine.max_model_len,
-        "device": engine.device,
+        "seal": engine.info.seal,
+        "max_model_len": engine.info.max_model_len,
+        "device": engine.info.device,
     }
 
 

@@ -1,6 +1,8 @@
-"""What a request asks for (`SamplingParams`) and what the engine hands back (`RequestOutput`).
+"""What a request asks for (`SamplingParams`) and what one engine step adds to it (`RequestOutput`).
 
-These two dataclasses are the engine's public contract: the service, the CLI and benchmarks speak only these.
+Outputs are deltas: each carries only the tokens, text and log-probabilities that step added, so a stream costs
+the same per message whether the engine runs in this process or on another machine. Whoever needs the whole
+answer adds the deltas up (the service's `Run`, the CLI's `LLM`).
 """
 
 from __future__ import annotations
@@ -58,29 +60,13 @@ class TokenLogprob:
 
 
 @dataclass(slots=True)
-class RequestMetrics:
-    arrival_time: float
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    finished_time: float | None = None
-
-    @property
-    def ttft(self) -> float | None:
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
-
-
-@dataclass(slots=True)
 class RequestOutput:
-    """One step's news about one request. `new_*` fields hold only what this step added (for streaming)."""
+    """One step's news about one request: only what this step added."""
 
     request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]  # all generated so far
     new_token_ids: list[int]
-    text: str  # all text so far (stop strings trimmed)
-    new_text: str
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
-    metrics: RequestMetrics
-    num_cached_tokens: int = 0
+    new_text: str  # stop strings trimmed; may be empty while a possible stop string is held back
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     new_logprobs: list[TokenLogprob] = field(default_factory=list)

@@ -1,0 +1,1 @@
+"""Helpers shared by test modules (import them as `tests.support.<module>`)."""
