@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS_DIR  # noqa: E402
 from cumulo.chips.catalog import load_catalog  # noqa: E402
+from cumulo.chips.fit import DecodeProbe, PrefillProbe, fit_software  # noqa: E402
 from cumulo.chips.predict import Assumptions, Prediction, predict  # noqa: E402
 from cumulo.engine.decode_graph import MAX_BATCH as DECODE_GRAPH_MAX_BATCH  # noqa: E402
 
@@ -216,53 +217,19 @@ def _best(
     return best
 
 
-def _fit_prefill(points: list[tuple[int, int, float, float]]) -> tuple[float, float]:
-    """(c0, c1) >= 0 minimising sum ((c0 * b + c1 * b * L - residual) / ttft)^2 over (batch b, length L, residual,
-    measured ttft): errors relative to each probe's TTFT, the measure the table is judged by, so that the long
-    probes do not outweigh the short ones."""
-    import numpy as np
-
-    w = np.array([1.0 / t for *_, t in points])
-    a = np.array([[b, b * n] for b, n, *_ in points], dtype=float) * w[:, None]
-    r = np.array([res for _, _, res, _ in points], dtype=float) * w
-    c0, c1 = np.linalg.lstsq(a, r, rcond=None)[0]
-    if c0 < 0 or c1 < 0:  # the fit wants a negative term: keep the other one alone
-        only = [(max(0.0, float(np.linalg.lstsq(a[:, [i]], r, rcond=None)[0][0])), i) for i in (0, 1)]
-        (best, i) = min(only, key=lambda t: float(np.sum((a[:, t[1]] * t[0] - r) ** 2)))
-        return (best, 0.0) if i == 0 else (0.0, best)
-    return float(c0), float(c1)
-
-
 def probe_software(llm, pred, budget: int, max_tokens: int, clock, graph_max_batch: int = 0) -> Assumptions:
     """The engine's software time beyond the hardware model, from short runs (best of ROUNDS each, interleaved):
-    batches 1 and 8 with 32-token prompts give the decode step's a + b * sequences; the PREFILL_PROBES' TTFTs
-    (those two among them) give the prefill's c0 + c1 * tokens per prompt, by least squares, on top of a per
-    step. Fitted on the probes only; the table's cells use other shapes (64-token prompts at 1, 4 and 16)."""
-    hw = Assumptions(max_step_tokens=budget, graph_max_batch=graph_max_batch)
-    (b1, b2), p1 = PROBE_BATCHES, PREFILL_PROBES[0][1]
+    batches 1 and 8 with 32-token prompts for the decode step's a + b * sequences; the PREFILL_PROBES' TTFTs
+    (those two among them) for the prefill's c0 + c1 * tokens per prompt, fitted by cumulo.chips.fit. Fitted on
+    the probes only; the table's cells use other shapes (64-token prompts at 1, 4 and 16)."""
+    p1 = PREFILL_PROBES[0][1]
+    decoding = {(b, p1) for b in PROBE_BATCHES}  # these probes decode max_tokens; their TTFTs count too
     shapes = [(b, p1, max_tokens) for b in PROBE_BATCHES]
-    shapes += [(b, n, 2) for b, n in PREFILL_PROBES if (b, n) not in {(b1, p1), (b2, p1)}]
+    shapes += [(b, n, 2) for b, n in PREFILL_PROBES if (b, n) not in decoding]
     runs = _best(llm, shapes, clock)
-    ttfts = {(b, n): ttft for (b, n, _), (_, ttft) in runs.items()}
-    step_res = [
-        b / runs[(b, p1, max_tokens)][0] - pred(b, p1 + max_tokens // 2, hw).tpot_s for b in PROBE_BATCHES
-    ]
-    per_seq = max(0.0, (step_res[1] - step_res[0]) / (b2 - b1))
-    per_step = max(0.0, step_res[0] - per_seq * b1)
-    # What a probe's TTFT leaves beyond the hardware model and its prefill steps' overhead is per prompt.
-    points = [
-        (b, n, t - pred(b, n, hw).ttft_s - per_step * max(1, -(-b * n // budget)), t)
-        for (b, n), t in ttfts.items()
-    ]
-    per_prompt, per_token = _fit_prefill(points)
-    return Assumptions(
-        step_overhead_s=per_step,
-        seq_overhead_s=per_seq,
-        prefill_seq_overhead_s=per_prompt,
-        prefill_token_overhead_s=per_token,
-        max_step_tokens=budget,
-        graph_max_batch=graph_max_batch,
-    )
+    decode = [DecodeProbe(b, p1 + max_tokens // 2, runs[(b, p1, max_tokens)][0]) for b in PROBE_BATCHES]
+    prefill = [PrefillProbe(b, n, ttft) for (b, n, _), (_, ttft) in runs.items()]
+    return fit_software(decode, prefill, pred, budget, graph_max_batch)
 
 
 def engine(
