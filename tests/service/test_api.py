@@ -182,8 +182,8 @@ def test_health_and_metrics_report_the_service(make_service):
     )
     assert service.client.get("/health").json()["status"] == "ok"
     text = service.client.get("/metrics").text
-    assert 'cumulo_requests_total{model="fake-model",endpoint="completions",status="completed"} 1' in text
-    assert 'cumulo_tokens_total{model="fake-model",kind="completion"} 3' in text
+    assert 'cumulo_requests_total{endpoint="completions",model="fake-model",status="completed"} 1' in text
+    assert 'cumulo_tokens_total{kind="completion",model="fake-model"} 3' in text
 
 
 def test_chat_logprobs_and_user_are_returned_and_recorded(make_service):

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
@@ -52,5 +53,5 @@ async def health(state: State) -> JSONResponse:
 
 
 @router.get("/metrics")
-async def metrics(state: State) -> PlainTextResponse:
-    return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+async def metrics(state: State) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
