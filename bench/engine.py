@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
 
     roofs = None
     if not args.no_roofs:
-        from bench.bandwidth import measure  # noqa: PLC0415
+        from bench.chips.bandwidth import measure  # noqa: PLC0415
 
         log("measuring memory bandwidth and matmul rate ...")
         roofs = measure(args.threads, repeats=3 if args.quick else 5)

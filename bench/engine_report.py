@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.bandwidth import MachineRoofs
+from bench.chips.bandwidth import MachineRoofs
 from bench.common import RESULTS_DIR, SystemResult, Workload
 
 LLAMA_CPP_SYSTEMS = ("llama-cpp-python", "llama-server", "llama-bench")

@@ -10,7 +10,7 @@ and bf16 sizes are computed, 4 and 2 bytes per weight), then serves that packed 
 (bench/formats_worker.py) that measures single-stream decode (32-token prompt, 64 greedy tokens, best of 3),
 its own peak resident memory (VmHWM), and the perplexity of the served weights on the same text and windows as
 the fp32 baseline. GB/s = weight bytes read per token (every weight once; the tied embedding is read whole by
-lm_head) x decode tok/s, next to the machine's read bandwidth (bench/bandwidth.py) measured in the same run.
+lm_head) x decode tok/s, next to the machine's read bandwidth (bench/chips/bandwidth.py) measured in the same run.
 If the llama.cpp anchor is built (bench/.anchors/venv, `python -m bench.anchors`), llama-cpp-python decodes
 the Q4_1 GGUF with the same prompts and threads. Then --rounds more decode-only rounds (default 3) go over the
 systems the speed targets compare (fp32, ue8m0-fp8, mxfp4 and llama.cpp) in turn, fresh processes each, so
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         if FORMATS[0] not in chosen:  # fp32 is the baseline of every delta
             chosen = [FORMATS[0], *chosen]
 
-    from bench.bandwidth import read_bandwidth_gb_s  # noqa: PLC0415
+    from bench.chips.bandwidth import read_bandwidth_gb_s  # noqa: PLC0415
 
     started = time.time()
     load_before = os.getloadavg()

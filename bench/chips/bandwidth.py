@@ -2,7 +2,7 @@
 
 Decoding one token reads every weight once, so `bandwidth / bytes_per_token` is the fastest any engine can
 decode a single stream here; the benchmark reports each system's fraction of that roof.
-Run `python -m bench.bandwidth` to print the numbers.
+Run `python -m bench.chips.bandwidth` to print the numbers.
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ def measure(threads: int = 2, size_bytes: int = GIB, repeats: int = 5) -> Machin
 def main() -> None:
     import argparse  # noqa: PLC0415
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.chips.bandwidth", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gib", type=float, default=1.0, help="buffer size for the read test")
     parser.add_argument("--repeats", type=int, default=5)
