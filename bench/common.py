@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks: paths, the benchmark model, fixed workloads, peak memory, result records.
+"""Shared helpers for the benchmarks: paths, the benchmark model, fixed workloads, timing, peak memory, result
+records.
 
 Standard library only, because the anchor workers import this module from the anchors' own venv (which has no
 torch) as well as from the project venv.
@@ -10,7 +11,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -127,6 +130,35 @@ def vm_hwm_mib(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+def best_interleaved(
+    fns: dict[str, Callable[[], object]], rounds: int, budget_s: float = 0.0, max_rounds: int = 200
+) -> dict[str, float]:
+    """Best seconds per call of each function, timed in turn within each round so that all of them see the same
+    phases of a shared machine's load (the best of N is the least disturbed run).
+
+    Each function runs once untimed first (page faults, thread pools, lazy binding); then `rounds` rounds, and
+    more while `budget_s` seconds have not passed, up to `max_rounds`.
+    """
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    deadline = time.perf_counter() + budget_s
+    done = 0
+    while done < rounds or (done < max_rounds and time.perf_counter() < deadline):
+        done += 1
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The p-th percentile by nearest rank (p99 of 100 values is the 99th smallest), as `vllm bench serve` reports."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
 
 
 @dataclass(slots=True)

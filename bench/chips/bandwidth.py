@@ -7,8 +7,9 @@ Run `python -m bench.chips.bandwidth` to print the numbers.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
+
+from bench.common import best_interleaved
 
 GIB = 1 << 30
 
@@ -24,16 +25,6 @@ class MachineRoofs:
         return asdict(self)
 
 
-def _best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: page faults and thread-pool start are not bandwidth
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def read_bandwidth_gb_s(threads: int, size_bytes: int = GIB, repeats: int = 5) -> float:
     """Best-of-N time to sum a buffer far larger than the caches; a sum reads each byte once and writes nothing."""
     import torch  # noqa: PLC0415 - heavy, only when measuring
@@ -42,7 +33,7 @@ def read_bandwidth_gb_s(threads: int, size_bytes: int = GIB, repeats: int = 5) -
     torch.set_num_threads(threads)
     try:
         buf = torch.ones(size_bytes // 4, dtype=torch.float32)
-        seconds = _best_seconds(lambda: buf.sum(), repeats)
+        seconds = best_interleaved({"sum": buf.sum}, repeats)["sum"]
     finally:
         torch.set_num_threads(previous)
     return size_bytes / seconds / 1e9
@@ -56,7 +47,7 @@ def matmul_gflop_s(threads: int, n: int = 2048, repeats: int = 5) -> float:
     try:
         a = torch.randn(n, n)
         b = torch.randn(n, n)
-        seconds = _best_seconds(lambda: torch.mm(a, b), repeats)
+        seconds = best_interleaved({"mm": lambda: torch.mm(a, b)}, repeats)["mm"]
     finally:
         torch.set_num_threads(previous)
     return 2 * n**3 / seconds / 1e9
