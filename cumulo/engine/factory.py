@@ -1,5 +1,5 @@
 """Builds an `LLMEngine` from a model name or path: pick the platform, load and check the weights, optionally
-convert them to a compact number format, size the KV cache.
+convert them to a compact number format, size the KV cache (`kv_sizing.plan_kv_cache`).
 """
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import logging
 
 import torch
 
+from cumulo.engine.kv_sizing import plan_kv_cache
 from cumulo.engine.llm_engine import EngineConfig, LLMEngine
 from cumulo.errors import InvalidRequest
-from cumulo.platform import Platform, configure_cpu_threads, get_platform, kv_cache_budget_bytes
+from cumulo.platform import Platform, configure_cpu_threads, get_platform
 
 log = logging.getLogger(__name__)
 
@@ -80,24 +81,15 @@ def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
         module = build_model(loaded.config, loaded.weights, dtype=dtype, device=device, consume=True)
         loaded.weights.clear()  # the module owns the tensors now; drop the loader's references
     use_platform_kernels(module, platform, dtype)
-    max_len = loaded.config.max_position_embeddings
-    if config.max_model_len:
-        if config.max_model_len > max_len:
-            raise InvalidRequest(
-                f"max_model_len {config.max_model_len} exceeds the model's context {max_len}"
-            )
-        max_len = config.max_model_len
-    budget = kv_cache_budget_bytes(platform, config.kv_cache_gib, config.kv_cache_fraction)
-    kv_dtype = next(module.parameters()).dtype
+    plan = plan_kv_cache(loaded.config, dtype, config, platform)
     return LLMEngine(
         module,
         loaded.tokenizer,
         config,
+        plan,
         device=device,
         name=loaded.name,
         seal=loaded.seal,
-        max_model_len=max_len,
-        kv_cache_bytes=budget,
-        decode_attention=platform.paged_decode_attention(kv_dtype, loaded.config.head_dim),
-        decode_graph=platform.decode_graph(kv_dtype) if config.decode_graph else None,
+        decode_attention=platform.paged_decode_attention(plan.dtype, loaded.config.head_dim),
+        decode_graph=platform.decode_graph(plan.dtype) if config.decode_graph else None,
     )

@@ -5,7 +5,6 @@ from a background thread while requests arrive from the event loop.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 import uuid
@@ -16,6 +15,7 @@ import torch
 
 from cumulo.contracts import RequestOutput, SamplingParams
 from cumulo.engine.block_manager import BlockManager
+from cumulo.engine.kv_sizing import KVPlan
 from cumulo.engine.model_runner import ModelRunner
 from cumulo.engine.sampler import Sampler, make_state
 from cumulo.engine.scheduler import Scheduler
@@ -25,15 +25,13 @@ from cumulo.errors import ContextLengthExceeded, InvalidRequest
 from cumulo.models.attention import KVCache
 from cumulo.models.detokenize import IncrementalDetokenizer
 
-log = logging.getLogger(__name__)
-
 
 @dataclass(slots=True)
 class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"  # "auto": float32 on CPUs without fast 16-bit matmul, bfloat16 on accelerators
     format: str | None = None  # convert weights to a compact number format on load (see cumulo.formats)
-    block_size: int = 16
+    block_size: int = 16  # tokens per KV block (engine/kv_sizing.py sizes the cache)
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # default: the model's context, capped by what the cache holds
@@ -50,15 +48,15 @@ class LLMEngine:
         model: torch.nn.Module,
         tokenizer,
         config: EngineConfig,
+        kv_plan: KVPlan,
         *,
         device: torch.device,
         name: str = "",
         seal: str = "",
-        max_model_len: int,
-        kv_cache_bytes: int,
         decode_attention: Callable[..., torch.Tensor] | None = None,
         decode_graph: type | None = None,
     ) -> None:
+        """`kv_plan` (from `kv_sizing.plan_kv_cache`): the KV cache to allocate and the longest sequence."""
         cfg = model.config
         self.model_config = cfg
         self.config = config
@@ -66,32 +64,23 @@ class LLMEngine:
         self.model_name = name
         self.seal = seal
         self.device = device
-        dtype = next(model.parameters()).dtype
-        if not dtype.is_floating_point or dtype.itemsize < 2:
-            dtype = torch.float32
-        per_block = KVCache.bytes_per_block(
-            cfg.num_hidden_layers, config.block_size, cfg.num_key_value_heads, cfg.head_dim, dtype
-        )
-        num_blocks = max(1, kv_cache_bytes // per_block)
-        capacity = num_blocks * config.block_size
-        if capacity < max_model_len:
-            log.warning("KV cache holds %d tokens; limiting max_model_len from %d", capacity, max_model_len)
-            max_model_len = capacity
-        self.max_model_len = max_model_len
+        self.max_model_len = kv_plan.max_model_len
         self.kv_cache = KVCache(
             cfg.num_hidden_layers,
-            num_blocks,
-            config.block_size,
+            kv_plan.num_blocks,
+            kv_plan.block_size,
             cfg.num_key_value_heads,
             cfg.head_dim,
-            dtype,
+            kv_plan.dtype,
             device,
         )
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            kv_plan.num_blocks, kv_plan.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(
             model, self.kv_cache, device, decode_attention, decode_graph,
-            max_blocks_per_seq=-(-max_model_len // config.block_size),
+            max_blocks_per_seq=-(-kv_plan.max_model_len // kv_plan.block_size),
         )  # fmt: skip
         self.sampler = Sampler()
         self.eos_token_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", set()) or cfg.eos_token_ids)

@@ -56,19 +56,6 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
 
-    @staticmethod
-    def bytes_per_block(
-        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
-    ) -> int:
-        return (
-            2
-            * num_layers
-            * block_size
-            * num_kv_heads
-            * head_dim
-            * torch.empty((), dtype=dtype).element_size()
-        )
-
 
 @dataclass(slots=True)
 class PrefillChunk:

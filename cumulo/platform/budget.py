@@ -1,4 +1,7 @@
-"""How many bytes the paged KV cache may take: GiB on the CPU, a fraction of free memory on accelerators."""
+"""How many bytes the paged KV cache may take: GiB on the CPU, a fraction of free memory on accelerators.
+
+The platform knows its memory; `cumulo.engine.kv_sizing.plan_kv_cache` turns these bytes into blocks.
+"""
 
 from __future__ import annotations
 

@@ -102,6 +102,7 @@ def _tiny_engine(arch: str, dtype: torch.dtype, recorder: type | None, cast_whol
     """A tiny random model of `arch` served in `dtype`, built as the engine builds models (weights in dtype,
     rotary tables in fp32) or, with `cast_whole`, by `.to(dtype)` on the whole module (16-bit tables too)."""
     from cumulo.engine.factory import use_platform_kernels
+    from cumulo.engine.kv_sizing import plan_kv_cache
     from tests.support.tiny import CharTokenizer, tiny_config, tiny_model
 
     cfg = tiny_config(arch)
@@ -111,9 +112,9 @@ def _tiny_engine(arch: str, dtype: torch.dtype, recorder: type | None, cast_whol
     for p in model.parameters():
         p.data = p.data.to(dtype)
     use_platform_kernels(model, CpuPlatform(), dtype)
+    config = EngineConfig(device="cpu", kv_cache_gib=0.01)
     return LLMEngine(
-        model, CharTokenizer(), EngineConfig(device="cpu"), device=torch.device("cpu"), max_model_len=512,
-        kv_cache_bytes=4096 * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4,
+        model, CharTokenizer(), config, plan_kv_cache(cfg, dtype, config, CpuPlatform()), device=torch.device("cpu"),
         decode_attention=CpuPlatform().paged_decode_attention(dtype, cfg.head_dim), decode_graph=recorder,
     )  # fmt: skip
 

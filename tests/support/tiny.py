@@ -10,9 +10,11 @@ from collections.abc import Sequence
 
 import torch
 
+from cumulo.engine.kv_sizing import plan_kv_cache
 from cumulo.engine.llm_engine import EngineConfig, LLMEngine
 from cumulo.models.config import ModelConfig
 from cumulo.models.registry import ARCHITECTURES
+from cumulo.platform.budget import GIB
 from cumulo.platform.cpu import CpuPlatform
 
 VOCAB = 96  # ids 0..2 special, the rest printable ASCII
@@ -94,16 +96,18 @@ def make_tiny_engine(
 ) -> LLMEngine:
     cfg = tiny_config(arch, **(model_overrides or {}))
     model = tiny_model(cfg, seed)
-    config = EngineConfig(device="cpu", **options)  # type: ignore[arg-type]
+    # fp32 K and V of every layer; a whole number of bytes over 2^30 is exact in a float, so the plan gets
+    # exactly kv_tokens tokens (rounded down to whole blocks)
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    config = EngineConfig(device="cpu", kv_cache_gib=kv_tokens * per_token / GIB, **options)  # type: ignore[arg-type]
+    plan = plan_kv_cache(cfg, torch.float32, config, CpuPlatform())
     return LLMEngine(
         model,
         CharTokenizer(),
         config,
+        plan,
         device=torch.device("cpu"),
         name=f"tiny-{arch}",
         seal="sha256:test",
-        max_model_len=cfg.max_position_embeddings,
-        kv_cache_bytes=kv_tokens * per_token,
         decode_attention=fused_attention_kernel(cfg) if fused_attention else None,
     )
