@@ -144,7 +144,7 @@ def run_cumulo(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run_llama(args: argparse.Namespace) -> dict[str, object]:
-    from bench.engine_workers import llama_cpp_python_generate  # noqa: PLC0415 - llama_cpp lives there
+    from bench.engine.workers import llama_cpp_python_generate  # noqa: PLC0415 - llama_cpp lives there
 
     generate = llama_cpp_python_generate(Path(args.model), args.threads, args.max_model_len)
 

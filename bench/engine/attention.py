@@ -1,6 +1,6 @@
 """Benchmark of decode attention: the fused CPU kernel against the engine's PyTorch path, in the same run.
 
-    python bench/attention.py [--batch 1,16,64] [--context 128,512,2048] [--dtype fp32,bf16] [--threads N]
+    python -m bench.engine.attention [--batch 1,16,64] [--context 128,512,2048] [--dtype fp32,bf16] [--threads N]
 
 Shapes are SmolLM2-135M's (9 heads, 3 kv heads, head_dim 64, block 16), one layer. For each batch, context and
 cache dtype it times `cumulo.models.attention._decode` (the anchor: gather + matmul + mask + softmax + matmul,
@@ -12,36 +12,15 @@ tables are shuffled so blocks are scattered as in a long-running server. Never g
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from cumulo.models.attention import AttentionContext, KVCache, _decode  # noqa: E402
-from cumulo.platform.kernels import available, paged_decode_attention  # noqa: E402
+from bench.common import best_interleaved
+from cumulo.models.attention import AttentionContext, KVCache, _decode
+from cumulo.platform.kernels import available, paged_decode_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _best(fns: dict[str, Callable[[], object]], budget_s: float) -> dict[str, float]:
-    """Best seconds per call of each function, timed in turn each round so both see the same machine load."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    deadline = time.perf_counter() + budget_s
-    rounds = 0
-    while rounds < 3 or (time.perf_counter() < deadline and rounds < 200):
-        rounds += 1
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
 
 
 def _case(batch: int, context: int, dtype: torch.dtype) -> tuple[AttentionContext, torch.Tensor]:
@@ -60,7 +39,9 @@ def _case(batch: int, context: int, dtype: torch.dtype) -> tuple[AttentionContex
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.engine.attention", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--batch", default="1,16,64")
     parser.add_argument("--context", default="128,512,2048")
     parser.add_argument("--dtype", default="fp32,bf16")
@@ -95,7 +76,7 @@ def main() -> None:
                 def kernel(q=q, k=k, v=v, tables=tables, lens=lens) -> object:
                     return paged_decode_attention(q, k, v, tables, lens, scale, None)
 
-                best = _best({"torch": torch_path, "kernel": kernel}, args.budget)
+                best = best_interleaved({"torch": torch_path, "kernel": kernel}, 3, args.budget)
                 kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * k.element_size()
                 print(
                     f"{dname:5} {batch:5} {context:7} {best['torch'] * 1e3:9.3f} {best['kernel'] * 1e3:9.3f} "

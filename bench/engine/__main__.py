@@ -23,16 +23,16 @@ SYSTEMS = ("cumulo", "llama-cpp-python", "llama-server", "llama-bench", "hf")
 
 def worker_main(args: argparse.Namespace) -> None:
     """Inside the child: measure one in-process system and print its SystemResult."""
-    from bench import engine_workers  # noqa: PLC0415 - keeps torch and llama_cpp out of the driver
+    from bench.engine import workers  # noqa: PLC0415 - keeps torch and llama_cpp out of the driver
 
     workload = Workload(
         **{k: tuple(v) if k == "concurrency" else v for k, v in json.loads(args.workload).items()}
     )
-    engine_workers.main(args.worker, Path(args.model), args.threads, workload, args.cumulo_dtype)
+    workers.main(args.worker, Path(args.model), args.threads, workload, args.cumulo_dtype)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--quick", action="store_true", help="short lengths, concurrency 1 and 4 (a smoke run)"
     )
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         worker_main(args)
         return
-    from bench import engine_report, engine_systems  # noqa: PLC0415
+    from bench.engine import report  # noqa: PLC0415
+    from bench.engine.systems import run_system  # noqa: PLC0415
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - set(SYSTEMS)
@@ -71,8 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         log("measuring memory bandwidth and matmul rate ...")
         roofs = measure(args.threads, repeats=3 if args.quick else 5)
 
-    results = [engine_systems.run_system(system, args, model, workload) for system in systems]
-    engine_report.finish(results, roofs, model, workload, args)
+    results = [run_system(system, args, model, workload) for system in systems]
+    report.finish(results, roofs, model, workload, args)
 
 
 if __name__ == "__main__":
