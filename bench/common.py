@@ -186,21 +186,31 @@ class SystemResult:
 RESULT_MARKER = "BENCH_RESULT_JSON "
 
 
-def emit(result: SystemResult) -> None:
-    """A worker's last stdout line; the driver finds it by the marker, so library chatter cannot confuse it.
+def print_result(payload: dict) -> None:
+    """A worker's last stdout line; the driver finds it by the marker, so library chatter cannot confuse it."""
+    print(RESULT_MARKER + json.dumps(payload), flush=True)
 
-    Peak memory is read here from the worker's own VmHWM: the parent's ru_maxrss for a child also counts the
-    image it was forked from (Linux folds the pre-exec high-water mark in), i.e. the driver's own memory.
+
+def find_result(stdout: str) -> dict | None:
+    """The payload of a worker's last marked line, or None if it printed none (it crashed)."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER) :])
+    return None
+
+
+def emit(result: SystemResult) -> None:
+    """print_result for a SystemResult, with the worker's peak memory read from its own VmHWM: the parent's
+    ru_maxrss for a child also counts the image it was forked from (Linux folds the pre-exec high-water mark in),
+    i.e. the driver's own memory.
     """
     result.peak_rss_mib = vm_hwm_mib(os.getpid())
-    print(RESULT_MARKER + result.to_json(), flush=True)
+    print_result(asdict(result))
 
 
 def parse_emitted(stdout: str) -> SystemResult | None:
-    for line in reversed(stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            return SystemResult.from_dict(json.loads(line[len(RESULT_MARKER) :]))
-    return None
+    payload = find_result(stdout)
+    return None if payload is None else SystemResult.from_dict(payload)
 
 
 def thread_env(threads: int) -> dict[str, str]:

@@ -1,28 +1,25 @@
-"""Child process of bench/formats.py: serves one model (one format) and measures decode speed, memory and perplexity.
+"""Child process of bench.formats: serves one model (one format) and measures decode speed, memory and perplexity.
 
-    python -m bench.formats_worker cumulo --model DIR|GGUF [--dtype float32] [--ppl-tokens 2048] ...
-    <anchor venv python> -m bench.formats_worker llama --model GGUF ...
+    python -m bench.formats.worker cumulo --model DIR|GGUF [--dtype float32] [--ppl-tokens 2048] ...
+    <anchor venv python> -m bench.formats.worker llama --model GGUF ...
 
 Each format runs in a fresh process so that its peak resident memory (VmHWM) is its own: it is read after the
 engine has loaded and decoded, before perplexity allocates its 512-token activations. Perplexity reuses the
 served module (the packed weights the decode ran on) rather than loading a second copy. The llama.cpp runner
 executes in the anchors' venv, which has no torch: only the standard library is imported at module level.
-The last stdout line carries the result as JSON after RESULT_MARKER.
+The last stdout line carries the result as JSON (bench.common.print_result).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import prompt_token_ids, vm_hwm_mib
-
-RESULT_MARKER = "FORMATS_RESULT_JSON "
+from bench.common import print_result, prompt_token_ids, vm_hwm_mib
 
 # generate(prompt, n) -> seconds from the first generated token to the last, for n greedy tokens (ignore_eos).
 Decode = Callable[[list[int], int], float]
@@ -159,7 +156,9 @@ def run_llama(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.formats.worker", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("system", choices=["cumulo", "llama"])
     parser.add_argument("--model", required=True)
     parser.add_argument("--dtype", default="float32")
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_cumulo(args) if args.system == "cumulo" else run_llama(args)
     except Exception as exc:  # noqa: BLE001 - the driver turns a failure into a row, not a crash
         result = {"error": f"{type(exc).__name__}: {exc}"}
-    print(RESULT_MARKER + json.dumps(result), flush=True)
+    print_result(result)
     return 0
 
 

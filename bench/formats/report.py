@@ -1,4 +1,4 @@
-"""Table, target checks and plot of bench/formats.py's results (accuracy and speed of each number format)."""
+"""Table, target checks and plot of bench.formats' results (accuracy and speed of each number format)."""
 
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench.formats_report import targets
-from bench.formats_worker import weight_bytes
+from bench.formats.report import targets
+from bench.formats.worker import weight_bytes
 from cumulo.formats.linear import PackedLinear
 from cumulo.formats.quantize import quantize
 

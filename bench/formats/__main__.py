@@ -1,13 +1,13 @@
 """Accuracy and speed of every compact number format on SmolLM2-135M, against fp32 and llama.cpp in the same run.
 
-    python bench/formats.py [--quick] [--threads 2] [--formats ue8m0-fp8,mxfp4] [--ppl-tokens 2048] [--no-llama]
-    python bench/formats.py --kernels [...]      # the kernel micro-benchmark (bench/formats_kernels.py)
+    python -m bench.formats [--quick] [--threads 2] [--formats ue8m0-fp8,mxfp4] [--ppl-tokens 2048] [--no-llama]
+    python -m bench.formats.kernels [...]   # the kernel micro-benchmark (also: python -m bench.formats --kernels)
 
 The model is the catalog's SmolLM2-135M-Instruct GGUF (Q4_1); "unquantized" (fp32) means its weights
 dequantized to fp32 on load, which is also what every format is converted from. For each format the run:
 converts the model with `cumulo convert` into a temporary directory (size on disk = its safetensors files; fp32
 and bf16 sizes are computed, 4 and 2 bytes per weight), then serves that packed checkpoint in a fresh process
-(bench/formats_worker.py) that measures single-stream decode (32-token prompt, 64 greedy tokens, best of 3),
+(bench/formats/worker.py) that measures single-stream decode (32-token prompt, 64 greedy tokens, best of 3),
 its own peak resident memory (VmHWM), and the perplexity of the served weights on the same text and windows as
 the fp32 baseline. GB/s = weight bytes read per token (every weight once; the tied embedding is read whole by
 lm_head) x decode tok/s, next to the machine's read bandwidth (bench/chips/bandwidth.py) measured in the same run.
@@ -31,11 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import REPO_DIR, RESULTS_DIR, log, model_path, thread_env  # noqa: E402
-from bench.formats_report import PLOT_PATH, plot, print_report, targets  # noqa: E402
-from bench.formats_worker import RESULT_MARKER  # noqa: E402
+from bench.common import REPO_DIR, RESULTS_DIR, find_result, log, model_path, thread_env
+from bench.formats.report import PLOT_PATH, plot, print_report, targets
 
 # (label, cumulo format or None, engine dtype): fp32 and bf16 serve the GGUF directly, the others a conversion,
 # served in the activation dtype --compact-dtype names (COMPACT).
@@ -64,10 +61,10 @@ def run_child(cmd: list[str], threads: int, timeout_s: float = WORKER_TIMEOUT_S)
                               timeout=timeout_s)  # fmt: skip
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f}s"}
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER) :])
-    return {"error": f"exit {done.returncode}: {done.stderr.strip()[-400:]}"}
+    result = find_result(done.stdout)
+    return (
+        result if result is not None else {"error": f"exit {done.returncode}: {done.stderr.strip()[-400:]}"}
+    )
 
 
 def convert(model: Path, fmt: str, out: Path, threads: int) -> dict:
@@ -107,7 +104,7 @@ def measure_format(
     cmd = [
         sys.executable,
         "-m",
-        "bench.formats_worker",
+        "bench.formats.worker",
         "cumulo",
         "--model",
         str(served),
@@ -149,7 +146,7 @@ def llama_command(gguf: Path) -> list[str] | None:
         or subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True).returncode
     ):
         return None
-    return [str(python), "-m", "bench.formats_worker", "llama", "--model", str(gguf)]
+    return [str(python), "-m", "bench.formats.worker", "llama", "--model", str(gguf)]
 
 
 def speed_rounds(
@@ -196,10 +193,14 @@ def measure_llama(gguf: Path, args: argparse.Namespace, weights: int | None) -> 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--kernels" in argv:
-        from bench.formats_kernels import main as kernels_main  # noqa: PLC0415
+        from bench.formats.kernels import main as kernels_main  # noqa: PLC0415
 
         return kernels_main([a for a in argv if a != "--kernels"])
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.formats",
+        description=__doc__.splitlines()[0],
+        epilog="--kernels runs the kernel micro-benchmark instead (python -m bench.formats.kernels; its own --help).",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="fewer perplexity and decode tokens: a few minutes"
     )
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_after": os.getloadavg(),
         },  # fmt: skip
         "settings": {k: v for k, v in vars(args).items() if k != "plot"},
-        "command": "python bench/formats.py " + " ".join(argv),
+        "command": "python -m bench.formats " + " ".join(argv),
         "seconds": time.time() - started,
         "formats": rows,
         "llama_cpp": llama,

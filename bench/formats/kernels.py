@@ -1,6 +1,6 @@
 """Kernel micro-benchmark of the number-format layer: fused kernels against torch fp32 F.linear, codec error.
 
-    python bench/formats.py --kernels [--shapes 4096x4096,1536x576] [--repeat 50] [--threads N] [--json]
+    python -m bench.formats.kernels [--shapes 4096x4096,1536x576] [--repeat 50] [--threads N] [--json]
 
 For each shape [N, K] and format it times y = x @ W^T for one row of x (single-stream decode) with the fused CPU
 kernel, with the reference path (dequantize then matmul), and with torch fp32 `F.linear` on the unquantized
@@ -14,40 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from cumulo.formats.kernels import find_kernel  # noqa: E402
-from cumulo.formats.quantize import quantize  # noqa: E402
-from cumulo.formats.schemes import SCHEMES  # noqa: E402
+from bench.chips.bandwidth import read_bandwidth_gb_s
+from bench.common import best_interleaved
+from cumulo.formats.kernels import find_kernel
+from cumulo.formats.quantize import quantize
+from cumulo.formats.schemes import SCHEMES
 
 KERNEL_FORMATS = ["ue8m0-fp8", "fp8", "mxfp8", "mxfp4", "nvfp4", "hif8", "mxint8"]
-
-
-def _time_interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Best seconds per call of each function, timed in turn within each round so that all of them see the same
-    phases of a shared machine's load (the best of N is the least disturbed run)."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
-
-
-def read_bandwidth() -> float:
-    """GB/s of a streaming read (torch sum over 512 MiB of fp32), best of 5."""
-    big = torch.ones(128 * 1024 * 1024, dtype=torch.float32)
-    return big.numel() * 4 / _time_interleaved({"sum": big.sum}, 5)["sum"] / 1e9
 
 
 ANCHOR = "fp32 F.linear (anchor)"
@@ -70,8 +48,8 @@ def bench_kernels(shapes: list[tuple[int, int]], repeat: int) -> list[dict]:
             fns[fmt] = lambda x=x, kernel=kernel: kernel(x)
             refs[fmt] = lambda p=p, x=x: F.linear(x, p.dequantize())
             nbytes[fmt] = p.nbytes
-        best = _time_interleaved(fns, repeat)
-        ref = _time_interleaved(refs, max(2, repeat // 20))
+        best = best_interleaved(fns, repeat)
+        ref = best_interleaved(refs, max(2, repeat // 20))
         for name, t in best.items():
             row = {"shape": f"{n}x{k}", "format": name, "ms": t * 1e3, "speedup": best[ANCHOR] / t,
                    "gbps": nbytes[name] / t / 1e9}  # fmt: skip
@@ -108,7 +86,7 @@ def bench_model_sweep(layers: int, repeat: int) -> list[dict]:
             continue
         fns[fmt] = run_all([(kernel, xs[p.shape[1]]) for kernel, p in zip(bound, packed, strict=True)])
         nbytes[fmt] = sum(p.nbytes for p in packed)
-    best = _time_interleaved(fns, repeat)
+    best = best_interleaved(fns, repeat)
     return [{"format": name, "ms": t * 1e3, "speedup": best[ANCHOR] / t, "gbps": nbytes[name] / t / 1e9}
             for name, t in best.items()]  # fmt: skip
 
@@ -131,19 +109,23 @@ def bench_accuracy() -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/formats.py --kernels", description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="4096x4096,1536x576,576x1536")
-    parser.add_argument("--repeat", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.formats.kernels", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--shapes", default="4096x4096,1536x576,576x1536", help="weight shapes NxK, comma-separated"
+    )
+    parser.add_argument("--repeat", type=int, default=50, help="timed rounds per shape; the best is kept")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--layers", type=int, default=30, help="layers in the SmolLM2-shaped sweep")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     result = {
         "threads": torch.get_num_threads(),
-        "read_bandwidth_gbps": read_bandwidth(),
+        "read_bandwidth_gbps": read_bandwidth_gb_s(torch.get_num_threads(), size_bytes=512 << 20),
         "kernels": bench_kernels(shapes, args.repeat),
         "decode_sweep": bench_model_sweep(args.layers, max(5, args.repeat // 4)),
         "accuracy": bench_accuracy(),
