@@ -1,10 +1,11 @@
-"""Builds an `LLMEngine` from a model name or path: pick the platform, load and check the weights, optionally
-convert them to a compact number format, size the KV cache (`kv_sizing.plan_kv_cache`).
+"""Builds an `LLMEngine` from a model name or path: pick the platform, build the model for use
+(`build_for_use`: load, optionally convert to a compact number format, cast, attach the platform's kernels; the
+one way every command gets a runnable model), size the KV cache (`kv_sizing.plan_kv_cache`).
 """
 
 from __future__ import annotations
 
-import logging
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,7 +14,8 @@ from cumulo.engine.llm_engine import EngineConfig, LLMEngine
 from cumulo.errors import InvalidRequest
 from cumulo.platform import Platform, configure_cpu_threads, get_platform
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from cumulo.models.loader import LoadedModel
 
 _DTYPES = {
     "float32": torch.float32,
@@ -54,26 +56,29 @@ def use_platform_kernels(module: torch.nn.Module, platform: Platform, dtype: tor
             sub.rope_cache = rope
 
 
-def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
+def build_for_use(
+    model: str, platform: Platform, dtype: torch.dtype, format: str | None = None, threads: int | None = None
+) -> tuple[torch.nn.Module, LoadedModel]:
+    """The model `model` ready to run on `platform` in `dtype`, and what the loader read (config, tokenizer,
+    name, seal). Serving, generation, chat and evaluation all build their models here, so they run the same
+    weights: loaded; with `format`, its linears quantized from fp32 weights (not from an already rounded
+    16-bit copy) and what stays dense then cast to `dtype`; the platform's kernels attached. `threads`: the
+    CPU's kernel threads (default: the physical cores)."""
     from cumulo.models.loader import load
     from cumulo.models.registry import build_model
 
-    config = config or EngineConfig()
-    platform = get_platform(config.device)
     device = torch.device(platform.device)
     if device.type == "cpu":
-        configure_cpu_threads(config.threads)
-    dtype = resolve_dtype(config.dtype, platform)
-    if config.format:
-        # Quantize from fp32 weights (not from an already rounded 16-bit copy), then cast what stays dense.
+        configure_cpu_threads(threads)
+    if format:
         from cumulo.formats.linear import quantize_model
         from cumulo.formats.schemes import get_scheme
 
-        get_scheme(config.format)  # an unknown name fails here, before the slow load
+        get_scheme(format)  # an unknown name fails here, before the slow load
         loaded = load(model, dtype=torch.float32)
         module = build_model(loaded.config, loaded.weights, dtype=torch.float32, device=device, consume=True)
         loaded.weights.clear()
-        quantize_model(module, config.format)
+        quantize_model(module, format)
         for param in module.parameters():
             param.data = param.data.to(dtype)
     else:
@@ -81,13 +86,21 @@ def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
         module = build_model(loaded.config, loaded.weights, dtype=dtype, device=device, consume=True)
         loaded.weights.clear()  # the module owns the tensors now; drop the loader's references
     use_platform_kernels(module, platform, dtype)
+    return module, loaded
+
+
+def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
+    config = config or EngineConfig()
+    platform = get_platform(config.device)
+    dtype = resolve_dtype(config.dtype, platform)
+    module, loaded = build_for_use(model, platform, dtype, config.format, config.threads)
     plan = plan_kv_cache(loaded.config, dtype, config, platform)
     return LLMEngine(
         module,
         loaded.tokenizer,
         config,
         plan,
-        device=device,
+        device=torch.device(platform.device),
         name=loaded.name,
         seal=loaded.seal,
         decode_attention=platform.paged_decode_attention(plan.dtype, loaded.config.head_dim),

@@ -134,13 +134,6 @@ class PerplexityReport:
     seconds: float  # the scoring loop only, not loading or conversion
 
 
-def convert(module: nn.Module, format_name: str) -> None:
-    """Swap the module's Linear layers for packed ones of `format_name` (cumulo.formats)."""
-    from cumulo.formats.linear import quantize_model
-
-    quantize_model(module, format_name)
-
-
 def run_perplexity(
     model: str,
     *,
@@ -154,14 +147,13 @@ def run_perplexity(
     text_file: str | None = None,
     progress: bool = True,
 ) -> PerplexityReport:
-    """Load `model`, optionally convert it to `format`, and score the corpus's first `max_tokens` tokens
-    (all of it when None)."""
-    from cumulo.engine.factory import resolve_dtype
+    """Build `model` as `cumulo serve` builds it (`build_for_use`: optionally converted to `format` from fp32
+    weights, then cast to `dtype`), and score the corpus's first `max_tokens` tokens (all of it when None)."""
+    from cumulo.engine.factory import build_for_use, resolve_dtype
     from cumulo.errors import ContextLengthExceeded
     from cumulo.evaluation.corpus import from_file, python_docs
-    from cumulo.models.loader import load, load_config
-    from cumulo.models.registry import build_model
-    from cumulo.platform import configure_cpu_threads, get_platform
+    from cumulo.models.loader import load_config
+    from cumulo.platform import get_platform
 
     if max_tokens is not None and max_tokens < 2:
         raise InvalidRequest(f"max_tokens must be at least 2, not {max_tokens}")
@@ -172,14 +164,8 @@ def run_perplexity(
     corpus = from_file(text_file) if text_file else python_docs()
     platform = get_platform(device)
     target = torch.device(platform.device)
-    if target.type == "cpu":
-        configure_cpu_threads(threads)
     torch_dtype = resolve_dtype(dtype, platform)
-    loaded = load(model, dtype=torch_dtype)
-    module = build_model(loaded.config, loaded.weights, dtype=torch_dtype, device=target, consume=True)
-    loaded.weights.clear()
-    if format:
-        convert(module, format)
+    module, loaded = build_for_use(model, platform, torch_dtype, format, threads)
     ids = loaded.tokenizer.encode(corpus.text)  # the model's own bos policy, as for any document
     if max_tokens is not None:
         ids = ids[:max_tokens]

@@ -1,4 +1,5 @@
-"""`--format`: the model is converted with cumulo.formats before scoring, and bad formats are clear errors."""
+"""`--format`: the model is converted with cumulo.formats before scoring (`build_for_use` calls quantize_model; see
+test_same_model_as_serving.py), and bad formats are clear errors."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ import pytest
 import torch
 
 from cumulo.errors import FormatError
-from cumulo.evaluation.perplexity import convert, perplexity
+from cumulo.evaluation.perplexity import perplexity
+from cumulo.formats.linear import quantize_model
 
 
 def test_converting_to_mxfp8_keeps_perplexity_close(
     tiny_llama: torch.nn.Module, tiny_text: list[int]
 ) -> None:
     model = copy.deepcopy(tiny_llama)
-    convert(model, "mxfp8")
+    quantize_model(model, "mxfp8")
     # the decoder layers' Linear modules were swapped for packed ones
     assert not any(type(m) is torch.nn.Linear for m in model.model.layers.modules())
     before = perplexity(tiny_llama, tiny_text, context=32, stride=16, progress=False).perplexity
@@ -27,4 +29,4 @@ def test_converting_to_mxfp8_keeps_perplexity_close(
 
 def test_an_unknown_format_is_a_format_error(tiny_llama: torch.nn.Module) -> None:
     with pytest.raises(FormatError, match="no-such-format"):
-        convert(copy.deepcopy(tiny_llama), "no-such-format")
+        quantize_model(copy.deepcopy(tiny_llama), "no-such-format")
