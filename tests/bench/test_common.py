@@ -40,3 +40,18 @@ def test_percentile_is_the_nearest_rank() -> None:
     assert percentile(values, 100) == 100.0
     assert percentile(values, 0) == 1.0
     assert percentile([7.0], 99) == 7.0
+
+
+def test_a_workers_result_survives_library_chatter_on_stdout(capsys) -> None:
+    print("loading weights ... 100%")
+    common.emit(common.SystemResult(system="cumulo", decode_tok_s=50.0, throughput_tok_s={"4": 150.0}))
+    print("a library's goodbye line")
+    got = common.parse_emitted(capsys.readouterr().out)
+    assert got is not None
+    assert (got.system, got.decode_tok_s, got.throughput_tok_s) == ("cumulo", 50.0, {"4": 150.0})
+    assert got.peak_rss_mib is not None and got.peak_rss_mib > 0  # the worker's own VmHWM
+
+
+def test_a_worker_that_printed_no_result_is_told_apart() -> None:
+    assert common.find_result("Traceback (most recent call last):\n  ...\nRuntimeError: boom\n") is None
+    assert common.parse_emitted("") is None

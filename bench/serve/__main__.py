@@ -1,6 +1,7 @@
-"""Serving benchmark in the style of `vllm bench serve`: TTFT, TPOT, ITL and output tokens/s at several
-concurrencies, for Cumulo's gateway + engine and for the llama.cpp server on the same GGUF in the same run, plus
-the gateway's own added latency (p50/p99).
+"""Serving benchmark: Cumulo's gateway + engine against the llama.cpp server, and the gateway's own latency.
+
+In the style of `vllm bench serve`: TTFT, TPOT, ITL and output tokens/s at several concurrencies, for both
+servers on the same GGUF in the same run, plus the gateway's own added latency (p50/p99).
 
     python -m bench.serve                              # 1, 4, 16 concurrent streams; anchor if built
     python -m bench.serve --concurrency 1,16 --output-len 64 --build-anchor
@@ -24,9 +25,9 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import RESULTS_DIR, log, model_path, prompt_token_ids, stop_process
-from bench.serve_load import LevelResult, run_level
-from bench.serve_overhead import gateway_overhead
+from bench.common import REPO_DIR, RESULTS_DIR, log, model_path, prompt_token_ids, stop_process
+from bench.serve.load import LevelResult, run_level
+from bench.serve.overhead import gateway_overhead
 
 COLUMNS = [
     "system",
@@ -70,7 +71,7 @@ class CumuloServer:
 
     def __enter__(self) -> CumuloServer:
         self._log = open(self.data_dir / "serve.log", "w")
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        env = dict(os.environ, PYTHONPATH=str(REPO_DIR))
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -135,10 +136,19 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", default="1,4,16", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=64)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.serve",
+        description=__doc__.splitlines()[0],
+        epilog="Targets (issue 4): gateway overhead p50 under 2 ms; output tok/s at 16 streams >= 1.0x llama.cpp.",
+    )
+    parser.add_argument(
+        "--concurrency",
+        default="1,4,16",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="streams in flight, one level per value (default 1,4,16)",
+    )
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    parser.add_argument("--output-len", type=int, default=64, help="output tokens per request (ignore_eos)")
     parser.add_argument(
         "--min-requests", type=int, default=8, help="requests per level (at least 2x concurrency)"
     )
@@ -147,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-anchor", action="store_true", help="skip the llama.cpp server")
     parser.add_argument("--build-anchor", action="store_true", help="build the llama.cpp server if missing")
     parser.add_argument("--overhead-only", action="store_true", help="only the gateway overhead")
-    parser.add_argument("--overhead-requests", type=int, default=300)
+    parser.add_argument(
+        "--overhead-requests", type=int, default=300, help="timed requests of the gateway-overhead part"
+    )
     args = parser.parse_args(argv)
 
     report: dict = {

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 
+from bench.common import percentile
 from cumulo.contracts import EngineHealth, ModelInfo, RequestOutput, SamplingParams
 
 
@@ -85,11 +86,6 @@ async def _timed(
     return elapsed, cpu_used
 
 
-def _percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
-
-
 async def _measure(requests: int, output_len: int, plan_limits: bool) -> dict[str, float]:
     from cumulo.service import crud
     from cumulo.service.app import create_app
@@ -131,11 +127,11 @@ async def _measure(requests: int, output_len: int, plan_limits: bool) -> dict[st
                 gateway_cpu += cpu_used
                 direct_cpu += cpu_base
     state.db.dispose()
-    base = _percentile(direct, 50)
+    base = percentile(direct, 50)
     added = [g - base for g in gateway]
     return {
-        "overhead_ms_p50": round(_percentile(added, 50) * 1000, 3),
-        "overhead_ms_p99": round(_percentile(added, 99) * 1000, 3),
+        "overhead_ms_p50": round(percentile(added, 50) * 1000, 3),
+        "overhead_ms_p99": round(percentile(added, 99) * 1000, 3),
         # CPU time (all threads) per request: what the overhead costs on an idle machine, whatever the load.
         "overhead_cpu_ms_mean": round((gateway_cpu - direct_cpu) / requests * 1000, 3),
         "bare_server_ms_p50": round(base * 1000, 3),

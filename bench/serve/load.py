@@ -1,4 +1,4 @@
-"""Load generator of bench/serve.py: streams /v1/completions at a fixed concurrency and measures each request
+"""Load generator of bench.serve: streams /v1/completions at a fixed concurrency and measures each request
 the way `vllm bench serve` does (TTFT, TPOT, ITL, end-to-end latency, output tokens/s)."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+
+from bench.common import percentile
 
 
 @dataclass(slots=True)
@@ -35,8 +37,7 @@ class LevelResult:
 
     def summary(self) -> dict[str, float | int | str]:
         def pct(values: list[float], p: float) -> float:
-            ordered = sorted(values)
-            return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))] * 1000
+            return percentile(values, p) * 1000
 
         ttft = [t.ttft for t in self.timings]
         tpot = [t.tpot for t in self.timings if t.tpot is not None]
