@@ -136,9 +136,9 @@ def _load_hf(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
 
         packed, quant_format = load_packed_state_dict(path)
         weights = {}
-        for name in list(packed):
-            t = packed.pop(name)  # popped, so a cast frees the stored copy as it goes
-            if (hf_name := hf.hf_name(name)) is not None:
+        for tensor_name in list(packed):
+            t = packed.pop(tensor_name)  # popped, so a cast frees the stored copy as it goes
+            if (hf_name := hf.hf_name(tensor_name)) is not None:
                 weights[hf_name] = t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
         fmt = "safetensors:" + quant_format
     else:
