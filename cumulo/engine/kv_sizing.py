@@ -1,5 +1,5 @@
-"""Where the paged KV cache is sized: `plan_kv_cache` decides its block size, block count and dtype, and so the
-longest sequence the engine can promise. `LLMEngine` allocates exactly what the plan says.
+"""Where the paged KV cache is sized: `plan_kv_cache` decides its block size, block count and dtype, and so
+the longest sequence the engine can promise. `LLMEngine` allocates exactly what the plan says.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def plan_kv_cache(model: ModelConfig, dtype: torch.dtype, config: EngineConfig, 
 
     - dtype: the activations' own (the cache stores keys and values as the layers compute them); a model
       whose weights are not a float of 16 bits or more computes, and caches, in fp32.
-    - bytes: `config.kv_cache_gib`, else `config.kv_cache_fraction` of free memory, else the platform's default
-      (see `cumulo.platform.budget`).
+    - bytes: `config.kv_cache_gib`, else `config.kv_cache_fraction` of free memory, else the platform's
+      default (see `cumulo.platform.budget`).
     - blocks: as many whole blocks as the bytes hold, at least one. A block holds `block_size` tokens of K and
       V for every layer, laid out as `KVCache` lays them out: [kv_heads, blocks, block_size, head_dim].
     - max_model_len: the model's context, or `config.max_model_len` when given (never longer than the

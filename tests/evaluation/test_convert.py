@@ -1,5 +1,5 @@
-"""`--format`: the model is converted with cumulo.formats before scoring (`build_for_use` calls quantize_model; see
-test_same_model_as_serving.py), and bad formats are clear errors."""
+"""`--format`: the model is converted with cumulo.formats before scoring (`build_for_use` calls
+quantize_model; see test_same_model_as_serving.py), and bad formats are clear errors."""
 
 from __future__ import annotations
 

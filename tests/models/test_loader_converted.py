@@ -1,5 +1,5 @@
-"""A checkpoint written by `cumulo convert MODEL --format F -o DIR` loads, and is served, under DIR's name (the
-loader's promise for a directory), not under the name of one of its tensors."""
+"""A checkpoint written by `cumulo convert MODEL --format F -o DIR` loads, and is served, under DIR's name
+(the loader's promise for a directory), not under the name of one of its tensors."""
 
 from __future__ import annotations
 
