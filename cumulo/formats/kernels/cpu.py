@@ -1,11 +1,12 @@
-"""CPU fused kernels: builds cpu_kernels.cpp with g++ on first use, caches it, registers it for FP8 and MXFP4.
+"""CPU fused kernels: the choice of kernel per format, over the format kernels' library (fp8.cpp, fp4.cpp and
+lut.cpp in cumulo/platform/kernels/, built with g++ on first use and cached).
 
 Why a plain shared library through ctypes rather than a torch extension: it compiles in about a second (no torch
 headers), so the first test run on a fresh machine does not wait a minute for a build; the per-call overhead is
 the same few microseconds. It links the same OpenMP runtime torch has loaded (libgomp.so.1), so one thread pool
 serves both. Building and caching are the platform kernels' (`cumulo.platform.kernels.build`): torch's
-extension directory ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), a name hashing source and flags. Without g++, or on a CPU without
-AVX2/FMA/F16C, `find_kernel` still answers with these binders but they return None and `PackedLinear` takes
+extension directory ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), a name hashing sources, headers and
+flags. Without g++, or on a CPU without AVX2/FMA/F16C, `find_kernel` still answers with these binders but they return None and `PackedLinear` takes
 the reference path; a single warning says why.
 """
 
@@ -16,7 +17,6 @@ import functools
 import os
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +26,16 @@ from cumulo.formats.element import E4M3FN, Kind
 from cumulo.formats.kernels import BoundKernel, register_kernel
 from cumulo.formats.packed import PackedWeight
 from cumulo.formats.scales import e8m0_to_float
-from cumulo.platform.kernels.build import KernelLibrary, address, f32_bits, requires_avx2
+from cumulo.platform.kernels.build import (
+    SOURCE_DIR,
+    KernelLibrary,
+    address,
+    cpu_features,
+    f32_bits,
+    requires_avx2,
+)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+SOURCES = [SOURCE_DIR / "fp8.cpp", SOURCE_DIR / "fp4.cpp", SOURCE_DIR / "lut.cpp"]
 # The kernels take their AVX-512 paths where the CPU has them (tests turn this off to cover the AVX2 paths).
 USE_AVX512 = True
 # Above this many rows of x, dequantize once and let torch's GEMM do the compute-bound work. The fused kernels
@@ -64,18 +70,6 @@ def kernel_threads() -> int:
     return _threads or torch.get_num_threads()
 
 
-def _cpu_reason() -> str | None:
-    """None where the kernels can run (AVX2, FMA, F16C), else why not."""
-    if requires_avx2() is None:
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None  # the capability check already passed
-        if " f16c" in flags and " fma" in flags:
-            return None
-    return "CPU lacks AVX2/FMA/F16C"
-
-
 def _configure(lib: ctypes.CDLL) -> None:
     lib.cumulo_fp8_linear.argtypes = [
         _F,
@@ -98,7 +92,6 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.cumulo_fp8_dequant_bf16.argtypes = lib.cumulo_fp8_dequant.argtypes
     lib.cumulo_mxfp4_dequant_bf16.argtypes = lib.cumulo_mxfp4_dequant.argtypes
     lib.cumulo_fp8_dequant_bf16.restype = lib.cumulo_mxfp4_dequant_bf16.restype = ctypes.c_int
-    lib.cumulo_dequant_bf16_runs.restype = ctypes.c_int
     lib.cumulo_table8_linear_bf16.argtypes = [
         _F,
         _I,
@@ -131,13 +124,9 @@ def _configure(lib: ctypes.CDLL) -> None:
 
 # Built and cached like the platform's kernels (cumulo.platform.kernels.build), with the flags this source needs.
 _kernel = KernelLibrary(
-    SOURCE,
-    "fused CPU kernels",
-    _configure,
-    requires=_cpu_reason,
-    flags=FLAGS,
+    SOURCES, "fused CPU kernels", _configure, name="formats", requires=requires_avx2,
     fallback="using the reference path",
-)
+)  # fmt: skip
 
 
 def library() -> ctypes.CDLL | None:
@@ -163,8 +152,8 @@ def _fp8_scales(w: PackedWeight) -> tuple[torch.Tensor | None, torch.Tensor | No
 @functools.cache
 def dequantizes_into_bf16() -> bool:
     """Whether this CPU runs the bf16 dequantizers (AVX512-BF16: where torch's bf16 GEMM is fast, too)."""
-    lib = library()
-    return lib is not None and bool(lib.cumulo_dequant_bf16_runs())
+    features = cpu_features()
+    return library() is not None and features.avx512 and features.avx512_bf16
 
 
 def _bf16_dequant(dtype: torch.dtype, family: str | None) -> bool:

@@ -1,11 +1,13 @@
-"""Compile a one-file C++ kernel into a shared library once, cache it, and load it with ctypes.
+"""Compile C++ kernel sources into a shared library once, cache it, and load it with ctypes; and the one place
+Python asks what this CPU can run (`cpu_features`).
 
 A plain C-ABI library (no torch headers) builds in seconds rather than the minute a torch extension takes, so a
 fresh machine or CI run does not stall on first use. The cache lives in torch's extension directory
-($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) under a name hashing the source and the flags; the
-flags follow the CPU this process runs on (AVX2/FMA/F16C when it has them, portable code otherwise), so machines
-sharing a cache each get a build they can run. Builds write to a temporary file and rename it into place, so
-concurrent first uses, in threads or processes, never load a half-written library.
+($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) under a name hashing the sources, every header they
+include (transitively: a header change rebuilds) and the flags; the flags follow the CPU this process runs on
+(AVX2/FMA/F16C when it has them, portable code otherwise), so machines sharing a cache each get a build they can
+run. Builds write to a temporary file and rename it into place, so concurrent first uses, in threads or
+processes, never load a half-written library. Every source and header lives in this directory (SOURCE_DIR).
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import struct
 import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -29,25 +33,32 @@ log = logging.getLogger(__name__)
 BASE_FLAGS = ["-O3", "-std=gnu++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi"]
 X86_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 
+SOURCE_DIR = Path(__file__).parent
+_INCLUDE = re.compile(rb'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+
 _lock = threading.Lock()
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
-
-
 def compile_flags() -> list[str]:
-    """BASE_FLAGS, plus the x86 vector extensions when this CPU has all of them."""
-    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= cpu_flags():
+    """BASE_FLAGS, plus the x86 vector extensions when this CPU has all of them (the probe's `avx2`)."""
+    if platform.machine() in ("x86_64", "AMD64") and cpu_features().avx2:
         return BASE_FLAGS + X86_FLAGS
     return list(BASE_FLAGS)
+
+
+def includes(source: Path) -> list[Path]:
+    """The headers `source` includes by quoted name, and the ones they include, each once (a missing one raises
+    FileNotFoundError: it would fail the build anyway)."""
+    found: list[Path] = []
+    todo = [source]
+    while todo:
+        current = todo.pop()
+        for name in _INCLUDE.findall(current.read_bytes()):
+            header = current.parent / name.decode()
+            if header not in found:
+                found.append(header)
+                todo.append(header)
+    return found
 
 
 def cache_dir() -> Path:
@@ -60,13 +71,20 @@ def cache_dir() -> Path:
     return Path(root) / "cumulo"
 
 
-def build(source: Path, flags: list[str] | None = None) -> Path:
-    """The cached shared library for `source` (compiled now if missing); RuntimeError if it cannot be built."""
+def _as_list(sources: Path | Sequence[Path]) -> list[Path]:
+    return [sources] if isinstance(sources, Path) else list(sources)
+
+
+def build(sources: Path | Sequence[Path], flags: list[str] | None = None, name: str | None = None) -> Path:
+    """The cached shared library of `sources` (compiled now if missing), named after `name` (default: the
+    first source's stem); RuntimeError if it cannot be built."""
+    paths = _as_list(sources)
     flags = compile_flags() if flags is None else flags
-    # The headers beside the source are part of it (kernels include them by relative path).
-    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
-    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode()).hexdigest()[:16]
-    target = cache_dir() / f"cumulo_{source.stem}_{digest}.so"
+    hashed = [*paths, *sorted({h for p in paths for h in includes(p)})]
+    digest = hashlib.sha256(
+        b"".join(p.name.encode() + p.read_bytes() for p in hashed) + " ".join(flags).encode()
+    )
+    target = cache_dir() / f"cumulo_{name or paths[0].stem}_{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     wanted = os.environ.get("CXX")
@@ -75,13 +93,13 @@ def build(source: Path, flags: list[str] | None = None) -> Path:
         raise RuntimeError(
             f"no C++ compiler: {wanted!r} (from $CXX) not found" if wanted else "no g++ on PATH"
         )
-    log.warning("building Cumulo CPU kernels (once, a few seconds): %s", source.name)
+    log.warning("building Cumulo CPU kernels (once, a few seconds): %s", ", ".join(p.name for p in paths))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         result = subprocess.run(
-            [compiler, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=600
+            [compiler, *flags, *map(str, paths), "-o", tmp], capture_output=True, text=True, timeout=600
         )
         if result.returncode != 0:
             raise RuntimeError(f"{Path(compiler).name} failed: {result.stderr.strip()[:2000]}")
@@ -92,32 +110,38 @@ def build(source: Path, flags: list[str] | None = None) -> Path:
     return target
 
 
-def load(source: Path, flags: list[str] | None = None) -> ctypes.CDLL:
+def load(
+    sources: Path | Sequence[Path], flags: list[str] | None = None, name: str | None = None
+) -> ctypes.CDLL:
     """Build (once per process, under a lock) and load; RuntimeError or OSError when that is impossible."""
     with _lock:
-        return ctypes.CDLL(str(build(source, flags)))
+        return ctypes.CDLL(str(build(sources, flags, name)))
 
 
 class KernelLibrary:
-    """One kernel source, built and loaded on first use. `get()` is the loaded library, or None after one
-    warning ("<what> unavailable (<reason>); <fallback>") where it cannot be: `requires()` gives a reason (a CPU
-    without the instructions the source needs), there is no compiler, or the build fails. With
-    CUMULO_DISABLE_CPU_KERNELS set it is None without a warning. `configure` sets the ctypes signatures."""
+    """Kernel sources built into one library and loaded on first use. `get()` is the loaded library, or None
+    after one warning ("<what> unavailable (<reason>); <fallback>", kept in `reason`) where it cannot be:
+    `requires()` gives a reason (a CPU without the instructions the sources need), there is no compiler, or the
+    build fails. With CUMULO_DISABLE_CPU_KERNELS set it is None without a warning. `configure` checks or sets up
+    the loaded library (an AttributeError there, a missing symbol, makes it unavailable too)."""
 
     def __init__(
         self,
-        source: Path,
+        sources: Path | Sequence[Path],
         what: str,
-        configure: Callable[[ctypes.CDLL], None],
+        configure: Callable[[ctypes.CDLL], None] = lambda lib: None,
         *,
+        name: str | None = None,
         requires: Callable[[], str | None] = lambda: None,
         flags: list[str] | None = None,
         fallback: str = "using torch",
-        loader: Callable[[Path, list[str] | None], ctypes.CDLL] | None = None,
+        loader: Callable[..., ctypes.CDLL] | None = None,
+        warn: bool = True,
     ) -> None:
-        self.source, self.what, self.configure = source, what, configure
-        self.requires, self.flags, self.fallback = requires, flags, fallback
+        self.sources, self.what, self.configure, self.name = _as_list(sources), what, configure, name
+        self.requires, self.flags, self.fallback, self.warn = requires, flags, fallback, warn
         self.loader = loader or load
+        self.reason: str | None = None
         self._lib: ctypes.CDLL | None = None
         self._tried = False
         self._lock = threading.Lock()
@@ -125,8 +149,8 @@ class KernelLibrary:
     def fresh(self) -> KernelLibrary:
         """The same library, not loaded yet (tests use it to start over)."""
         return KernelLibrary(
-            self.source, self.what, self.configure, requires=self.requires, flags=self.flags,
-            fallback=self.fallback, loader=self.loader,
+            self.sources, self.what, self.configure, name=self.name, requires=self.requires, flags=self.flags,
+            fallback=self.fallback, loader=self.loader, warn=self.warn,
         )  # fmt: skip
 
     def get(self) -> ctypes.CDLL | None:
@@ -140,13 +164,54 @@ class KernelLibrary:
                     reason = self.requires()
                     if reason:
                         raise RuntimeError(reason)
-                    lib = self.loader(self.source, self.flags)
+                    lib = self.loader(self.sources, self.flags, self.name)
                     self.configure(lib)
                     self._lib = lib
                 except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
-                    warnings.warn(f"{self.what} unavailable ({exc}); {self.fallback}", stacklevel=3)
+                    self.reason = str(exc)
+                    if self.warn:
+                        warnings.warn(f"{self.what} unavailable ({exc}); {self.fallback}", stacklevel=3)
             self._tried = True
         return self._lib
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """What this CPU runs, as the kernels' probe (cpu_features.h) sees it; all False where it cannot be asked."""
+
+    avx2: bool = False  # with FMA and F16C: what the x86 sources are compiled for
+    avx512: bool = False  # F + BW + VL
+    avx512_vbmi: bool = False
+    avx512_bf16: bool = False  # vdpbf16ps and vcvtneps2bf16 (with avx512)
+
+
+def _configure_probe(lib: ctypes.CDLL) -> None:
+    lib.cumulo_cpu_features.restype = ctypes.c_int64
+
+
+# The probe builds with the portable flags: it must run on any CPU, before the flags for this one are known.
+_probe = KernelLibrary(
+    SOURCE_DIR / "cpu_features.cpp", "CPU feature probe", _configure_probe, flags=BASE_FLAGS, warn=False
+)
+_features: CpuFeatures | None = None
+
+
+def cpu_features() -> CpuFeatures:
+    """The one place Python asks the CPU-feature probe (asked once; the bits are cpu_features.h's). Build
+    flags, each library's requirements and the kernels' Python-side path choices all read it."""
+    global _features
+    if _features is None:
+        lib = _probe.get()
+        bits = int(lib.cumulo_cpu_features()) if lib is not None else 0
+        _features = CpuFeatures(*(bool(bits & 1 << i) for i in range(4)))
+    return _features
+
+
+def requires_avx2() -> str | None:
+    """None on an x86 CPU with AVX2, FMA and F16C, else why not: for `KernelLibrary(requires=...)`."""
+    if cpu_features().avx2:
+        return None
+    return f"no CPU feature probe: {_probe.reason}" if _probe.reason else "this CPU lacks AVX2/FMA/F16C"
 
 
 def address(fn: Callable) -> int:
@@ -157,12 +222,3 @@ def address(fn: Callable) -> int:
 def f32_bits(value: float) -> int:
     """An fp32 argument as the int64 the C op forms read it from (its IEEE bit pattern)."""
     return struct.unpack("=I", struct.pack("=f", value))[0]
-
-
-def requires_avx2() -> str | None:
-    """None on an x86 CPU with AVX2 (as torch sees it), else why not: for `KernelLibrary(requires=...)`."""
-    import torch
-
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        return None
-    return "this CPU has no AVX2"

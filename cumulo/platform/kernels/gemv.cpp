@@ -11,7 +11,7 @@
 //   in L1 and came from L2 for every weight row). bf16 weights by AVX512-BF16 (vdpbf16ps, 32 products per
 //   instruction, fp32 sums), fp32 by FMA (16).
 // - otherwise AVX2: one weight row against up to kRows rows of x; bf16 widened to fp32 by a shift (exact).
-// The path is chosen at run time (__builtin_cpu_supports), so one build runs on any x86-64 with AVX2.
+// The path is chosen at run time (cpu_features.h), so one build runs on any x86-64 with AVX2.
 // bf16 outputs are fp32 sums rounded once to bf16 (round to nearest even), as a bf16 GEMM with fp32
 // accumulation does. OpenMP over weight rows (the libgomp torch has loaded). Plain C ABI, called through ctypes.
 
@@ -20,8 +20,12 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "cpu_features.h"
+#include "simd.h"
 
 namespace {
+
+using cumulo_simd::hsum;
 
 constexpr int kRows = 4;  // rows of x per pass over the weights (accumulators stay in registers)
 constexpr int kTileN = 4;  // weight rows per AVX-512 tile: 4 x 4 accumulators, 4 weight vectors and one of x
@@ -29,13 +33,6 @@ constexpr int kAhead = 32768;  // bytes of weights prefetched ahead of the loads
 
 inline __m256 widen8(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-
-inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 // 8 weights or activations as fp32: bf16 widened by a shift (exact), fp32 loaded as is.
@@ -221,29 +218,19 @@ void linear_rows(const T* x, int64_t M, int64_t K, int64_t xs, const T* w, int64
 
 extern "C" {
 
-// 1 if this CPU runs the AVX512-BF16 path, 0 for the AVX2 path.
-int cumulo_bf16_linear_wide(void) {
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") ? 1 : 0;
-}
-
 // x bf16 [M, K] with row stride xs; w bf16 [N, K] with row stride ws; bias bf16 [N] or null; y [M, N] bf16, or
 // fp32 with y_fp32 = 1 (an output head's logits, unrounded).
 // path: -1 the best this CPU has, 0 AVX2 (tests use it to cover the fallback on AVX-512 machines).
 void cumulo_bf16_linear(const uint16_t* x, int64_t M, int64_t K, int64_t xs, const uint16_t* w, int64_t N,
                         int64_t ws, const uint16_t* bias, void* y, int nthreads, int path, int y_fp32) {
-    if (path != 0 && cumulo_bf16_linear_wide()) linear_tiled<Bf16Ops>(x, M, K, xs, w, N, ws, bias, y, nthreads, y_fp32);
+    if (path != 0 && cumulo_cpu::avx512_bf16()) linear_tiled<Bf16Ops>(x, M, K, xs, w, N, ws, bias, y, nthreads, y_fp32);
     else linear_rows(x, M, K, xs, w, N, ws, bias, y, nthreads, y_fp32 != 0);
-}
-
-// 1 if this CPU runs the AVX-512 fp32 path, 0 for AVX2.
-int cumulo_f32_linear_wide(void) {
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? 1 : 0;
 }
 
 // The same for fp32 x, w, bias and y.
 void cumulo_f32_linear(const float* x, int64_t M, int64_t K, int64_t xs, const float* w, int64_t N, int64_t ws,
                        const float* bias, float* y, int nthreads, int path) {
-    if (path != 0 && cumulo_f32_linear_wide()) linear_tiled<F32Ops>(x, M, K, xs, w, N, ws, bias, y, nthreads, true);
+    if (path != 0 && cumulo_cpu::avx512()) linear_tiled<F32Ops>(x, M, K, xs, w, N, ws, bias, y, nthreads, true);
     else linear_rows(x, M, K, xs, w, N, ws, bias, y, nthreads, true);
 }
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cumulo.platform.kernels.build import KernelLibrary, address, requires_avx2
+from cumulo.platform.kernels.build import KernelLibrary, address, cpu_features, requires_avx2
 
 SOURCE = Path(__file__).with_name("gemv.cpp")
 # Above this many rows the matmul is compute-bound and torch's GEMM wins (here at 32 rows in bf16; at 16 rows the
@@ -41,7 +41,6 @@ def _configure(lib: ctypes.CDLL) -> None:
         ctypes.c_int,
     ]
     lib.cumulo_bf16_linear.restype = None
-    lib.cumulo_bf16_linear_wide.restype = ctypes.c_int
     lib.cumulo_f32_linear.argtypes = [_P, _I, _I, _I, _P, _I, _I, _P, _P, ctypes.c_int, ctypes.c_int]
     lib.cumulo_f32_linear.restype = None
 
@@ -60,8 +59,8 @@ def available() -> bool:
 
 def uses_avx512_bf16() -> bool:
     """Whether the kernel runs its AVX512-BF16 path here (else AVX2 with exact bf16 -> fp32 widening)."""
-    lib = library()
-    return lib is not None and bool(lib.cumulo_bf16_linear_wide())
+    features = cpu_features()
+    return library() is not None and features.avx512 and features.avx512_bf16
 
 
 def _checked(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -21,6 +21,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "bf16.h"
+
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -108,23 +110,8 @@ inline v8f exp8(v8f x) {
     return (v8f)((v8i)p + e);
 }
 
-inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN stays NaN
-    u += 0x7FFFu + ((u >> 16) & 1u);                       // round to nearest even
-    return (uint16_t)(u >> 16);
-}
-
-inline float to_f32(float x) { return x; }
-inline float to_f32(uint16_t x) {
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-inline void from_f32(float x, float* p) { *p = x; }
-inline void from_f32(float x, uint16_t* p) { *p = to_bf16(x); }
+using cumulo_bf16::load;
+using cumulo_bf16::store;
 
 struct Args {
     const void* q;
@@ -286,7 +273,7 @@ int run(const Args& a, int threads) {
         float m[kMaxQ], l[kMaxQ];
         for (int64_t g = 0; g < nq; ++g) {
             const T* qr = q + b * a.q_sb + (h0 + g) * a.q_sh;
-            for (int64_t c = 0; c < D; ++c) qf[g * D + c] = to_f32(qr[c]) * a.scale;
+            for (int64_t c = 0; c < D; ++c) qf[g * D + c] = load(qr, c) * a.scale;
         }
         const T* kh = (const T*)a.k + kvh * a.k_sh;
         const T* vh = (const T*)a.v + kvh * a.v_sh;
@@ -312,7 +299,7 @@ int run(const Args& a, int threads) {
         for (int64_t g = 0; g < nq; ++g) {
             const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
             T* o = out + (b * a.heads + h0 + g) * D;
-            for (int64_t c = 0; c < D; ++c) from_f32(acc[g * D + c] * inv, o + c);
+            for (int64_t c = 0; c < D; ++c) store(o, c, acc[g * D + c] * inv);
         }
     }
     if (splits > 1) {
@@ -336,7 +323,7 @@ int run(const Args& a, int threads) {
                 for (int64_t c = 0; c < D; ++c) {
                     float x = 0.0f;
                     for (int64_t s = 0; s < splits; ++s) x += w[s] * first[s * part + 2 * kMaxQ + g * D + c];
-                    from_f32(x * inv, o + c);
+                    store(o, c, x * inv);
                 }
             }
         }

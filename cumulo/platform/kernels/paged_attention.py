@@ -39,7 +39,7 @@ def _configure(lib: ctypes.CDLL) -> None:
 # `load` is looked up at each build, so a test can replace it.
 _kernel = KernelLibrary(
     SOURCE, "CPU attention kernel", _configure, fallback="using PyTorch attention",
-    loader=lambda source, _flags: load(source),
+    loader=lambda sources, _flags, name: load(sources, name=name),
 )  # fmt: skip
 
 
