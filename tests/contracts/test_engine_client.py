@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from cumulo.cluster.engine_process import EngineProcess
 from cumulo.contracts import EngineClient, ModelInfo, RequestOutput, SamplingParams
 from cumulo.engine.async_engine import AsyncEngine
 from cumulo.errors import EngineUnavailable, InvalidRequest
@@ -22,12 +23,28 @@ from tests.support.tiny import make_tiny_engine
 CLIENTS: dict[str, Callable[[], EngineClient]] = {
     "fake": FakeEngine,
     "in-process": lambda: AsyncEngine(make_tiny_engine()),
+    "engine-process": lambda: EngineProcess("tiny-llama", factory=make_tiny_engine),
 }
 
 
-@pytest.fixture(params=list(CLIENTS))
-def client(request: pytest.FixtureRequest) -> Iterator[EngineClient]:
-    engine = CLIENTS[request.param]()
+@pytest.fixture(scope="module", params=list(CLIENTS))
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def client(kind: str) -> Iterator[EngineClient]:
+    """One engine per implementation for the whole module (an engine process takes seconds to start); each
+    test leaves it idle, as it found it."""
+    engine = CLIENTS[kind]()
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture
+def fresh_client(kind: str) -> Iterator[EngineClient]:
+    """An engine of its own, for a test that shuts it down."""
+    engine = CLIENTS[kind]()
     yield engine
     engine.shutdown()
 
@@ -170,7 +187,8 @@ def test_an_empty_or_too_long_prompt_is_refused(client: EngineClient) -> None:
         asyncio.run(collect(client, too_long, greedy(2)))
 
 
-def test_after_shutdown_health_says_so_and_requests_fail_cleanly(client: EngineClient) -> None:
+def test_after_shutdown_health_says_so_and_requests_fail_cleanly(fresh_client: EngineClient) -> None:
+    client = fresh_client
     assert asyncio.run(client.health()).ok
     client.shutdown()
     health = asyncio.run(client.health())
