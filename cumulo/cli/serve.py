@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from cumulo.contracts import EngineClient
+from cumulo.errors import InvalidRequest
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -44,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "streams, slower large batches (docs/service.md)",
     )
     p.add_argument(
+        "--engine-in-process",
+        action="store_true",
+        help="step the engines on a thread of the gateway's process instead of a process each (for profiling "
+        "and debugging; slower at one stream, see docs/service.md)",
+    )
+    p.add_argument(
         "--database-url",
         default=None,
         help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (default: SQLite in the data dir)",
@@ -60,10 +67,13 @@ def model_refs(args: argparse.Namespace) -> list[str]:
 
 
 def load_engines(
-    refs: list[str], device: str, format: str | None, threads: int | None = None
+    refs: list[str], device: str, format: str | None, threads: int | None = None, in_process: bool = False
 ) -> dict[str, EngineClient]:
-    """Builds one in-process engine per reference, pulling catalog models that are not cached yet."""
-    from cumulo.engine.async_engine import build_engine
+    """Starts one engine process per reference (pulling catalog models that are not cached yet) and waits
+    until each has loaded. Each engine steps in a process of its own, so the gateway's event loop and the
+    engine never wait for each other's Python (docs/service.md, "One stream"); `in_process` keeps them in this
+    process instead (one process to profile or debug)."""
+    from cumulo.cluster.engine_process import EngineProcess
     from cumulo.models import catalog, pull
 
     engines: dict[str, EngineClient] = {}
@@ -71,7 +81,12 @@ def load_engines(
         if not Path(ref).expanduser().exists() and ref in catalog.CATALOG and not pull.is_pulled(ref):
             print(f"Pulling {ref} ...", flush=True)
             pull.ensure(ref, progress=True)
-        engine = build_engine(ref, device=device, format=format, threads=threads)
+        if in_process:
+            from cumulo.engine.async_engine import build_engine
+
+            engine = build_engine(ref, device=device, format=format, threads=threads)
+        else:
+            engine = EngineProcess(ref, device=device, format=format, threads=threads)
         engines[engine.info.name] = engine
     return engines
 
@@ -84,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     from cumulo.service.settings import Settings
 
     settings = Settings.from_env(host=args.host, port=args.port, database_url=args.database_url)
-    engines = load_engines(model_refs(args), args.device, args.format, args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise InvalidRequest(f"threads must be at least 1, not {args.threads}")
+    engines = load_engines(model_refs(args), args.device, args.format, args.threads, args.engine_in_process)
     app = create_app(settings, engines)
     created = ensure_admin_key(app.state.service)
     if created is not None:

@@ -18,7 +18,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def _fake_engines(refs: list[str], device: str, format: str | None, threads: int | None = None) -> dict:
+def _fake_engines(
+    refs: list[str], device: str, format: str | None, threads: int | None = None, in_process: bool = False
+) -> dict:
     from tests.service.fakes import FakeEngine
 
     delay = float(os.environ.get("CUMULO_FAKE_DELAY", "0"))

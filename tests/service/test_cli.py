@@ -122,11 +122,16 @@ def test_serve_refuses_a_thread_count_below_one_in_one_line(data_dir, capsys):
 
 def test_serve_hands_its_thread_count_to_every_engine(monkeypatch):
     from cumulo.cli import serve
+    from cumulo.cluster import engine_process
     from cumulo.engine import async_engine
 
     seen = []
     monkeypatch.setattr(
+        engine_process, "EngineProcess", lambda ref, **options: seen.append(options) or FakeEngine()
+    )
+    monkeypatch.setattr(
         async_engine, "build_engine", lambda ref, **options: seen.append(options) or FakeEngine()
     )
     serve.load_engines(["/a", "/b"], "cpu", None, threads=1)
-    assert [o["threads"] for o in seen] == [1, 1]
+    serve.load_engines(["/c"], "cpu", None, threads=2, in_process=True)
+    assert [o["threads"] for o in seen] == [1, 1, 2]
