@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from pathlib import Path
 
 from cumulo.contracts import EngineClient
@@ -91,6 +92,14 @@ def load_engines(
     return engines
 
 
+class _Stop(Exception):
+    """SIGTERM, turned into an exception so that the engines and the database are closed on the way out."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -101,17 +110,27 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env(host=args.host, port=args.port, database_url=args.database_url)
     if args.threads is not None and args.threads < 1:
         raise InvalidRequest(f"threads must be at least 1, not {args.threads}")
-    engines = load_engines(model_refs(args), args.device, args.format, args.threads, args.engine_in_process)
-    app = create_app(settings, engines)
-    created = ensure_admin_key(app.state.service)
-    if created is not None:
-        print(f"Created the admin key; it is in {created} (readable by you only) and is not shown again.")
-    names = ", ".join(f"{name} ({e.info.seal[:19]}, {e.info.device})" for name, e in engines.items())
-    print(f"Serving {names} at http://{settings.host}:{settings.port}/v1", flush=True)
+    # uvicorn shuts down gracefully on SIGTERM and SIGINT, then raises the signal again with the handler it
+    # found: ours ends the process through the `finally` below, as Ctrl-C's KeyboardInterrupt does.
+    signal.signal(signal.SIGTERM, _raise_stop)
+    engines: dict[str, EngineClient] = {}
+    app = None
     try:
+        engines = load_engines(
+            model_refs(args), args.device, args.format, args.threads, args.engine_in_process
+        )
+        app = create_app(settings, engines)
+        created = ensure_admin_key(app.state.service)
+        if created is not None:
+            print(f"Created the admin key; it is in {created} (readable by you only) and is not shown again.")
+        names = ", ".join(f"{name} ({e.info.seal[:19]}, {e.info.device})" for name, e in engines.items())
+        print(f"Serving {names} at http://{settings.host}:{settings.port}/v1", flush=True)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
+    except (_Stop, KeyboardInterrupt):
+        pass
     finally:
         for engine in engines.values():
             engine.shutdown()
-        app.state.service.db.dispose()
+        if app is not None:
+            app.state.service.db.dispose()
     return 0

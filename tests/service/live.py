@@ -36,6 +36,8 @@ class LiveServer:
     port: int = 0
     process: subprocess.Popen | None = None
     log: Path | None = None
+    model: str = MODEL  # what `--model` names
+    fake: bool = FAKE  # serve with the fake engine (tests/service/fakes.py) instead of real engine processes
 
     @property
     def url(self) -> str:
@@ -56,15 +58,15 @@ class LiveServer:
             "--port",
             str(self.port),
             "--model",
-            MODEL,
+            self.model,
             "--log-level",
             "warning",
         ]
         if self.database_url:
             args += ["--database-url", self.database_url]
-        env = {**os.environ, "CUMULO_FAKE_ENGINE": "1" if FAKE else "0", **self.env}
+        env = {**os.environ, "CUMULO_FAKE_ENGINE": "1" if self.fake else "0", **self.env}
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if not FAKE and not (self.data_dir / "models").exists():
+        if not self.fake and not (self.data_dir / "models").exists():
             from cumulo.paths import models_dir
 
             (self.data_dir / "models").symlink_to(models_dir())
