@@ -168,8 +168,7 @@ class EngineProcess:
                 return
             kind = message[0]
             if kind == "out":
-                for out in message[1]:
-                    self._deliver(out.request_id, out)
+                self._deliver_step(message[1])
             elif kind == "refused":
                 self._deliver(message[1], message[2])
             elif kind == "health":
@@ -180,6 +179,17 @@ class EngineProcess:
                 error = EngineUnavailable(f"the engine failed: {message[1]}")
                 for rid in list(self._streams):
                     self._deliver(rid, error)
+
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """One step's outputs, handed to each event loop in one call (not one wake-up per stream)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], RequestOutput]]] = {}
+        for out in outputs:
+            entry = self._streams.get(out.request_id)
+            if entry is not None:
+                by_loop.setdefault(entry[0], []).append((entry[1], out))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+                loop.call_soon_threadsafe(_put_all, items)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         entry = self._streams.get(request_id)
@@ -195,6 +205,11 @@ class EngineProcess:
         for loop, future in list(self._health_waiters.values()):
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, future, EngineHealth(ok=False, detail=why))
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Any], RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
 
 
 def _resolve(future: asyncio.Future[EngineHealth], value: EngineHealth) -> None:
