@@ -104,10 +104,12 @@ class DecodeGraph:
             return recorded is not None
 
         def add_norm(r: torch.Tensor, n: RMSNorm) -> None:  # x += r; h = n(x)
-            g.add_rms_norm(b["x"], r, n.weight.detach().to(dtype).contiguous(), b["h"], n.eps, n.offset)
+            weight = n.weight.detach().to(dtype).contiguous()
+            g.add_rms_norm(x=b["x"], r=r, weight=weight, y=b["h"], eps=n.eps, offset=n.offset)
 
         first = layers[0].input_layernorm
-        g.rms_norm(b["x"], first.weight.detach().to(dtype).contiguous(), b["h"], first.eps, first.offset)
+        weight = first.weight.detach().to(dtype).contiguous()
+        g.rms_norm(x=b["x"], weight=weight, y=b["h"], eps=first.eps, offset=first.offset)
         for i, layer in enumerate(layers):
             attn: Attention = layer.self_attn
             mlp: GatedMLP = layer.mlp
@@ -116,16 +118,17 @@ class DecodeGraph:
             if not linear(attn.qkv_proj, b["h"], b["qkv"]):
                 return None
             k_cache, v_cache = kv_cache.k[attn.layer_idx], kv_cache.v[attn.layer_idx]
-            g.rope_and_cache(b["qkv"], b["positions"], attn.rotary.cos, attn.rotary.sin, k_cache, v_cache,
-                             b["slots"], b["q"], heads, kv_heads)  # fmt: skip
-            g.attention(b["q"], k_cache, v_cache, b["tables"], b["lens"], b["attn"], attn.scale,
-                        attn.sliding_window, threads)  # fmt: skip
+            g.rope_and_cache(qkv=b["qkv"], positions=b["positions"], cos=attn.rotary.cos, sin=attn.rotary.sin,
+                             k_cache=k_cache, v_cache=v_cache, slots=b["slots"], q=b["q"], heads=heads,
+                             kv_heads=kv_heads)  # fmt: skip
+            g.attention(q=b["q"], k_cache=k_cache, v_cache=v_cache, tables=b["tables"], lens=b["lens"],
+                        out=b["attn"], scale=attn.scale, window=attn.sliding_window, threads=threads)  # fmt: skip
             if not linear(attn.o_proj, b["attn"].view(batch, heads * dim), b["o"]):
                 return None
             add_norm(b["o"], layer.post_attention_layernorm)
             if not linear(mlp.gate_up_proj, b["h"], b["gu"]):
                 return None
-            g.silu_mul(b["gu"], b["act"])
+            g.silu_mul(gate_up=b["gu"], act=b["act"])
             if not linear(mlp.down_proj, b["act"], b["d"]):
                 return None
             add_norm(b["d"], layers[i + 1].input_layernorm if i + 1 < len(layers) else final_norm)

@@ -91,7 +91,8 @@ def test_a_failing_kernel_stops_the_graph_with_its_error() -> None:
     cache = torch.zeros(1, 2, 4, 8, dtype=torch.bfloat16)
     q = torch.zeros(1, 2, 8, dtype=torch.bfloat16)
     positions = torch.tensor([9])  # outside the 4-position rotary table
-    g.rope_and_cache(qkv, positions, cos, sin, cache, cache.clone(), torch.tensor([0]), q, 2, 1)
+    g.rope_and_cache(qkv=qkv, positions=positions, cos=cos, sin=sin, k_cache=cache, v_cache=cache.clone(),
+                     slots=torch.tensor([0]), q=q, heads=2, kv_heads=1)  # fmt: skip
     with pytest.raises(ValueError, match="position is outside the rotary table"):
         g.run()
     positions[0] = 1  # the status word was cleared: the graph runs again once its input is good

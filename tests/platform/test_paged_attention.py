@@ -172,7 +172,7 @@ def fresh_kernel(monkeypatch):
 
 
 def test_failed_build_makes_kernel_unavailable_with_a_warning(fresh_kernel, monkeypatch):
-    def no_compiler(*args):
+    def no_compiler(*args, **kwargs):
         raise RuntimeError("no g++ on PATH")
 
     monkeypatch.setattr(fresh_kernel, "load", no_compiler)

@@ -12,7 +12,6 @@ the reference path; a single warning says why.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import threading
@@ -26,14 +25,8 @@ from cumulo.formats.element import E4M3FN, Kind
 from cumulo.formats.kernels import BoundKernel, register_kernel
 from cumulo.formats.packed import PackedWeight
 from cumulo.formats.scales import e8m0_to_float
-from cumulo.platform.kernels.build import (
-    SOURCE_DIR,
-    KernelLibrary,
-    address,
-    cpu_features,
-    f32_bits,
-    requires_avx2,
-)
+from cumulo.platform.kernels.abi import Kernels, Op
+from cumulo.platform.kernels.build import SOURCE_DIR, KernelLibrary, cpu_features, requires_avx2
 
 SOURCES = [SOURCE_DIR / "fp8.cpp", SOURCE_DIR / "fp4.cpp", SOURCE_DIR / "lut.cpp"]
 # The kernels take their AVX-512 paths where the CPU has them (tests turn this off to cover the AVX2 paths).
@@ -56,9 +49,6 @@ _threads: int | None = (
     int(os.environ["CUMULO_KERNEL_THREADS"]) if os.environ.get("CUMULO_KERNEL_THREADS") else None
 )
 
-_F = ctypes.c_void_p
-_I = ctypes.c_int64
-
 
 def set_kernel_threads(threads: int | None) -> None:
     """Fix the kernels' thread count (None: follow torch.get_num_threads())."""
@@ -70,72 +60,25 @@ def kernel_threads() -> int:
     return _threads or torch.get_num_threads()
 
 
-def _configure(lib: ctypes.CDLL) -> None:
-    lib.cumulo_fp8_linear.argtypes = [
-        _F,
-        _I,
-        _I,
-        _F,
-        _I,
-        _F,
-        _F,
-        _I,
-        _I,
-        _F,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-    ]
-    lib.cumulo_mxfp4_linear.argtypes = [_F, _I, _I, _F, _I, _F, _F, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    lib.cumulo_fp8_dequant.argtypes = [_F, _I, _I, _F, _F, _I, _I, _F, ctypes.c_int]
-    lib.cumulo_mxfp4_dequant.argtypes = [_F, _I, _I, _F, _F, ctypes.c_int]
-    lib.cumulo_fp8_dequant_bf16.argtypes = lib.cumulo_fp8_dequant.argtypes
-    lib.cumulo_mxfp4_dequant_bf16.argtypes = lib.cumulo_mxfp4_dequant.argtypes
-    lib.cumulo_fp8_dequant_bf16.restype = lib.cumulo_mxfp4_dequant_bf16.restype = ctypes.c_int
-    lib.cumulo_table8_linear_bf16.argtypes = [
-        _F,
-        _I,
-        _I,
-        _F,
-        _I,
-        _F,
-        _F,
-        _I,
-        _I,
-        _F,
-        ctypes.c_int,
-        _F,
-        ctypes.c_int,
-    ]
-    lib.cumulo_table8_linear_bf16.restype = ctypes.c_int
-    lib.cumulo_table8_runs.argtypes = [_I, _I]
-    lib.cumulo_table8_runs.restype = ctypes.c_int
-    lib.cumulo_lut_linear.argtypes = [_F, _I, _I, _F, _I, ctypes.c_int, _F, _F, _F, _F, ctypes.c_float, _I, _I,
-                                      _F, ctypes.c_int, ctypes.c_int, ctypes.c_int]  # fmt: skip
-    for fn in (
-        lib.cumulo_fp8_linear,
-        lib.cumulo_mxfp4_linear,
-        lib.cumulo_fp8_dequant,
-        lib.cumulo_mxfp4_dequant,
-        lib.cumulo_lut_linear,
-    ):
-        fn.restype = None
-
-
-# Built and cached like the platform's kernels (cumulo.platform.kernels.build), with the flags this source needs.
+KERNELS = [
+    "cumulo_fp8_linear", "cumulo_fp8_dequant", "cumulo_table8_linear_bf16", "cumulo_table8_takes",
+    "cumulo_mxfp4_linear", "cumulo_mxfp4_dequant", "cumulo_lut_linear",
+]  # fmt: skip
+# Built and cached like the platform's kernels (cumulo.platform.kernels.build); each kernel's arguments are the
+# ones its C source declares (cumulo.platform.kernels.abi), passed by name below.
 _kernel = KernelLibrary(
-    SOURCES, "fused CPU kernels", _configure, name="formats", requires=requires_avx2,
+    SOURCES,
+    "fused CPU kernels",
+    KERNELS,
+    name="formats",
+    requires=requires_avx2,
     fallback="using the reference path",
-)  # fmt: skip
+)
 
 
-def library() -> ctypes.CDLL | None:
+def library() -> Kernels | None:
     """The loaded kernels, or None (with one warning) when they cannot be built or run here."""
     return _kernel.get()
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def _fp8_scales(w: PackedWeight) -> tuple[torch.Tensor | None, torch.Tensor | None, int, int]:
@@ -186,50 +129,50 @@ def _dense_scratch(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[: n * k].view(n, k)
 
 
+Fused = Callable[[torch.Tensor, torch.Tensor], None]  # (x [M, K], y [M, N]) -> y written
+Dequant = Callable[[torch.Tensor, bool], int]  # (out [N, K], into bf16) -> 0, or 1 where it cannot (bf16)
+
+
+def _rows(x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The per-call arguments every fused kernel takes: rows of x in, rows of y out, the thread count."""
+    return dict(x=x, M=x.shape[0], y=y, threads=kernel_threads())
+
+
 def _call(
-    x: torch.Tensor,
-    n: int,
-    fused: Callable[..., None],
-    dequant: Callable[..., None] | None,
-    family: str | None,
+    x: torch.Tensor, n: int, fused: Fused, dequant: Dequant | None, family: str | None
 ) -> torch.Tensor | None:
     """Decode (few rows): the fused kernel, taking and giving bf16 or fp32 as x is. Prefill (many rows):
     dequantize once, then torch's GEMM, in bf16 for bf16 x where the kernels can write bf16 (else fp32);
     None (the reference path) for kernels without a C++ dequantizer."""
     if not x.is_cpu:
         return None
-    threads = kernel_threads()
     if x.shape[0] > fused_max_rows(x.dtype, family):
         if dequant is None:
             return None
         if _bf16_dequant(x.dtype, family):
             dense = _dense_scratch(n, x.shape[1], torch.bfloat16)
-            dequant(dense.data_ptr(), threads, True)
-            return F.linear(x, dense)
+            if dequant(dense, True) == 0:
+                return F.linear(x, dense)
         xc = x.to(torch.float32).contiguous()
         dense = _dense_scratch(n, xc.shape[1], torch.float32)
-        dequant(dense.data_ptr(), threads, False)
+        dequant(dense, False)
         return F.linear(xc, dense)
-    bf16 = x.dtype == torch.bfloat16
-    xc = x.contiguous() if bf16 else x.to(torch.float32).contiguous()
+    xc = x.contiguous() if x.dtype == torch.bfloat16 else x.to(torch.float32).contiguous()
     y = torch.empty((xc.shape[0], n), dtype=xc.dtype)
-    fused(xc.data_ptr(), xc.shape[0], y.data_ptr(), threads, bf16)
+    fused(xc, y)
     return y
 
 
-def _graph_op(
-    fn: Callable[..., None], args: Callable[[torch.Tensor, torch.Tensor], list[int]], family: str | None
-) -> Callable:
-    """A bound kernel's recorded form (cumulo.platform.kernels.graph): (x, y) -> (address, args) or None, for
+def _graph_op(record: Callable[[torch.Tensor, torch.Tensor], Op], family: str | None) -> Callable:
+    """A bound kernel's recorded form (cumulo.platform.kernels.graph): (x, y) -> the recorded call, or None, for
     the fused decode path only (contiguous x of at most fused_max_rows rows, y of x's dtype)."""
-    fn_address = address(fn)
 
-    def op(x: torch.Tensor, y: torch.Tensor) -> tuple[int, list[int]] | None:
+    def op(x: torch.Tensor, y: torch.Tensor) -> Op | None:
         if x.shape[0] > fused_max_rows(x.dtype, family) or not x.is_contiguous() or y.dtype != x.dtype:
             return None
         if x.dtype not in (torch.float32, torch.bfloat16):
             return None
-        return fn_address, args(x, y)
+        return record(x, y)
 
     return op
 
@@ -240,42 +183,20 @@ def bind_fp8(w: PackedWeight) -> BoundKernel | None:
     f32, e8, bn, bk = _fp8_scales(w)
     if lib is None or w.device.type != "cpu" or (bk != k and bk % 16):
         return None
-    codes = w.codes.contiguous()
-    keep = (codes, f32, e8)  # the closures below hold these alive while they use their pointers
-    pc, pf, pe = _ptr(codes), _ptr(f32), _ptr(e8)
+    weight = dict(K=k, codes=w.codes.contiguous(), N=n, scales_f32=f32, scales_e8m0=e8, bn=bn, bk=bk)
+    linear = lib.cumulo_fp8_linear.partial(**weight)
+    dequant_into = lib.cumulo_fp8_dequant.partial(**weight)
 
-    def fused(px: int, m: int, py: int, threads: int, bf16: bool) -> None:
-        lib.cumulo_fp8_linear(px, m, k, pc, n, pf, pe, bn, bk, py, threads, int(USE_AVX512), bf16)
+    def args(x: torch.Tensor, y: torch.Tensor) -> dict:
+        return dict(_rows(x, y), wide_ok=USE_AVX512, bf16=x.dtype == torch.bfloat16)
 
-    def dequant(pout: int, threads: int, bf16: bool) -> None:
-        """Into bf16 (where dequantizes_into_bf16) or fp32 at pout."""
-        if bf16:
-            lib.cumulo_fp8_dequant_bf16(pc, n, k, pf, pe, bn, bk, pout, threads)
-        else:
-            lib.cumulo_fp8_dequant(pc, n, k, pf, pe, bn, bk, pout, threads)
+    def dequant(out: torch.Tensor, bf16: bool) -> int:
+        return dequant_into(out=out, threads=kernel_threads(), bf16=bf16)
 
-    def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
-        return _call(x, n, fused, dequant, "fp8")
+    def run(x: torch.Tensor) -> torch.Tensor | None:
+        return _call(x, n, lambda x, y: linear(**args(x, y)), dequant, "fp8")
 
-    run.graph_op = _graph_op(  # type: ignore[attr-defined]
-        lib.cumulo_fp8_linear_op,
-        lambda x, y: [
-            x.data_ptr(),
-            x.shape[0],
-            k,
-            pc,
-            n,
-            pf or 0,
-            pe or 0,
-            bn,
-            bk,
-            y.data_ptr(),
-            kernel_threads(),
-            int(USE_AVX512),
-            int(x.dtype == torch.bfloat16),
-        ],  # fmt: skip
-        family="fp8",
-    )
+    run.graph_op = _graph_op(lambda x, y: linear.op(**args(x, y)), "fp8")  # type: ignore[attr-defined]
     return run
 
 
@@ -285,38 +206,20 @@ def bind_mxfp4(w: PackedWeight) -> BoundKernel | None:
     if lib is None or w.device.type != "cpu" or k % 32:
         return None
     assert w.scales is not None
-    codes, scales = w.codes.contiguous(), w.scales.contiguous()
-    keep = (codes, scales)
-    pc, ps = _ptr(codes), _ptr(scales)
+    weight = dict(K=k, codes=w.codes.contiguous(), N=n, scales=w.scales.contiguous())
+    linear = lib.cumulo_mxfp4_linear.partial(**weight)
+    dequant_into = lib.cumulo_mxfp4_dequant.partial(**weight)
 
-    def fused(px: int, m: int, py: int, threads: int, bf16: bool) -> None:
-        lib.cumulo_mxfp4_linear(px, m, k, pc, n, ps, py, threads, bf16, int(USE_AVX512))
+    def args(x: torch.Tensor, y: torch.Tensor) -> dict:
+        return dict(_rows(x, y), bf16=x.dtype == torch.bfloat16, wide_ok=USE_AVX512)
 
-    def dequant(pout: int, threads: int, bf16: bool) -> None:
-        if bf16:
-            lib.cumulo_mxfp4_dequant_bf16(pc, n, k, ps, pout, threads)
-        else:
-            lib.cumulo_mxfp4_dequant(pc, n, k, ps, pout, threads)
+    def dequant(out: torch.Tensor, bf16: bool) -> int:
+        return dequant_into(out=out, threads=kernel_threads(), bf16=bf16)
 
-    def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
-        return _call(x, n, fused, dequant, "mxfp4")
+    def run(x: torch.Tensor) -> torch.Tensor | None:
+        return _call(x, n, lambda x, y: linear(**args(x, y)), dequant, "mxfp4")
 
-    run.graph_op = _graph_op(  # type: ignore[attr-defined]
-        lib.cumulo_mxfp4_linear_op,
-        lambda x, y: [
-            x.data_ptr(),
-            x.shape[0],
-            k,
-            pc,
-            n,
-            ps,
-            y.data_ptr(),
-            kernel_threads(),
-            int(x.dtype == torch.bfloat16),
-            int(USE_AVX512),
-        ],  # fmt: skip
-        family="mxfp4",
-    )
+    run.graph_op = _graph_op(lambda x, y: linear.op(**args(x, y)), "mxfp4")  # type: ignore[attr-defined]
     return run
 
 
@@ -368,40 +271,36 @@ def bind_lut(w: PackedWeight) -> BoundKernel | None:
     table8 = elem.bits == 8 and scheme.scale != "nvfp4" and _bf16_table(lut, twos)
     mags = (lut[:128].abs() if twos else lut[:128]).contiguous() if table8 else None
     e8m0 = scale_codes if scheme.scale.startswith("e8m0") else None
-    keep = (codes, lut, scale_f32, scale_codes, scale_lut, mags, e8m0)
-    ptrs = [_ptr(t) for t in keep]
-    mode = 0 if elem.kind is Kind.INT else elem.bits  # 0: MX INT8, decoded arithmetically
+    weight = dict(K=k, codes=codes, N=n, bn=bn, bk=bk)
+    lut_linear = lib.cumulo_lut_linear.partial(
+        **weight, bits=0 if elem.kind is Kind.INT else elem.bits,  # 0: MX INT8, decoded arithmetically
+        lut=lut, scales_f32=scale_f32, scale_codes=scale_codes, scale_lut=scale_lut, scale_mul=scale_mul,
+    )  # fmt: skip
+    table_linear = None
+    if mags is not None:
+        table_linear = lib.cumulo_table8_linear_bf16.partial(
+            **weight, scales_f32=scale_f32, scales_e8m0=e8m0, mags=mags, twos=twos
+        )
+    table_takes = table_linear is not None and lib.cumulo_table8_takes(K=k, bk=bk) == 1
 
-    def fused(px: int, m: int, py: int, threads: int, bf16: bool) -> None:
-        if bf16 and mags is not None and USE_AVX512:
-            if lib.cumulo_table8_linear_bf16(px, m, k, ptrs[0], n, ptrs[2], ptrs[6], bn, bk, py, threads, ptrs[5],
-                                             twos):  # fmt: skip
+    def lut_args(x: torch.Tensor, y: torch.Tensor) -> dict:
+        return dict(_rows(x, y), bf16=x.dtype == torch.bfloat16, wide_ok=USE_AVX512)
+
+    def fused(x: torch.Tensor, y: torch.Tensor) -> None:
+        if table_linear is not None and x.dtype == torch.bfloat16 and USE_AVX512:
+            if table_linear(**_rows(x, y)) == 0:
                 return
-        lib.cumulo_lut_linear(px, m, k, ptrs[0], n, mode, ptrs[1], ptrs[2], ptrs[3], ptrs[4], scale_mul, bn, bk, py,
-                              threads, bf16, int(USE_AVX512))  # fmt: skip
+        lut_linear(**lut_args(x, y))
 
-    def run(x: torch.Tensor, _keep: tuple = keep) -> torch.Tensor | None:
+    def run(x: torch.Tensor) -> torch.Tensor | None:
         return _call(x, n, fused, None, None)
 
-    def lut_args(x: torch.Tensor, y: torch.Tensor) -> list[int]:
-        return [x.data_ptr(), x.shape[0], k, ptrs[0], n, mode, ptrs[1], ptrs[2] or 0, ptrs[3] or 0, ptrs[4] or 0,
-                f32_bits(scale_mul), bn, bk, y.data_ptr(), kernel_threads(), int(x.dtype == torch.bfloat16),
-                int(USE_AVX512)]  # fmt: skip
+    def record(x: torch.Tensor, y: torch.Tensor) -> Op:
+        if table_linear is not None and table_takes and x.dtype == torch.bfloat16 and USE_AVX512:
+            return table_linear.op(**_rows(x, y))
+        return lut_linear.op(**lut_args(x, y))
 
-    def table_args(x: torch.Tensor, y: torch.Tensor) -> list[int]:
-        return [x.data_ptr(), x.shape[0], k, ptrs[0], n, ptrs[2] or 0, ptrs[6] or 0, bn, bk, y.data_ptr(),
-                kernel_threads(), ptrs[5], int(twos)]  # fmt: skip
-
-    lut_op = _graph_op(lib.cumulo_lut_linear_op, lut_args, family=None)
-    table_op = _graph_op(lib.cumulo_table8_linear_bf16_op, table_args, family=None)
-
-    def graph_op(x: torch.Tensor, y: torch.Tensor) -> tuple[int, list[int]] | None:
-        table = (
-            mags is not None and x.dtype == torch.bfloat16 and USE_AVX512 and lib.cumulo_table8_runs(k, bk)
-        )
-        return table_op(x, y) if table else lut_op(x, y)
-
-    run.graph_op = graph_op  # type: ignore[attr-defined]
+    run.graph_op = _graph_op(record, family=None)  # type: ignore[attr-defined]
     return run
 
 

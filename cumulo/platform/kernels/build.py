@@ -19,7 +19,6 @@ import os
 import platform
 import re
 import shutil
-import struct
 import subprocess
 import tempfile
 import threading
@@ -27,6 +26,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from cumulo.platform.kernels.abi import Kernels
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +123,14 @@ class KernelLibrary:
     """Kernel sources built into one library and loaded on first use. `get()` is the loaded library, or None
     after one warning ("<what> unavailable (<reason>); <fallback>", kept in `reason`) where it cannot be:
     `requires()` gives a reason (a CPU without the instructions the sources need), there is no compiler, or the
-    build fails. With CUMULO_DISABLE_CPU_KERNELS set it is None without a warning. `configure` checks or sets up
-    the loaded library (an AttributeError there, a missing symbol, makes it unavailable too)."""
+    build fails. With CUMULO_DISABLE_CPU_KERNELS set it is None without a warning. Loaded, it offers the named
+    `kernels` (abi.Kernels), each with the arguments the library declares; a missing one makes it unavailable."""
 
     def __init__(
         self,
         sources: Path | Sequence[Path],
         what: str,
-        configure: Callable[[ctypes.CDLL], None] = lambda lib: None,
+        kernels: Sequence[str],
         *,
         name: str | None = None,
         requires: Callable[[], str | None] = lambda: None,
@@ -138,22 +139,22 @@ class KernelLibrary:
         loader: Callable[..., ctypes.CDLL] | None = None,
         warn: bool = True,
     ) -> None:
-        self.sources, self.what, self.configure, self.name = _as_list(sources), what, configure, name
+        self.sources, self.what, self.kernels, self.name = _as_list(sources), what, tuple(kernels), name
         self.requires, self.flags, self.fallback, self.warn = requires, flags, fallback, warn
         self.loader = loader or load
         self.reason: str | None = None
-        self._lib: ctypes.CDLL | None = None
+        self._lib: Kernels | None = None
         self._tried = False
         self._lock = threading.Lock()
 
     def fresh(self) -> KernelLibrary:
         """The same library, not loaded yet (tests use it to start over)."""
         return KernelLibrary(
-            self.sources, self.what, self.configure, name=self.name, requires=self.requires, flags=self.flags,
+            self.sources, self.what, self.kernels, name=self.name, requires=self.requires, flags=self.flags,
             fallback=self.fallback, loader=self.loader, warn=self.warn,
         )  # fmt: skip
 
-    def get(self) -> ctypes.CDLL | None:
+    def get(self) -> Kernels | None:
         if self._tried:
             return self._lib
         with self._lock:
@@ -164,10 +165,8 @@ class KernelLibrary:
                     reason = self.requires()
                     if reason:
                         raise RuntimeError(reason)
-                    lib = self.loader(self.sources, self.flags, self.name)
-                    self.configure(lib)
-                    self._lib = lib
-                except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
+                    self._lib = Kernels(self.loader(self.sources, self.flags, self.name), self.kernels)
+                except (OSError, RuntimeError, AttributeError, ValueError, subprocess.SubprocessError) as exc:
                     self.reason = str(exc)
                     if self.warn:
                         warnings.warn(f"{self.what} unavailable ({exc}); {self.fallback}", stacklevel=3)
@@ -185,24 +184,28 @@ class CpuFeatures:
     avx512_bf16: bool = False  # vdpbf16ps and vcvtneps2bf16 (with avx512)
 
 
-def _configure_probe(lib: ctypes.CDLL) -> None:
-    lib.cumulo_cpu_features.restype = ctypes.c_int64
-
-
 # The probe builds with the portable flags: it must run on any CPU, before the flags for this one are known.
 _probe = KernelLibrary(
-    SOURCE_DIR / "cpu_features.cpp", "CPU feature probe", _configure_probe, flags=BASE_FLAGS, warn=False
+    SOURCE_DIR / "cpu_features.cpp",
+    "CPU feature probe",
+    ["cumulo_cpu_features"],
+    flags=BASE_FLAGS,
+    warn=False,
 )
 _features: CpuFeatures | None = None
 
 
 def cpu_features() -> CpuFeatures:
     """The one place Python asks the CPU-feature probe (asked once; the bits are cpu_features.h's). Build
-    flags, each library's requirements and the kernels' Python-side path choices all read it."""
+    flags, each library's requirements and the kernels' Python-side path choices all read it.
+
+    TODO: `CpuPlatform.supports_dtype` (platform/cpu.py, being reworked by another change) still reads
+    /proc/cpuinfo for its dtype hint (bf16 where AVX512-BF16 or AMX); on x86 it could ask this instead, keeping
+    /proc/cpuinfo for Arm's flags and for machines without a compiler."""
     global _features
     if _features is None:
         lib = _probe.get()
-        bits = int(lib.cumulo_cpu_features()) if lib is not None else 0
+        bits = lib.cumulo_cpu_features() if lib is not None else 0
         _features = CpuFeatures(*(bool(bits & 1 << i) for i in range(4)))
     return _features
 
@@ -212,13 +215,3 @@ def requires_avx2() -> str | None:
     if cpu_features().avx2:
         return None
     return f"no CPU feature probe: {_probe.reason}" if _probe.reason else "this CPU lacks AVX2/FMA/F16C"
-
-
-def address(fn: Callable) -> int:
-    """A loaded C function's address, for a decode-graph op record (cumulo.platform.kernels.graph)."""
-    return ctypes.cast(fn, ctypes.c_void_p).value or 0
-
-
-def f32_bits(value: float) -> int:
-    """An fp32 argument as the int64 the C op forms read it from (its IEEE bit pattern)."""
-    return struct.unpack("=I", struct.pack("=f", value))[0]

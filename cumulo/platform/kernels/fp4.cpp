@@ -4,8 +4,8 @@
 //
 // Each weight byte (two codes) is read once and decoded in registers (elements.h): on AVX2 through a 16-entry
 // byte table of 2 x value with pshufb, the 1/2 folded into the E8M0 block scale; with bf16 x on AVX512-BF16
-// through tables of the exact bf16 of each code, multiplied with vdpbf16ps. Plain C ABI (called through ctypes),
-// OpenMP over output rows.
+// through tables of the exact bf16 of each code, multiplied with vdpbf16ps. Entry points as kernel.h declares
+// them, OpenMP over output rows.
 
 #include <omp.h>
 #include <stdint.h>
@@ -14,6 +14,7 @@
 #include "bf16.h"
 #include "cpu_features.h"
 #include "elements.h"
+#include "kernel.h"
 #include "simd.h"
 
 namespace {
@@ -234,45 +235,42 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void mxfp4_dequa
 
 }  // namespace
 
-extern "C" {
-
-// x [M, K] and y [M, N]: fp32, or bf16 when bf16 = 1. wide_ok = 0 keeps the AVX2 path (tests use it).
-void cumulo_mxfp4_linear(const void* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
-                         const uint8_t* scales, void* y, int nthreads, int bf16, int wide_ok) {
-    if (bf16 && wide_ok && cumulo_cpu::avx512_bf16_vbmi()) {
-        mxfp4_linear_bf16((const uint16_t*)x, M, K, codes, N, scales, (uint16_t*)y, nthreads);
-        return;
+// y = x W^T. x [M, K] and y [M, N]: fp32, or bf16 when bf16 = 1. wide_ok = 0 keeps the AVX2 path (tests).
+#define CUMULO_MXFP4_LINEAR(X)                                                                             \
+    X(const void*, x) X(int64_t, M) X(int64_t, K) X(const uint8_t*, codes) X(int64_t, N) X(const uint8_t*, scales) \
+        X(void*, y) X(int, threads) X(int, bf16) X(int, wide_ok)
+CUMULO_KERNEL(cumulo_mxfp4_linear, CUMULO_MXFP4_LINEAR) {
+    if (a.bf16 && a.wide_ok && cumulo_cpu::avx512_bf16_vbmi()) {
+        mxfp4_linear_bf16((const uint16_t*)a.x, a.M, a.K, a.codes, a.N, a.scales, (uint16_t*)a.y, a.threads);
+        return 0;
     }
     Bf16Io io;
-    const float* xf = io.x(x, M * K, bf16);
-    float* yf = io.y(y, M * N, bf16);
-    mxfp4_linear_f32(xf, M, K, codes, N, scales, yf, nthreads);
-    io.finish(y, M * N, bf16);
+    const float* xf = io.x(a.x, a.M * a.K, a.bf16);
+    float* yf = io.y(a.y, a.M * a.N, a.bf16);
+    mxfp4_linear_f32(xf, a.M, a.K, a.codes, a.N, a.scales, yf, a.threads);
+    io.finish(a.y, a.M * a.N, a.bf16);
+    return 0;
 }
 
-// Dequantize into fp32 [N, K] (the prefill path: then one sgemm).
-void cumulo_mxfp4_dequant(const uint8_t* codes, int64_t N, int64_t K, const uint8_t* scales, float* out,
-                          int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
+// Dequantize into out [N, K]: fp32 (the prefill path: then one sgemm), or bf16 with bf16 = 1 where the CPU has
+// AVX512-BF16 (else returns 1, nothing written).
+#define CUMULO_MXFP4_DEQUANT(X)                                                                         \
+    X(const uint8_t*, codes) X(int64_t, N) X(int64_t, K) X(const uint8_t*, scales) X(void*, out) X(int, threads) \
+        X(int, bf16)
+CUMULO_KERNEL(cumulo_mxfp4_dequant, CUMULO_MXFP4_DEQUANT) {
+    const int64_t N = a.N, K = a.K;
+    if (a.bf16) {
+        if (!cumulo_cpu::avx512_bf16() || K % 32) return 1;
+        mxfp4_dequant_bf16(a.codes, N, K, a.scales, (uint16_t*)a.out, a.threads);
+        return 0;
+    }
+    const uint8_t *codes = a.codes, *scales = a.scales;
+    float* out = (float*)a.out;
+#pragma omp parallel for num_threads(a.threads) schedule(dynamic, 16)
     for (int64_t n = 0; n < N; ++n)
         for (int64_t k = 0; k < K; ++k) {
             const uint8_t byte = codes[n * (K / 2) + k / 2];
             out[n * K + k] = kE2M1[k & 1 ? byte >> 4 : byte & 0xF] * e8m0_value(scales[n * (K / 32) + k / 32]);
         }
+    return 0;
 }
-
-// The same into bf16 [N, K], where the CPU has AVX512-BF16; 0 (nothing written) where it has not.
-int cumulo_mxfp4_dequant_bf16(const uint8_t* codes, int64_t N, int64_t K, const uint8_t* scales, uint16_t* out,
-                              int nthreads) {
-    if (!cumulo_cpu::avx512_bf16() || K % 32) return 0;
-    mxfp4_dequant_bf16(codes, N, K, scales, out, nthreads);
-    return 1;
-}
-
-// The decode-graph form (cumulo.platform.kernels.graph): the arguments above in one int64 array.
-void cumulo_mxfp4_linear_op(const int64_t* a) {
-    cumulo_mxfp4_linear((const void*)a[0], a[1], a[2], (const uint8_t*)a[3], a[4], (const uint8_t*)a[5],
-                        (void*)a[6], (int)a[7], (int)a[8], (int)a[9]);
-}
-
-}  // extern "C"

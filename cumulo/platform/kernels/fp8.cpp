@@ -9,7 +9,7 @@
 // - bf16 x on AVX512-BF16 + VBMI: codes looked up as exact bf16 and multiplied with vdpbf16ps, 32 products per
 //   instruction (also HiF8 and MX INT8, through their own byte tables: cumulo_table8_linear_bf16).
 // Block scales are fp32 or E8M0 bytes [ceil(N / bn), ceil(K / bk)]; bk is a multiple of 16, or K itself.
-// Plain C ABI (called through ctypes), OpenMP over output rows.
+// Entry points as kernel.h declares them (called through ctypes), OpenMP over output rows.
 
 #include <math.h>
 #include <omp.h>
@@ -19,6 +19,7 @@
 #include "bf16.h"
 #include "cpu_features.h"
 #include "elements.h"
+#include "kernel.h"
 #include "simd.h"
 
 namespace {
@@ -387,76 +388,73 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void fp8_dequant
 
 }  // namespace
 
-extern "C" {
-
-// x [M, K] and y [M, N]: fp32, or bf16 when bf16 = 1; codes [N, K] E4M3; scales fp32 (scales_f32) or E8M0
-// (scales_e8m0; pass the other as null). wide_ok = 0 keeps the AVX2 path (tests use it).
-void cumulo_fp8_linear(const void* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
-                       const float* scales_f32, const uint8_t* scales_e8m0, int64_t bn, int64_t bk, void* y,
-                       int nthreads, int wide_ok, int bf16) {
-    const Scales sc{scales_f32, scales_e8m0, (K + bk - 1) / bk};
-    if (bf16 && wide_ok && cumulo_cpu::avx512_bf16_vbmi()) {
-        if (fp8_linear_bf16((const uint16_t*)x, M, K, codes, N, sc, bn, bk, (uint16_t*)y, nthreads)) return;
+// y = x W^T. x [M, K] and y [M, N]: fp32, or bf16 when bf16 = 1; codes [N, K] E4M3; scales fp32 (scales_f32)
+// or E8M0 (scales_e8m0; the other null). wide_ok = 0 keeps the AVX2 path (tests use it).
+#define CUMULO_FP8_LINEAR(X)                                                                                   \
+    X(const void*, x) X(int64_t, M) X(int64_t, K) X(const uint8_t*, codes) X(int64_t, N) X(const float*, scales_f32) \
+        X(const uint8_t*, scales_e8m0) X(int64_t, bn) X(int64_t, bk) X(void*, y) X(int, threads) X(int, wide_ok)     \
+            X(int, bf16)
+CUMULO_KERNEL(cumulo_fp8_linear, CUMULO_FP8_LINEAR) {
+    const int64_t M = a.M, K = a.K, N = a.N;
+    const Scales sc{a.scales_f32, a.scales_e8m0, (K + a.bk - 1) / a.bk};
+    if (a.bf16 && a.wide_ok && cumulo_cpu::avx512_bf16_vbmi()) {
+        if (fp8_linear_bf16((const uint16_t*)a.x, M, K, a.codes, N, sc, a.bn, a.bk, (uint16_t*)a.y, a.threads))
+            return 0;
     }
     Bf16Io io;
-    const float* xf = io.x(x, M * K, bf16);
-    float* yf = io.y(y, M * N, bf16);
-    if (wide_ok && cumulo_cpu::avx512()) fp8_rows<Fp8Avx512>(xf, M, K, codes, N, sc, bn, bk, yf, nthreads);
-    else fp8_rows<Fp8Avx2>(xf, M, K, codes, N, sc, bn, bk, yf, nthreads);
-    io.finish(y, M * N, bf16);
+    const float* xf = io.x(a.x, M * K, a.bf16);
+    float* yf = io.y(a.y, M * N, a.bf16);
+    if (a.wide_ok && cumulo_cpu::avx512()) fp8_rows<Fp8Avx512>(xf, M, K, a.codes, N, sc, a.bn, a.bk, yf, a.threads);
+    else fp8_rows<Fp8Avx2>(xf, M, K, a.codes, N, sc, a.bn, a.bk, yf, a.threads);
+    io.finish(a.y, M * N, a.bf16);
+    return 0;
 }
 
-// Dequantize E4M3 codes [N, K] with block scales into fp32 [N, K] (the prefill path: then one sgemm).
-void cumulo_fp8_dequant(const uint8_t* codes, int64_t N, int64_t K, const float* scales_f32,
-                        const uint8_t* scales_e8m0, int64_t bn, int64_t bk, float* out, int nthreads) {
-    const Scales sc{scales_f32, scales_e8m0, (K + bk - 1) / bk};
+// Dequantize E4M3 codes [N, K] with block scales (as above) into out [N, K]: fp32 (the prefill path: then one
+// sgemm), or bf16 with bf16 = 1 where the CPU has AVX512-BF16 (else returns 1, nothing written).
+#define CUMULO_FP8_DEQUANT(X)                                                                                   \
+    X(const uint8_t*, codes) X(int64_t, N) X(int64_t, K) X(const float*, scales_f32) X(const uint8_t*, scales_e8m0) \
+        X(int64_t, bn) X(int64_t, bk) X(void*, out) X(int, threads) X(int, bf16)
+CUMULO_KERNEL(cumulo_fp8_dequant, CUMULO_FP8_DEQUANT) {
+    const int64_t N = a.N, K = a.K, bn = a.bn, bk = a.bk;
+    const Scales sc{a.scales_f32, a.scales_e8m0, (K + bk - 1) / bk};
+    if (a.bf16) {
+        if (!cumulo_cpu::avx512_bf16()) return 1;
+        fp8_dequant_bf16(a.codes, N, K, sc, bn, bk, (uint16_t*)a.out, a.threads);
+        return 0;
+    }
+    const uint8_t* codes = a.codes;
+    float* out = (float*)a.out;
     float table[256];
     for (int c = 0; c < 256; ++c) table[c] = e4m3_value((uint8_t)c);
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
+#pragma omp parallel for num_threads(a.threads) schedule(dynamic, 16)
     for (int64_t n = 0; n < N; ++n)
         for (int64_t k0 = 0; k0 < K; k0 += bk) {
             const float s = sc.at(n / bn, k0 / bk);
             for (int64_t k = k0; k < k0 + bk && k < K; ++k) out[n * K + k] = table[codes[n * K + k]] * s;
         }
+    return 0;
 }
 
-// The same into bf16 [N, K], where the CPU has AVX512-BF16; 0 (nothing written) where it has not.
-int cumulo_fp8_dequant_bf16(const uint8_t* codes, int64_t N, int64_t K, const float* scales_f32,
-                            const uint8_t* scales_e8m0, int64_t bn, int64_t bk, uint16_t* out, int nthreads) {
-    if (!cumulo_cpu::avx512_bf16()) return 0;
-    fp8_dequant_bf16(codes, N, K, Scales{scales_f32, scales_e8m0, (K + bk - 1) / bk}, bn, bk, out, nthreads);
-    return 1;
+// Other 8-bit elements through the FP8 bf16 kernel (codes looked up as exact bf16): HiF8 (sign-magnitude, its 128
+// magnitudes all fit bf16's 8 significant bits) and MX INT8 (twos = 1: two's complement, looked up by magnitude).
+// bf16 x and y; mags: the value of each magnitude code; the rest as cumulo_fp8_linear's. Returns 1 (nothing
+// written) where this CPU lacks AVX512-BF16 + VBMI or the blocks are of a shape the kernel does not take
+// (cumulo_table8_takes); the caller then uses the LUT kernel (lut.cpp).
+#define CUMULO_TABLE8_LINEAR_BF16(X)                                                                           \
+    X(const void*, x) X(int64_t, M) X(int64_t, K) X(const uint8_t*, codes) X(int64_t, N) X(const float*, scales_f32) \
+        X(const uint8_t*, scales_e8m0) X(int64_t, bn) X(int64_t, bk) X(void*, y) X(int, threads)                    \
+            X(const float*, mags) X(int, twos)
+CUMULO_KERNEL(cumulo_table8_linear_bf16, CUMULO_TABLE8_LINEAR_BF16) {
+    if (!cumulo_cpu::avx512_bf16_vbmi()) return 1;
+    const Scales sc{a.scales_f32, a.scales_e8m0, (a.K + a.bk - 1) / a.bk};
+    const bool done = fp8_linear_bf16((const uint16_t*)a.x, a.M, a.K, a.codes, a.N, sc, a.bn, a.bk, (uint16_t*)a.y,
+                                      a.threads, a.mags, a.twos != 0);
+    return done ? 0 : 1;
 }
 
-// Other 8-bit elements through the FP8 bf16 kernel (codes looked up as exact bf16): HiF8 (sign-magnitude,
-// its 128 magnitudes all fit bf16's 8 significant bits) and MX INT8 (twos = 1: two's complement, looked up by
-// magnitude). mags: the value of each magnitude code; scales as cumulo_fp8_linear's. Returns 0 (nothing
-// written) where this CPU lacks AVX512-BF16 + VBMI or the blocks are of a shape the kernel does not take; the
-// caller then uses the LUT kernel (lut.cpp).
-int cumulo_table8_linear_bf16(const void* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
-                              const float* scales_f32, const uint8_t* scales_e8m0, int64_t bn, int64_t bk, void* y,
-                              int nthreads, const float* mags, int twos) {
-    if (!cumulo_cpu::avx512_bf16_vbmi()) return 0;
-    const Scales sc{scales_f32, scales_e8m0, (K + bk - 1) / bk};
-    const bool done = fp8_linear_bf16((const uint16_t*)x, M, K, codes, N, sc, bn, bk, (uint16_t*)y, nthreads, mags,
-                                      twos != 0);
-    return done ? 1 : 0;
+// 1 where cumulo_table8_linear_bf16 runs for this K and column block (a decode graph records it then), else 0.
+#define CUMULO_TABLE8_TAKES(X) X(int64_t, K) X(int64_t, bk)
+CUMULO_KERNEL(cumulo_table8_takes, CUMULO_TABLE8_TAKES) {
+    return cumulo_cpu::avx512_bf16_vbmi() && bf16_takes(a.K, a.bk);
 }
-
-// 1 where cumulo_table8_linear_bf16 runs for this K and column block (a decode graph records it then).
-int cumulo_table8_runs(int64_t K, int64_t bk) { return cumulo_cpu::avx512_bf16_vbmi() && bf16_takes(K, bk); }
-
-// The decode-graph forms (cumulo.platform.kernels.graph): one int64 array holding the arguments above in order
-// (pointers as integers).
-void cumulo_fp8_linear_op(const int64_t* a) {
-    cumulo_fp8_linear((const void*)a[0], a[1], a[2], (const uint8_t*)a[3], a[4], (const float*)a[5],
-                      (const uint8_t*)a[6], a[7], a[8], (void*)a[9], (int)a[10], (int)a[11], (int)a[12]);
-}
-
-void cumulo_table8_linear_bf16_op(const int64_t* a) {
-    cumulo_table8_linear_bf16((const void*)a[0], a[1], a[2], (const uint8_t*)a[3], a[4], (const float*)a[5],
-                              (const uint8_t*)a[6], a[7], a[8], (void*)a[9], (int)a[10], (const float*)a[11],
-                              (int)a[12]);
-}
-
-}  // extern "C"

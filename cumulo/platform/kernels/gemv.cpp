@@ -13,7 +13,8 @@
 // - otherwise AVX2: one weight row against up to kRows rows of x; bf16 widened to fp32 by a shift (exact).
 // The path is chosen at run time (cpu_features.h), so one build runs on any x86-64 with AVX2.
 // bf16 outputs are fp32 sums rounded once to bf16 (round to nearest even), as a bf16 GEMM with fp32
-// accumulation does. OpenMP over weight rows (the libgomp torch has loaded). Plain C ABI, called through ctypes.
+// accumulation does. OpenMP over weight rows (the libgomp torch has loaded). Entry points as kernel.h declares
+// them.
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -21,6 +22,7 @@
 
 #include "bf16.h"
 #include "cpu_features.h"
+#include "kernel.h"
 #include "simd.h"
 
 namespace {
@@ -216,34 +218,26 @@ void linear_rows(const T* x, int64_t M, int64_t K, int64_t xs, const T* w, int64
 
 }  // namespace
 
-extern "C" {
-
-// x bf16 [M, K] with row stride xs; w bf16 [N, K] with row stride ws; bias bf16 [N] or null; y [M, N] bf16, or
-// fp32 with y_fp32 = 1 (an output head's logits, unrounded).
-// path: -1 the best this CPU has, 0 AVX2 (tests use it to cover the fallback on AVX-512 machines).
-void cumulo_bf16_linear(const uint16_t* x, int64_t M, int64_t K, int64_t xs, const uint16_t* w, int64_t N,
-                        int64_t ws, const uint16_t* bias, void* y, int nthreads, int path, int y_fp32) {
-    if (path != 0 && cumulo_cpu::avx512_bf16()) linear_tiled<Bf16Ops>(x, M, K, xs, w, N, ws, bias, y, nthreads, y_fp32);
-    else linear_rows(x, M, K, xs, w, N, ws, bias, y, nthreads, y_fp32 != 0);
+// x [M, K] with row stride xs; w [N, K] with row stride ws; bias [N] or null; y [M, N] (rows contiguous).
+// cumulo_bf16_linear: x, w, bias bf16; y bf16, or fp32 with y_fp32 = 1 (an output head's logits, unrounded).
+// cumulo_f32_linear: all fp32. path: -1 the best this CPU has, 0 AVX2 (tests use it to cover the fallback on
+// AVX-512 machines).
+#define CUMULO_BF16_LINEAR(X)                                                                              \
+    X(const uint16_t*, x) X(int64_t, M) X(int64_t, K) X(int64_t, xs) X(const uint16_t*, w) X(int64_t, N)    \
+        X(int64_t, ws) X(const uint16_t*, bias) X(void*, y) X(int, threads) X(int, path) X(int, y_fp32)
+CUMULO_KERNEL(cumulo_bf16_linear, CUMULO_BF16_LINEAR) {
+    if (a.path != 0 && cumulo_cpu::avx512_bf16())
+        linear_tiled<Bf16Ops>(a.x, a.M, a.K, a.xs, a.w, a.N, a.ws, a.bias, a.y, a.threads, a.y_fp32);
+    else linear_rows(a.x, a.M, a.K, a.xs, a.w, a.N, a.ws, a.bias, a.y, a.threads, a.y_fp32 != 0);
+    return 0;
 }
 
-// The same for fp32 x, w, bias and y.
-void cumulo_f32_linear(const float* x, int64_t M, int64_t K, int64_t xs, const float* w, int64_t N, int64_t ws,
-                       const float* bias, float* y, int nthreads, int path) {
-    if (path != 0 && cumulo_cpu::avx512()) linear_tiled<F32Ops>(x, M, K, xs, w, N, ws, bias, y, nthreads, true);
-    else linear_rows(x, M, K, xs, w, N, ws, bias, y, nthreads, true);
+#define CUMULO_F32_LINEAR(X)                                                                                  \
+    X(const float*, x) X(int64_t, M) X(int64_t, K) X(int64_t, xs) X(const float*, w) X(int64_t, N) X(int64_t, ws) \
+        X(const float*, bias) X(float*, y) X(int, threads) X(int, path)
+CUMULO_KERNEL(cumulo_f32_linear, CUMULO_F32_LINEAR) {
+    if (a.path != 0 && cumulo_cpu::avx512())
+        linear_tiled<F32Ops>(a.x, a.M, a.K, a.xs, a.w, a.N, a.ws, a.bias, a.y, a.threads, true);
+    else linear_rows(a.x, a.M, a.K, a.xs, a.w, a.N, a.ws, a.bias, a.y, a.threads, true);
+    return 0;
 }
-
-// The decode-graph forms (cumulo.platform.kernels.graph): a = {x, M, K, xs, w, N, ws, bias, y, threads, y_fp32};
-// the fp32 one ignores y_fp32.
-void cumulo_bf16_linear_op(const int64_t* a) {
-    cumulo_bf16_linear((const uint16_t*)a[0], a[1], a[2], a[3], (const uint16_t*)a[4], a[5], a[6],
-                       (const uint16_t*)a[7], (void*)a[8], (int)a[9], -1, (int)a[10]);
-}
-
-void cumulo_f32_linear_op(const int64_t* a) {
-    cumulo_f32_linear((const float*)a[0], a[1], a[2], a[3], (const float*)a[4], a[5], a[6], (const float*)a[7],
-                      (float*)a[8], (int)a[9], -1);
-}
-
-}  // extern "C"

@@ -8,12 +8,12 @@ for prefill, where oneDNN's GEMM is compute-bound and uses the CPU's matrix unit
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import torch
 
-from cumulo.platform.kernels.build import KernelLibrary, address, cpu_features, requires_avx2
+from cumulo.platform.kernels.abi import Kernels, Op
+from cumulo.platform.kernels.build import KernelLibrary, cpu_features, requires_avx2
 
 SOURCE = Path(__file__).with_name("gemv.cpp")
 # Above this many rows the matmul is compute-bound and torch's GEMM wins (here at 32 rows in bf16; at 16 rows the
@@ -21,34 +21,12 @@ SOURCE = Path(__file__).with_name("gemv.cpp")
 MAX_ROWS = 16
 DTYPES = (torch.bfloat16, torch.float32)
 
-_P = ctypes.c_void_p
-_I = ctypes.c_int64
+_kernel = KernelLibrary(
+    SOURCE, "CPU bf16 matmul kernel", ["cumulo_bf16_linear", "cumulo_f32_linear"], requires=requires_avx2
+)
 
 
-def _configure(lib: ctypes.CDLL) -> None:
-    lib.cumulo_bf16_linear.argtypes = [
-        _P,
-        _I,
-        _I,
-        _I,
-        _P,
-        _I,
-        _I,
-        _P,
-        _P,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-    ]
-    lib.cumulo_bf16_linear.restype = None
-    lib.cumulo_f32_linear.argtypes = [_P, _I, _I, _I, _P, _I, _I, _P, _P, ctypes.c_int, ctypes.c_int]
-    lib.cumulo_f32_linear.restype = None
-
-
-_kernel = KernelLibrary(SOURCE, "CPU bf16 matmul kernel", _configure, requires=requires_avx2)
-
-
-def library() -> ctypes.CDLL | None:
+def library() -> Kernels | None:
     """The built kernel, or None (with one warning) when it cannot be built or loaded here."""
     return _kernel.get()
 
@@ -80,6 +58,17 @@ def _checked(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
     return True
 
 
+def _args(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, threads: int, path: int
+) -> dict:
+    """The kernel's arguments for x [M, K] @ weight [N, K]^T (+ bias) into y, rows of x and weight contiguous."""
+    args = dict(x=x, M=x.shape[0], K=x.shape[1], xs=x.stride(0), w=weight, N=weight.shape[0], ws=weight.stride(0),
+                bias=bias, y=y, threads=threads, path=path)  # fmt: skip
+    if x.dtype == torch.bfloat16:
+        args["y_fp32"] = y.dtype == torch.float32
+    return args
+
+
 def _linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, out_dtype: torch.dtype,
     avx2_only: bool,
@@ -92,15 +81,9 @@ def _linear(
         x = x.contiguous()
     if bias is not None and (bias.dtype != dtype or not bias.is_contiguous()):
         bias = bias.to(dtype).contiguous()
-    m, k = x.shape
-    n = weight.shape[0]
-    y = torch.empty((m, n), dtype=out_dtype)
-    args = [x.data_ptr(), m, k, x.stride(0), weight.data_ptr(), n, weight.stride(0),
-            None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(), 0 if avx2_only else -1]  # fmt: skip
-    if dtype == torch.bfloat16:
-        lib.cumulo_bf16_linear(*args, out_dtype == torch.float32)
-    else:
-        lib.cumulo_f32_linear(*args)
+    y = torch.empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
+    kernel = lib.cumulo_bf16_linear if dtype == torch.bfloat16 else lib.cumulo_f32_linear
+    kernel(**_args(x, weight, bias, y, torch.get_num_threads(), 0 if avx2_only else -1))
     return y
 
 
@@ -132,9 +115,7 @@ def f32_linear(
     return _linear(x, weight, bias, torch.float32, torch.float32, avx2_only)
 
 
-def graph_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor
-) -> tuple[int, list[int]] | None:
+def graph_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> Op | None:
     """The recorded form of `bf16_linear` / `f32_linear` (x, weight, bias) into y for a decode graph
     (cumulo.platform.kernels.graph), or None where the kernel would not take them."""
     lib = library()
@@ -142,10 +123,8 @@ def graph_op(
         return None
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         return None
-    fn = lib.cumulo_bf16_linear_op if x.dtype == torch.bfloat16 else lib.cumulo_f32_linear_op
-    args = [x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), weight.data_ptr(), weight.shape[0], weight.stride(0),
-            0 if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(), 0]  # fmt: skip
-    return address(fn), args
+    kernel = lib.cumulo_bf16_linear if x.dtype == torch.bfloat16 else lib.cumulo_f32_linear
+    return kernel.op(**_args(x, weight, bias, y, torch.get_num_threads(), -1))
 
 
 bf16_linear.graph_op = graph_op  # type: ignore[attr-defined]  # DenseLinear.graph_op records through them

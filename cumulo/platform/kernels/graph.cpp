@@ -1,22 +1,23 @@
 // The CPU decode graph (cumulo.platform.kernels.graph): one decode step replayed as a list of kernel calls.
 //
-// Each op is a C function taking one int64 array of arguments (pointers as integers), recorded once per batch
-// size with fixed buffers; `cumulo_graph_run` calls them in order, so a step of a 30-layer model costs one
-// ctypes call instead of some 300 Python-level calls and as many small torch operators. Kernels that can fail
-// (a slot or position out of range) write their code to the status word and the run stops there.
+// Each op is a kernel's entry point and its int64 argument array (kernel.h), the same call an eager use makes,
+// recorded once per batch size over fixed buffers; `cumulo_graph_run` calls them in order, so a step of a
+// 30-layer model costs one ctypes call instead of some 300 Python-level calls and as many small torch
+// operators. A kernel that fails (a slot or position out of range) returns its code and the run stops there.
 // Also the one small operator the graph needs that no other kernel file has: SiLU(gate) * up.
 
 #include <math.h>
 #include <stdint.h>
 
 #include "bf16.h"
+#include "kernel.h"
 
 namespace {
 
 using cumulo_bf16::load;
 using cumulo_bf16::store;
 
-typedef void (*OpFn)(const int64_t*);
+typedef int64_t (*KernelFn)(const int64_t*);  // every kernel's entry point (kernel.h)
 
 // act = silu(gate) * up over rows of [gate | up], each result rounded to T as torch's two operators round it.
 template <typename T>
@@ -36,22 +37,24 @@ void silu_mul(const T* gu, T* act, int64_t rows, int64_t inter) {
 
 }  // namespace
 
-extern "C" {
-
-// ops: n pairs (function, argument array); status: the word ops write a failure code to (read after each op).
-// Returns 0, or the failing op's index + 1.
-int64_t cumulo_graph_run(const int64_t* ops, int64_t n, const int64_t* status) {
-    for (int64_t i = 0; i < n; ++i) {
-        ((OpFn)ops[2 * i])((const int64_t*)ops[2 * i + 1]);
-        if (*status) return i + 1;
+// ops: n pairs (kernel, argument array). Each kernel returns 0 or an error code; the first code stops the run and
+// is written to *status. Returns 0, or the failing op's index + 1.
+#define CUMULO_GRAPH_RUN(X) X(const int64_t*, ops) X(int64_t, n) X(int64_t*, status)
+CUMULO_KERNEL(cumulo_graph_run, CUMULO_GRAPH_RUN) {
+    for (int64_t i = 0; i < a.n; ++i) {
+        const int64_t code = ((KernelFn)a.ops[2 * i])((const int64_t*)a.ops[2 * i + 1]);
+        if (code) {
+            *a.status = code;
+            return i + 1;
+        }
     }
     return 0;
 }
 
-// a = {gate_up [rows, 2 * inter], act [rows, inter], rows, inter, bf16}
-void cumulo_silu_mul_op(const int64_t* a) {
-    if (a[4]) silu_mul((const uint16_t*)a[0], (uint16_t*)a[1], a[2], a[3]);
-    else silu_mul((const float*)a[0], (float*)a[1], a[2], a[3]);
+// act [rows, inter] = silu(gate) * up, gate_up [rows, 2 * inter]; bf16 = 1: bf16 bits, else fp32.
+#define CUMULO_SILU_MUL(X) X(const void*, gate_up) X(void*, act) X(int64_t, rows) X(int64_t, inter) X(int, bf16)
+CUMULO_KERNEL(cumulo_silu_mul, CUMULO_SILU_MUL) {
+    if (a.bf16) silu_mul((const uint16_t*)a.gate_up, (uint16_t*)a.act, a.rows, a.inter);
+    else silu_mul((const float*)a.gate_up, (float*)a.act, a.rows, a.inter);
+    return 0;
 }
-
-}  // extern "C"

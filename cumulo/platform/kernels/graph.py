@@ -2,36 +2,34 @@
 
 A decode step of a small model is mostly overhead on a CPU: SmolLM2-135M runs some 300 Python-level module
 calls, as many small torch operators and 150 ctypes calls per token, several milliseconds on top of the
-matmuls. Like a CUDA graph, a `Graph` records each kernel call once, as a function address and an int64
-argument array over fixed buffers, and `run()` replays the whole list through `cumulo_graph_run` (graph.cpp).
-The engine records one per decode batch size (`cumulo.engine.decode_graph`); each kernel offers its recorded
-form beside its eager one (`*_op` functions in the C sources, `graph_op` on the Python side).
+matmuls. Like a CUDA graph, a `Graph` records each kernel call once, as the kernel's address and the int64
+argument array an eager call would pass (cumulo.platform.kernels.abi), over fixed buffers, and `run()` replays
+the whole list through `cumulo_graph_run` (graph.cpp). The engine records one per decode batch size
+(`cumulo.engine.decode_graph`); linears offer their recorded form as `graph_op(x, y)`.
 """
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import torch
 
 from cumulo.platform.kernels import gemv, paged_attention, rms_norm, rope_cache
-from cumulo.platform.kernels.build import KernelLibrary, address, f32_bits
+from cumulo.platform.kernels.abi import Kernels, Op
+from cumulo.platform.kernels.build import KernelLibrary
 
 SOURCE = Path(__file__).with_name("graph.cpp")
 DTYPES = (torch.bfloat16, torch.float32)  # the engine's dtypes on CPUs; every recorded kernel takes both
-Op = tuple[int, list[int]]  # (function address, its int64 arguments)
+
+_kernel = KernelLibrary(
+    SOURCE,
+    "CPU decode graph",
+    ["cumulo_graph_run", "cumulo_silu_mul"],
+    fallback="running decode steps eagerly",
+)
 
 
-def _configure(lib: ctypes.CDLL) -> None:
-    lib.cumulo_graph_run.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    lib.cumulo_graph_run.restype = ctypes.c_int64
-
-
-_kernel = KernelLibrary(SOURCE, "CPU decode graph", _configure, fallback="running decode steps eagerly")
-
-
-def library() -> ctypes.CDLL | None:
+def library() -> Kernels | None:
     return _kernel.get()
 
 
@@ -39,6 +37,12 @@ def available() -> bool:
     return all(lib.library() is not None for lib in (gemv, rms_norm, rope_cache, paged_attention)) and (
         library() is not None
     )
+
+
+def _kernels(module: object) -> Kernels:
+    lib = module.library()  # type: ignore[attr-defined]
+    assert lib is not None, "check graph.available() before recording"
+    return lib
 
 
 class Graph:
@@ -58,6 +62,7 @@ class Graph:
         self._keep.extend(objects)
 
     def add(self, op: Op, errors: dict[int, str] | None = None) -> None:
+        """Record one kernel call (a kernel's `op(...)`); `errors` maps its return codes to messages."""
         self._ops.append(op)
         self._errors.append(errors or {})
         self._table = None
@@ -65,12 +70,9 @@ class Graph:
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, eps: float, offset: float
     ) -> None:
-        lib = rms_norm.library()
-        assert lib is not None
+        """y = rms_norm(x) * (weight + offset), on the replaying thread."""
         self.keep(x, weight, y)
-        args = [x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], f32_bits(eps),
-                f32_bits(offset), int(x.dtype == torch.bfloat16), 1]  # fmt: skip
-        self.add((address(lib.cumulo_rms_norm_op), args))
+        self.add(_kernels(rms_norm).cumulo_rms_norm.op(**rms_norm.args(x, weight, y, eps, offset, threads=1)))
 
     def add_rms_norm(
         self,
@@ -82,51 +84,39 @@ class Graph:
         offset: float,
     ) -> None:
         """x += r; y = rms_norm(x) * (weight + offset)."""
-        lib = rms_norm.library()
-        assert lib is not None
         self.keep(x, r, weight, y)
-        args = [x.data_ptr(), r.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1],
-                f32_bits(eps), f32_bits(offset), int(x.dtype == torch.bfloat16)]  # fmt: skip
-        self.add((address(lib.cumulo_add_rms_norm_op), args))
+        op = _kernels(rms_norm).cumulo_add_rms_norm.op(
+            x=x, r=r, w=weight, y=y, rows=x.shape[0], dim=x.shape[1], eps=eps, offset=offset,
+            bf16=x.dtype == torch.bfloat16,
+        )  # fmt: skip
+        self.add(op)
 
     def silu_mul(self, gate_up: torch.Tensor, act: torch.Tensor) -> None:
+        """act = silu(gate) * up, gate_up = [gate | up] per row."""
+        self.keep(gate_up, act)
         lib = library()
         assert lib is not None
-        self.keep(gate_up, act)
-        args = [
-            gate_up.data_ptr(),
-            act.data_ptr(),
-            act.shape[0],
-            act.shape[1],
-            int(act.dtype == torch.bfloat16),
-        ]
-        self.add((address(lib.cumulo_silu_mul_op), args))
+        op = lib.cumulo_silu_mul.op(
+            gate_up=gate_up, act=act, rows=act.shape[0], inter=act.shape[1], bf16=act.dtype == torch.bfloat16
+        )
+        self.add(op)
 
     def rope_and_cache(
         self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, q: torch.Tensor, heads: int,
         kv_heads: int,
     ) -> None:  # fmt: skip
-        lib = rope_cache.library()
-        assert lib is not None
         self.keep(qkv, positions, cos, sin, k_cache, v_cache, slots, q)
-        dim = k_cache.shape[-1]
-        args = [qkv.data_ptr(), qkv.shape[0], qkv.stride(0), heads, kv_heads, dim, positions.data_ptr(),
-                cos.data_ptr(), sin.data_ptr(), cos.shape[0], k_cache.data_ptr(), v_cache.data_ptr(),
-                k_cache.stride(0), k_cache.shape[1] * k_cache.shape[2], slots.data_ptr(), q.data_ptr(),
-                int(qkv.dtype == torch.bfloat16), self._status.data_ptr()]  # fmt: skip
-        self.add((address(lib.cumulo_rope_cache_op), args), rope_cache.ERRORS)
+        args = rope_cache.args(qkv, positions, cos, sin, k_cache, v_cache, slots, q, heads, kv_heads)
+        self.add(_kernels(rope_cache).cumulo_rope_cache.op(**args), rope_cache.ERRORS)
 
     def attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
         lens: torch.Tensor, out: torch.Tensor, scale: float, window: int | None, threads: int,
     ) -> None:  # fmt: skip
-        lib = paged_attention.library()
-        assert lib is not None
         self.keep(q, k_cache, v_cache, tables, lens, out)
-        args = paged_attention.pack_args(q, k_cache, v_cache, tables, lens, out, window, threads)
-        args += [f32_bits(scale), self._status.data_ptr()]
-        self.add((address(lib.cumulo_paged_decode_attention_op), args), paged_attention.ERRORS)
+        args = paged_attention.args(q, k_cache, v_cache, tables, lens, out, window, threads, scale)
+        self.add(_kernels(paged_attention).cumulo_paged_decode_attention.op(**args), paged_attention.ERRORS)
 
     def run(self) -> None:
         lib = library()
@@ -136,7 +126,7 @@ class Graph:
             self._arrays = arrays
             flat = [v for (fn, _), a in zip(self._ops, arrays, strict=True) for v in (fn, a.data_ptr())]
             self._table = torch.tensor(flat, dtype=torch.int64)
-        failed = lib.cumulo_graph_run(self._table.data_ptr(), len(self._ops), self._status.data_ptr())
+        failed = lib.cumulo_graph_run(ops=self._table, n=len(self._ops), status=self._status)
         if failed:
             code = int(self._status[0])
             self._status.zero_()

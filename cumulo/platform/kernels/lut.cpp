@@ -7,13 +7,15 @@
 // complement integer times 2^-6, and the 2^-6 goes into the scale (AVX-512: int8_row_512). Scales come as fp32
 // per block, or as byte codes decoded through their own table times a global factor (E8M0 for MX, E4M3 times
 // the tensor scale for NVFP4). bk is a multiple of 16, or K itself. HiF8 and MX INT8 with bf16 x take the FP8
-// bf16 kernel where it runs (fp8.cpp: cumulo_table8_linear_bf16). Plain C ABI, OpenMP over output rows.
+// bf16 kernel where it runs (fp8.cpp: cumulo_table8_linear_bf16). The entry point as kernel.h declares it,
+// OpenMP over output rows.
 
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "cpu_features.h"
+#include "kernel.h"
 #include "simd.h"
 
 namespace {
@@ -180,37 +182,29 @@ void int8_linear_512(const float* x, int64_t M, int64_t K, const uint8_t* codes,
 
 }  // namespace
 
-extern "C" {
-
-// x [M, K] fp32; codes [N, K] bytes (bits = 8; bits = 0: MX INT8), [N, ceil(K / 2)] packed nibbles, element 0
-// low (bits = 4), or 6-bit codes in 24-bit words (bits = 6); lut: 256 floats (value of each code); scales: fp32
+// x [M, K]; codes [N, K] bytes (bits = 8; bits = 0: MX INT8), [N, ceil(K / 2)] packed nibbles, element 0 low
+// (bits = 4), or 6-bit codes in 24-bit words (bits = 6); lut: 256 floats (value of each code); scales: fp32
 // [ceil(N / bn), ceil(K / bk)], or byte codes of that shape with scale_lut (256 floats) and scale_mul; y [M, N].
 // x and y fp32, or bf16 with bf16 = 1 (see Bf16Io); wide_ok = 0 keeps MX INT8 on its AVX2 path (tests).
-void cumulo_lut_linear(const void* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N, int bits,
-                       const float* lut, const float* scales_f32, const uint8_t* scale_codes,
-                       const float* scale_lut, float scale_mul, int64_t bn, int64_t bk, void* y, int nthreads,
-                       int bf16, int wide_ok) {
-    const LutScales sc{scales_f32, scale_codes, scale_lut, scale_mul, (K + bk - 1) / bk};
+#define CUMULO_LUT_LINEAR(X)                                                                                    \
+    X(const void*, x) X(int64_t, M) X(int64_t, K) X(const uint8_t*, codes) X(int64_t, N) X(int, bits)             \
+        X(const float*, lut) X(const float*, scales_f32) X(const uint8_t*, scale_codes) X(const float*, scale_lut) \
+            X(float, scale_mul) X(int64_t, bn) X(int64_t, bk) X(void*, y) X(int, threads) X(int, bf16)            \
+                X(int, wide_ok)
+CUMULO_KERNEL(cumulo_lut_linear, CUMULO_LUT_LINEAR) {
+    const int64_t M = a.M, K = a.K, N = a.N, bn = a.bn, bk = a.bk;
+    const LutScales sc{a.scales_f32, a.scale_codes, a.scale_lut, a.scale_mul, (K + bk - 1) / bk};
     Bf16Io io;
-    const float* xf = io.x(x, M * K, bf16);
-    float* yf = io.y(y, M * N, bf16);
-    if (bits == 0 && wide_ok && cumulo_cpu::avx512()) int8_linear_512(xf, M, K, codes, N, sc, bn, bk, yf, nthreads);
-    else if (bits == 0) lut_linear<0>(xf, M, K, codes, N, lut, sc, bn, bk, yf, nthreads);
-    else if (bits == 8) lut_linear<8>(xf, M, K, codes, N, lut, sc, bn, bk, yf, nthreads);
-    else if (bits == 6) lut_linear<6>(xf, M, K, codes, N, lut, sc, bn, bk, yf, nthreads);
-    else lut_linear<4>(xf, M, K, codes, N, lut, sc, bn, bk, yf, nthreads);
-    io.finish(y, M * N, bf16);
+    const float* xf = io.x(a.x, M * K, a.bf16);
+    float* yf = io.y(a.y, M * N, a.bf16);
+    const uint8_t* codes = a.codes;
+    const float* lut = a.lut;
+    const int nt = a.threads;
+    if (a.bits == 0 && a.wide_ok && cumulo_cpu::avx512()) int8_linear_512(xf, M, K, codes, N, sc, bn, bk, yf, nt);
+    else if (a.bits == 0) lut_linear<0>(xf, M, K, codes, N, lut, sc, bn, bk, yf, nt);
+    else if (a.bits == 8) lut_linear<8>(xf, M, K, codes, N, lut, sc, bn, bk, yf, nt);
+    else if (a.bits == 6) lut_linear<6>(xf, M, K, codes, N, lut, sc, bn, bk, yf, nt);
+    else lut_linear<4>(xf, M, K, codes, N, lut, sc, bn, bk, yf, nt);
+    io.finish(a.y, M * N, a.bf16);
+    return 0;
 }
-
-// The decode-graph form (cumulo.platform.kernels.graph): the arguments above in one int64 array, scale_mul as
-// an fp32 bit pattern.
-void cumulo_lut_linear_op(const int64_t* a) {
-    const uint32_t bits = (uint32_t)a[10];
-    float scale_mul;
-    memcpy(&scale_mul, &bits, 4);
-    cumulo_lut_linear((const void*)a[0], a[1], a[2], (const uint8_t*)a[3], a[4], (int)a[5], (const float*)a[6],
-                      (const float*)a[7], (const uint8_t*)a[8], (const float*)a[9], scale_mul, a[11], a[12],
-                      (void*)a[13], (int)a[14], (int)a[15], (int)a[16]);
-}
-
-}  // extern "C"

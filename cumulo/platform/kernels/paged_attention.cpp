@@ -12,7 +12,7 @@
 //
 // Vectors are GCC/Clang vector extensions of 8 floats: with -mavx2 -mfma they become AVX2 FMAs, without they
 // lower to whatever the target has (SSE pairs, NEON), so one source builds everywhere.
-// Plain C ABI, called through ctypes.
+// The entry point as kernel.h declares it (called through ctypes, eagerly or from a decode graph).
 
 #include <math.h>
 #include <stdint.h>
@@ -22,10 +22,25 @@
 #include <vector>
 
 #include "bf16.h"
+#include "kernel.h"
 
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
+
+// The kernel's arguments (pointers as integers; strides in elements): q and its batch and head strides (head_dim
+// contiguous); the caches and their strides of kv head, block and token; the block tables [batch, max_blocks]
+// with their row stride; context lengths [batch]; out, contiguous [batch, heads, head_dim]; the shape; window
+// (0 = none); bf16 (0/1); threads; the fewest (query, key) pairs worth a thread (0 = always use all threads);
+// the softmax scale.
+#define CUMULO_PAGED_DECODE_ATTENTION(X)                                                                         \
+    X(const void*, q) X(int64_t, q_sb) X(int64_t, q_sh) X(const void*, k) X(const void*, v) X(int64_t, k_sh)     \
+        X(int64_t, k_sb) X(int64_t, k_st) X(int64_t, v_sh) X(int64_t, v_sb) X(int64_t, v_st)                     \
+            X(const int64_t*, tables) X(int64_t, t_sb) X(int64_t, max_blocks) X(const int64_t*, lens) X(void*, out) \
+                X(int64_t, batch) X(int64_t, heads) X(int64_t, kv_heads) X(int64_t, dim) X(int64_t, num_blocks)   \
+                    X(int64_t, block_size) X(int64_t, window) X(int, bf16) X(int, threads) X(int64_t, min_pairs) \
+                        X(float, scale)
+CUMULO_KERNEL_ARGS(cumulo_paged_decode_attention, CUMULO_PAGED_DECODE_ATTENTION)
 
 namespace {
 
@@ -113,21 +128,7 @@ inline v8f exp8(v8f x) {
 using cumulo_bf16::load;
 using cumulo_bf16::store;
 
-struct Args {
-    const void* q;
-    int64_t q_sb, q_sh;  // strides (elements) of q's batch and head dims; head_dim is contiguous
-    const void* k;
-    const void* v;
-    int64_t k_sh, k_sb, k_st;  // strides of the cache's kv-head, block and token dims
-    int64_t v_sh, v_sb, v_st;
-    const int64_t* tables;
-    int64_t t_sb, max_blocks;
-    const int64_t* lens;
-    void* out;  // contiguous [batch, heads, head_dim]
-    int64_t batch, heads, kv_heads, dim, num_blocks, block_size, window;
-    int64_t min_pairs;  // fewest (query, key) pairs worth giving a thread
-    float scale;
-};
+using Args = cumulo_paged_decode_attention_args;
 
 // acc[g][0 .. 8 CW) += sum over the tile's keys t of p[g][t] * v[t][0 .. 8 CW).
 template <typename T, int NQ, int CW>
@@ -333,55 +334,12 @@ int run(const Args& a, int threads) {
 
 }  // namespace
 
-// `p` holds 26 int64 values, in this order (pointers as integers; strides in elements):
-//   q, q batch stride, q head stride, k_cache, v_cache, k strides (kv head, block, token), v strides (same),
-//   block_tables, block table row stride, max blocks per table, context_lens, out,
-//   batch, heads, kv_heads, head_dim, num_blocks, block_size, window (0 = none), bf16 (0/1), threads,
-//   fewest (query, key) pairs worth a thread (0 = always use all threads)
-// Packing them into one buffer keeps a ctypes call at about a microsecond (26 converted arguments take four).
-// Returns 0 on success, 1 if a block table entry is outside the cache, 2 if a context is longer than its
-// table, 3 for shapes the kernel does not take (head_dim not a multiple of 8 or above 512, heads not a
-// multiple of kv_heads).
-extern "C" int cumulo_paged_decode_attention(const int64_t* p, float scale) {
-    Args a;
-    a.q = (const void*)p[0];
-    a.q_sb = p[1];
-    a.q_sh = p[2];
-    a.k = (const void*)p[3];
-    a.v = (const void*)p[4];
-    a.k_sh = p[5];
-    a.k_sb = p[6];
-    a.k_st = p[7];
-    a.v_sh = p[8];
-    a.v_sb = p[9];
-    a.v_st = p[10];
-    a.tables = (const int64_t*)p[11];
-    a.t_sb = p[12];
-    a.max_blocks = p[13];
-    a.lens = (const int64_t*)p[14];
-    a.out = (void*)p[15];
-    a.batch = p[16];
-    a.heads = p[17];
-    a.kv_heads = p[18];
-    a.dim = p[19];
-    a.num_blocks = p[20];
-    a.block_size = p[21];
-    a.window = p[22];
-    a.scale = scale;
-    const bool bf16 = p[23] != 0;
-    const int threads = (int)std::max<int64_t>(1, p[24]);
-    a.min_pairs = p[25];
+// Returns 0 on success, 1 if a block table entry is outside the cache, 2 if a context is longer than its table,
+// 3 for shapes the kernel does not take (head_dim not a multiple of 8 or above 512, heads not a multiple of
+// kv_heads).
+CUMULO_KERNEL_ENTRY(cumulo_paged_decode_attention, CUMULO_PAGED_DECODE_ATTENTION) {
     if (a.dim % 8 || a.dim > kMaxDim || a.kv_heads < 1 || a.heads % a.kv_heads || a.block_size < 1) return 3;
     if (a.batch == 0) return 0;
-    return bf16 ? run<uint16_t>(a, threads) : run<float>(a, threads);
-}
-
-// The decode-graph form (cumulo.platform.kernels.graph): p's 26 values, the scale as an fp32 bit pattern, then a
-// pointer to an int64 status word that receives a non-zero return code.
-extern "C" void cumulo_paged_decode_attention_op(const int64_t* p) {
-    const uint32_t bits = (uint32_t)p[26];
-    float scale;
-    memcpy(&scale, &bits, 4);
-    const int code = cumulo_paged_decode_attention(p, scale);
-    if (code) *(int64_t*)p[27] = code;
+    const int threads = a.threads > 1 ? a.threads : 1;
+    return a.bf16 ? run<uint16_t>(a, threads) : run<float>(a, threads);
 }

@@ -7,20 +7,17 @@ bf16); when it cannot, the engine keeps its PyTorch path, so a missing compiler 
 
 from __future__ import annotations
 
-import ctypes
-import struct
 from pathlib import Path
 
 import torch
 
+from cumulo.platform.kernels.abi import Kernels
 from cumulo.platform.kernels.build import KernelLibrary, load
 
 SOURCE = Path(__file__).with_name("paged_attention.cpp")
 DTYPES = (torch.float32, torch.bfloat16)
 MAX_HEAD_DIM = 512
 
-# The kernel's arguments, packed as the C side reads them (see the comment above its entry point).
-_PACK = struct.Struct("=26q")
 # Fewest (query, key) pairs worth a thread: about 40 us of work, more than waking the pool costs. Smaller calls
 # (batch 1, short contexts) run on the calling thread.
 MIN_PAIRS_PER_THREAD = 8192
@@ -31,19 +28,14 @@ ERRORS = {
 }
 
 
-def _configure(lib: ctypes.CDLL) -> None:
-    lib.cumulo_paged_decode_attention.argtypes = [ctypes.c_char_p, ctypes.c_float]
-    lib.cumulo_paged_decode_attention.restype = ctypes.c_int
-
-
 # `load` is looked up at each build, so a test can replace it.
 _kernel = KernelLibrary(
-    SOURCE, "CPU attention kernel", _configure, fallback="using PyTorch attention",
+    SOURCE, "CPU attention kernel", ["cumulo_paged_decode_attention"], fallback="using PyTorch attention",
     loader=lambda sources, _flags, name: load(sources, name=name),
 )  # fmt: skip
 
 
-def library() -> ctypes.CDLL | None:
+def library() -> Kernels | None:
     """The built kernel, or None (with one warning) when it cannot be built or loaded here."""
     return _kernel.get()
 
@@ -57,18 +49,19 @@ def available(dtype: torch.dtype, device: torch.device | str, head_dim: int | No
     return library() is not None
 
 
-def pack_args(
+def args(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
-    out: torch.Tensor, window: int | None, threads: int,
-) -> list[int]:  # fmt: skip
-    """The kernel's 26 int64 arguments (see the C entry point), for tensors already checked."""
+    out: torch.Tensor, window: int | None, threads: int, scale: float,
+) -> dict:  # fmt: skip
+    """The kernel's arguments (paged_attention.cpp declares them), for tensors already checked."""
     qs, ks, vs, kshape = q.stride(), k_cache.stride(), v_cache.stride(), k_cache.shape
-    return [
-        q.data_ptr(), qs[0], qs[1], k_cache.data_ptr(), v_cache.data_ptr(), ks[0], ks[1], ks[2],
-        vs[0], vs[1], vs[2], tables.data_ptr(), tables.stride(0), tables.shape[1], lens.data_ptr(),
-        out.data_ptr(), q.shape[0], q.shape[1], kshape[0], q.shape[2], kshape[1], kshape[2], window or 0,
-        int(q.dtype == torch.bfloat16), threads, MIN_PAIRS_PER_THREAD,
-    ]  # fmt: skip
+    return dict(
+        q=q, q_sb=qs[0], q_sh=qs[1], k=k_cache, v=v_cache, k_sh=ks[0], k_sb=ks[1], k_st=ks[2], v_sh=vs[0],
+        v_sb=vs[1], v_st=vs[2], tables=tables, t_sb=tables.stride(0), max_blocks=tables.shape[1], lens=lens,
+        out=out, batch=q.shape[0], heads=q.shape[1], kv_heads=kshape[0], dim=q.shape[2], num_blocks=kshape[1],
+        block_size=kshape[2], window=window or 0, bf16=q.dtype == torch.bfloat16, threads=threads,
+        min_pairs=MIN_PAIRS_PER_THREAD, scale=scale,
+    )  # fmt: skip
 
 
 def paged_decode_attention(
@@ -118,8 +111,9 @@ def paged_decode_attention(
             f"block_tables {tuple(tables.shape)}, context_lens {tuple(lens.shape)}; batch {batch}"
         )
     out = torch.empty((batch, heads, dim), dtype=dtype)
-    packed = _PACK.pack(*pack_args(q, k_cache, v_cache, tables, lens, out, window, torch.get_num_threads()))
-    code = lib.cumulo_paged_decode_attention(packed, scale)
+    code = lib.cumulo_paged_decode_attention(
+        **args(q, k_cache, v_cache, tables, lens, out, window, torch.get_num_threads(), scale)
+    )
     if code:
         raise ValueError(ERRORS.get(code, f"kernel error {code}"))
     return out

@@ -3,13 +3,14 @@
 // Why: torch's CPU rms_norm on a single 16-bit decode row is a chain of about ten operators (upcast, pow, mean,
 // add, rsqrt, mul, downcast), 30-40 us per call; a decoder step calls it twice per layer. Here it is one pass
 // to sum squares and one to scale, in fp32, rounded once to the input's dtype (round to nearest even), as
-// torch's fused kernel computes it. x and w are both fp32 or both bf16; rows are contiguous. Plain C ABI.
+// torch's fused kernel computes it. x and w are both fp32 or both bf16; rows are contiguous. Entry points as
+// kernel.h declares them.
 
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
 #include "bf16.h"
+#include "kernel.h"
 
 namespace {
 
@@ -45,46 +46,32 @@ void add_norm_rows(T* x, const T* r, const T* w, T* y, int64_t rows, int64_t dim
     norm_rows((const T*)x, w, y, rows, dim, eps, offset, 1);
 }
 
-inline float float_bits(int64_t v) {
-    const uint32_t u = (uint32_t)v;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 }  // namespace
 
-extern "C" {
-
-// The decode-graph forms (cumulo.platform.kernels.graph); eps and offset travel as fp32 bit patterns.
-// a = {x, w, y, rows, dim, eps, offset, bf16, threads}
-void cumulo_rms_norm_op(const int64_t* a) {
-    if (a[7])
-        norm_rows((const uint16_t*)a[0], (const uint16_t*)a[1], (uint16_t*)a[2], a[3], a[4], float_bits(a[5]),
-                  float_bits(a[6]), (int)a[8]);
+// y = norm(x) * (w + offset) over rows of dim; bf16 = 1: x, w, y are bf16 (uint16 bit patterns), 0: fp32.
+// offset is added to w (Gemma's 1 + w convention).
+#define CUMULO_RMS_NORM(X)                                                                                  \
+    X(const void*, x) X(const void*, w) X(void*, y) X(int64_t, rows) X(int64_t, dim) X(float, eps) X(float, offset) \
+        X(int, bf16) X(int, threads)
+CUMULO_KERNEL(cumulo_rms_norm, CUMULO_RMS_NORM) {
+    if (a.bf16)
+        norm_rows((const uint16_t*)a.x, (const uint16_t*)a.w, (uint16_t*)a.y, a.rows, a.dim, a.eps, a.offset,
+                  a.threads);
     else
-        norm_rows((const float*)a[0], (const float*)a[1], (float*)a[2], a[3], a[4], float_bits(a[5]),
-                  float_bits(a[6]), (int)a[8]);
+        norm_rows((const float*)a.x, (const float*)a.w, (float*)a.y, a.rows, a.dim, a.eps, a.offset, a.threads);
+    return 0;
 }
 
-// a = {x (updated in place), r, w, y, rows, dim, eps, offset, bf16}
-void cumulo_add_rms_norm_op(const int64_t* a) {
-    if (a[8])
-        add_norm_rows((uint16_t*)a[0], (const uint16_t*)a[1], (const uint16_t*)a[2], (uint16_t*)a[3], a[4], a[5],
-                      float_bits(a[6]), float_bits(a[7]));
+// x += r (x updated in place), then y = norm(x) * (w + offset), on the calling thread.
+#define CUMULO_ADD_RMS_NORM(X)                                                                           \
+    X(void*, x) X(const void*, r) X(const void*, w) X(void*, y) X(int64_t, rows) X(int64_t, dim) X(float, eps) \
+        X(float, offset) X(int, bf16)
+CUMULO_KERNEL(cumulo_add_rms_norm, CUMULO_ADD_RMS_NORM) {
+    if (a.bf16)
+        add_norm_rows((uint16_t*)a.x, (const uint16_t*)a.r, (const uint16_t*)a.w, (uint16_t*)a.y, a.rows, a.dim,
+                      a.eps, a.offset);
     else
-        add_norm_rows((float*)a[0], (const float*)a[1], (const float*)a[2], (float*)a[3], a[4], a[5],
-                      float_bits(a[6]), float_bits(a[7]));
+        add_norm_rows((float*)a.x, (const float*)a.r, (const float*)a.w, (float*)a.y, a.rows, a.dim, a.eps,
+                      a.offset);
+    return 0;
 }
-
-
-// bf16 = 1: x, w, y are bf16 (uint16 bit patterns); 0: fp32. offset is added to w (Gemma's 1 + w convention).
-void cumulo_rms_norm(const void* x, const void* w, void* y, int64_t rows, int64_t dim, float eps, float offset,
-                     int bf16, int nthreads) {
-    if (bf16)
-        norm_rows((const uint16_t*)x, (const uint16_t*)w, (uint16_t*)y, rows, dim, eps, offset, nthreads);
-    else
-        norm_rows((const float*)x, (const float*)w, (float*)y, rows, dim, eps, offset, nthreads);
-}
-
-}  // extern "C"

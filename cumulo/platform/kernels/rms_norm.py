@@ -7,27 +7,21 @@ and returns None otherwise, so `RMSNorm` falls back to torch. `offset` is added 
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import torch
 
+from cumulo.platform.kernels.abi import Kernels
 from cumulo.platform.kernels.build import KernelLibrary
 
 SOURCE = Path(__file__).with_name("rms_norm.cpp")
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _configure(lib: ctypes.CDLL) -> None:
-    P, I = ctypes.c_void_p, ctypes.c_int64  # noqa: E741, N806
-    lib.cumulo_rms_norm.argtypes = [P, P, P, I, I, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    lib.cumulo_rms_norm.restype = None
+_kernel = KernelLibrary(SOURCE, "CPU RMSNorm kernel", ["cumulo_rms_norm", "cumulo_add_rms_norm"])
 
 
-_kernel = KernelLibrary(SOURCE, "CPU RMSNorm kernel", _configure)
-
-
-def library() -> ctypes.CDLL | None:
+def library() -> Kernels | None:
     """The built kernel, or None (with one warning) when it cannot be built or loaded here."""
     return _kernel.get()
 
@@ -51,9 +45,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     ):
         return None
     y = torch.empty_like(x)
-    dim = x.shape[-1]
-    lib.cumulo_rms_norm(
-        x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // max(dim, 1), dim, eps, offset,
-        x.dtype == torch.bfloat16, torch.get_num_threads(),
-    )  # fmt: skip
+    lib.cumulo_rms_norm(**args(x, weight, y, eps, offset, torch.get_num_threads()))
     return y
+
+
+def args(
+    x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, eps: float, offset: float, threads: int
+) -> dict:
+    """cumulo_rms_norm's arguments: y = norm(x) * (weight + offset) over x's last dimension."""
+    dim = x.shape[-1]
+    return dict(x=x, w=weight, y=y, rows=x.numel() // max(dim, 1), dim=dim, eps=eps, offset=offset,
+                bf16=x.dtype == torch.bfloat16, threads=threads)  # fmt: skip

@@ -5,12 +5,13 @@
 // with the v heads, written to their slot of the paged cache ([kv_heads, slots, dim] per layer, head stride
 // cache_hs). Rotation is rotate-half (Hugging Face layout) with fp32 cos/sin tables [positions, dim / 2], in
 // fp32 math rounded once to the storage dtype. Replaces about fifteen small torch operators per layer of a
-// decode step. fp32 or bf16 (uint16 bits) throughout; plain C ABI.
+// decode step. fp32 or bf16 (uint16 bits) throughout; the entry point as kernel.h declares it.
 
 #include <stdint.h>
 #include <string.h>
 
 #include "bf16.h"
+#include "kernel.h"
 
 namespace {
 
@@ -49,27 +50,19 @@ int run(const T* qkv, int64_t T_, int64_t ld_, int64_t heads, int64_t kv_heads, 
 
 }  // namespace
 
-extern "C" {
-
-// Returns 0, or 1 for a position outside the tables, 2 for a slot outside the cache.
-int cumulo_rope_cache(const void* qkv, int64_t T, int64_t ld, int64_t heads, int64_t kv_heads, int64_t dim,
-                      const int64_t* pos, const float* cos, const float* sin, int64_t max_pos, void* k_cache,
-                      void* v_cache, int64_t cache_hs, int64_t slots, const int64_t* slot_mapping, void* q_out,
-                      int bf16) {
-    if (bf16)
-        return run((const uint16_t*)qkv, T, ld, heads, kv_heads, dim, pos, cos, sin, max_pos, (uint16_t*)k_cache,
-                   (uint16_t*)v_cache, cache_hs, slots, slot_mapping, (uint16_t*)q_out);
-    return run((const float*)qkv, T, ld, heads, kv_heads, dim, pos, cos, sin, max_pos, (float*)k_cache,
-               (float*)v_cache, cache_hs, slots, slot_mapping, (float*)q_out);
+// qkv [T, (heads + 2 * kv_heads) * dim] with row stride ld; pos, slot_mapping [T] int64; cos, sin [max_pos, dim / 2]
+// fp32; k_cache, v_cache [kv_heads, slots, dim] (head stride cache_hs); q_out [T, heads, dim]; bf16 = 1: bf16
+// bits, else fp32. Returns 0, or 1 for a position outside the tables, 2 for a slot outside the cache.
+#define CUMULO_ROPE_CACHE(X)                                                                                   \
+    X(const void*, qkv) X(int64_t, T) X(int64_t, ld) X(int64_t, heads) X(int64_t, kv_heads) X(int64_t, dim)    \
+        X(const int64_t*, pos) X(const float*, cos) X(const float*, sin) X(int64_t, max_pos) X(void*, k_cache) \
+            X(void*, v_cache) X(int64_t, cache_hs) X(int64_t, slots) X(const int64_t*, slot_mapping)          \
+                X(void*, q_out) X(int, bf16)
+CUMULO_KERNEL(cumulo_rope_cache, CUMULO_ROPE_CACHE) {
+    if (a.bf16)
+        return run((const uint16_t*)a.qkv, a.T, a.ld, a.heads, a.kv_heads, a.dim, a.pos, a.cos, a.sin, a.max_pos,
+                   (uint16_t*)a.k_cache, (uint16_t*)a.v_cache, a.cache_hs, a.slots, a.slot_mapping,
+                   (uint16_t*)a.q_out);
+    return run((const float*)a.qkv, a.T, a.ld, a.heads, a.kv_heads, a.dim, a.pos, a.cos, a.sin, a.max_pos,
+               (float*)a.k_cache, (float*)a.v_cache, a.cache_hs, a.slots, a.slot_mapping, (float*)a.q_out);
 }
-
-// The decode-graph form (cumulo.platform.kernels.graph): a holds the 17 arguments above in order, then a
-// pointer to an int64 status word that receives a non-zero return code.
-void cumulo_rope_cache_op(const int64_t* a) {
-    const int code = cumulo_rope_cache((const void*)a[0], a[1], a[2], a[3], a[4], a[5], (const int64_t*)a[6],
-                                       (const float*)a[7], (const float*)a[8], a[9], (void*)a[10], (void*)a[11],
-                                       a[12], a[13], (const int64_t*)a[14], (void*)a[15], (int)a[16]);
-    if (code) *(int64_t*)a[17] = code;
-}
-
-}  // extern "C"

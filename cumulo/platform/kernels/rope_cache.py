@@ -7,11 +7,11 @@ cache slot; it returns None (nothing written) when it does not take the input, s
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import torch
 
+from cumulo.platform.kernels.abi import Kernels
 from cumulo.platform.kernels.build import KernelLibrary
 
 SOURCE = Path(__file__).with_name("rope_cache.cpp")
@@ -19,16 +19,10 @@ DTYPES = (torch.float32, torch.bfloat16)
 ERRORS = {1: "a position is outside the rotary table", 2: "a slot is outside the KV cache"}
 
 
-def _configure(lib: ctypes.CDLL) -> None:
-    P, I = ctypes.c_void_p, ctypes.c_int64  # noqa: E741, N806
-    lib.cumulo_rope_cache.argtypes = [P, I, I, I, I, I, P, P, P, I, P, P, I, I, P, P, ctypes.c_int]
-    lib.cumulo_rope_cache.restype = ctypes.c_int
+_kernel = KernelLibrary(SOURCE, "CPU rotary + KV-cache kernel", ["cumulo_rope_cache"])
 
 
-_kernel = KernelLibrary(SOURCE, "CPU rotary + KV-cache kernel", _configure)
-
-
-def library() -> ctypes.CDLL | None:
+def library() -> Kernels | None:
     """The built kernel, or None (with one warning) when it cannot be built or loaded here."""
     return _kernel.get()
 
@@ -74,12 +68,22 @@ def rope_and_cache(
     if positions.shape != (n,) or slot_mapping.shape != (n,):
         return None
     q = torch.empty((n, heads, dim), dtype=dtype)
-    slots = k_cache.shape[1] * k_cache.shape[2]
     code = lib.cumulo_rope_cache(
-        qkv.data_ptr(), n, qkv.stride(0), heads, kv_heads, dim, positions.data_ptr(), cos.data_ptr(),
-        sin.data_ptr(), cos.shape[0], k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), slots,
-        slot_mapping.data_ptr(), q.data_ptr(), dtype == torch.bfloat16,
-    )  # fmt: skip
+        **args(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, q, heads, kv_heads)
+    )
     if code:
         raise ValueError(ERRORS.get(code, f"kernel error {code}"))
     return q
+
+
+def args(
+    qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, slot_mapping: torch.Tensor, q: torch.Tensor, heads: int, kv_heads: int,
+) -> dict:  # fmt: skip
+    """cumulo_rope_cache's arguments, for tensors `rope_and_cache` has checked (q: [T, heads, dim], written)."""
+    return dict(
+        qkv=qkv, T=qkv.shape[0], ld=qkv.stride(0), heads=heads, kv_heads=kv_heads, dim=k_cache.shape[-1],
+        pos=positions, cos=cos, sin=sin, max_pos=cos.shape[0], k_cache=k_cache, v_cache=v_cache,
+        cache_hs=k_cache.stride(0), slots=k_cache.shape[1] * k_cache.shape[2], slot_mapping=slot_mapping, q_out=q,
+        bf16=qkv.dtype == torch.bfloat16,
+    )  # fmt: skip
