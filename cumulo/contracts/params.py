@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 from cumulo.errors import InvalidRequest
 
+# What a 64-bit generator state takes (torch.Generator.manual_seed: signed or unsigned 64 bits). The service
+# accepts signed 64-bit seeds, as OpenAI does, leaving room for its `seed + i` per choice.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -46,6 +50,8 @@ class SamplingParams:
             raise InvalidRequest("repetition_penalty must be positive")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidRequest("logprobs must be between 0 and 20")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise InvalidRequest(f"seed must be between {SEED_MIN} and {SEED_MAX} (64 bits)")
 
     @property
     def greedy(self) -> bool:

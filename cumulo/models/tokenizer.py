@@ -17,7 +17,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
-from cumulo.errors import InvalidModel
+from cumulo.errors import InvalidModel, InvalidRequest
 from cumulo.models.chat import render_chat
 
 # Tokens that end an assistant turn in common chat formats; any that the vocabulary holds as special tokens
@@ -81,7 +81,15 @@ class Tokenizer:
         return None if self.eos_token_id is None else self.backend.id_to_token(self.eos_token_id)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            # The backend takes only text that encodes as UTF-8; a lone surrogate ("\ud800" in JSON, or an
+            # undecodable byte in a command line) gets a TypeError that names neither the text nor the fault.
+            at = _lone_surrogate(text)
+            if at is None:
+                raise
+            raise InvalidRequest(f"text is not valid Unicode: a lone surrogate at character {at}") from None
         if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_token_id):
             ids.insert(0, self.bos_token_id)  # type: ignore[arg-type]
         return ids
@@ -101,6 +109,16 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+
+def _lone_surrogate(text: object) -> int | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
 
 
 def _end_of_turn_ids(backend: Backend) -> set[int]:

@@ -1,16 +1,19 @@
-"""Dependencies of the routes: the service state, the calling key (`Principal`), the admin check.
+"""Dependencies of the routes: the service state, the calling key (`Principal`), the admin check, and the checks
+of query strings and headers (`only_query`, `IdempotencyKey`).
 
 Database work is synchronous SQLAlchemy, so it runs in the thread pool, never on the event loop.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from cumulo.errors import PermissionDenied
+from cumulo.service.api.errors import BadParameter
+from cumulo.service.api.schemas import INT32_MAX, LATEST_TIME
 from cumulo.service.auth import Principal, authenticate, check_format
 from cumulo.service.state import ServiceState
 
@@ -57,3 +60,26 @@ async def get_admin(principal: Caller) -> Principal:
 
 
 Admin = Annotated[Principal, Depends(get_admin)]
+
+
+# Stored with the usage row, so no control characters (PostgreSQL refuses NUL in text).
+IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+# The usage filters of GET /v1/usage and GET /admin/usage.
+StartTime = Annotated[float | None, Query(ge=0, le=LATEST_TIME, description="Unix seconds, inclusive")]
+EndTime = Annotated[float | None, Query(ge=0, le=LATEST_TIME, description="Unix seconds, exclusive")]
+After = Annotated[int | None, Query(ge=1, le=INT32_MAX, description="the last id of the previous page")]
+
+
+def only_query(*names: str) -> Any:
+    """A dependency refusing query parameters other than `names`: a misspelt filter (`?start=` for
+    `?start_time=`) would otherwise be ignored, and the answer would cover everything."""
+
+    async def check(request: Request) -> None:
+        for given in request.query_params:
+            if given not in names:
+                raise BadParameter(
+                    given, f"unknown query parameter {given!r}; this endpoint takes {', '.join(names)}"
+                )
+
+    return Depends(check)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from cumulo.contracts import Tokenizer, TokenLogprob
+from cumulo.errors import Conflict
 from cumulo.service.api.run import Choice
 
 
@@ -67,6 +68,14 @@ class Shape:
         """Stream chunks equivalent to a stored whole response (Idempotency-Key replays)."""
         raise NotImplementedError
 
+    def _check_replayable(self, stored: dict[str, Any]) -> None:
+        # An Idempotency-Key is looked up per API key, not per endpoint: the stored answer may be the other shape.
+        if stored.get("object") != self.object_name:
+            raise Conflict(
+                f"this Idempotency-Key was first used for a {stored.get('object')!r} request; "
+                "send a new key for this one"
+            )
+
 
 class ChatShape(Shape):
     object_name = "chat.completion"
@@ -113,6 +122,7 @@ class ChatShape(Shape):
         }
 
     def replay(self, stored: dict[str, Any]) -> list[dict[str, Any]]:
+        self._check_replayable(stored)
         chunks = []
         for c in stored["choices"]:
             delta = {"role": "assistant", "content": c["message"]["content"]}
@@ -169,6 +179,7 @@ class CompletionShape(Shape):
         }
 
     def replay(self, stored: dict[str, Any]) -> list[dict[str, Any]]:
+        self._check_replayable(stored)
         chunks = [{**stored, "choices": [c], "usage": None} for c in stored["choices"]]
         chunks.append({**stored, "choices": [], "usage": stored["usage"]})
         return chunks

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from cumulo.errors import NotFound
 from cumulo.service import crud
 from cumulo.service.api import views
-from cumulo.service.api.deps import Admin, State
-from cumulo.service.api.schemas import KeyCreate, PlanCreate
+from cumulo.service.api.deps import Admin, After, EndTime, StartTime, State, only_query
+from cumulo.service.api.schemas import INT32_MAX, KeyCreate, OrgName, PlanCreate
 from cumulo.service.db import Organization
 
 router = APIRouter(prefix="/admin")
+OrgFilter = Annotated[OrgName | None, Query(description="organisation name")]
 
 
 @router.get("/plans")
@@ -45,8 +46,8 @@ async def list_orgs(state: State, _: Admin) -> dict[str, Any]:
     return await run_in_threadpool(read)
 
 
-@router.get("/keys")
-async def list_keys(state: State, _: Admin, org: str | None = None) -> dict[str, Any]:
+@router.get("/keys", dependencies=[only_query("org")])
+async def list_keys(state: State, _: Admin, org: OrgFilter = None) -> dict[str, Any]:
     def read() -> dict[str, Any]:
         with state.sessions() as session:
             return {"object": "list", "data": [views.key(*row) for row in crud.list_keys(session, org)]}
@@ -73,7 +74,9 @@ async def create_key(body: KeyCreate, state: State, _: Admin) -> dict[str, Any]:
 
 
 @router.post("/keys/{key_id}/revoke")
-async def revoke_key(key_id: int, state: State, _: Admin) -> dict[str, Any]:
+async def revoke_key(
+    key_id: Annotated[int, Path(ge=1, le=INT32_MAX)], state: State, _: Admin
+) -> dict[str, Any]:
     def write() -> dict[str, Any]:
         with state.sessions() as session, session.begin():
             row = crud.revoke_key(session, key_id)
@@ -82,15 +85,15 @@ async def revoke_key(key_id: int, state: State, _: Admin) -> dict[str, Any]:
     return await run_in_threadpool(write)
 
 
-@router.get("/usage")
+@router.get("/usage", dependencies=[only_query("org", "start_time", "end_time", "limit", "after")])
 async def usage(
     state: State,
     _: Admin,
-    org: str | None = None,
-    start_time: float | None = None,
-    end_time: float | None = None,
+    org: OrgFilter = None,
+    start_time: StartTime = None,
+    end_time: EndTime = None,
     limit: int = Query(default=20, ge=1, le=1000),
-    after: int | None = None,
+    after: After = None,
 ) -> dict[str, Any]:
     def read() -> dict[str, Any]:
         with state.sessions() as session:

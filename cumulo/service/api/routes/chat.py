@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter
 from fastapi.responses import Response
 
 from cumulo.contracts import SamplingParams
-from cumulo.errors import InvalidRequest
-from cumulo.service.api.deps import Caller, State
+from cumulo.service.api.deps import Caller, IdempotencyKey, State
+from cumulo.service.api.errors import BadParameter
 from cumulo.service.api.generation import Job, fit_max_tokens, generate, resolve_engine
 from cumulo.service.api.schemas import ChatCompletionRequest
 from cumulo.service.api.shapes import ChatShape
@@ -20,11 +20,12 @@ async def chat_completions(
     body: ChatCompletionRequest,
     state: State,
     principal: Caller,
-    idempotency_key: str | None = Header(default=None, max_length=256),
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     if body.n > state.settings.max_n:
-        raise InvalidRequest(f"n must be at most {state.settings.max_n}")
+        raise BadParameter("n", f"n must be at most {state.settings.max_n}")
     engine = resolve_engine(state, principal, body.model, body.seal)
+    body.check_logit_bias(engine.tokenizer.vocab_size)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     prompt = engine.tokenizer.encode(text, add_special_tokens=False)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter
 from fastapi.responses import Response
 
 from cumulo.contracts import EngineClient, SamplingParams
-from cumulo.errors import InvalidRequest
-from cumulo.service.api.deps import Caller, State
+from cumulo.service.api.deps import Caller, IdempotencyKey, State
+from cumulo.service.api.errors import BadParameter
 from cumulo.service.api.generation import Job, fit_max_tokens, generate, resolve_engine
-from cumulo.service.api.schemas import CompletionRequest
+from cumulo.service.api.schemas import MAX_BATCH, CompletionRequest
 from cumulo.service.api.shapes import CompletionShape
 
 router = APIRouter()
-MAX_BATCH = 64
 
 
 def _prompts(engine: EngineClient, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
@@ -24,17 +23,15 @@ def _prompts(engine: EngineClient, prompt: str | list[str] | list[int] | list[li
     else:
         items = list(prompt)  # type: ignore[arg-type]
     if not items or len(items) > MAX_BATCH:
-        raise InvalidRequest(
-            f"prompt must hold 1 to {MAX_BATCH} prompts",
-        )
+        raise BadParameter("prompt", f"prompt must hold 1 to {MAX_BATCH} prompts")
     prompts: list[list[int]] = []
     vocab = engine.tokenizer.vocab_size
     for item in items:
         ids = engine.tokenizer.encode(item) if isinstance(item, str) else list(item)
         if any(t < 0 or t >= vocab for t in ids):
-            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+            raise BadParameter("prompt", f"prompt token ids must be in [0, {vocab})")
         if not ids:
-            raise InvalidRequest("prompt must not be empty")
+            raise BadParameter("prompt", "prompt must not be empty")
         prompts.append(ids)
     return prompts
 
@@ -44,14 +41,16 @@ async def completions(
     body: CompletionRequest,
     state: State,
     principal: Caller,
-    idempotency_key: str | None = Header(default=None, max_length=256),
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    if body.echo:
-        raise InvalidRequest("echo is not supported")
     engine = resolve_engine(state, principal, body.model, body.seal)
+    body.check_logit_bias(engine.tokenizer.vocab_size)
     prompts = _prompts(engine, body.prompt)
     if body.n * len(prompts) > state.settings.max_n * 4:
-        raise InvalidRequest("too many sequences: n times the number of prompts is too large")
+        raise BadParameter(
+            "n",
+            f"too many sequences: n times the number of prompts must be at most {state.settings.max_n * 4}",
+        )
     max_tokens = fit_max_tokens(engine, prompts, body.max_tokens)
     params = SamplingParams(
         max_tokens=max_tokens,

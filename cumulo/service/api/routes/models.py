@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 
 from cumulo.contracts import EngineClient
 from cumulo.errors import ModelNotFound
 from cumulo.service.api.deps import Caller, State
+from cumulo.service.api.schemas import MAX_NAME
 
 router = APIRouter()
 
@@ -33,7 +34,9 @@ async def list_models(state: State, principal: Caller) -> dict[str, Any]:
 
 
 @router.get("/v1/models/{model:path}")
-async def get_model(model: str, state: State, principal: Caller) -> dict[str, Any]:
+async def get_model(
+    model: Annotated[str, Path(max_length=MAX_NAME)], state: State, principal: Caller
+) -> dict[str, Any]:
     if not principal.plan.allows(model):
         raise ModelNotFound(f"the model {model!r} does not exist or your plan does not include it")
     return _card(model, state.engine_for(model), int(state.started_at))

@@ -9,19 +9,19 @@ from starlette.concurrency import run_in_threadpool
 
 from cumulo.service import crud
 from cumulo.service.api import views
-from cumulo.service.api.deps import Caller, State
+from cumulo.service.api.deps import After, Caller, EndTime, StartTime, State, only_query
 
 router = APIRouter()
 
 
-@router.get("/v1/usage")
+@router.get("/v1/usage", dependencies=[only_query("start_time", "end_time", "limit", "after")])
 async def usage(
     state: State,
     principal: Caller,
-    start_time: float | None = Query(default=None, description="epoch seconds, inclusive"),
-    end_time: float | None = Query(default=None, description="epoch seconds, exclusive"),
+    start_time: StartTime = None,
+    end_time: EndTime = None,
     limit: int = Query(default=20, ge=1, le=100),
-    after: int | None = Query(default=None, description="the last id of the previous page"),
+    after: After = None,
 ) -> dict[str, Any]:
     def read() -> dict[str, Any]:
         with state.sessions() as session:
