@@ -236,12 +236,15 @@ def test_the_models_tokenizer_refuses_text_that_is_not_unicode_with_a_clear_erro
         tokenizer.encode("hi \ud800")
 
 
-def test_an_idempotency_key_of_the_other_endpoint_is_a_409_when_streamed_not_a_500(strict):
+def test_an_idempotency_key_of_the_other_endpoint_is_a_409_streamed_or_not(strict):
     service, _, key = strict
     h = {**auth(key), "Idempotency-Key": "once"}
     assert service.client.post("/v1/completions", headers=h, json=COMPLETION).status_code == 200
-    r = service.client.post("/v1/chat/completions", headers=h, json={**CHAT, "stream": True})
-    assert r.status_code == 409 and "text_completion" in r.json()["error"]["message"]
+    for stream in (True, False):
+        r = service.client.post("/v1/chat/completions", headers=h, json={**CHAT, "stream": stream})
+        assert r.status_code == 409 and "text_completion" in r.json()["error"]["message"]
+    again = service.client.post("/v1/completions", headers=h, json=COMPLETION)
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
     refused(
         service.client.post("/v1/completions", headers={**h, "Idempotency-Key": "a\x01b"}, json=COMPLETION),
         "idempotency-key",

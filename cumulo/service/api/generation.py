@@ -113,6 +113,7 @@ async def generate(
             "X-Request-Id": stored["id"],
             "X-Cumulo-Model-Seal": stored.get("system_fingerprint", ""),
         }
+        shape.check_replayable(stored)
         if not job.stream:
             return JSONResponse(stored, headers=headers)
         chunks = [sse(c) for c in shape.replay(stored)] + [sse("[DONE]")]

@@ -68,8 +68,9 @@ class Shape:
         """Stream chunks equivalent to a stored whole response (Idempotency-Key replays)."""
         raise NotImplementedError
 
-    def _check_replayable(self, stored: dict[str, Any]) -> None:
-        # An Idempotency-Key is looked up per API key, not per endpoint: the stored answer may be the other shape.
+    def check_replayable(self, stored: dict[str, Any]) -> None:
+        """Conflict if the stored answer is of the other endpoint: an Idempotency-Key is looked up per API key,
+        not per endpoint, and a chat client must not be handed a text completion (or the reverse)."""
         if stored.get("object") != self.object_name:
             raise Conflict(
                 f"this Idempotency-Key was first used for a {stored.get('object')!r} request; "
@@ -122,7 +123,7 @@ class ChatShape(Shape):
         }
 
     def replay(self, stored: dict[str, Any]) -> list[dict[str, Any]]:
-        self._check_replayable(stored)
+        self.check_replayable(stored)
         chunks = []
         for c in stored["choices"]:
             delta = {"role": "assistant", "content": c["message"]["content"]}
@@ -179,7 +180,7 @@ class CompletionShape(Shape):
         }
 
     def replay(self, stored: dict[str, Any]) -> list[dict[str, Any]]:
-        self._check_replayable(stored)
+        self.check_replayable(stored)
         chunks = [{**stored, "choices": [c], "usage": None} for c in stored["choices"]]
         chunks.append({**stored, "choices": [], "usage": stored["usage"]})
         return chunks
