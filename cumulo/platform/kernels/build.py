@@ -37,7 +37,7 @@ X86_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 SOURCE_DIR = Path(__file__).parent
 _INCLUDE = re.compile(rb'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entered: a first build asks the CPU-feature probe, itself built by load()
 
 
 def compile_flags() -> list[str]:
