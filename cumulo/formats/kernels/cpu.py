@@ -194,7 +194,7 @@ def bind_fp8(w: PackedWeight) -> BoundKernel | None:
         return dequant_into(out=out, threads=kernel_threads(), bf16=bf16)
 
     def run(x: torch.Tensor) -> torch.Tensor | None:
-        return _call(x, n, lambda x, y: linear(**args(x, y)), dequant, "fp8")
+        return _call(x, n, lambda x, y: linear.call(args(x, y)), dequant, "fp8")
 
     run.graph_op = _graph_op(lambda x, y: linear.op(**args(x, y)), "fp8")  # type: ignore[attr-defined]
     return run
@@ -217,7 +217,7 @@ def bind_mxfp4(w: PackedWeight) -> BoundKernel | None:
         return dequant_into(out=out, threads=kernel_threads(), bf16=bf16)
 
     def run(x: torch.Tensor) -> torch.Tensor | None:
-        return _call(x, n, lambda x, y: linear(**args(x, y)), dequant, "mxfp4")
+        return _call(x, n, lambda x, y: linear.call(args(x, y)), dequant, "mxfp4")
 
     run.graph_op = _graph_op(lambda x, y: linear.op(**args(x, y)), "mxfp4")  # type: ignore[attr-defined]
     return run
@@ -288,9 +288,9 @@ def bind_lut(w: PackedWeight) -> BoundKernel | None:
 
     def fused(x: torch.Tensor, y: torch.Tensor) -> None:
         if table_linear is not None and x.dtype == torch.bfloat16 and USE_AVX512:
-            if table_linear(**_rows(x, y)) == 0:
+            if table_linear.call(_rows(x, y)) == 0:
                 return
-        lut_linear(**lut_args(x, y))
+        lut_linear.call(lut_args(x, y))
 
     def run(x: torch.Tensor) -> torch.Tensor | None:
         return _call(x, n, fused, None, None)

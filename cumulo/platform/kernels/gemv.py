@@ -83,7 +83,7 @@ def _linear(
         bias = bias.to(dtype).contiguous()
     y = torch.empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
     kernel = lib.cumulo_bf16_linear if dtype == torch.bfloat16 else lib.cumulo_f32_linear
-    kernel(**_args(x, weight, bias, y, torch.get_num_threads(), 0 if avx2_only else -1))
+    kernel.call(_args(x, weight, bias, y, torch.get_num_threads(), 0 if avx2_only else -1))
     return y
 
 

@@ -111,8 +111,8 @@ def paged_decode_attention(
             f"block_tables {tuple(tables.shape)}, context_lens {tuple(lens.shape)}; batch {batch}"
         )
     out = torch.empty((batch, heads, dim), dtype=dtype)
-    code = lib.cumulo_paged_decode_attention(
-        **args(q, k_cache, v_cache, tables, lens, out, window, torch.get_num_threads(), scale)
+    code = lib.cumulo_paged_decode_attention.call(
+        args(q, k_cache, v_cache, tables, lens, out, window, torch.get_num_threads(), scale)
     )
     if code:
         raise ValueError(ERRORS.get(code, f"kernel error {code}"))

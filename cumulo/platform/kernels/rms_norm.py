@@ -45,7 +45,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     ):
         return None
     y = torch.empty_like(x)
-    lib.cumulo_rms_norm(**args(x, weight, y, eps, offset, torch.get_num_threads()))
+    lib.cumulo_rms_norm.call(args(x, weight, y, eps, offset, torch.get_num_threads()))
     return y
 
 

@@ -68,8 +68,8 @@ def rope_and_cache(
     if positions.shape != (n,) or slot_mapping.shape != (n,):
         return None
     q = torch.empty((n, heads, dim), dtype=dtype)
-    code = lib.cumulo_rope_cache(
-        **args(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, q, heads, kv_heads)
+    code = lib.cumulo_rope_cache.call(
+        args(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, q, heads, kv_heads)
     )
     if code:
         raise ValueError(ERRORS.get(code, f"kernel error {code}"))
