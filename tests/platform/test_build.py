@@ -44,3 +44,20 @@ def test_a_header_change_builds_a_new_library(tmp_path: Path, monkeypatch) -> No
     import ctypes
 
     assert ctypes.CDLL(str(second)).two() == 3
+
+
+def test_first_uses_from_many_threads_on_a_fresh_cache_all_load(tmp_path: Path, monkeypatch) -> None:
+    """The first build of a process asks the CPU-feature probe, itself a library to build: libraries built at
+    once from several threads, with the probe not built yet, must neither deadlock nor fail."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cumulo.platform.kernels import rms_norm, rope_cache
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setattr(build, "_probe", build._probe.fresh())
+    monkeypatch.setattr(build, "_features", None)
+    libraries = [rms_norm._kernel.fresh(), rope_cache._kernel.fresh(), build._probe]
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(lib.get) for lib in libraries]
+        results = [f.result(timeout=300) for f in futures]
+    assert all(r is not None for r in results)

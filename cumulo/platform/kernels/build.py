@@ -37,7 +37,7 @@ X86_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 SOURCE_DIR = Path(__file__).parent
 _INCLUDE = re.compile(rb'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
 
-_lock = threading.RLock()  # re-entered: a first build asks the CPU-feature probe, itself built by load()
+_lock = threading.RLock()
 
 
 def compile_flags() -> list[str]:
@@ -115,6 +115,10 @@ def load(
     sources: Path | Sequence[Path], flags: list[str] | None = None, name: str | None = None
 ) -> ctypes.CDLL:
     """Build (once per process, under a lock) and load; RuntimeError or OSError when that is impossible."""
+    # The flags ask the CPU-feature probe, which is itself loaded here: ask before taking the lock, so that the
+    # locks are always taken in one order (a library's, the probe's, this one) and two first uses cannot wait
+    # on each other.
+    flags = compile_flags() if flags is None else flags
     with _lock:
         return ctypes.CDLL(str(build(sources, flags, name)))
 
