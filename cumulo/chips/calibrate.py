@@ -170,13 +170,13 @@ GRAPH_PROBE_OPS = 200
 def _graph_op_latency(
     device: str, sync: Callable, min_time: float, repeats: int, clock: Callable
 ) -> float | None:
-    """Seconds (as microseconds) per op of a recorded decode graph (Platform.decode_graph), or None where the
+    """Seconds (as microseconds) per op of a recorded decode graph (Platform.graph_recorder), or None where the
     platform records none: the same small norm, replayed GRAPH_PROBE_OPS times in one graph."""
     import torch
 
     from cumulo.platform import get_platform
 
-    recorder = get_platform(device).decode_graph(torch.float32)
+    recorder = get_platform(device).graph_recorder(torch.float32)
     if recorder is None:
         return None
     graph = recorder()
@@ -210,7 +210,7 @@ def _stack(device: str, layers: list, x) -> Callable[[], object]:
     from cumulo.engine.decode_graph import MAX_BATCH
     from cumulo.platform import get_platform
 
-    recorder = get_platform(device).decode_graph(x.dtype) if x.shape[0] <= MAX_BATCH else None
+    recorder = get_platform(device).graph_recorder(x.dtype) if x.shape[0] <= MAX_BATCH else None
     if recorder is not None:
         graph = recorder()
         for layer in layers:

@@ -1,6 +1,6 @@
 """Builds an `LLMEngine` from a model name or path: pick the platform, build the model for use
-(`build_for_use`: load, optionally convert to a compact number format, cast, attach the platform's kernels; the
-one way every command gets a runnable model), size the KV cache (`kv_sizing.plan_kv_cache`).
+(`build_for_use`: load, optionally convert to a compact number format, cast, attach the platform's kernels;
+the one way every command gets a runnable model), size the KV cache (`kv_sizing.plan_kv_cache`).
 """
 
 from __future__ import annotations
@@ -103,6 +103,6 @@ def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
         device=torch.device(platform.device),
         name=loaded.name,
         seal=loaded.seal,
-        decode_attention=platform.paged_decode_attention(plan.dtype, loaded.config.head_dim),
-        decode_graph=platform.decode_graph(plan.dtype) if config.decode_graph else None,
+        paged_decode_attention=platform.paged_decode_attention(plan.dtype, loaded.config.head_dim),
+        graph_recorder=platform.graph_recorder(plan.dtype) if config.decode_graphs else None,
     )

@@ -39,7 +39,7 @@ class EngineConfig:
     kv_cache_fraction: float | None = None
     enable_prefix_caching: bool = True
     threads: int | None = None
-    decode_graph: bool = True  # replay decode steps as recorded kernel graphs where the platform offers them
+    decode_graphs: bool = True  # replay decode steps as recorded kernel graphs where the platform offers them
 
 
 class LLMEngine:
@@ -53,8 +53,8 @@ class LLMEngine:
         device: torch.device,
         name: str = "",
         seal: str = "",
-        decode_attention: Callable[..., torch.Tensor] | None = None,
-        decode_graph: type | None = None,
+        paged_decode_attention: Callable[..., torch.Tensor] | None = None,
+        graph_recorder: type | None = None,
     ) -> None:
         """`kv_plan` (from `kv_sizing.plan_kv_cache`): the KV cache to allocate and the longest sequence."""
         cfg = model.config
@@ -79,7 +79,7 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(
-            model, self.kv_cache, device, decode_attention, decode_graph,
+            model, self.kv_cache, device, paged_decode_attention, graph_recorder,
             max_blocks_per_seq=-(-kv_plan.max_model_len // kv_plan.block_size),
         )  # fmt: skip
         self.sampler = Sampler()

@@ -21,7 +21,7 @@ class ModelRunner:
         model: nn.Module,
         kv_cache: KVCache,
         device: torch.device,
-        decode_attention: Callable[..., torch.Tensor] | None = None,
+        paged_decode_attention: Callable[..., torch.Tensor] | None = None,
         graph_recorder: type | None = None,
         max_blocks_per_seq: int | None = None,
     ) -> None:
@@ -31,7 +31,7 @@ class ModelRunner:
         self.graph_recorder = graph_recorder
         self._graphs: dict[int, DecodeGraph | None] = {}
         self.max_blocks_per_seq = max_blocks_per_seq or kv_cache.num_blocks  # block-table width of a graph
-        self.decode_attention = decode_attention
+        self.paged_decode_attention = paged_decode_attention
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device
@@ -99,7 +99,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decode=len(batch.decodes),
             prefills=chunks,
-            decode_kernel=self.decode_attention,
+            paged_decode_attention=self.paged_decode_attention,
         )
         if batch.decodes:
             width = max(len(s.block_table) for s in batch.decodes)

@@ -74,7 +74,7 @@ class AttentionContext:
     decode_context_lens: torch.Tensor | None = None  # [num_decode]
     prefills: list[PrefillChunk] = field(default_factory=list)
     # A platform's fused paged decode kernel (see Platform.paged_decode_attention), else the PyTorch path.
-    decode_kernel: Callable[..., torch.Tensor] | None = None
+    paged_decode_attention: Callable[..., torch.Tensor] | None = None
     # Masks depend only on the step (and a layer's window), not the layer: built once, reused by every layer.
     masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
 
@@ -171,13 +171,14 @@ def paged_attention(
         _write_cache(k, v, ctx, layer)
     nd = ctx.num_decode
     cache = ctx.kv_cache
-    if nd == q.shape[0] and ctx.decode_kernel is not None:  # all decodes: the kernel's output is the answer
-        return ctx.decode_kernel(
+    kernel = ctx.paged_decode_attention
+    if nd == q.shape[0] and kernel is not None:  # all decodes: the kernel's output is the answer
+        return kernel(
             q, cache.k[layer], cache.v[layer], ctx.decode_block_tables, ctx.decode_context_lens, scale, window
         )
     out = torch.empty_like(q)
-    if nd and ctx.decode_kernel is not None:
-        out[:nd] = ctx.decode_kernel(
+    if nd and kernel is not None:
+        out[:nd] = kernel(
             q[:nd],
             cache.k[layer],
             cache.v[layer],

@@ -87,7 +87,7 @@ class Platform:
         (qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, heads, kv_heads) -> rotated q, or None."""
         return None
 
-    def decode_graph(self, dtype: torch.dtype) -> type | None:
+    def graph_recorder(self, dtype: torch.dtype) -> type | None:
         """A recorder for decode graphs in `dtype` (one step as a list of kernel calls replayed at once; see
         `cumulo.platform.kernels.graph.Graph` for the methods it offers), or None to run decode steps eagerly.
         A CUDA platform could answer with a recorder over torch.cuda.CUDAGraph."""

@@ -56,7 +56,7 @@ class CpuPlatform(Platform):
 
         return rope_cache.rope_and_cache if dtype in rope_cache.DTYPES and rope_cache.available() else None
 
-    def decode_graph(self, dtype: torch.dtype) -> type | None:
+    def graph_recorder(self, dtype: torch.dtype) -> type | None:
         from cumulo.platform.kernels import graph
 
         return graph.Graph if dtype in graph.DTYPES and graph.available() else None

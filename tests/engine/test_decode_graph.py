@@ -31,8 +31,10 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory, write_tiny_llama) -> Path
     return write_tiny_llama(tmp_path_factory.mktemp("graph-llama"), vocab=256, hidden=128, intermediate=256)
 
 
-def _engine(path: Path, fmt: str | None, decode_graph: bool, dtype: str = "bfloat16") -> LLMEngine:
-    config = EngineConfig(device="cpu", dtype=dtype, format=fmt, decode_graph=decode_graph, kv_cache_gib=0.01)
+def _engine(path: Path, fmt: str | None, decode_graphs: bool, dtype: str = "bfloat16") -> LLMEngine:
+    config = EngineConfig(
+        device="cpu", dtype=dtype, format=fmt, decode_graphs=decode_graphs, kv_cache_gib=0.01
+    )
     return create_engine(str(path), config)
 
 
@@ -113,10 +115,10 @@ def _tiny_engine(arch: str, dtype: torch.dtype, recorder: type | None, cast_whol
     for p in model.parameters():
         p.data = p.data.to(dtype)
     use_platform_kernels(model, CpuPlatform(), dtype)
-    config = EngineConfig(device="cpu", kv_cache_gib=0.01)
+    config, cpu = EngineConfig(device="cpu", kv_cache_gib=0.01), CpuPlatform()
     return LLMEngine(
-        model, CharTokenizer(), config, plan_kv_cache(cfg, dtype, config, CpuPlatform()), device=torch.device("cpu"),
-        decode_attention=CpuPlatform().paged_decode_attention(dtype, cfg.head_dim), decode_graph=recorder,
+        model, CharTokenizer(), config, plan_kv_cache(cfg, dtype, config, cpu), device=torch.device("cpu"),
+        paged_decode_attention=cpu.paged_decode_attention(dtype, cfg.head_dim), graph_recorder=recorder,
     )  # fmt: skip
 
 

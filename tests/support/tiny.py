@@ -80,7 +80,7 @@ def tiny_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def fused_attention_kernel(cfg: ModelConfig):
+def cpu_paged_decode_attention(cfg: ModelConfig):
     kernel = CpuPlatform().paged_decode_attention(torch.float32, cfg.head_dim)
     assert kernel is not None, "the CPU decode-attention kernel did not build"
     return kernel
@@ -99,7 +99,8 @@ def make_tiny_engine(
     # fp32 K and V of every layer; a whole number of bytes over 2^30 is exact in a float, so the plan gets
     # exactly kv_tokens tokens (rounded down to whole blocks)
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
-    config = EngineConfig(device="cpu", kv_cache_gib=kv_tokens * per_token / GIB, **options)  # type: ignore[arg-type]
+    gib = kv_tokens * per_token / GIB
+    config = EngineConfig(device="cpu", kv_cache_gib=gib, **options)  # type: ignore[arg-type]
     plan = plan_kv_cache(cfg, torch.float32, config, CpuPlatform())
     return LLMEngine(
         model,
@@ -109,5 +110,5 @@ def make_tiny_engine(
         device=torch.device("cpu"),
         name=f"tiny-{arch}",
         seal="sha256:test",
-        decode_attention=fused_attention_kernel(cfg) if fused_attention else None,
+        paged_decode_attention=cpu_paged_decode_attention(cfg) if fused_attention else None,
     )
