@@ -86,18 +86,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 @contextmanager
 def _db(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
     """(session factory, key hasher) on the migrated service database."""
-    from cumulo.service.db import open_engine, session_factory
+    from cumulo.service.db import open_database, session_factory
     from cumulo.service.migrate import upgrade
     from cumulo.service.security import KeyHasher, load_or_create_secret
     from cumulo.service.settings import Settings
 
     settings = Settings.from_env(database_url=getattr(args, "database_url", None))
-    engine = open_engine(settings.database_url)
+    database = open_database(settings.database_url)
     try:
-        upgrade(engine)
-        yield session_factory(engine), KeyHasher(load_or_create_secret(settings.data_dir))
+        upgrade(database)
+        yield session_factory(database), KeyHasher(load_or_create_secret(settings.data_dir))
     finally:
-        engine.dispose()
+        database.dispose()
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -7,7 +7,7 @@ as integer nano-dollars so ledgers sum exactly.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, TypeAlias
 
 from sqlalchemy import (
     JSON,
@@ -25,6 +25,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+# SQLAlchemy calls its handle on a database (a connection pool and dialect) an Engine. In the service
+# "engine" means an inference engine only, so the handle is a `Database`, and a `db` or `database` variable.
+Database: TypeAlias = Engine
 
 
 class Base(DeclarativeBase):
@@ -128,17 +132,17 @@ class Usage(Base):
     )
 
 
-def open_engine(url: str) -> Engine:
-    """An SQLAlchemy engine whose write transactions serialize correctly across processes.
+def open_database(url: str) -> Database:
+    """The database at `url`, opened so that its write transactions serialize correctly across processes.
 
     SQLite: every transaction starts with BEGIN IMMEDIATE (takes the write lock up front, so two gateways
     never both read a counter and both pass), WAL journal, a generous busy timeout.
     """
     if url.startswith("sqlite"):
         _create_private(make_url(url).database)
-        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+        database = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
-        @event.listens_for(engine, "connect")
+        @event.listens_for(database, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
             cur = dbapi_conn.cursor()
@@ -150,11 +154,11 @@ def open_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
-        @event.listens_for(engine, "begin")
+        @event.listens_for(database, "begin")
         def _on_begin(conn: Any) -> None:
             conn.connection.dbapi_connection.execute("BEGIN IMMEDIATE")  # straight to sqlite3: hot path
 
-        return engine
+        return database
     return create_engine(url, pool_size=10, max_overflow=30, pool_pre_ping=True)
 
 
@@ -166,5 +170,5 @@ def _create_private(path: str | None) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
 
 
-def session_factory(engine: Engine) -> sessionmaker:
-    return sessionmaker(engine, expire_on_commit=False)
+def session_factory(database: Database) -> sessionmaker:
+    return sessionmaker(database, expire_on_commit=False)

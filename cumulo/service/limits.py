@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
 from cumulo.errors import AuthenticationError, Conflict, CumuloError, QuotaExceeded, RateLimited
 from cumulo.service import sql
+from cumulo.service.db import Database
 
 WINDOW = 60.0
 
@@ -61,7 +62,7 @@ class Replay:
 
 
 def admit(
-    db: Engine, key_id: int, spec: RequestSpec, *, stale_after: float = 900.0, now: float | None = None
+    db: Database, key_id: int, spec: RequestSpec, *, stale_after: float = 900.0, now: float | None = None
 ) -> Admission | Replay:
     now = time.time() if now is None else now
     month = month_of(now)

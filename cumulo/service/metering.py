@@ -13,10 +13,9 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.engine import Engine
 
 from cumulo.service import sql
-from cumulo.service.db import ApiKey, Plan, Usage
+from cumulo.service.db import ApiKey, Database, Plan, Usage
 from cumulo.service.limits import Admission, prices
 
 _keys, _plans, _usage = ApiKey.__table__, Plan.__table__, Usage.__table__
@@ -38,7 +37,7 @@ def cost_nanos(price_in: float, price_out: float, prompt_tokens: int, completion
     return round(prompt_tokens * price_in * 1000 + completion_tokens * price_out * 1000)
 
 
-def settle(db: Engine, admission: Admission, outcome: Outcome, now: float | None = None) -> bool:
+def settle(db: Database, admission: Admission, outcome: Outcome, now: float | None = None) -> bool:
     """Writes the final record and refunds the unused reservation; False if it was settled already."""
     now = time.time() if now is None else now
     billed = outcome.prompt_tokens + outcome.completion_tokens
@@ -88,7 +87,7 @@ def _dead_here(gateway: str) -> bool:
     return False
 
 
-def settle_interrupted(db: Engine, stale_after: float, now: float | None = None) -> int:
+def settle_interrupted(db: Database, stale_after: float, now: float | None = None) -> int:
     """Requests left 'in_progress' by a gateway that died (kill -9, power loss): on this host when its process
     is gone, anywhere when older than `stale_after`. They pay their prompt only; what was generated is unknown."""
     now = time.time() if now is None else now

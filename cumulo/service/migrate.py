@@ -11,17 +11,18 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
-from sqlalchemy.engine import Engine
+
+from cumulo.service.db import Database
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _LOCK_ID = 0x43554D55  # "CUMU": any constant shared by every gateway
 
 
-def upgrade(engine: Engine) -> None:
+def upgrade(database: Database) -> None:
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS))
-    with engine.connect() as connection:
-        if engine.dialect.name == "postgresql":
+    with database.connect() as connection:
+        if database.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _LOCK_ID})
             connection.commit()
         try:
@@ -29,6 +30,6 @@ def upgrade(engine: Engine) -> None:
             command.upgrade(config, "head")
             connection.commit()
         finally:
-            if engine.dialect.name == "postgresql":
+            if database.dialect.name == "postgresql":
                 connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _LOCK_ID})
                 connection.commit()

@@ -8,14 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from cumulo.contracts import EngineClient
 from cumulo.errors import ModelNotFound
 from cumulo.service.auth import PrincipalCache
-from cumulo.service.db import open_engine, session_factory
+from cumulo.service.db import Database, open_database, session_factory
 from cumulo.service.labels import Labeler, load_or_create_signing_key
 from cumulo.service.metering import gateway_id, settle_interrupted
 from cumulo.service.metrics import Metrics
@@ -29,7 +28,7 @@ T = TypeVar("T")
 @dataclass
 class ServiceState:
     settings: Settings
-    db: Engine
+    db: Database
     sessions: sessionmaker
     hasher: KeyHasher
     labeler: Labeler
@@ -59,7 +58,7 @@ def build_state(settings: Settings, engines: dict[str, EngineClient]) -> Service
     """Opens (and migrates) the database, loads the secrets from the data directory, settles requests that a
     dead gateway left in progress."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    db = open_engine(settings.database_url)
+    db = open_database(settings.database_url)
     upgrade(db)
     sessions = session_factory(db)
     settle_interrupted(db, settings.max_request_seconds)

@@ -14,8 +14,8 @@ target_metadata = Base.metadata
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is None:  # plain `alembic` command line: build our own from the configured URL
-        engine = create_engine(config.get_main_option("sqlalchemy.url"))
-        with engine.connect() as connection:
+        database = create_engine(config.get_main_option("sqlalchemy.url"))
+        with database.connect() as connection:
             _run(connection)
         return
     _run(connection)
