@@ -1,5 +1,8 @@
-"""Suite-wide fixtures: an isolated data directory, and the real SmolLM2-135M model pulled once into a cache
-that survives between runs (.data/test-models, or $CUMULO_TEST_MODELS)."""
+"""Suite-wide fixtures: an isolated data directory, the real SmolLM2-135M model pulled once into a cache that
+survives between runs (.data/test-models, or $CUMULO_TEST_MODELS), and `write_tiny_llama`.
+
+Tiny random models themselves live in tests/support/ (`tiny` in memory, `checkpoints` and `gguf_files` on
+disk); test modules import them as `tests.support.<module>`."""
 
 from __future__ import annotations
 
@@ -35,41 +38,10 @@ def smollm2_path() -> Path:
     return _pulled("smollm2-135m")
 
 
-def save_word_tokenizer(directory: Path, vocab_size: int) -> None:
-    """A tokenizer.json whose words t0..tN map to ids 0..N: enough for loaders that need one."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(directory / "tokenizer.json"))
-
-
 @pytest.fixture(scope="session")
 def write_tiny_llama():
-    """Writes a tiny random Llama as a Hugging Face-style directory (safetensors + tokenizer.json)."""
+    """`write_tiny_llama(path, vocab, hidden, intermediate)` from tests/support/checkpoints.py: a tiny random
+    Llama as a Hugging Face-style directory (safetensors + tokenizer.json)."""
+    from tests.support.checkpoints import write_tiny_llama
 
-    def write(path: Path, vocab: int, hidden: int, intermediate: int) -> Path:
-        import torch
-        import transformers
-
-        cfg = transformers.LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-        )
-        torch.manual_seed(0)
-        transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-        save_word_tokenizer(path, vocab)
-        return path
-
-    return write
-
-
-@pytest.fixture(scope="session")
-def word_tokenizer():
-    """`save_word_tokenizer` as a fixture, for tests that write their own model directories."""
-    return save_word_tokenizer
+    return write_tiny_llama

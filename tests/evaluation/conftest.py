@@ -1,5 +1,6 @@
-"""Models for perplexity tests: a tiny random Llama, and toy modules whose next-token probabilities are known
-exactly, so a perplexity can be checked against arithmetic rather than against itself."""
+"""Models for perplexity tests: a tiny random Llama (from tests/support/tiny.py), and toy modules whose
+next-token probabilities are known exactly, so a perplexity can be checked against arithmetic rather than
+against itself."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import torch
 from torch import nn
 
 from cumulo.models.attention import AttentionContext
-from cumulo.models.config import ModelConfig
-from cumulo.models.registry import ARCHITECTURES
+from tests.support.tiny import tiny_config, tiny_model
 
 TINY_VOCAB = 64
 
@@ -52,26 +52,9 @@ class UniformPredictor(CyclePredictor):
 
 @pytest.fixture(scope="session")
 def tiny_llama() -> nn.Module:
-    config = ModelConfig(
-        architecture="llama",
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    model = ARCHITECTURES["llama"](config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-            elif p.dim() == 2:
-                p.normal_(0.0, 0.3)  # large enough that predictions depend on the history
-    return model.eval().requires_grad_(False)
+    # weights wide enough that predictions depend on the history
+    config = tiny_config("llama", vocab_size=TINY_VOCAB, max_position_embeddings=256, eos_token_ids=[])
+    return tiny_model(config, weight_std=0.3)
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,14 @@ import torch
 
 from cumulo.errors import InvalidModel, UnsupportedArchitecture
 from cumulo.models.loader import load, load_config
+from tests.support.checkpoints import hf_state_dict
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
-def test_hf_directory_loads_every_tensor_under_its_hugging_face_name(arch, make_hf_model, hf_weights):
+def test_hf_directory_loads_every_tensor_under_its_hugging_face_name(arch, make_hf_model):
     directory = make_hf_model(arch)
     model = load(directory)
-    expected = hf_weights(directory)
+    expected = hf_state_dict(directory)
     assert set(model.weights) == set(expected)
     for name, tensor in expected.items():
         assert torch.equal(model.weights[name], tensor.float()), name
@@ -42,12 +43,12 @@ def test_untied_llama_keeps_lm_head_and_tied_llama_has_none(make_hf_model):
     assert "lm_head.weight" not in tied.weights and tied.config.tie_word_embeddings is True
 
 
-def test_sharded_checkpoint_loads_all_shards_through_its_index(make_hf_model, hf_weights):
+def test_sharded_checkpoint_loads_all_shards_through_its_index(make_hf_model):
     directory = make_hf_model("llama", shard=True)
     assert (directory / "model.safetensors.index.json").is_file()
     assert len(list(directory.glob("*.safetensors"))) > 1
     model = load(directory)
-    assert set(model.weights) == set(hf_weights(directory))
+    assert set(model.weights) == set(hf_state_dict(directory))
 
 
 def test_bfloat16_checkpoint_reports_its_storage_format_and_loads_in_the_requested_dtype(make_hf_model):

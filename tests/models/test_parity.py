@@ -16,33 +16,21 @@ from cumulo.engine.llm_engine import EngineConfig
 from cumulo.models.attention import AttentionContext
 from cumulo.models.loader import load
 from cumulo.models.registry import build_model
+from tests.support.checkpoints import hf_model, save_word_tokenizer
+
+# checkpoints.SHAPE with a narrower MLP and more positions; Gemma gets seven layers, so that one (the sixth) is
+# global while the others attend through a window (8) shorter than the test's ids (24)
+PARITY_SHAPE = dict(intermediate_size=96, max_position_embeddings=256)
+PARITY_ARCH = {
+    "llama": {},
+    "qwen2": dict(tie_word_embeddings=True, rope_theta=10000.0),
+    "qwen3": dict(rope_theta=10000.0),
+    "gemma3": dict(num_hidden_layers=7, sliding_window=8),
+}
 
 
 def _tiny_hf(arch: str) -> transformers.PreTrainedModel:
-    common = dict(
-        vocab_size=160,
-        hidden_size=64,
-        intermediate_size=96,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-    )
-    if arch == "llama":
-        cfg = transformers.LlamaConfig(num_hidden_layers=2, **common)
-        model = transformers.LlamaForCausalLM(cfg)
-    elif arch == "qwen2":
-        cfg = transformers.Qwen2Config(num_hidden_layers=2, tie_word_embeddings=True, **common)
-        model = transformers.Qwen2ForCausalLM(cfg)
-    elif arch == "qwen3":
-        cfg = transformers.Qwen3Config(num_hidden_layers=2, head_dim=16, **common)
-        model = transformers.Qwen3ForCausalLM(cfg)
-    else:
-        common.pop("rope_theta")
-        cfg = transformers.Gemma3TextConfig(
-            num_hidden_layers=7, head_dim=16, sliding_window=8, query_pre_attn_scalar=16, **common
-        )
-        model = transformers.Gemma3ForCausalLM(cfg)
+    model = hf_model(arch, 160, **PARITY_SHAPE, **PARITY_ARCH[arch])
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -56,10 +44,10 @@ def _our_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
-def test_tiny_model_logits_match_transformers(tmp_path: Path, arch: str, word_tokenizer) -> None:
+def test_tiny_model_logits_match_transformers(tmp_path: Path, arch: str) -> None:
     hf = _tiny_hf(arch)
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    word_tokenizer(tmp_path, 160)
+    save_word_tokenizer(tmp_path, 160)
     loaded = load(str(tmp_path))
     assert loaded.config.architecture == arch
     ours = build_model(loaded.config, loaded.weights)

@@ -2,7 +2,8 @@
 
 The one place tests get a tiny in-memory model: `tiny_config` (any registered architecture), `tiny_model`
 (random weights, reproducible by seed) and `make_tiny_engine` (an `LLMEngine` over it with a KV cache of
-`kv_tokens` tokens)."""
+`kv_tokens` tokens). Tiny models written to disk come from `checkpoints` (Hugging Face-style directories)
+and `gguf_files`."""
 
 from __future__ import annotations
 
@@ -68,7 +69,9 @@ def tiny_config(arch: str = "llama", **overrides: object) -> ModelConfig:
     return ModelConfig(**base)  # type: ignore[arg-type]
 
 
-def tiny_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
+def tiny_model(config: ModelConfig, seed: int = 0, weight_std: float = 0.15) -> torch.nn.Module:
+    """Random weights, the same for the same seed: norms near their identity, matrices from N(0, weight_std)
+    (wider weights make the next token depend more on the history)."""
     torch.manual_seed(seed)
     model = ARCHITECTURES[config.architecture](config)
     with torch.no_grad():
@@ -76,7 +79,7 @@ def tiny_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
             if "norm" in name:
                 p.normal_(0.0, 0.1).add_(0.0 if config.architecture == "gemma3" else 1.0)
             elif p.dim() == 2:
-                p.normal_(0.0, 0.15)
+                p.normal_(0.0, weight_std)
     return model.eval().requires_grad_(False)
 
 

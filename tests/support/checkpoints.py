@@ -1,0 +1,133 @@
+"""Tiny random models written to disk as Hugging Face-style directories (transformers' own `save_pretrained`),
+and the tokenizers that go with them, so loader, converter and serving tests read real files in seconds.
+
+`hf_model` is the one constructor of tiny transformers models; `write_tiny_llama` (transformers' own init and a
+word tokenizer) and `write_hf_model` (every weight drawn wide, a byte-level BPE tokenizer with a chat template)
+save them. GGUF files are written from these by `tests.support.gguf_files`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "안녕하세요, 세계! 한국어 문장을 토큰으로 나눕니다.",
+    "你好，世界。中文句子也要分词。",
+    "Emoji 🙂🚀 and numbers 12345 and symbols €≠∞.",
+] * 20
+
+# the shape of `write_hf_model`'s checkpoints; `hf_model` takes any of it as an override
+SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
+# -- tokenizers ----------------------------------------------------------------------------------------------
+def save_word_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A tokenizer.json whose words t0..tN map to ids 0..N: enough for loaders that need one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(directory / "tokenizer.json"))
+
+
+def save_bpe_tokenizer(directory: Path) -> Path:
+    """A byte-level BPE tokenizer.json trained on a few lines of English, Korean, Chinese and emoji, and a
+    tokenizer_config.json with its special tokens and the ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(CORPUS, trainer)
+    backend.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>", "chat_template": CHATML})
+    )
+    return directory
+
+
+# -- models --------------------------------------------------------------------------------------------------
+def hf_model(arch: str, vocab_size: int, **overrides: object):
+    """A transformers model of `arch` (llama, qwen2, qwen3, gemma3) in SHAPE, with transformers' own random
+    init: qwen3 and gemma3 get head_dim 16, gemma3 Gemma's window and attention scale and tied embeddings."""
+    import transformers as tf
+
+    config = dict(SHAPE, vocab_size=vocab_size)
+    if arch == "llama":
+        config.update(rope_theta=10000.0, **overrides)
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**config))
+    if arch == "qwen2":
+        config.update(overrides)
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**config))
+    if arch == "qwen3":
+        config.update(head_dim=16, **overrides)
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(**config))
+    if arch == "gemma3":
+        config.update(tie_word_embeddings=True, head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
+        config.update(overrides)
+        return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**config))
+    raise ValueError(arch)
+
+
+def write_tiny_llama(path: Path, vocab: int, hidden: int, intermediate: int) -> Path:
+    """A tiny Llama with transformers' init (seed 0) and a word tokenizer, saved as safetensors in `path`."""
+    torch.manual_seed(0)
+    model = hf_model(
+        "llama", vocab, hidden_size=hidden, intermediate_size=intermediate, max_position_embeddings=256
+    )
+    model.save_pretrained(path, safe_serialization=True)
+    save_word_tokenizer(path, vocab)
+    return path
+
+
+def write_hf_model(
+    directory: Path,
+    arch: str,
+    tokenizer_dir: Path,
+    *,
+    tied: bool = False,
+    dtype: torch.dtype = torch.float32,
+    shard: bool = False,
+) -> Path:
+    """A tiny `arch` in SHAPE with every weight drawn from N(0, 0.5), stored in `dtype` (in 40 KB shards when
+    `shard`), with the tokenizer files of `tokenizer_dir` (see `save_bpe_tokenizer`); gemma3 is always tied."""
+    vocab_size = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    torch.manual_seed(0)
+    model = hf_model(arch, vocab_size, tie_word_embeddings=tied or arch == "gemma3")
+    with torch.no_grad():
+        for param in model.parameters():  # norms too, so that a lost "+1" or a swapped norm shows
+            param.normal_(0.0, 0.5)
+    model = model.to(dtype)
+    model.save_pretrained(directory, max_shard_size="40KB" if shard else "5GB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (directory / name).write_bytes((tokenizer_dir / name).read_bytes())
+    return directory
+
+
+def hf_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved directory's safetensors files, under its Hugging Face name."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
