@@ -10,6 +10,8 @@ import pytest
 
 from cumulo.cli.main import main
 
+pytestmark = pytest.mark.usefixtures("isolated_data_dir")  # no real calibration leaks in
+
 PREDICT_KEYS = {
     "prefill_tok_s",
     "decode_tok_s",
