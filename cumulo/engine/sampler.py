@@ -156,8 +156,8 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=False).squeeze(1)
 
 
-# Width of the first candidate set for filtered rows; each retry widens it 4x. A full sort of a 49k vocabulary
-# costs about 4 ms per row on one core, a top-256 about 0.2 ms, and most nuclei are far smaller than 256.
+# Width of the first candidate set for filtered rows; each retry widens it 4x. A top-256 costs a small fraction
+# of a full sort of the vocabulary, and most nuclei are far smaller than 256 (docs/benchmarks.md, "Figures behind the code's constants").
 _FIRST_WIDTH = 256
 
 

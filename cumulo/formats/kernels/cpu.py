@@ -33,12 +33,10 @@ SOURCES = [SOURCE_DIR / "fp8.cpp", SOURCE_DIR / "fp4.cpp", SOURCE_DIR / "lut.cpp
 USE_AVX512 = True
 # Above this many rows of x, dequantize once and let torch's GEMM do the compute-bound work. The fused kernels
 # decode each weight row once per 4 rows of x. Against dequantize + fp32 sgemm they still win at 64 rows on
-# SmolLM2's shapes here (ue8m0-fp8 158 vs 295 ms over the 120 matrices; 16 rows: 23 vs 162 ms), since
-# dequantizing writes and rereads 4 bytes per weight.
+# SmolLM2's shapes, since dequantizing writes and rereads 4 bytes per weight (docs/benchmarks.md, "Figures behind the code's constants").
 FUSED_MAX_ROWS = 64
 # Against dequantize into bf16 + torch's bf16 GEMM (bf16 x, CPUs with AVX512-BF16; FP8 and MXFP4) they win over
-# fewer rows: to 16. SmolLM2 prefill of one prompt, fused vs dequantized, Zen 5: mxfp8 16 tokens 28 vs 46 ms,
-# 32 tokens 53 vs 53 ms; mxfp4 16 tokens 27 vs 34 ms, 32 tokens 45 vs 43 ms.
+# fewer rows: to 16; at 32 the two are even (docs/benchmarks.md, "Figures behind the code's constants").
 FUSED_MAX_ROWS_BF16 = 16
 BF16_DEQUANT_FAMILIES = ("fp8", "mxfp4")
 
@@ -118,8 +116,8 @@ _scratch = threading.local()
 
 def _dense_scratch(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     """An [n, k] buffer for dequantized weights, reused by later calls on this thread (each engine steps on its
-    own thread) and grown to the largest matrix seen. A fresh tensor per call cost more than dequantizing into
-    it: 10 ms of page faults for a 4096 x 4096 bf16 matrix, against 3 ms to dequantize it."""
+    own thread) and grown to the largest matrix seen: a fresh tensor per call cost more in page faults than
+    dequantizing into it (docs/benchmarks.md, "Figures behind the code's constants")."""
     buffers = getattr(_scratch, "buffers", None)
     if buffers is None:
         buffers = _scratch.buffers = {}

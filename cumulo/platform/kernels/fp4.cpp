@@ -27,7 +27,7 @@ using cumulo_simd::Scratch;
 
 constexpr int MB = 4;  // rows of x handled per pass over a weight row
 constexpr int MB_BF16 = 8;  // the same for the bf16 kernel, whose nibble decode costs more than the products:
-                            // decoded once per 8 rows, not 4 (SmolLM2 decode at 16 sequences 490 -> 617 tok/s)
+                            // decoded once per 8 rows, not 4 (faster at 12-16 sequences: docs/benchmarks.md)
 constexpr int NR = 4;  // weight rows per pass in the single-row (M = 1) bf16 decode kernel
 constexpr int kAhead = 16384;  // bytes of codes prefetched ahead of the loads (into L2)
 

@@ -4,7 +4,7 @@
 // Why: a decode step multiplies one activation row (or a few) by every weight matrix, so it should run at the
 // memory's read bandwidth. PyTorch's bf16 path on CPU reaches well under half of it at one row (it widens bf16
 // to fp32 in a generic loop), and its fp32 path reads one row against W at a fraction of the bandwidth on some
-// CPUs (9 GB/s of 28 on an AMD EPYC). Here each weight row is read from memory once, as is:
+// CPUs (docs/benchmarks.md, "Figures behind the code's constants"). Here each weight row is read once, as is:
 // - AVX-512: a tile of weight rows times up to kRows rows of x, all sums in registers. Above kTileRowsAt rows
 //   of x the tile takes kTileN weight rows, so each x load feeds kTileN products and x is read once per kTileN
 //   weight rows (reading it once per weight row made 16 rows of K = 2048 bf16 slower than 8: x no longer fit

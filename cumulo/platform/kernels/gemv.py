@@ -16,8 +16,8 @@ from cumulo.platform.kernels.abi import Kernels, Op
 from cumulo.platform.kernels.build import KernelLibrary, cpu_features, requires_avx2
 
 SOURCE = Path(__file__).with_name("gemv.cpp")
-# Above this many rows the matmul is compute-bound and torch's GEMM wins (here at 32 rows in bf16; at 16 rows the
-# kernel still took 19.5 against torch's 25 ms over SmolLM2's 120 matrices, fp32 40 against 58 ms).
+# Above this many rows the matmul is compute-bound and torch's GEMM wins; at 16 rows the kernel still measured
+# faster in bf16 and fp32 (docs/benchmarks.md, "Figures behind the code's constants").
 MAX_ROWS = 16
 DTYPES = (torch.bfloat16, torch.float32)
 

@@ -18,8 +18,8 @@ SOURCE = Path(__file__).with_name("paged_attention.cpp")
 DTYPES = (torch.float32, torch.bfloat16)
 MAX_HEAD_DIM = 512
 
-# Fewest (query, key) pairs worth a thread: about 40 us of work, more than waking the pool costs. Smaller calls
-# (batch 1, short contexts) run on the calling thread.
+# Fewest (query, key) pairs worth a thread: more work than waking the pool costs (docs/benchmarks.md, "Figures behind the code's constants").
+# Smaller calls (batch 1, short contexts) run on the calling thread.
 MIN_PAIRS_PER_THREAD = 8192
 ERRORS = {
     1: "a block table entry points outside the KV cache",
@@ -80,7 +80,7 @@ def paged_decode_attention(
     context_lens [batch] int64, keys 0..len-1 valid; with `window`, only keys at positions >= len - window.
     Head h reads kv head h // (heads // kv_heads). Returns [batch, heads, head_dim] in q's dtype.
     """
-    # Called once per layer per step: the checks below are the cheap ones (about 5 us in all at batch 1).
+    # Called once per layer per step: the checks below are the cheap ones.
     lib = library()
     if lib is None:
         raise RuntimeError("the CPU attention kernel is not available here; check available() first")

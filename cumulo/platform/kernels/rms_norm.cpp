@@ -1,10 +1,10 @@
 // RMSNorm for CPUs (cumulo.platform.kernels.rms_norm): y = x / sqrt(mean(x^2) + eps) * w, per row.
 //
 // Why: torch's CPU rms_norm on a single 16-bit decode row is a chain of about ten operators (upcast, pow, mean,
-// add, rsqrt, mul, downcast), 30-40 us per call; a decoder step calls it twice per layer. Here it is one pass
-// to sum squares and one to scale, in fp32, rounded once to the input's dtype (round to nearest even), as
-// torch's fused kernel computes it. x and w are both fp32 or both bf16; rows are contiguous. Entry points as
-// kernel.h declares them.
+// add, rsqrt, mul, downcast), each with its own call cost; a decoder step calls it twice per layer. Here it
+// takes one pass to sum squares and one to scale, in fp32, rounded once to the input's dtype (round to nearest
+// even), as torch's fused kernel computes it. x and w are both fp32 or both bf16; rows are contiguous. Entry
+// points as kernel.h declares them.
 
 #include <math.h>
 #include <stdint.h>
