@@ -5,7 +5,7 @@ pre-norm kind (RMSNorm, fused q/k/v without per-head norms, rotary, paged attent
 records one decode step at a fixed batch size over fixed buffers; it returns None for anything else (Gemma 3,
 Qwen3, linears without a recorded form), and the engine keeps its eager path. `run()` fills the step's inputs
 into the buffers, replays the graph and returns the final normalised hidden states. The recorder is the
-platform's (`Platform.decode_graph`), so the engine names no device here.
+platform's (`Platform.graph_recorder`), so the engine names no device here.
 """
 
 from __future__ import annotations
