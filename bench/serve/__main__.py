@@ -45,7 +45,7 @@ COLUMNS = [
 class CumuloServer:
     """`cumulo serve` on a free port with a throw-away data directory (the model store is shared, not copied)."""
 
-    def __init__(self, model: Path) -> None:
+    def __init__(self, model: Path, in_process: bool = False) -> None:
         from bench.anchors import free_port
         from cumulo.paths import models_dir
 
@@ -66,7 +66,7 @@ class CumuloServer:
             str(model),
             "--log-level",
             "warning",
-        ]
+        ] + (["--engine-in-process"] if in_process else [])
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> CumuloServer:
@@ -92,6 +92,22 @@ class CumuloServer:
     def __exit__(self, *exc: object) -> None:
         stop_process(self.proc)
         self._log.close()
+
+
+def _median_rows(rounds: list[list[dict]]) -> list[dict]:
+    """Per (system, concurrency), the round whose output tok/s is the median of the rounds (the lower middle
+    one for an even count)."""
+    by_level: dict[tuple[str, int], list[dict]] = {}
+    for rows in rounds:
+        for row in rows:
+            by_level.setdefault((row["system"], row["concurrency"]), []).append(row)
+    picked = []
+    for runs in by_level.values():
+        ordered = sorted(runs, key=lambda row: row["output_tok_s"])
+        picked.append(
+            {**ordered[(len(ordered) - 1) // 2], "rounds_output_tok_s": [r["output_tok_s"] for r in runs]}
+        )
+    return picked
 
 
 def _levels(
@@ -155,6 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp server threads")
     parser.add_argument("--model", default=None, help="GGUF file (default: the catalog smollm2-135m)")
     parser.add_argument("--no-anchor", action="store_true", help="skip the llama.cpp server")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="also run `cumulo serve --engine-in-process` (the engine on a thread of the gateway's process)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="systems take turns this many times; the table shows each level's median round",
+    )
     parser.add_argument("--build-anchor", action="store_true", help="build the llama.cpp server if missing")
     parser.add_argument("--overhead-only", action="store_true", help="only the gateway overhead")
     parser.add_argument(
@@ -177,19 +204,39 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.overhead_only:
         model = model_path(args.model)
-        with CumuloServer(model) as server:
-            levels = _levels("cumulo", server.url, server.headers, server.model, args)
-        if not args.no_anchor:
-            levels += _anchor(args, model)
-        rows = [level.summary() for level in levels]
+        rounds: list[list[dict]] = []
+        for r in range(args.rounds):  # systems take turns, so a host drifting over minutes is sampled by each
+            if args.rounds > 1:
+                log(f"round {r + 1} of {args.rounds}")
+            with CumuloServer(model) as server:
+                levels = _levels("cumulo", server.url, server.headers, server.model, args)
+            if args.in_process:
+                with CumuloServer(model, in_process=True) as server:
+                    levels += _levels("cumulo-in-process", server.url, server.headers, server.model, args)
+            if not args.no_anchor:
+                levels += _anchor(args, model)
+            rounds.append([level.summary() for level in levels])
+        rows = _median_rows(rounds)
         report["levels"] = rows
+        report["rounds"] = rounds
         _print_table(rows)
         by_system = {(r["system"], r["concurrency"]): r["output_tok_s"] for r in rows}
         for c in args.concurrency:
             if ("llama.cpp", c) in by_system and by_system[("llama.cpp", c)]:
-                ratio = by_system[("cumulo", c)] / by_system[("llama.cpp", c)]
-                report.setdefault("ratio_output_tok_s", {})[str(c)] = round(ratio, 3)
-                print(f"concurrency {c}: cumulo / llama.cpp output tok/s = {ratio:.2f}x")
+                for system in ("cumulo", "cumulo-in-process"):
+                    if (system, c) not in by_system:
+                        continue
+                    ratio = by_system[(system, c)] / by_system[("llama.cpp", c)]
+                    report.setdefault(f"ratio_output_tok_s_{system}", {})[str(c)] = round(ratio, 3)
+                    print(f"concurrency {c}: {system} / llama.cpp output tok/s = {ratio:.2f}x")
+            for (
+                rows
+            ) in rounds:  # each round's own ratio, measured minutes apart, says how steady the host was
+                mine = {(r["system"], r["concurrency"]): r["output_tok_s"] for r in rows}
+                if mine.get(("llama.cpp", c)) and ("cumulo", c) in mine:
+                    report.setdefault("round_ratios", {}).setdefault(str(c), []).append(
+                        round(mine[("cumulo", c)] / mine[("llama.cpp", c)], 3)
+                    )
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))
