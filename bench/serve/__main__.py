@@ -45,7 +45,7 @@ COLUMNS = [
 class CumuloServer:
     """`cumulo serve` on a free port with a throw-away data directory (the model store is shared, not copied)."""
 
-    def __init__(self, model: Path, in_process: bool = False) -> None:
+    def __init__(self, model: Path, in_process: bool = False, format: str | None = None) -> None:
         from bench.anchors import free_port
         from cumulo.paths import models_dir
 
@@ -53,20 +53,24 @@ class CumuloServer:
         (self.data_dir / "models").symlink_to(models_dir())
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "cumulo.cli.main",
-            "--data-dir",
-            str(self.data_dir),
-            "serve",
-            "--port",
-            str(self.port),
-            "--model",
-            str(model),
-            "--log-level",
-            "warning",
-        ] + (["--engine-in-process"] if in_process else [])
+        self.cmd = (
+            [
+                sys.executable,
+                "-m",
+                "cumulo.cli.main",
+                "--data-dir",
+                str(self.data_dir),
+                "serve",
+                "--port",
+                str(self.port),
+                "--model",
+                str(model),
+                "--log-level",
+                "warning",
+            ]
+            + (["--engine-in-process"] if in_process else [])
+            + (["--format", format] if format else [])
+        )
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> CumuloServer:
@@ -172,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="GGUF file (default: the catalog smollm2-135m)")
     parser.add_argument("--no-anchor", action="store_true", help="skip the llama.cpp server")
     parser.add_argument(
+        "--format",
+        default=None,
+        help="serve Cumulo's engine in this compact number format (cumulo serve --format; default: the "
+        "engine's dtype, bf16 or fp32 by CPU)",
+    )
+    parser.add_argument(
         "--in-process",
         action="store_true",
         help="also run `cumulo serve --engine-in-process` (the engine on a thread of the gateway's process)",
@@ -208,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):  # systems take turns, so a host drifting over minutes is sampled by each
             if args.rounds > 1:
                 log(f"round {r + 1} of {args.rounds}")
-            with CumuloServer(model) as server:
+            with CumuloServer(model, format=args.format) as server:
                 levels = _levels("cumulo", server.url, server.headers, server.model, args)
             if args.in_process:
-                with CumuloServer(model, in_process=True) as server:
+                with CumuloServer(model, in_process=True, format=args.format) as server:
                     levels += _levels("cumulo-in-process", server.url, server.headers, server.model, args)
             if not args.no_anchor:
                 levels += _anchor(args, model)
