@@ -232,14 +232,7 @@ def _core_main(
             engine = create_engine(model, EngineConfig(**options))
         else:
             engine = factory(**options)
-        info = ModelInfo(
-            name=engine.model_name,
-            seal=engine.seal,
-            max_model_len=engine.max_model_len,
-            chat_template=getattr(engine.tokenizer, "chat_template", None),
-            device=str(engine.device),
-        )
-        conn.send(("ready", info, engine.tokenizer))
+        conn.send(("ready", engine.model_info(), engine.tokenizer))
     except Exception as exc:
         error = exc if isinstance(exc, CumuloError) else EngineUnavailable(f"{type(exc).__name__}: {exc}")
         with contextlib.suppress(OSError):

@@ -13,7 +13,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 
-from cumulo.contracts import EngineHealth, ModelInfo, RequestOutput, SamplingParams
+from cumulo.contracts import EngineHealth, RequestOutput, SamplingParams
 from cumulo.engine.llm_engine import EngineConfig, LLMEngine
 from cumulo.errors import EngineUnavailable
 
@@ -23,13 +23,7 @@ log = logging.getLogger(__name__)
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self.info = ModelInfo(
-            name=engine.model_name,
-            seal=engine.seal,
-            max_model_len=engine.max_model_len,
-            chat_template=getattr(engine.tokenizer, "chat_template", None),
-            device=str(engine.device),
-        )
+        self.info = engine.model_info()
         self.tokenizer = engine.tokenizer
         self._queues: dict[
             str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]

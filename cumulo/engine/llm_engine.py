@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cumulo.contracts import RequestOutput, SamplingParams
+from cumulo.contracts import ModelInfo, RequestOutput, SamplingParams
 from cumulo.engine.block_manager import BlockManager
 from cumulo.engine.kv_sizing import KVPlan
 from cumulo.engine.model_runner import ModelRunner
@@ -124,6 +124,16 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         with self._lock:
             return bool(self._seqs)
+
+    def model_info(self) -> ModelInfo:
+        """Who this engine serves, as every client of it sees it."""
+        return ModelInfo(
+            name=self.model_name,
+            seal=self.seal,
+            max_model_len=self.max_model_len,
+            chat_template=getattr(self.tokenizer, "chat_template", None),
+            device=str(self.device),
+        )
 
     def load(self) -> tuple[int, int]:
         """(running, waiting) requests."""

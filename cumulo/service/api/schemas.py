@@ -22,6 +22,7 @@ from pydantic import (
     field_validator,
 )
 
+from cumulo.contracts import SamplingParams
 from cumulo.service.api.errors import BadParameter
 
 INT32_MAX = 2**31 - 1  # Integer columns: plan limits, row ids (PostgreSQL refuses a larger parameter)
@@ -170,6 +171,24 @@ class _Sampling(_Body):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """What the engine is asked for: these fields with OpenAI's defaults, the fitted `max_tokens`, and
+        `logprobs` as the endpoint spells it (top-k alternatives per token, or None)."""
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            seed=self.seed,
+            stop=self.stop_list(),
+            ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logprobs=logprobs,
+        )
 
     def check_logit_bias(self, vocab_size: int) -> None:
         """Token ids must exist in the model's vocabulary; then, as no engine applies a bias yet, a non-empty

@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from cumulo.contracts import SamplingParams
 from cumulo.service.api.deps import Caller, IdempotencyKey, State
 from cumulo.service.api.errors import BadParameter
 from cumulo.service.api.generation import Job, fit_max_tokens, generate, resolve_engine
@@ -30,20 +29,7 @@ async def chat_completions(
     text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     prompt = engine.tokenizer.encode(text, add_special_tokens=False)
     max_tokens = fit_max_tokens(engine, [prompt], body.max_completion_tokens or body.max_tokens)
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
-        seed=body.seed,
-        stop=body.stop_list(),
-        ignore_eos=body.ignore_eos,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty,
-        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-    )
+    params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
     job = Job(
         endpoint="chat",
         model=body.model,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from cumulo.contracts import EngineClient, SamplingParams
+from cumulo.contracts import EngineClient
 from cumulo.service.api.deps import Caller, IdempotencyKey, State
 from cumulo.service.api.errors import BadParameter
 from cumulo.service.api.generation import Job, fit_max_tokens, generate, resolve_engine
@@ -52,20 +52,7 @@ async def completions(
             f"too many sequences: n times the number of prompts must be at most {state.settings.max_n * 4}",
         )
     max_tokens = fit_max_tokens(engine, prompts, body.max_tokens)
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
-        seed=body.seed,
-        stop=body.stop_list(),
-        ignore_eos=body.ignore_eos,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty,
-        logprobs=body.logprobs,
-    )
+    params = body.sampling_params(max_tokens, body.logprobs)
     job = Job(
         endpoint="completions",
         model=body.model,
