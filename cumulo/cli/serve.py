@@ -1,4 +1,4 @@
-"""`cumulo serve`: the OpenAI-compatible AI cloud on this machine (HTTP gateway + in-process engines).
+"""`cumulo serve`: the OpenAI-compatible AI cloud on this machine (HTTP gateway + one engine process per model).
 
 Embedded defaults: 127.0.0.1:8000, SQLite in the data directory, the catalog model smollm2-135m (pulled when
 missing). Flags override `CUMULO_HOST`, `CUMULO_PORT`, `CUMULO_DATABASE_URL`, `CUMULO_MODELS` (comma list).
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 from pathlib import Path
 
 from cumulo.contracts import EngineClient
@@ -78,18 +79,34 @@ def load_engines(
     from cumulo.models import catalog, pull
 
     engines: dict[str, EngineClient] = {}
-    for ref in refs:
-        if not Path(ref).expanduser().exists() and ref in catalog.CATALOG and not pull.is_pulled(ref):
-            print(f"Pulling {ref} ...", flush=True)
-            pull.ensure(ref, progress=True)
-        if in_process:
-            from cumulo.engine.async_engine import build_engine
+    try:
+        for ref in refs:
+            if not Path(ref).expanduser().exists() and ref in catalog.CATALOG and not pull.is_pulled(ref):
+                print(f"Pulling {ref} ...", flush=True)
+                pull.ensure(ref, progress=True)
+            if in_process:
+                from cumulo.engine.async_engine import build_engine
 
-            engine = build_engine(ref, device=device, format=format, threads=threads)
-        else:
-            engine = EngineProcess(ref, device=device, format=format, threads=threads)
-        engines[engine.info.name] = engine
+                engine = build_engine(ref, device=device, format=format, threads=threads)
+            else:
+                engine = EngineProcess(ref, device=device, format=format, threads=threads)
+            if engine.info.name in engines:
+                engine.shutdown()
+                raise InvalidRequest(f"two models would be served as {engine.info.name!r}; serve each once")
+            engines[engine.info.name] = engine
+    except BaseException:
+        shutdown_all(engines)  # the ones that did start
+        raise
     return engines
+
+
+def shutdown_all(engines: dict[str, EngineClient]) -> None:
+    """Shuts every engine down, each whatever the others do."""
+    for name, engine in engines.items():
+        try:
+            engine.shutdown()
+        except Exception as exc:
+            print(f"cumulo: could not shut down the engine of {name}: {exc}", file=sys.stderr)
 
 
 class _Stop(Exception):
@@ -129,8 +146,7 @@ def run(args: argparse.Namespace) -> int:
     except (_Stop, KeyboardInterrupt):
         pass
     finally:
-        for engine in engines.values():
-            engine.shutdown()
+        shutdown_all(engines)
         if app is not None:
             app.state.service.db.dispose()
     return 0

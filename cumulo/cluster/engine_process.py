@@ -57,19 +57,7 @@ class EngineProcess:
         )
         self._process.start()
         child.close()
-        if not parent.poll(START_TIMEOUT_S):
-            self._process.kill()
-            raise EngineUnavailable(f"the engine for {model!r} did not start within {START_TIMEOUT_S:.0f} s")
-        try:
-            message = parent.recv()
-        except (EOFError, OSError):
-            self._process.join(5)
-            raise EngineUnavailable(
-                f"the engine process for {model!r} exited while loading (exit code {self._process.exitcode})"
-            ) from None
-        if message[0] == "failed":
-            self._process.join(5)
-            raise message[1]
+        message = self._wait_ready(model)
         _, self.info, self.tokenizer = message
         self.info: ModelInfo
         self.tokenizer: Tokenizer
@@ -81,6 +69,30 @@ class EngineProcess:
         self._down: str | None = None  # why the engine can no longer serve, once it cannot
         self._reader = threading.Thread(target=self._read, name=f"cumulo-engine-reader:{model}", daemon=True)
         self._reader.start()
+
+    def _wait_ready(self, model: str) -> tuple:
+        """The engine process's ("ready", info, tokenizer); on any failure the process is reaped, the pipe
+        closed, and the error raised (the engine's own error where it sent one)."""
+        error: BaseException
+        try:
+            if not self._conn.poll(START_TIMEOUT_S):
+                self._process.kill()
+                error = EngineUnavailable(
+                    f"the engine for {model!r} did not start within {START_TIMEOUT_S:.0f} s"
+                )
+            else:
+                message = self._conn.recv()
+                if message[0] != "failed":
+                    return message
+                error = message[1]
+        except (EOFError, OSError):
+            error = EngineUnavailable(f"the engine process for {model!r} exited while loading")
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+        self._conn.close()
+        raise error
 
     @property
     def pid(self) -> int | None:
@@ -156,16 +168,21 @@ class EngineProcess:
             raise EngineUnavailable(self._down or "the engine process is gone") from None
 
     def _read(self) -> None:
+        try:
+            self._read_messages()
+        except (EOFError, OSError):
+            code = self._process.exitcode
+            self._fail_all(
+                f"the engine process of {self.info.name!r} exited"
+                + (f" (exit code {code})" if code is not None else "")
+            )
+        except Exception as exc:  # a message that cannot be read or handed over: fail loudly, never hang
+            log.exception("reading from the engine process failed")
+            self._fail_all(f"reading from the engine process of {self.info.name!r} failed: {exc}")
+
+    def _read_messages(self) -> None:
         while True:
-            try:
-                message = self._conn.recv()
-            except (EOFError, OSError):
-                code = self._process.exitcode
-                self._fail_all(
-                    f"the engine process of {self.info.name!r} exited"
-                    + (f" (exit code {code})" if code is not None else "")
-                )
-                return
+            message = self._conn.recv()
             kind = message[0]
             if kind == "out":
                 self._deliver_step(message[1])
@@ -175,9 +192,9 @@ class EngineProcess:
                 waiter = self._health_waiters.get(message[1])
                 if waiter is not None:
                     waiter[0].call_soon_threadsafe(_resolve, waiter[1], message[2])
-            elif kind == "fatal":  # a step failed: every running request failed with it
+            elif kind == "fatal":  # a step failed: the requests it held failed with it (and were aborted)
                 error = EngineUnavailable(f"the engine failed: {message[1]}")
-                for rid in list(self._streams):
+                for rid in message[2]:
                     self._deliver(rid, error)
 
     def _deliver_step(self, outputs: list[RequestOutput]) -> None:
@@ -223,7 +240,10 @@ def _core_main(
 ) -> None:
     """Loads the engine, reports ready, then alternates: take every pending command, run one step, send
     that step's outputs in one message. Waits on the pipe only while nothing is running."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the gateway, which shuts this down
+    # Ctrl-C and a SIGTERM to the whole process group reach the gateway too, which drains its streams and then
+    # shuts this process down (or it sees the pipe close).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         if factory is None:
             from cumulo.engine.factory import create_engine
@@ -259,8 +279,8 @@ def _serve(engine: Any, conn: Connection) -> None:
             log.exception("engine step failed")
             for rid in running:
                 engine.abort(rid)
+            conn.send(("fatal", f"{type(exc).__name__}: {exc}", sorted(running)))
             running.clear()
-            conn.send(("fatal", f"{type(exc).__name__}: {exc}"))
             continue
         for out in outputs:
             if out.finished:

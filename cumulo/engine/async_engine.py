@@ -8,6 +8,7 @@ generation stops and its KV blocks are freed at the next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import uuid
@@ -52,7 +53,8 @@ class AsyncEngine:
 
     def _fail_all(self, exc: BaseException) -> None:
         for loop, queue in list(self._queues.values()):
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
+            with contextlib.suppress(RuntimeError):  # that request's event loop has closed: nobody listens
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
         for rid in list(self._queues):
             self.engine.abort(rid)
 
@@ -91,7 +93,7 @@ class AsyncEngine:
     async def health(self) -> EngineHealth:
         if self._stopped or not self._thread.is_alive():
             return EngineHealth(ok=False, detail="the engine thread has stopped")
-        running, waiting = self.engine.load()
+        running, waiting = await asyncio.to_thread(self.engine.load)  # waits for a step to end, off the loop
         return EngineHealth(ok=True, num_running=running, num_waiting=waiting)
 
     def shutdown(self) -> None:

@@ -32,11 +32,30 @@ def test_serve_hands_its_thread_count_to_every_engine(monkeypatch):
 
     seen = []
     monkeypatch.setattr(
-        engine_process, "EngineProcess", lambda ref, **options: seen.append(options) or FakeEngine()
+        engine_process, "EngineProcess", lambda ref, **options: seen.append(options) or FakeEngine(ref)
     )
     monkeypatch.setattr(
-        async_engine, "build_engine", lambda ref, **options: seen.append(options) or FakeEngine()
+        async_engine, "build_engine", lambda ref, **options: seen.append(options) or FakeEngine(ref)
     )
     serve.load_engines(["/a", "/b"], "cpu", None, threads=1)
     serve.load_engines(["/c"], "cpu", None, threads=2, in_process=True)
     assert [o["threads"] for o in seen] == [1, 1, 2]
+
+
+def test_two_models_under_one_name_are_refused_and_every_started_engine_stops(monkeypatch):
+    import pytest
+
+    from cumulo.cli import serve
+    from cumulo.cluster import engine_process
+    from cumulo.errors import InvalidRequest
+
+    started: list[FakeEngine] = []
+
+    def start(ref, **options):
+        started.append(FakeEngine("same-name" if ref != "/first" else "first"))
+        return started[-1]
+
+    monkeypatch.setattr(engine_process, "EngineProcess", start)
+    with pytest.raises(InvalidRequest, match="two models would be served as 'same-name'"):
+        serve.load_engines(["/first", "/a", "/b"], "cpu", None)
+    assert len(started) == 3 and all(engine.stopped for engine in started)

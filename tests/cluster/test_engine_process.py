@@ -12,7 +12,7 @@ import pytest
 from cumulo.cluster.engine_process import EngineProcess
 from cumulo.contracts import SamplingParams
 from cumulo.errors import CumuloError, EngineUnavailable, InvalidModel
-from tests.support.engines import crash_while_building, refuse_to_build
+from tests.support.engines import crash_while_building, refuse_to_build, tiny_engine_whose_third_step_fails
 from tests.support.tiny import make_tiny_engine
 
 
@@ -58,3 +58,20 @@ def test_when_the_engine_process_dies_open_streams_fail_and_health_says_so() -> 
 async def _first(engine: EngineProcess) -> None:
     async for _ in engine.generate([5, 6], SamplingParams(max_tokens=2)):
         return
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_serves_the_next() -> None:
+    engine = EngineProcess("tiny", factory=tiny_engine_whose_third_step_fails)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+    async def tokens() -> int:
+        return sum([len(out.new_token_ids) async for out in engine.generate([5, 6, 7], params)])
+
+    try:
+        with pytest.raises(EngineUnavailable, match="the engine failed: RuntimeError: device lost"):
+            asyncio.run(tokens())
+        assert asyncio.run(tokens()) == 20
+        health = asyncio.run(engine.health())
+        assert health.ok and health.num_running == 0
+    finally:
+        engine.shutdown()

@@ -3,6 +3,7 @@ format)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter
@@ -11,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from cumulo.contracts import EngineHealth
+from cumulo.contracts import EngineClient, EngineHealth
 from cumulo.service.api.deps import State
 
 router = APIRouter()
@@ -28,12 +29,16 @@ async def health(state: State) -> JSONResponse:
             return False
 
     db_ok = await run_in_threadpool(ping)
-    models: dict[str, Any] = {}
-    for name, engine in state.engines.items():
+
+    async def check(engine: EngineClient) -> EngineHealth:
         try:
-            h = await engine.health()
+            return await engine.health()
         except Exception as exc:  # an engine that cannot even answer is as down as one that says so
-            h = EngineHealth(ok=False, detail=f"health check failed: {exc}")
+            return EngineHealth(ok=False, detail=f"health check failed: {exc}")
+
+    healths = await asyncio.gather(*(check(e) for e in state.engines.values()))  # at once, not in turn
+    models: dict[str, Any] = {}
+    for (name, engine), h in zip(state.engines.items(), healths, strict=True):
         models[name] = {
             "seal": engine.info.seal,
             "device": engine.info.device,
