@@ -5,7 +5,7 @@ engine's Python never wait for each other's GIL: the gateway parses, tokenizes, 
 engine schedules, samples and detokenizes. The two talk over a pipe in small pickled messages; outputs are the
 seam's deltas, batched one message per engine step.
 
-    gateway process                                engine process (`_core_main`)
+    gateway process (commands via a writer thread) engine process (`_core_main`)
     generate() --("add", rid, ids, params)-->      add_request, then step until idle
     abort()    --("abort", rid)-->                 abort
     health()   --("health", n)-->                  ("health", n, EngineHealth)
@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing as mp
+import queue
 import signal
 import threading
 import uuid
@@ -61,7 +62,11 @@ class EngineProcess:
         _, self.info, self.tokenizer = message
         self.info: ModelInfo
         self.tokenizer: Tokenizer
-        self._send_lock = threading.Lock()
+        # Commands go out through a writer thread: a pipe write blocks while the pipe is full (a long prompt
+        # during a long step), and the event loop must never wait for the engine.
+        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name=f"cumulo-engine-writer:{model}", daemon=True)
+        self._writer.start()
         # request id -> (its event loop, its queue); the reader thread hands outputs over with call_soon_threadsafe
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._health_waiters: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[EngineHealth]]] = {}
@@ -152,6 +157,8 @@ class EngineProcess:
             with contextlib.suppress(EngineUnavailable):
                 self._send(("shutdown",))
             self._fail_all(f"the engine of {self.info.name!r} has shut down")
+        self._outbox.put(None)  # the writer sends what is queued, then stops
+        self._writer.join(10)
         self._process.join(10)
         if self._process.is_alive():
             self._process.kill()
@@ -160,12 +167,17 @@ class EngineProcess:
 
     # -- plumbing ---------------------------------------------------------------------------------------
     def _send(self, message: tuple) -> None:
-        try:
-            with self._send_lock:
+        if self._down is not None:
+            raise EngineUnavailable(self._down)
+        self._outbox.put(message)
+
+    def _write(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            try:
                 self._conn.send(message)
-        except (OSError, ValueError) as exc:  # a closed pipe: the engine process is gone
-            self._fail_all(f"the engine process of {self.info.name!r} is gone ({exc})")
-            raise EngineUnavailable(self._down or "the engine process is gone") from None
+            except (OSError, ValueError) as exc:  # a closed pipe: the engine process is gone
+                self._fail_all(f"the engine process of {self.info.name!r} is gone ({exc})")
+                return
 
     def _read(self) -> None:
         try:
@@ -225,8 +237,8 @@ class EngineProcess:
 
 
 def _put_all(items: list[tuple[asyncio.Queue[Any], RequestOutput]]) -> None:
-    for queue, out in items:
-        queue.put_nowait(out)
+    for stream, out in items:
+        stream.put_nowait(out)
 
 
 def _resolve(future: asyncio.Future[EngineHealth], value: EngineHealth) -> None:
