@@ -31,6 +31,16 @@ PROJECT_PYTHON = Path(sys.executable)  # the venv running the driver: has torch,
 WORKER_TIMEOUT_S = 3600
 
 
+def _run_tool(cmd: list[str], name: str, peaks: list[float]) -> tuple[str, str]:
+    """Runs one llama.cpp tool; its (stdout, stderr), its peak RSS added to `peaks`; raises if it failed."""
+    code, out, err, peak = run_measured(cmd)
+    if code != 0:
+        raise RuntimeError(f"{name} exited {code}: {(out + err)[-500:]}")
+    if peak is not None:
+        peaks.append(peak)
+    return out, err
+
+
 def run_system(system: str, args: argparse.Namespace, model: Path, workload: Workload) -> SystemResult:
     start = time.monotonic()
     log(f"[{system}] running ...")
@@ -222,11 +232,7 @@ def run_llama_bench(
             "json",
             *anchors.repack_args("llama-bench"),
         ]
-        code, out, err, peak = run_measured(cmd)
-        if code != 0:
-            raise RuntimeError(f"llama-bench exited {code}: {(out + err)[-500:]}")
-        if peak is not None:
-            peaks.append(peak)
+        out, err = _run_tool(cmd, "llama-bench", peaks)
         records = json.loads(out[out.index("[") : out.rindex("]") + 1])
         for rec in records:
             if rec.get("n_gen", 0) > 0:
@@ -261,11 +267,7 @@ def run_llama_bench(
             "jsonl",
             *anchors.repack_args("llama-batched-bench"),
         ]
-        code, out, err, peak = run_measured(cmd)
-        if code != 0:
-            raise RuntimeError(f"llama-batched-bench exited {code}: {(out + err)[-500:]}")
-        if peak is not None:
-            peaks.append(peak)
+        out, err = _run_tool(cmd, "llama-batched-bench", peaks)
         for rec in _jsonl_records(out + "\n" + err):
             if "pl" in rec and "t" in rec:
                 b = int(rec["pl"])

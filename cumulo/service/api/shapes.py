@@ -65,7 +65,8 @@ class Shape:
         return body
 
     def replay(self, stored: dict[str, Any]) -> list[dict[str, Any]]:
-        """Stream chunks equivalent to a stored whole response (Idempotency-Key replays)."""
+        """Stream chunks equivalent to a stored whole response (Idempotency-Key replays), once
+        `check_replayable` has passed."""
         raise NotImplementedError
 
     def check_replayable(self, stored: dict[str, Any]) -> None:
@@ -123,7 +124,6 @@ class ChatShape(Shape):
         }
 
     def replay(self, stored: dict[str, Any]) -> list[dict[str, Any]]:
-        self.check_replayable(stored)
         chunks = []
         for c in stored["choices"]:
             delta = {"role": "assistant", "content": c["message"]["content"]}
@@ -180,7 +180,6 @@ class CompletionShape(Shape):
         }
 
     def replay(self, stored: dict[str, Any]) -> list[dict[str, Any]]:
-        self.check_replayable(stored)
         chunks = [{**stored, "choices": [c], "usage": None} for c in stored["choices"]]
         chunks.append({**stored, "choices": [], "usage": stored["usage"]})
         return chunks
