@@ -50,10 +50,21 @@ def test_serves_streams_and_reports_engine_health(server: LiveServer) -> None:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key["key"], max_retries=0)
     [model] = [m.id for m in client.models.list().data]
     assert model == "tiny-llama"
-    parts = list(client.completions.create(model=model, prompt="t1 t2 t3", max_tokens=6, stream=True))
+    parts = list(
+        client.completions.create(
+            model=model,
+            prompt="t1 t2 t3",
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     whole = client.completions.create(model=model, prompt="t1 t2 t3", max_tokens=6, temperature=0)
     assert whole.usage.completion_tokens == 6 and whole.choices[0].finish_reason == "length"
-    assert sum(1 for p in parts if p.choices and p.choices[0].text) >= 1
+    # The stream says the same as the whole answer: greedy, so the same tokens, in deltas that add up.
+    assert "".join(p.choices[0].text for p in parts if p.choices) == whole.choices[0].text
+    assert parts[-1].usage.completion_tokens == 6
     health = httpx.get(f"{server.url}/health").json()
     assert health["status"] == "ok" and health["models"][model]["status"] == "ok"
     assert len(engine_pids(server)) == 1
