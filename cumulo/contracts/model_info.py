@@ -12,3 +12,4 @@ class ModelInfo:
     max_model_len: int  # prompt + completion tokens one request may hold
     chat_template: str | None = None  # the model's own Jinja chat template, if it has one
     device: str = "cpu"  # where it runs: "cpu", "cuda:0", "npu:0", or a pool's description
+    kv_block_size: int = 16  # tokens per KV-cache block: the unit of prefix caching (and of prefix routing)

@@ -24,6 +24,24 @@ class Block:
     tokens: tuple[int, ...] = ()
 
 
+def chain_hash(prev: bytes | None, tokens: tuple[int, ...]) -> bytes:
+    """The hash of a full block: its tokens chained to the hash of the block before it."""
+    h = hashlib.blake2b(prev or b"", digest_size=16)
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
+
+
+def block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
+    """The chained hashes of a prompt's full blocks, as the block manager keys its prefix cache: what a
+    router compares to guess which replica already holds a prompt's prefix."""
+    out: list[bytes] = []
+    prev: bytes | None = None
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        prev = chain_hash(prev, tuple(token_ids[start : start + block_size]))
+        out.append(prev)
+    return out
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         if num_blocks < 1:
@@ -58,11 +76,6 @@ class BlockManager:
         for _ in range(self.blocks_needed(seq, num_new_tokens)):
             seq.block_table.append(self._take_free_block())
 
-    def _chain(self, prev: bytes | None, tokens: tuple[int, ...]) -> bytes:
-        h = hashlib.blake2b(prev or b"", digest_size=16)
-        h.update(array("q", tokens).tobytes())
-        return h.digest()
-
     def match_prefix(self, seq: Sequence) -> int:
         """Attach cached blocks for the longest cached prefix of a fresh sequence; returns tokens matched.
 
@@ -77,7 +90,7 @@ class BlockManager:
         prev: bytes | None = None
         for start in range(0, seq.num_tokens - 1 - (bs - 1), bs):  # full blocks, excluding the last token
             tokens = tuple(seq.token_ids[start : start + bs])
-            h = self._chain(prev, tokens)
+            h = chain_hash(prev, tokens)
             block_id = self.cached.get(h)
             if block_id is None or self.blocks[block_id].tokens != tokens:
                 break
@@ -102,7 +115,7 @@ class BlockManager:
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
                 tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-                block.hash = self._chain(prev, tokens)
+                block.hash = chain_hash(prev, tokens)
                 block.tokens = tokens
                 self.cached.setdefault(block.hash, block.block_id)
             prev = block.hash

@@ -133,6 +133,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             chat_template=getattr(self.tokenizer, "chat_template", None),
             device=str(self.device),
+            kv_block_size=self.block_manager.block_size,
         )
 
     def load(self) -> tuple[int, int]:
