@@ -35,41 +35,76 @@ class KVPlan:
 def plan_kv_cache(model: ModelConfig, dtype: torch.dtype, config: EngineConfig, platform: Platform) -> KVPlan:
     """The cache for `model` computing in `dtype` under `config`'s settings on `platform`.
 
-    - dtype: the activations' own (the cache stores keys and values as the layers compute them); a model
-      whose weights are not a float of 16 bits or more computes, and caches, in fp32.
     - bytes: `config.kv_cache_gib`, else `config.kv_cache_fraction` of free memory, else the platform's
       default (see `cumulo.platform.budget`).
+    - the rest is `size_kv_cache` on those bytes (dtype, blocks, max_model_len).
+    """
+    if config.block_size < 1:
+        raise InvalidRequest(f"block_size must be at least 1 token, not {config.block_size}")
+    budget = kv_cache_budget_bytes(platform, config.kv_cache_gib, config.kv_cache_fraction)
+    return size_kv_cache(budget, model, dtype, config.block_size, config.max_model_len)
+
+
+def size_kv_cache(
+    budget_bytes: int,
+    model: ModelConfig,
+    dtype: torch.dtype,
+    block_size: int = 16,
+    max_model_len: int | None = None,
+) -> KVPlan:
+    """The cache an engine allocates in `budget_bytes` for `model` computing in `dtype`: plain numbers, no
+    platform, so placement (`cumulo.cluster.placement`) sizes a replica exactly as its engine will.
+
+    - dtype: the activations' own (the cache stores keys and values as the layers compute them); a model
+      whose weights are not a float of 16 bits or more computes, and caches, in fp32.
     - blocks: as many whole blocks as the bytes hold, at least one. A block holds `block_size` tokens of K and
       V for every layer, laid out as `KVCache` lays them out: [kv_heads, blocks, block_size, head_dim].
-    - max_model_len: the model's context, or `config.max_model_len` when given (never longer than the
-      model's), cut to what the cache holds when it holds less.
+    - max_model_len: the model's context, or `max_model_len` when given (never longer than the model's), cut
+      to what the cache holds when it holds less.
     """
-    if not dtype.is_floating_point or dtype.itemsize < 2:
-        dtype = torch.float32
-    block_size = config.block_size
+    return size_kv_cache_for(
+        budget_bytes,
+        kv_elements_per_token(model),
+        model.max_position_embeddings,
+        dtype,
+        block_size,
+        max_model_len,
+    )
+
+
+def kv_elements_per_token(model: ModelConfig) -> int:
+    """Cached elements per token over all layers: K and V, every KV head, head_dim each."""
+    return 2 * model.num_hidden_layers * model.num_key_value_heads * model.head_dim
+
+
+def cache_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the cache holds for a model whose weights are `dtype`: its own if a float of 16+ bits."""
+    return dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.float32
+
+
+def size_kv_cache_for(
+    budget_bytes: int,
+    elements_per_token: int,
+    model_context: int,
+    dtype: torch.dtype,
+    block_size: int = 16,
+    max_model_len: int | None = None,
+) -> KVPlan:
+    """`size_kv_cache` for a model known only by its cached elements per token and its context (a
+    performance-model preset has no `ModelConfig`)."""
+    dtype = cache_dtype(dtype)
     if block_size < 1:
         raise InvalidRequest(f"block_size must be at least 1 token, not {block_size}")
+    bytes_per_block = elements_per_token * block_size * dtype.itemsize
+    num_blocks = max(1, budget_bytes // bytes_per_block)
 
-    budget = kv_cache_budget_bytes(platform, config.kv_cache_gib, config.kv_cache_fraction)
-    bytes_per_block = (
-        2  # K and V
-        * model.num_hidden_layers
-        * model.num_key_value_heads
-        * block_size
-        * model.head_dim
-        * dtype.itemsize
-    )
-    num_blocks = max(1, budget // bytes_per_block)
-
-    max_model_len = model.max_position_embeddings
-    if config.max_model_len:
-        if config.max_model_len > max_model_len:
-            raise InvalidRequest(
-                f"max_model_len {config.max_model_len} exceeds the model's context {max_model_len}"
-            )
-        max_model_len = config.max_model_len
+    limit = model_context
+    if max_model_len:
+        if max_model_len > model_context:
+            raise InvalidRequest(f"max_model_len {max_model_len} exceeds the model's context {model_context}")
+        limit = max_model_len
     capacity = num_blocks * block_size
-    if capacity < max_model_len:
-        log.warning("KV cache holds %d tokens; limiting max_model_len from %d", capacity, max_model_len)
-        max_model_len = capacity
-    return KVPlan(block_size, num_blocks, dtype, max_model_len)
+    if capacity < limit:
+        log.warning("KV cache holds %d tokens; limiting max_model_len from %d", capacity, limit)
+        limit = capacity
+    return KVPlan(block_size, num_blocks, dtype, limit)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cumulo.engine.kv_sizing import plan_kv_cache
+from cumulo.engine.kv_sizing import plan_kv_cache, size_kv_cache
 from cumulo.engine.llm_engine import EngineConfig
 from cumulo.errors import InvalidRequest
 from cumulo.platform.budget import GIB
@@ -72,3 +72,14 @@ def test_the_engine_allocates_what_the_plan_says() -> None:
     assert engine.kv_cache.num_blocks == engine.block_manager.num_free_blocks == 20
     assert engine.kv_cache.block_size == 16 and engine.kv_cache.k[0].dtype == torch.float32
     assert engine.max_model_len == 320
+
+
+def test_sizing_from_plain_numbers_is_the_plan_the_engine_gets() -> None:
+    for dtype, kw in (
+        (torch.float32, {}),
+        (torch.bfloat16, {"block_size": 4}),
+        (torch.int8, {"max_model_len": 99}),
+    ):
+        config = EngineConfig(kv_cache_gib=37 * FP32_BLOCK / GIB, **kw)
+        plain = size_kv_cache(int(37 * FP32_BLOCK), CFG, dtype, config.block_size, config.max_model_len)
+        assert plain == plan_kv_cache(CFG, dtype, config, CpuPlatform())
