@@ -18,12 +18,14 @@ from cumulo.contracts import EngineClient, ModelInfo, RequestOutput, SamplingPar
 from cumulo.engine.async_engine import AsyncEngine
 from cumulo.errors import EngineUnavailable, InvalidRequest
 from tests.service.fakes import FakeEngine
+from tests.support.pool_engines import make_pool
 from tests.support.tiny import make_tiny_engine
 
 CLIENTS: dict[str, Callable[[], EngineClient]] = {
     "fake": FakeEngine,
     "in-process": lambda: AsyncEngine(make_tiny_engine()),
     "engine-process": lambda: EngineProcess("tiny-llama", factory=make_tiny_engine),
+    "pool": make_pool,  # two in-process tiny engines behind a Pool
 }
 
 
