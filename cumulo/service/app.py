@@ -8,16 +8,23 @@ from fastapi import FastAPI
 from cumulo import __version__
 from cumulo.contracts import EngineClient
 from cumulo.service.api import errors
-from cumulo.service.api.routes import admin, chat, completions, health, labels, models, usage
+from cumulo.service.api.routes import admin, chat, completions, deployments, health, labels, models, usage
 from cumulo.service.settings import Settings
-from cumulo.service.state import build_state
+from cumulo.service.state import build_state, lifespan
 
 
 def create_app(settings: Settings, engines: dict[str, EngineClient]) -> FastAPI:
-    app = FastAPI(title="Cumulo", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="Cumulo",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=lifespan,
+    )
     app.state.service = build_state(settings, engines)
     errors.install(app)
     app.add_middleware(errors.BodyLimit, max_bytes=settings.max_body_bytes)
-    for module in (models, chat, completions, usage, labels, admin, health):
+    for module in (models, chat, completions, usage, labels, admin, deployments, health):
         app.include_router(module.router)
     return app

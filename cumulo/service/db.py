@@ -132,6 +132,31 @@ class Usage(Base):
     )
 
 
+class Deployment(Base):
+    """A model the pool should serve, and how: what `cumulo deploy` and POST /admin/deployments store.
+
+    Undeploying keeps the row as state 'deleted' so that every gateway polling the table sees it go. Each write
+    takes the next `generation` (one counter over the whole table, unique), so a controller polls
+    max(generation) and rereads only when it moved.
+    """
+
+    __tablename__ = "deployments"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(256), unique=True)  # the name clients call
+    source: Mapped[str] = mapped_column(String(1024))  # catalog name, .gguf path or model directory
+    replicas: Mapped[int] = mapped_column(Integer)  # replicas to start with
+    min_replicas: Mapped[int] = mapped_column(Integer)
+    max_replicas: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str | None] = mapped_column(String(64), nullable=True)  # number format; None = as stored
+    chip: Mapped[str | None] = mapped_column(String(128), nullable=True)  # catalog chip id; None = any
+    ttft_slo_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tpot_slo_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    state: Mapped[str] = mapped_column(String(16))  # active|deleted
+    generation: Mapped[int] = mapped_column(BigInteger, unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
 def open_database(url: str) -> Database:
     """The database at `url`, opened so that its write transactions serialize correctly across processes.
 
