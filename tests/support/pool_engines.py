@@ -15,7 +15,8 @@ from tests.support.tiny import make_tiny_engine
 
 class DyingClient:
     """Passes another client's streams through until `die_after` deltas of one stream have been sent, then
-    raises EngineUnavailable there and in every later call, as a replica whose node died does. None: never."""
+    raises EngineUnavailable there, in its other open streams and in every later call, as a replica whose node
+    died does. None: never."""
 
     def __init__(self, inner: EngineClient, die_after: int | None = None) -> None:
         self.inner = inner
@@ -36,6 +37,8 @@ class DyingClient:
         stream = self.inner.generate(prompt_token_ids, params, request_id)
         try:
             async for out in stream:
+                if self.dead:  # another stream's death took the whole replica down
+                    raise EngineUnavailable("the replica's node died")
                 yield out
                 sent += 1
                 if self.die_after is not None and sent >= self.die_after and not out.finished:
