@@ -85,25 +85,25 @@ def cache_dtype(dtype: torch.dtype) -> torch.dtype:
 def size_kv_cache_for(
     budget_bytes: int,
     elements_per_token: int,
-    model_context: int,
+    model_context: int | None,
     dtype: torch.dtype,
     block_size: int = 16,
     max_model_len: int | None = None,
 ) -> KVPlan:
     """`size_kv_cache` for a model known only by its cached elements per token and its context (a
-    performance-model preset has no `ModelConfig`)."""
+    performance-model preset has no `ModelConfig`); a context of None: what the cache holds."""
     dtype = cache_dtype(dtype)
     if block_size < 1:
         raise InvalidRequest(f"block_size must be at least 1 token, not {block_size}")
     bytes_per_block = elements_per_token * block_size * dtype.itemsize
     num_blocks = max(1, budget_bytes // bytes_per_block)
 
-    limit = model_context
+    capacity = num_blocks * block_size
+    limit = capacity if model_context is None else model_context
     if max_model_len:
-        if max_model_len > model_context:
+        if model_context is not None and max_model_len > model_context:
             raise InvalidRequest(f"max_model_len {max_model_len} exceeds the model's context {model_context}")
         limit = max_model_len
-    capacity = num_blocks * block_size
     if capacity < limit:
         log.warning("KV cache holds %d tokens; limiting max_model_len from %d", capacity, limit)
         limit = capacity
