@@ -85,10 +85,11 @@ class Placement:
     usd_per_hour: float | None = None
     max_model_len: int = 0
     kv_block_size: int = BLOCK_SIZE
+    kv_cache_bytes: int = 0  # exactly kv_gb: the engine given kv_cache_gib allocates these bytes
 
     @property
     def kv_cache_gib(self) -> float:
-        return self.kv_gb * 1e9 / GIB
+        return self.kv_cache_bytes / GIB
 
 
 class Corrections:
@@ -138,7 +139,7 @@ class _Option:  # one way to run a replica on one node
     devices: int
     weights_gb: float
     kv: KVPlan
-    kv_gb: float
+    kv_bytes: int
     batch: int
     goodput: float
     ttft_ms: float
@@ -244,7 +245,7 @@ def _free_devices(nodes: list[NodeSpec], used: dict[str, float] | None) -> dict[
 
 def _take(free: dict[str, list[float]], o: _Option) -> None:
     devs = free[o.node.name]
-    share = (o.weights_gb + o.kv_gb) / o.devices
+    share = (o.weights_gb + o.kv_bytes / 1e9) / o.devices
     for i in sorted(range(len(devs)), key=lambda i: -devs[i])[: o.devices]:
         devs[i] -= share
 
@@ -389,7 +390,7 @@ def _judge(
         devices=n,
         weights_gb=weights_gb,
         kv=kv,
-        kv_gb=kv.num_blocks * _bytes_per_block(dep.model, kv) / 1e9,
+        kv_bytes=kv.num_blocks * _bytes_per_block(dep.model, kv),
         batch=batch,
         goodput=batch / tpot * 1e3 if meets else 0.0,
         ttft_ms=ttft,
@@ -451,7 +452,7 @@ def _placement(replica: int, o: _Option, reason: str) -> Placement:
         format=o.format,
         devices=o.devices,
         weights_gb=o.weights_gb,
-        kv_gb=o.kv_gb,
+        kv_gb=o.kv_bytes / 1e9,
         max_sequences=o.batch,
         predicted_goodput_tok_s=o.goodput,
         predicted_ttft_ms=o.ttft_ms,
@@ -460,4 +461,5 @@ def _placement(replica: int, o: _Option, reason: str) -> Placement:
         usd_per_hour=o.usd_per_hour,
         max_model_len=o.kv.max_model_len,
         kv_block_size=o.kv.block_size,
+        kv_cache_bytes=o.kv_bytes,
     )
