@@ -12,9 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cumulo.errors import CumuloError, InvalidRequest
+
+if TYPE_CHECKING:
+    from cumulo.service.deployments import DeploymentSpec
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     listing.set_defaults(func=cmd_deployments)
 
 
-def check_spec(spec: Any) -> Any:
+def check_spec(spec: DeploymentSpec) -> DeploymentSpec:
     """A `cumulo.service.deployments.SpecCheck`: refuses unknown chip ids and format names, returns canonical
     ones. The service cannot import the chips catalog or the formats, so serve hands it this function."""
     from dataclasses import replace

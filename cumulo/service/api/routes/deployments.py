@@ -20,6 +20,7 @@ from cumulo.service import deployments
 from cumulo.service.api.deps import Admin, State
 from cumulo.service.api.schemas import ModelName
 from cumulo.service.db import Deployment
+from cumulo.service.state import ServiceState
 
 log = logging.getLogger("cumulo.service")
 router = APIRouter(prefix="/admin/deployments")
@@ -82,7 +83,7 @@ async def undeploy(model: str, state: State, _: Admin) -> dict[str, Any]:
     return await run_in_threadpool(write)
 
 
-def _read(state: Any, model: str | None) -> list[Deployment]:
+def _read(state: ServiceState, model: str | None) -> list[Deployment]:
     with state.sessions() as session:
         if model is None:
             return deployments.list_deployments(session)
