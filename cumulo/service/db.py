@@ -22,6 +22,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -129,7 +130,24 @@ class Usage(Base):
         UniqueConstraint("key_id", "idempotency_key", name="uq_usage_key_idempotency"),
         Index("ix_usage_key_started", "key_id", "started_at"),
         Index("ix_usage_key_status", "key_id", "status"),
+        # Recovery reads the rows in progress every few seconds: an index of those only, however long the ledger.
+        Index(
+            "ix_usage_in_progress",
+            "gateway",
+            postgresql_where=text("status = 'in_progress'"),
+            sqlite_where=text("status = 'in_progress'"),
+        ),
     )
+
+
+class Gateway(Base):
+    """A gateway serving from this database, by the heartbeat it writes every checkpoint period (metering).
+    Times are the database's clock, so gateways on different hosts compare them on one clock."""
+
+    __tablename__ = "gateways"
+    id: Mapped[str] = mapped_column(String(160), primary_key=True)  # the `gateway` of its usage rows
+    started_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
 
 
 class Deployment(Base):

@@ -1,24 +1,34 @@
 """Settlement: turns a request's reservation into its final usage record and cost, in one transaction with the
-quota counter, so the ledger and the quota can never disagree. Also settles requests of dead gateways.
+quota counter, so the ledger and the quota can never disagree. Also keeps this gateway's side of a database
+shared by several gateways, and settles the requests of gateways that died.
 
-No deadlock on PostgreSQL: settlement locks an existing usage row then its key row; admission locks the key row
-and only inserts usage rows, so no two transactions ever wait on each other in a cycle.
+While a request streams, the completion tokens delivered to its client are checkpointed into its usage row
+(`completion_tokens` of an 'in_progress' row) with the gateway's heartbeat, one transaction per period for all
+its streams (`beat`). A gateway is dead when its process is gone (same host and pid namespace) or its heartbeat
+is older than the stale limit; `settle_interrupted` settles its rows as 'interrupted' with the checkpointed
+tokens billed. A row whose gateway never kept a heartbeat (an older version) is settled when its process is
+gone or once older than `stale_after`.
+
+No deadlock on PostgreSQL: settlement and recovery lock an existing usage row then its key row; admission locks
+the key row and only inserts usage rows; checkpoints lock usage rows only, in id order.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy.engine import Connection
 
 from cumulo.service import sql
-from cumulo.service.db import ApiKey, Database, Plan, Usage
+from cumulo.service.db import Database
 from cumulo.service.limits import Admission, prices
 
-_keys, _plans, _usage = ApiKey.__table__, Plan.__table__, Usage.__table__
+log = logging.getLogger("cumulo.service")
 
 
 @dataclass(slots=True)
@@ -39,47 +49,103 @@ def cost_nanos(price_in: float, price_out: float, prompt_tokens: int, completion
 
 def settle(db: Database, admission: Admission, outcome: Outcome, now: float | None = None) -> bool:
     """Writes the final record and refunds the unused reservation; False if it was settled already."""
-    now = time.time() if now is None else now
-    billed = outcome.prompt_tokens + outcome.completion_tokens
     with db.begin() as conn:
-        # The usage row first: only the transaction that moves it out of 'in_progress' touches the counter.
-        moved = sql.SETTLE_USAGE.run(
-            conn,
-            {
-                "status": outcome.status,
-                "error_code": outcome.error_code,
-                "prompt_tokens": outcome.prompt_tokens,
-                "completion_tokens": outcome.completion_tokens,
-                "cached_tokens": outcome.cached_tokens,
-                "billed_tokens": billed,
-                "ttft": outcome.ttft,
-                "now": now,
-                "response": outcome.response,
-                "cost_nanos": cost_nanos(
-                    admission.price_in, admission.price_out, outcome.prompt_tokens, outcome.completion_tokens
-                ),
-                "usage_id": admission.usage_id,
-            },
-        ).rowcount
-        if moved == 0:
-            return False  # settled already (e.g. by recovery): never bill twice
-        sql.REFUND.run(
-            conn, {"delta": billed - admission.reserved, "key_id": admission.key_id, "month": admission.month}
-        )
+        return _settle(conn, admission, outcome, time.time() if now is None else now)
+
+
+def _settle(conn: Connection, admission: Admission, outcome: Outcome, now: float) -> bool:
+    billed = outcome.prompt_tokens + outcome.completion_tokens
+    # The usage row first: only the transaction that moves it out of 'in_progress' touches the counter.
+    moved = sql.SETTLE_USAGE.run(
+        conn,
+        {
+            "status": outcome.status,
+            "error_code": outcome.error_code,
+            "prompt_tokens": outcome.prompt_tokens,
+            "completion_tokens": outcome.completion_tokens,
+            "cached_tokens": outcome.cached_tokens,
+            "billed_tokens": billed,
+            "ttft": outcome.ttft,
+            "now": now,
+            "response": outcome.response,
+            "cost_nanos": cost_nanos(
+                admission.price_in, admission.price_out, outcome.prompt_tokens, outcome.completion_tokens
+            ),
+            "usage_id": admission.usage_id,
+        },
+    ).rowcount
+    if moved == 0:
+        return False  # settled already (e.g. by recovery): never bill twice
+    sql.REFUND.run(
+        conn, {"delta": billed - admission.reserved, "key_id": admission.key_id, "month": admission.month}
+    )
     return True
 
 
+@dataclass(slots=True)
+class Checkpoints:
+    """Completion tokens delivered so far per in-progress usage row of this gateway (noted on every chunk sent,
+    written by `beat` only when changed). Touched only on the event loop."""
+
+    delivered: dict[int, int] = field(default_factory=dict)
+    written: dict[int, int] = field(default_factory=dict)
+
+    def note(self, usage_id: int, tokens: int) -> None:
+        self.delivered[usage_id] = tokens
+
+    def forget(self, usage_id: int) -> None:
+        self.delivered.pop(usage_id, None)
+        self.written.pop(usage_id, None)
+
+    def due(self) -> dict[int, int]:
+        return {u: n for u, n in self.delivered.items() if self.written.get(u) != n}
+
+    def done(self, batch: dict[int, int]) -> None:
+        for usage_id, tokens in batch.items():
+            if usage_id in self.delivered:
+                self.written[usage_id] = tokens
+
+
+def beat(db: Database, gateway: str, checkpoints: dict[int, int]) -> bool:
+    """One transaction: this gateway's heartbeat and its streams' delivered tokens. False when its heartbeat row
+    was gone (first beat, or peers had found it dead and settled its rows): it is written again."""
+    with db.begin() as conn:
+        known = sql.HEARTBEAT.run(conn, {"gateway": gateway}).rowcount > 0
+        if not known:
+            sql.REGISTER.run(conn, {"gateway": gateway})
+        if checkpoints:
+            sql.CHECKPOINT.run_many(
+                conn, [{"usage_id": u, "tokens": n} for u, n in sorted(checkpoints.items())]
+            )
+    return known
+
+
+def leave(db: Database, gateway: str) -> None:
+    """A gateway stopping cleanly drops its heartbeat row, unless rows of it are still in progress."""
+    with db.begin() as conn:
+        sql.LEAVE.run(conn, {"gateway": gateway})
+
+
+def _place() -> str:
+    """This host and pid namespace: where a gateway's pid means something (containers may share a hostname)."""
+    host = socket.gethostname()
+    try:
+        return f"{host}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return host
+
+
 def gateway_id(started: float) -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{int(started)}"
+    return f"{_place()}:{os.getpid()}:{int(started)}"
 
 
 def _dead_here(gateway: str) -> bool:
-    host, _, rest = gateway.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) == os.getpid():
+    """True only when the gateway ran where this process runs and its process is gone."""
+    parts = gateway.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != _place() or not parts[1].isdigit() or int(parts[1]) == os.getpid():
         return False
     try:
-        os.kill(int(pid_text), 0)
+        os.kill(int(parts[1]), 0)
     except ProcessLookupError:
         return True
     except PermissionError:
@@ -87,35 +153,46 @@ def _dead_here(gateway: str) -> bool:
     return False
 
 
-def settle_interrupted(db: Database, stale_after: float, now: float | None = None) -> int:
-    """Requests left 'in_progress' by a gateway that died (kill -9, power loss): on this host when its process
-    is gone, anywhere when older than `stale_after`. They pay their prompt only; what was generated is unknown."""
+def settle_interrupted(
+    db: Database, stale_after: float, now: float | None = None, *, heartbeat_stale: float = 30.0
+) -> int:
+    """Settles the rows left 'in_progress' by dead gateways (kill -9, lost host) as 'interrupted': the prompt
+    and the checkpointed completion tokens are billed, the rest of the reservation refunded. `now` stands for
+    both clocks (tests). Also drops the heartbeat rows of dead gateways with nothing left in progress."""
+    with db.begin() as conn:
+        db_now = sql.DB_NOW.run(conn, {}).fetchone()[0] if now is None else now
+        rows = [
+            dict(zip(sql.IN_PROGRESS_COLUMNS, r, strict=True))
+            for r in sql.IN_PROGRESS.run(conn, {}).fetchall()
+        ]
     now = time.time() if now is None else now
-    with db.connect() as conn:
-        rows = conn.execute(
-            select(
-                _usage.c.id,
-                _usage.c.key_id,
-                _usage.c.month,
-                _usage.c.billed_tokens,
-                _usage.c.prompt_tokens,
-                _usage.c.model,
-                _usage.c.gateway,
-                _usage.c.started_at,
-                _plans.c.price_in,
-                _plans.c.price_out,
-                _plans.c.model_prices,
-            )
-            .join(_keys, _keys.c.id == _usage.c.key_id)
-            .join(_plans, _plans.c.id == _keys.c.plan_id)
-            .where(_usage.c.status == "in_progress")
-        ).all()
     settled = 0
     for row in rows:
-        if row.started_at >= now - stale_after and not _dead_here(row.gateway):
-            continue
-        price_in, price_out = prices(row.price_in, row.price_out, row.model_prices, row.model)
-        admission = Admission(row.id, row.key_id, row.month, row.billed_tokens, 0, price_in, price_out)
-        outcome = Outcome("interrupted", row.prompt_tokens, 0, error_code="gateway_lost")
-        settled += settle(db, admission, outcome, now)
+        if row["last_seen"] is not None:
+            dead = row["last_seen"] < db_now - heartbeat_stale
+        else:
+            dead = row["started_at"] < now - stale_after
+        if dead or _dead_here(row["gateway"]):
+            settled += _settle_lost(db, row["id"], now)
+    with db.begin() as conn:
+        sql.PRUNE.run(conn, {"stale": heartbeat_stale})
     return settled
+
+
+def _settle_lost(db: Database, usage_id: int, now: float) -> bool:
+    with db.begin() as conn:
+        found = sql.LOCK_IN_PROGRESS.run(conn, {"usage_id": usage_id}).fetchone()
+        if found is None:
+            return False  # settled meanwhile, by its gateway or another's recovery
+        row = dict(zip(sql.LOCK_IN_PROGRESS_COLUMNS, found, strict=True))
+        model_prices = row["model_prices"]
+        if isinstance(model_prices, str):
+            model_prices = json.loads(model_prices)
+        price_in, price_out = prices(row["price_in"], row["price_out"], model_prices, row["model"])
+        admission = Admission(
+            usage_id, row["key_id"], row["month"], row["billed_tokens"], 0, price_in, price_out
+        )
+        outcome = Outcome(
+            "interrupted", row["prompt_tokens"], row["completion_tokens"], error_code="gateway_lost"
+        )
+        return _settle(conn, admission, outcome, now)

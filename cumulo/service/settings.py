@@ -27,14 +27,25 @@ class Settings:
     service_name: str = "cumulo"  # the service the implicit label names
     max_body_bytes: int = 4 * 1024 * 1024
     max_n: int = 16
-    # A request still 'in_progress' after this long belongs to a gateway that died; it no longer holds a
-    # concurrency slot and is settled as 'interrupted' at the next start.
+    # A request still 'in_progress' after this long no longer holds a concurrency slot; one whose gateway kept
+    # no heartbeat (an older version) is then taken for lost and settled as 'interrupted'.
     max_request_seconds: float = 900.0
+    # Gateways sharing a database: every `checkpoint_seconds` a gateway writes its heartbeat and the tokens
+    # its streams delivered; one whose heartbeat is older than `gateway_stale_seconds` is dead, and every
+    # `recovery_seconds` each gateway settles the rows of dead ones (billing what was delivered).
+    checkpoint_seconds: float = 1.0
+    gateway_stale_seconds: float = 30.0
+    recovery_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         if not self.database_url:
             self.database_url = default_database_url(self.data_dir)
+        if not 0 < self.checkpoint_seconds < self.gateway_stale_seconds or self.recovery_seconds <= 0:
+            raise InvalidRequest(
+                "need 0 < checkpoint seconds < gateway stale seconds and recovery seconds > 0, got "
+                f"{self.checkpoint_seconds}, {self.gateway_stale_seconds} and {self.recovery_seconds}"
+            )
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -53,6 +64,10 @@ class Settings:
             values["service_name"] = env["CUMULO_SERVICE_NAME"]
         if env.get("CUMULO_MAX_BODY_BYTES"):
             values["max_body_bytes"] = _int("CUMULO_MAX_BODY_BYTES", env["CUMULO_MAX_BODY_BYTES"])
+        for name in ("checkpoint_seconds", "gateway_stale_seconds", "recovery_seconds"):
+            variable = f"CUMULO_{name.upper()}"
+            if env.get(variable):
+                values[name] = _float(variable, env[variable])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
@@ -62,3 +77,10 @@ def _int(name: str, value: str) -> int:
         return int(value)
     except ValueError as exc:
         raise InvalidRequest(f"{name} must be an integer, got {value!r}") from exc
+
+
+def _float(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"{name} must be a number of seconds, got {value!r}") from exc

@@ -14,18 +14,29 @@ from typing import Any
 from sqlalchemy.engine import Connection
 
 _PARAM = re.compile(r"(?<![:\w]):(\w+)")
+# `{now}` in a statement: the database's own clock in epoch seconds, so that gateways on different hosts
+# write and compare heartbeats on one clock.
+_NOW_SQLITE = "((julianday('now') - 2440587.5) * 86400.0)"
+_NOW_POSTGRESQL = "extract(epoch from clock_timestamp())::float8"
 
 
 class Statement:
     def __init__(self, text: str, pg_suffix: str = "") -> None:
-        self.sqlite = text
-        self.postgresql = _PARAM.sub(r"%(\1)s", text) + pg_suffix
+        self.sqlite = text.replace("{now}", _NOW_SQLITE)
+        self.postgresql = _PARAM.sub(r"%(\1)s", text).replace("{now}", _NOW_POSTGRESQL) + pg_suffix
 
     def run(self, conn: Connection, params: dict[str, Any]) -> Any:
         """Executes on the connection's DBAPI cursor; returns the cursor (fetchone, rowcount)."""
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        cursor.execute(self.postgresql if conn.dialect.name == "postgresql" else self.sqlite, params)
+        cursor.execute(self._text(conn), params)
         return cursor
+
+    def run_many(self, conn: Connection, params: list[dict[str, Any]]) -> None:
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        cursor.executemany(self._text(conn), params)
+
+    def _text(self, conn: Connection) -> str:
+        return self.postgresql if conn.dialect.name == "postgresql" else self.sqlite
 
 
 KEY_AND_PLAN_COLUMNS = (
@@ -84,4 +95,53 @@ SETTLE_USAGE = Statement(
 
 REFUND = Statement(
     "UPDATE api_keys SET month_tokens = month_tokens + :delta WHERE id = :key_id AND quota_month = :month"
+)
+
+# Gateways sharing the database (metering): heartbeats, delivered-token checkpoints, recovery of dead ones.
+
+HEARTBEAT = Statement("UPDATE gateways SET last_seen = {now} WHERE id = :gateway")
+
+REGISTER = Statement("INSERT INTO gateways (id, started_at, last_seen) VALUES (:gateway, {now}, {now})")
+
+# A gateway with rows still in progress keeps its heartbeat row, so that it goes stale and peers settle them.
+LEAVE = Statement(
+    "DELETE FROM gateways WHERE id = :gateway AND NOT EXISTS "
+    "(SELECT 1 FROM usage WHERE usage.gateway = gateways.id AND usage.status = 'in_progress')"
+)
+
+PRUNE = Statement(
+    "DELETE FROM gateways WHERE last_seen < {now} - :stale AND NOT EXISTS "
+    "(SELECT 1 FROM usage WHERE usage.gateway = gateways.id AND usage.status = 'in_progress')"
+)
+
+# The status literal (not a parameter) lets both databases use the partial index ix_usage_in_progress.
+CHECKPOINT = Statement(
+    "UPDATE usage SET completion_tokens = :tokens WHERE id = :usage_id AND status = 'in_progress'"
+)
+
+DB_NOW = Statement("SELECT {now}")
+
+IN_PROGRESS_COLUMNS = ("id", "gateway", "started_at", "last_seen")
+IN_PROGRESS = Statement(
+    "SELECT u.id, u.gateway, u.started_at, g.last_seen FROM usage u LEFT JOIN gateways g ON g.id = u.gateway "
+    "WHERE u.status = 'in_progress'"
+)
+
+# Recovery reads the checkpoint under the row's lock (usage row, then key row: settlement's order).
+LOCK_IN_PROGRESS_COLUMNS = (
+    "key_id",
+    "month",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "billed_tokens",
+    "price_in",
+    "price_out",
+    "model_prices",
+)
+LOCK_IN_PROGRESS = Statement(
+    "SELECT u.key_id, u.month, u.model, u.prompt_tokens, u.completion_tokens, u.billed_tokens, p.price_in, "
+    "p.price_out, p.model_prices FROM usage u JOIN api_keys k ON k.id = u.key_id JOIN plans p ON p.id = k.plan_id "
+    "WHERE u.id = :usage_id AND u.status = 'in_progress'",
+    pg_suffix=" FOR UPDATE OF u",
 )

@@ -2,7 +2,9 @@
 (limits + reservation), run on the engine, shape the answer (whole or SSE), label it, settle the usage row.
 
 A streamed request whose client disconnects is cancelled by the response; the `finally` below then aborts the
-engine sequences and bills exactly what was generated (shielded, so the cancellation cannot skip it).
+engine sequences and bills exactly what was generated (shielded, so the cancellation cannot skip it). While it
+streams, the tokens of every chunk sent are noted for the gateway's periodic checkpoint (`metering`), so a
+gateway that dies still bills what its clients received; a whole response is delivered, and settled, at the end.
 """
 
 from __future__ import annotations
@@ -202,6 +204,7 @@ class _Finisher:
         if self.closed:
             return
         self.closed = True
+        self.state.checkpoints.forget(self.admission.usage_id)
         await self.run.stop()
         ttft = None if self.run.first_token_time is None else self.run.first_token_time - self.arrival
         usage = self.usage()
@@ -250,6 +253,8 @@ async def _stream(f: _Finisher) -> AsyncIterator[bytes]:
             if text or output.new_logprobs or output.finished:
                 part = shape.delta(choice, text, output.new_logprobs, output.finished)
                 yield sse(_with_usage(shape.chunk([part]), include_usage))
+                # Resumed: the chunk was written to the connection. Tokens without text so far go with it.
+                f.state.checkpoints.note(f.admission.usage_id, run.completion_tokens)
         body = shape.final(run.choices, f.usage())
         if include_usage:
             yield sse(shape.chunk([], f.usage()))
