@@ -4,7 +4,8 @@
 
 With CUMULO_FAKE_ENGINE unset or 0 it is exactly `cumulo serve` (real models), so the live tests can be pointed
 at the real engine by changing one variable. Fake knobs: CUMULO_FAKE_DELAY (seconds per token),
-CUMULO_FAKE_MAX_MODEL_LEN.
+CUMULO_FAKE_MAX_MODEL_LEN, CUMULO_FAKE_STALL_AFTER (a sequence stops producing after that many tokens and
+waits until aborted, as an engine in a long step: a known number of tokens reaches the client).
 """
 
 from __future__ import annotations
@@ -25,7 +26,31 @@ def _fake_engines(
 
     delay = float(os.environ.get("CUMULO_FAKE_DELAY", "0"))
     max_len = int(os.environ.get("CUMULO_FAKE_MAX_MODEL_LEN", "256"))
+    stall = os.environ.get("CUMULO_FAKE_STALL_AFTER")
+    if stall:
+        return {
+            name: _stalling(FakeEngine)(int(stall), name, delay=delay, max_model_len=max_len) for name in refs
+        }
     return {name: FakeEngine(name, delay=delay, max_model_len=max_len) for name in refs}
+
+
+def _stalling(base: type) -> type:
+    import asyncio
+
+    class Stalling(base):  # type: ignore[misc, valid-type]
+        def __init__(self, stall_after: int, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            self.stall_after = stall_after
+
+        async def generate(self, prompt_token_ids, params, request_id=None):  # noqa: ANN001, ANN202
+            produced = 0
+            async for output in super().generate(prompt_token_ids, params, request_id):
+                yield output
+                produced += len(output.new_token_ids)
+                if produced >= self.stall_after and not output.finished:
+                    await asyncio.Event().wait()  # until the request is cancelled
+
+    return Stalling
 
 
 def main() -> int:
