@@ -3,7 +3,8 @@
 For benchmarks of routing and scaling on a host that cannot run several real engines: it batches continuously
 as an engine does (a step admits waiting prompts and prefills them, else every running request gains one
 token), and each step takes the time `cumulo.chips.predict` gives that step on the chosen chip: a prefill
-costs the prompt tokens its LRU prefix cache does not hold, a decode step the predicted TPOT for the batch.
+costs the prompt tokens its LRU prefix cache does not hold (by default as many blocks as the chips model says
+fit beside the weights), a decode step the predicted TPOT for the batch.
 Tokens come from a tiny character vocabulary, chosen deterministically from the context and the seed.
 `time_scale` multiplies every sleep (0.1 runs ten times faster than the chip would); `die()` makes every
 stream and later request fail with `EngineUnavailable`, as a lost replica does.
@@ -74,7 +75,7 @@ class SimulatedEngine:
         max_batch: int = 32,
         max_model_len: int = 8192,
         kv_block_size: int = 16,
-        cache_blocks: int = 4096,
+        cache_blocks: int | None = None,
         time_scale: float = 1.0,
         seed: int = 0,
     ) -> None:
@@ -89,12 +90,11 @@ class SimulatedEngine:
             f"sim:{self.chip.id}",
             kv_block_size,
         )
-        self.max_batch, self.cache_blocks, self.time_scale, self.seed = (
-            max_batch,
-            cache_blocks,
-            time_scale,
-            seed,
-        )
+        self.max_batch, self.time_scale, self.seed = max_batch, time_scale, seed
+        if cache_blocks is None:  # the KV cache that fits beside the weights, as the chips model counts it
+            fit = predict(self.shape, format, self.chip, batch=1, context=max_model_len).max_sequences
+            cache_blocks = max(1, fit * max_model_len // kv_block_size)
+        self.cache_blocks = cache_blocks
         self.steps = 0
         self.busy_s = 0.0  # simulated seconds spent in steps
         self._waiting: deque[_Request] = deque()
@@ -200,7 +200,7 @@ class SimulatedEngine:
             if self._waiting and len(self._running) < self.max_batch:
                 admitted = [self._waiting.popleft() for _ in range(self.max_batch - len(self._running))
                             if self._waiting]  # fmt: skip
-                await self._sleep(self._prefill_s(sum(self._admit(r) for r in admitted)))
+                await self._sleep(self._prefill_s(len(admitted), sum(self._admit(r) for r in admitted)))
                 stepped = [r for r in admitted if self._requests.get(r.rid) is r]  # not closed meanwhile
                 self._running += stepped
             else:
@@ -233,8 +233,9 @@ class SimulatedEngine:
         request.cached = min(hit * self.info.kv_block_size, len(request.prompt) - 1)
         return len(request.prompt) - request.cached
 
-    def _prefill_s(self, tokens: int) -> float:
-        return self._predicted("prefill", 1, -(-tokens // 16) * 16)
+    def _prefill_s(self, prompts: int, tokens: int) -> float:
+        """One prefill step over `prompts` prompts of `tokens` uncached tokens in all."""
+        return self._predicted("prefill", prompts, -(-tokens // (16 * prompts)) * 16)
 
     def _decode_s(self, batch: int, context: int) -> float:
         return self._predicted("decode", batch, -(-context // 64) * 64)

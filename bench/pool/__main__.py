@@ -1,0 +1,31 @@
+"""Pool benchmarks on simulated replicas timed by the chips model.
+
+    python -m bench.pool routing     # prefix-aware vs round-robin: mean TTFT and prefix hit rate
+    python -m bench.pool scaling     # served tok/s with 1, 2 and 4 replicas: the 2x and 4x ratios
+
+Each prints a table and the ratios measured in the same run, and writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "routing": "bench.pool.routing",
+    "scaling": "bench.pool.scaling",
+    "placement": "bench.pool.placement",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__)
+        print(f"usage: python -m bench.pool {{{'|'.join(COMMANDS)}}} [options]", file=sys.stderr)
+        return 2
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
