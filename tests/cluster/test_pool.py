@@ -250,3 +250,42 @@ def test_the_prefix_aware_pool_sends_a_shared_prefix_to_the_member_that_holds_it
     assert max(s["prefix_hit_rate"] for s in pool.status()) > 0.8
     cached = [o.num_cached_tokens for o in asyncio.run(collect(pool, system + [9], greedy(2)))]
     assert cached[0] == 64 and len(set(cached)) == 1
+
+
+def test_closing_a_migrated_stream_early_frees_the_request_on_the_member_that_has_it() -> None:
+    a, b = sim_member("a"), sim_member("b")
+    pool = sim_pool(a, b, policy="round-robin")
+    prompt = [3 + i % 20 for i in range(40)]
+    whole = tokens(asyncio.run(collect(SimulatedEngine(time_scale=0.0), prompt, greedy(20))))
+
+    async def main() -> list[RequestOutput]:
+        seen: list[RequestOutput] = []
+        stream = pool.generate(prompt, greedy(20))
+        async for out in stream:
+            seen.append(out)
+            if len(seen) == 3:
+                a.client.die()  # type: ignore[attr-defined]
+            if len(seen) == 8:
+                break
+        await stream.aclose()
+        return seen
+
+    seen = asyncio.run(main())
+    assert tokens(seen) == whole[:8]  # the simulated engine's greedy tokens follow the context alone
+    health = asyncio.run(b.client.health())
+    assert health.ok and health.num_running == 0 and health.num_waiting == 0
+    assert [s["state"] for s in pool.status()] == ["unhealthy", "ready"]
+
+
+def test_health_marks_a_member_that_says_it_is_down_as_lost() -> None:
+    lost: list[str] = []
+    a, b = sim_member("a"), sim_member("b")
+    pool = sim_pool(a, b, on_member_lost=lost.append)
+    assert asyncio.run(pool.health()).ok and lost == []
+    b.client.die()  # type: ignore[attr-defined]
+    health = asyncio.run(pool.health())
+    assert health.ok and "b" in health.detail and lost == ["b"]
+    a.client.die()  # type: ignore[attr-defined]
+    assert not asyncio.run(pool.health()).ok and lost == ["b", "a"]
+    with pytest.raises(EngineUnavailable):
+        asyncio.run(collect(pool, [3, 4], greedy(2)))
