@@ -15,6 +15,7 @@ the key row and only inserts usage rows; checkpoints lock usage rows only, in id
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -113,10 +114,13 @@ def beat(db: Database, gateway: str, checkpoints: dict[int, int]) -> bool:
         known = sql.HEARTBEAT.run(conn, {"gateway": gateway}).rowcount > 0
         if not known:
             sql.REGISTER.run(conn, {"gateway": gateway})
-        if checkpoints:
-            sql.CHECKPOINT.run_many(
-                conn, [{"usage_id": u, "tokens": n} for u, n in sorted(checkpoints.items())]
-            )
+        batch = sorted(checkpoints.items())
+        for start in range(0, len(batch), sql.CHECKPOINT_ROWS):
+            part = batch[start : start + sql.CHECKPOINT_ROWS]
+            params = {}
+            for i, (usage_id, tokens) in enumerate(part):
+                params[f"u{i}"], params[f"t{i}"] = usage_id, tokens
+            sql.checkpoint(len(part)).run(conn, params)
     return known
 
 
@@ -126,6 +130,7 @@ def leave(db: Database, gateway: str) -> None:
         sql.LEAVE.run(conn, {"gateway": gateway})
 
 
+@functools.cache
 def _place() -> str:
     """This host and pid namespace: where a gateway's pid means something (containers may share a hostname)."""
     host = socket.gethostname()
@@ -167,12 +172,15 @@ def settle_interrupted(
         ]
     now = time.time() if now is None else now
     settled = 0
+    gone: dict[str, bool] = {}  # gateway -> its process is known gone (asked once per gateway)
     for row in rows:
         if row["last_seen"] is not None:
             dead = row["last_seen"] < db_now - heartbeat_stale
         else:
             dead = row["started_at"] < now - stale_after
-        if dead or _dead_here(row["gateway"]):
+        if not dead:
+            dead = gone.setdefault(row["gateway"], _dead_here(row["gateway"]))
+        if dead:
             settled += _settle_lost(db, row["id"], now)
     with db.begin() as conn:
         sql.PRUNE.run(conn, {"stale": heartbeat_stale})

@@ -8,6 +8,7 @@ The rest of the service uses ordinary SQLAlchemy. Valid on SQLite (>= 3.35, for 
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -30,10 +31,6 @@ class Statement:
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         cursor.execute(self._text(conn), params)
         return cursor
-
-    def run_many(self, conn: Connection, params: list[dict[str, Any]]) -> None:
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        cursor.executemany(self._text(conn), params)
 
     def _text(self, conn: Connection) -> str:
         return self.postgresql if conn.dialect.name == "postgresql" else self.sqlite
@@ -114,13 +111,23 @@ PRUNE = Statement(
     "(SELECT 1 FROM usage WHERE usage.gateway = gateways.id AND usage.status = 'in_progress')"
 )
 
-# The status literal (not a parameter) lets both databases use the partial index ix_usage_in_progress.
-CHECKPOINT = Statement(
-    "UPDATE usage SET completion_tokens = :tokens WHERE id = :usage_id AND status = 'in_progress'"
-)
+CHECKPOINT_ROWS = 400  # rows per checkpoint statement (two parameters each; old SQLite allows 999)
+
+
+@functools.cache
+def checkpoint(rows: int) -> Statement:
+    """One UPDATE for `rows` in-progress usage rows (:u0, :t0, ...: usage id, completion tokens delivered).
+    VALUES names its columns column1, column2 on both databases."""
+    values = ", ".join(f"(:u{i}, :t{i})" for i in range(rows))
+    return Statement(
+        f"UPDATE usage SET completion_tokens = v.column2 FROM (VALUES {values}) AS v "
+        "WHERE usage.id = v.column1 AND usage.status = 'in_progress'"
+    )
+
 
 DB_NOW = Statement("SELECT {now}")
 
+# The status literal (not a parameter) lets both databases use the partial index ix_usage_in_progress.
 IN_PROGRESS_COLUMNS = ("id", "gateway", "started_at", "last_seen")
 IN_PROGRESS = Statement(
     "SELECT u.id, u.gateway, u.started_at, g.last_seen FROM usage u LEFT JOIN gateways g ON g.id = u.gateway "
