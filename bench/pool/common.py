@@ -4,7 +4,8 @@ The replicas are `SimulatedEngine`s whose steps take the chips model's predicted
 run them on a virtual clock (an event loop whose time jumps to the next timer when nothing is ready), so a
 minute of simulated serving takes seconds and the figures do not depend on how busy this host is; the pool's
 own Python costs no simulated time there. `--wall-clock` runs the same on the real clock instead (with
-`--time-scale` to run faster than the chip would), where the pool's overhead does count.
+`--time-scale` to run faster than the chip would; arrivals are scaled alike and every figure is reported in
+the chip's seconds), where the pool's overhead does count.
 """
 
 from __future__ import annotations
@@ -79,8 +80,11 @@ class Timed:
     cached_tokens: int
 
 
-async def timed_request(pool: Pool, prompt: list[int], output_len: int, start_at: float = 0.0) -> Timed:
-    """Waits until `start_at` (loop time), sends the request, times its first token and its end."""
+async def timed_request(
+    pool: Pool, prompt: list[int], output_len: int, start_at: float = 0.0, scale: float = 1.0
+) -> Timed:
+    """Waits until `start_at` (loop time), sends the request, times its first token and its end (in the
+    chip's seconds: loop seconds / `scale`)."""
     loop = asyncio.get_running_loop()
     await asyncio.sleep(max(0.0, start_at - loop.time()))
     sent = loop.time()
@@ -92,7 +96,7 @@ async def timed_request(pool: Pool, prompt: list[int], output_len: int, start_at
             first, cached = loop.time(), out.num_cached_tokens
         tokens += len(out.new_token_ids)
     end = loop.time()
-    return Timed((first or end) - sent, end - sent, len(prompt), tokens, cached)
+    return Timed(((first or end) - sent) / scale, (end - sent) / scale, len(prompt), tokens, cached)
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
@@ -121,11 +125,16 @@ def add_engine_args(parser: Any) -> None:
     )
 
 
+def clock_scale(args: Any) -> float:
+    """Loop seconds per second of the simulated chip: arrival times are multiplied by it, durations divided."""
+    return args.time_scale if args.wall_clock else 1.0
+
+
 def engine_options(args: Any) -> dict[str, Any]:
     return {
         "model": args.model,
         "chip": args.chip,
         "format": args.format,
         "max_batch": args.max_batch,
-        "time_scale": args.time_scale if args.wall_clock else 1.0,
+        "time_scale": clock_scale(args),
     }

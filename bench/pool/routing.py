@@ -20,6 +20,7 @@ from bench.common import log
 from bench.pool.common import (
     Timed,
     add_engine_args,
+    clock_scale,
     engine_options,
     print_table,
     random_tokens,
@@ -54,13 +55,17 @@ def workload(args: argparse.Namespace) -> list[tuple[float, list[int]]]:
 
 def measure(policy: str, requests: list[tuple[float, list[int]]], args: argparse.Namespace) -> dict:
     pool = sim_pool(args.replicas, policy, **engine_options(args))
+    scale = clock_scale(args)
 
     async def main() -> tuple[list[Timed], float]:
         start = asyncio.get_running_loop().time()
         results = await asyncio.gather(
-            *(timed_request(pool, prompt, args.output_len, start + at) for at, prompt in requests)
+            *(
+                timed_request(pool, prompt, args.output_len, start + at * scale, scale)
+                for at, prompt in requests
+            )
         )
-        return list(results), asyncio.get_running_loop().time() - start
+        return list(results), (asyncio.get_running_loop().time() - start) / scale
 
     try:
         results, elapsed = run(main, args.wall_clock)

@@ -18,6 +18,7 @@ from bench.common import log
 from bench.pool.common import (
     Timed,
     add_engine_args,
+    clock_scale,
     engine_options,
     print_table,
     random_tokens,
@@ -42,6 +43,7 @@ def measure(
     replicas: int, requests: list[tuple[list[int], int]], clients: int, args: argparse.Namespace
 ) -> dict:
     pool = sim_pool(replicas, "prefix", **engine_options(args))
+    scale = clock_scale(args)
 
     async def main() -> tuple[list[Timed], float]:
         loop = asyncio.get_running_loop()
@@ -50,11 +52,11 @@ def measure(
 
         async def client() -> None:
             while queue:
-                results.append(await timed_request(pool, *queue.pop()))
+                results.append(await timed_request(pool, *queue.pop(), scale=scale))
 
         start = loop.time()
         await asyncio.gather(*(client() for _ in range(clients)))
-        return results, loop.time() - start
+        return results, (loop.time() - start) / scale
 
     try:
         results, elapsed = run(main, args.wall_clock)
