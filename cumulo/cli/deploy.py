@@ -75,6 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="List stored deployments and, when a pool is reachable, each replica's node and state.",
     )
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.add_argument(
+        "--explain", action="store_true", help="say why placement put each replica where it is"
+    )
     listing.set_defaults(func=cmd_deployments)
 
 
@@ -96,10 +99,18 @@ def check_spec(spec: DeploymentSpec) -> DeploymentSpec:
 
 def live_replicas(rows: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     """The live replicas of the stored deployments `rows` (as `deployments.as_dict` gives them): one dict per
-    replica with at least "model", "node" and "state". None when no pool is reachable.
+    replica with "model", "node" and "state" (and placement's chip, format and reason). None when no pool is
+    reachable (none recorded in the data directory, or its head does not answer)."""
+    from cumulo.cluster.ray_cluster import ClusterError, connect, find_address
 
-    Hook for the pool: until it is filled in, no pool is ever reachable from here."""
-    return None
+    try:
+        connect(find_address(None))
+    except ClusterError:
+        return None
+    from cumulo.cluster.replica import replica_statuses
+
+    models = {row["model"] for row in rows}
+    return [r for r in replica_statuses() if r.get("model") in models]
 
 
 @contextmanager
@@ -220,11 +231,11 @@ def cmd_deployments(args: argparse.Namespace) -> int:
     if live is None:
         print("No pool reachable: showing stored deployments only.")
     else:
-        _print_table(
-            "Replicas",
-            ["model", "node", "state"],
-            [[str(r.get("model", "-")), str(r.get("node", "-")), str(r.get("state", "-"))] for r in live],
-        )
+        keys = ["replica", "node", "state", "chip", "format", "running", "waiting", "served"]
+        _print_table("Replicas", keys, [[str(r.get(k, "-")) for k in keys] for r in live])
+        if getattr(args, "explain", False):
+            for r in live:
+                print(f"{r['replica']}: {r.get('reason') or r.get('error') or 'no reason recorded'}")
     return 0
 
 

@@ -52,6 +52,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="step the engines on a thread of the gateway's process instead of a process each (for profiling "
         "and debugging; slower at one stream, see docs/service.md)",
     )
+    c = p.add_argument_group("pool (docs/cluster.md)")
+    c.add_argument(
+        "--cluster",
+        action="store_true",
+        help="serve the stored deployments from a pool of machines on Ray: start a Ray head here (or use "
+        "--address) and print the 'cumulo join' line that adds a machine; --model adds a deployment",
+    )
+    c.add_argument("--address", default=None, help="with --cluster: an existing pool's head HOST:PORT")
+    c.add_argument(
+        "--ray-port", type=int, default=None, help="with --cluster: the head's port (default 6380, env "
+        "CUMULO_RAY_PORT; Ray's own default 6379 is Redis's)",
+    )  # fmt: skip
+    c.add_argument(
+        "--ray-host", default=None, help="with --cluster: the address other machines reach the head at "
+        "(default: 127.0.0.1 when serving on localhost, else this machine's outgoing address)",
+    )  # fmt: skip
+    c.add_argument(
+        "--head-cpus", type=int, default=None, help="with --cluster: CPUs the head node offers to replicas "
+        "(default: all; 0 keeps replicas off the gateway's machine)",
+    )  # fmt: skip
     p.add_argument(
         "--database-url",
         default=None,
@@ -64,8 +84,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def model_refs(args: argparse.Namespace) -> list[str]:
     if args.model:
         return list(args.model)
-    env = os.environ.get("CUMULO_MODELS", "")
-    return [m.strip() for m in env.split(",") if m.strip()] or [DEFAULT_MODEL]
+    return _env_models() or [DEFAULT_MODEL]
+
+
+def _env_models() -> list[str]:
+    return [m.strip() for m in os.environ.get("CUMULO_MODELS", "").split(",") if m.strip()]
 
 
 def load_engines(
@@ -129,6 +152,12 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidRequest(f"threads must be at least 1, not {args.threads}")
     # uvicorn shuts down gracefully on SIGTERM and SIGINT, then raises the signal again with the handler it
     # found: ours ends the process through the `finally` below, as Ctrl-C's KeyboardInterrupt does.
+    if args.address is not None and not args.cluster:
+        raise InvalidRequest("--address needs --cluster")
+    if args.cluster:
+        from cumulo.cli.cluster import run_gateway
+
+        return run_gateway(args, settings, args.model or _env_models())
     signal.signal(signal.SIGTERM, _raise_stop)
     engines: dict[str, EngineClient] = {}
     app = None

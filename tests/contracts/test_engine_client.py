@@ -19,6 +19,7 @@ from cumulo.engine.async_engine import AsyncEngine
 from cumulo.errors import EngineUnavailable, InvalidRequest
 from tests.service.fakes import FakeEngine
 from tests.support.pool_engines import make_pool
+from tests.support.ray_pool import make_ray_replica
 from tests.support.tiny import make_tiny_engine
 
 CLIENTS: dict[str, Callable[[], EngineClient]] = {
@@ -26,6 +27,7 @@ CLIENTS: dict[str, Callable[[], EngineClient]] = {
     "in-process": lambda: AsyncEngine(make_tiny_engine()),
     "engine-process": lambda: EngineProcess("tiny-llama", factory=make_tiny_engine),
     "pool": make_pool,  # two in-process tiny engines behind a Pool
+    "ray-replica": make_ray_replica,  # a tiny engine in a Ray actor on a node of a local Ray pool
 }
 
 
