@@ -240,7 +240,7 @@ class Controller:
                 DeploymentSpec(
                     want.source, 1, want.format, want.chip, want.ttft_slo_ms, want.tpot_slo_ms, prompt, output
                 ),  # fmt: skip
-                [n.spec() for n in nodes if n.cpus > 0],
+                [n.spec() for n in nodes if n.cpus - self._replicas_on(n.name) >= 1],
                 used=self._used_memory(),
                 hosting=hosting,
             )[0]
@@ -261,6 +261,15 @@ class Controller:
             RayReplica.start, want.source, name=slot.name, node_id=node.node_id, num_cpus=1,
             factory=self.factory, meta=meta, **options,
         )  # fmt: skip
+
+    def _replicas_on(self, node: str) -> int:
+        """Replicas this controller runs or is starting on `node` (each takes one of its CPUs)."""
+        return sum(
+            1
+            for slots in self.slots.values()
+            for s in slots.values()
+            if s.state in ("starting", "ready") and self._node_name(s) == node
+        )
 
     def _used_memory(self) -> dict[str, float]:
         used: dict[str, float] = {}
