@@ -160,3 +160,20 @@ def test_a_node_dies_under_http_load_and_every_stream_completes_billed_once(gate
     assert sum(tokens for _, tokens in rows) == 2 * sum(used for _, _, used in undisturbed)
     assert month == [billed]
     node_with(killed[0], 2, CHIP)  # the machine comes back
+
+
+def test_a_second_gateway_shares_the_pool_and_serves_when_the_first_is_killed(gateway) -> None:
+    import ray
+
+    gw, key = gateway
+    second = Gateway(gw.data_dir, shared_pool().address)  # the same database and the same pool
+    try:
+        second.wait_serving(key)
+        replicas = [n for n in ray.util.list_named_actors() if n.startswith(f"{MODEL}#")]
+        assert sorted(replicas) == [f"{MODEL}#0", f"{MODEL}#1"]  # it attached to the replicas, started none
+        gw.process.kill()  # SIGKILL: the first gateway is gone without a word
+        gw.process.wait(10)
+        [(text_, reason, used)] = stream_all(second.url, key, ["t1 t2 t3"])
+        assert reason in ("length", "stop") and used > 0 and text_
+    finally:
+        second.stop()
