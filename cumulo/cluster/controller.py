@@ -2,31 +2,40 @@
 model that the gateway serves.
 
 Every `period_s` it reads what is wanted (`load_wanted`, the gateway's view of the `deployments` table), what the
-pool has (live Ray nodes, named replica actors), and closes the gap:
+pool has (live nodes, replicas), and closes the gap:
 - a missing replica is placed by `placement.place` (weights plus the engine's own KV cache must fit; the best
-  predicted goodput under the SLO; away from nodes that already hold one of the deployment) and started there;
+  predicted goodput under the SLO, corrected by what replicas measured; away from nodes that already hold one of
+  the deployment) and started there;
 - a replica whose node died, or that a stream found dead, leaves its pool and is placed again when capacity
   allows;
-- an undeployed model's pool leaves the gateway; its replicas drain (no request is cut) and stop.
+- the count of replicas moves between `min_replicas` and `max_replicas` as `autoscale.decide` says;
+- a replica no longer wanted (undeployed, or scaled down) drains: no new request goes to it, and it stops once
+  the requests it has end (none is cut).
 
 Replicas are named `<model>#<slot>` and created with get-if-exists, so two gateways sharing one database and one
 pool converge on the same replicas without a leader: whichever creates a slot first wins, the other attaches.
+
+Ray is reached through three injectable callables (`start_replica`, `attach_replica`, `list_nodes`, defaulting to
+`RayReplica.start`, `RayReplica.attach` and `live_nodes`), so tests drive `reconcile()` over fakes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
-from cumulo.cluster.placement import DeploymentSpec, NodeSpec, Placement, place
+from cumulo.cluster.autoscale import Decision, Policy, ReplicaLoad, ScaleState, decide
+from cumulo.cluster.placement import MAX_NUM_SEQS, Corrections, DeploymentSpec, NodeSpec, Placement, place
 from cumulo.cluster.pool import Member, Pool
-from cumulo.cluster.replica import RayReplica
+from cumulo.cluster.replica import DECODE_WINDOW, RayReplica
 from cumulo.contracts import EngineClient
 from cumulo.errors import CumuloError
 
@@ -34,11 +43,13 @@ log = logging.getLogger(__name__)
 
 DTYPE_FORMATS = ("fp32", "bf16", "fp16")  # placement's "formats" that are an engine dtype, not packed weights
 ENGINE_FORMATS = {"int8": "mxint8"}  # the chips model's name -> the engine's scheme of the same width
+MIN_DECODE_STEPS = DECODE_WINDOW // 4  # new decode steps a replica must have measured before they count
 
 
 @dataclass(frozen=True, slots=True)
 class Wanted:
-    """One stored deployment, as the controller needs it."""
+    """One stored deployment, as the controller needs it. `replicas` is the count to start with; the autoscaler
+    keeps the count between `min_replicas` and `max_replicas` (None: `replicas`, a fixed count)."""
 
     model: str  # the name clients call
     source: str  # catalog name, .gguf file or model directory
@@ -47,6 +58,14 @@ class Wanted:
     chip: str | None = None
     ttft_slo_ms: float | None = None
     tpot_slo_ms: float | None = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        low = self.replicas if self.min_replicas is None else self.min_replicas
+        high = self.replicas if self.max_replicas is None else self.max_replicas
+        return low, max(low, high)
 
 
 @dataclass
@@ -57,15 +76,24 @@ class Slot:
     index: int
     placement: Placement | None = None
     node_id: str | None = None
-    replica: RayReplica | None = None
-    state: str = "placing"  # placing | starting | ready | lost | failed
+    replica: Any = None  # a RayReplica, or what `start_replica` returns
+    state: str = "placing"  # placing | starting | ready | lost | failed | draining
     error: str = ""
-    since: float = field(default_factory=time.time)
+    since: float = 0.0
     retry_at: float = 0.0
 
     @property
     def name(self) -> str:
         return f"{self.deployment}#{self.index}"
+
+
+@dataclass
+class _Retiring:
+    """A replica draining before it stops."""
+
+    slot: Slot
+    pool: Pool | None
+    since: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +105,7 @@ class LiveNode:
     memory_gb: float
     cores: int
     cpus: float
-    labels: dict
+    labels: dict = field(default_factory=dict)
 
     def spec(self) -> NodeSpec:
         return NodeSpec(self.name, self.chip, self.devices, self.memory_gb)
@@ -85,7 +113,10 @@ class LiveNode:
 
 class Controller:
     """Keeps the pool's replicas as the stored deployments say. `engines` is the dict the gateway serves from;
-    the controller replaces it as a whole (`publish`) when a model's pool appears or goes."""
+    the controller replaces it as a whole (`publish`) when a model's pool appears or goes.
+
+    `reconcile()` is one pass; `start()` runs it every `period_s` on a thread of its own. It must not be called
+    from a thread running an event loop (it asks the replicas for their status in a loop of its own)."""
 
     def __init__(
         self,
@@ -97,6 +128,15 @@ class Controller:
         engine_options: dict[str, Any] | None = None,
         policy: str = "prefix",
         retry_s: float = 5.0,
+        autoscale: Policy | None = None,
+        corrections: Corrections | None = None,
+        drain_timeout_s: float = 600.0,
+        probe_timeout_s: float = 2.0,
+        start_replica: Callable[..., Any] = RayReplica.start,
+        attach_replica: Callable[..., Any] = RayReplica.attach,
+        list_nodes: Callable[[], list[LiveNode]] | None = None,
+        clock: Callable[[], float] = time.time,
+        executor: Executor | None = None,
     ) -> None:
         self.load_wanted = load_wanted
         self.publish = publish
@@ -105,12 +145,28 @@ class Controller:
         self.engine_options = dict(engine_options or {})
         self.policy = policy
         self.retry_s = retry_s
+        self.autoscale = autoscale or Policy()
+        self.corrections = corrections or Corrections()
+        self.drain_timeout_s = drain_timeout_s
+        self.probe_timeout_s = probe_timeout_s
+        self.start_replica = start_replica
+        self.attach_replica = attach_replica
+        self.list_nodes = list_nodes or live_nodes
+        self.clock = clock
         self.pools: dict[str, Pool] = {}
         self.slots: dict[str, dict[int, Slot]] = {}
         self.wanted: dict[str, Wanted] = {}
+        self.targets: dict[str, int] = {}  # the replica count kept now, per model
+        self._scaling: dict[str, ScaleState] = {}
+        self._decisions: dict[str, tuple[Decision, float]] = {}
+        self._retiring: dict[str, _Retiring] = {}
+        self._measured: dict[str, int] = {}  # replica name -> decode steps already folded into corrections
         self._lost: set[str] = set()  # replica names a stream found dead, reported from the event loop
+        self._lost_lock = threading.Lock()
         self._starting: dict[str, Future] = {}
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cumulo-replica-start")
+        self._executor = executor or ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="cumulo-replica-start"
+        )
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -135,32 +191,47 @@ class Controller:
             self._thread.join(timeout=10)
         self._executor.shutdown(wait=False, cancel_futures=True)
         with self._lock:
-            for slots in self.slots.values():
-                for slot in slots.values():
-                    if slot.replica is not None:
-                        slot.replica.shutdown() if stop_replicas else slot.replica.release()
+            kept = [s for slots in self.slots.values() for s in slots.values()]
+            for slot in kept + [r.slot for r in self._retiring.values()]:
+                if slot.replica is not None:
+                    slot.replica.shutdown() if stop_replicas else slot.replica.release()
 
     # -- one pass -------------------------------------------------------------------------------------
     def reconcile(self) -> None:
         wanted = {w.model: w for w in self.load_wanted()}
-        nodes = live_nodes()
+        nodes = self.list_nodes()
         alive_ids = {n.node_id for n in nodes}
+        lost = self._take_lost()
         with self._lock:
             self.wanted = wanted
             for model in list(self.slots):
                 if model not in wanted:
                     self._retire(model)
-            for model, want in wanted.items():
-                slots = self.slots.setdefault(model, {})
+            for model in wanted:
+                self.slots.setdefault(model, {})
                 self._collect_started(model)
-                self._notice_losses(model, alive_ids)
-                for index in list(slots):
-                    if index >= want.replicas:
+                self._notice_losses(model, alive_ids, lost)
+            self._finish_draining()
+            ready = [s for slots in self.slots.values() for s in slots.values() if s.state == "ready"]
+        statuses = self._probe(ready)  # outside the lock: it waits on the replicas
+        with self._lock:
+            self._learn(statuses)
+            for model, want in wanted.items():
+                target = self._scale(want, statuses)
+                slots = self.slots[model]
+                for index in sorted(slots, reverse=True):
+                    if index >= target:
                         self._retire_slot(model, index)
-                for index in range(want.replicas):
-                    slot = slots.setdefault(index, Slot(model, index))
-                    if slot.state in ("placing", "lost", "failed") and time.time() >= slot.retry_at:
+                for index in range(target):
+                    slot = (
+                        slots.get(index)
+                        or self._revive(model, index)
+                        or slots.setdefault(index, Slot(model, index, since=self.clock()))
+                    )
+                    if slot.state in ("placing", "lost", "failed") and self.clock() >= slot.retry_at:
                         self._place_and_start(want, slot, nodes)
+                self._collect_started(model)
+            self._finish_draining()  # a replica retired idle stops in the pass that retired it
 
     def _collect_started(self, model: str) -> None:
         for slot in self.slots[model].values():
@@ -169,31 +240,31 @@ class Controller:
                 continue
             del self._starting[slot.name]
             try:
-                replica: RayReplica = future.result()
+                replica = future.result()
             except Exception as exc:
-                slot.state, slot.error, slot.retry_at = "failed", str(exc), time.time() + self.retry_s
+                slot.state, slot.error, slot.retry_at = "failed", str(exc), self.clock() + self.retry_s
                 log.warning("replica %s did not start: %s", slot.name, exc)
                 continue
             slot.replica, slot.node_id, slot.state, slot.since = (
                 replica,
                 replica.node_id,
                 "ready",
-                time.time(),
+                self.clock(),
             )
+            member = Member(slot.name, self._node_name(slot), replica, "ready")
             pool = self.pools.get(model)
             if pool is None:
                 pool = Pool(
                     replica.info, replica.tokenizer, policy=self.policy, on_member_lost=self._report_lost
                 )
+                pool.add(member)
                 self.pools[model] = pool
-                pool.add(Member(slot.name, self._node_name(slot), replica, "ready"))
                 self._publish()
             else:
-                pool.add(Member(slot.name, self._node_name(slot), replica, "ready"))
+                pool.add(member)
             log.info("replica %s ready on %s", slot.name, self._node_name(slot))
 
-    def _notice_losses(self, model: str, alive_ids: set[str]) -> None:
-        lost_now = self._take_lost()
+    def _notice_losses(self, model: str, alive_ids: set[str], lost_now: set[str]) -> None:
         for slot in self.slots[model].values():
             if slot.state != "ready" or slot.replica is None:
                 continue
@@ -208,20 +279,22 @@ class Controller:
                     pool.remove(slot.name)
             with contextlib.suppress(Exception):
                 slot.replica.shutdown()  # kills the actor if it still exists, freeing its name
-            slot.replica, slot.state, slot.error, slot.since = None, "lost", why, time.time()
-        self._lost |= {n for n in lost_now if not n.startswith(f"{model}#")}
+            slot.replica, slot.state, slot.error, slot.since = None, "lost", why, self.clock()
 
     def _take_lost(self) -> set[str]:
-        with self._lock:
+        with self._lost_lock:
             lost, self._lost = self._lost, set()
         return lost
 
-    def _report_lost(self, name: str) -> None:
-        with self._lock:
+    def _report_lost(self, name: str) -> None:  # from the event loop: must not wait for a controller pass
+        with self._lost_lock:
             self._lost.add(name)
 
     def _place_and_start(self, want: Wanted, slot: Slot, nodes: list[LiveNode]) -> None:
-        existing = RayReplica.attach(slot.name, timeout=30) if slot.state == "placing" else None
+        if slot.name in self._retiring:  # the replica of that name from before still drains: wait for it
+            slot.error = f"waiting for the previous {slot.name} to drain"
+            return
+        existing = self.attach_replica(slot.name, timeout=30) if slot.state == "placing" else None
         if existing is not None:  # another gateway (or this one before a restart) started it
             future: Future = Future()
             future.set_result(existing)
@@ -242,13 +315,14 @@ class Controller:
                 ),  # fmt: skip
                 [n.spec() for n in nodes if n.cpus - self._replicas_on(n.name) >= 1],
                 used=self._used_memory(),
+                corrections=self.corrections,
                 hosting=hosting,
             )[0]
         except CumuloError as exc:
-            slot.state, slot.error, slot.retry_at = "failed", str(exc), time.time() + self.retry_s
+            slot.state, slot.error, slot.retry_at = "failed", str(exc), self.clock() + self.retry_s
             return
         if placement.devices > 1:
-            slot.state, slot.retry_at = "failed", time.time() + self.retry_s
+            slot.state, slot.retry_at = "failed", self.clock() + self.retry_s
             slot.error = (f"{want.model} needs {placement.devices} devices of {placement.node} (pipeline "
                           "parallel); serving a split model is not built yet")  # fmt: skip
             return
@@ -258,47 +332,163 @@ class Controller:
         meta = {"model": want.model, "node": node.name, "chip": placement.chip, "format": placement.format,
                 "reason": placement.reason}  # fmt: skip
         self._starting[slot.name] = self._executor.submit(
-            RayReplica.start, want.source, name=slot.name, node_id=node.node_id, num_cpus=1,
+            self.start_replica, want.source, name=slot.name, node_id=node.node_id, num_cpus=1,
             factory=self.factory, meta=meta, **options,
         )  # fmt: skip
 
     def _replicas_on(self, node: str) -> int:
-        """Replicas this controller runs or is starting on `node` (each takes one of its CPUs)."""
-        return sum(
-            1
-            for slots in self.slots.values()
-            for s in slots.values()
-            if s.state in ("starting", "ready") and self._node_name(s) == node
-        )
+        """Replicas this controller runs, starts or drains on `node` (each takes one of its CPUs)."""
+        return sum(1 for s in self._holding() if self._node_name(s) == node)
 
     def _used_memory(self) -> dict[str, float]:
         used: dict[str, float] = {}
-        for slots in self.slots.values():
-            for s in slots.values():
-                if s.placement is not None and s.state in ("starting", "ready"):
-                    p = s.placement
-                    used[p.node] = used.get(p.node, 0.0) + p.weights_gb + p.kv_gb
+        for s in self._holding():
+            if s.placement is not None:
+                p = s.placement
+                used[p.node] = used.get(p.node, 0.0) + p.weights_gb + p.kv_gb
         return used
 
+    def _holding(self) -> list[Slot]:
+        """Slots whose replica holds a node's CPU and memory now."""
+        kept = [
+            s for slots in self.slots.values() for s in slots.values() if s.state in ("starting", "ready")
+        ]
+        return kept + [r.slot for r in self._retiring.values()]
+
+    # -- retiring ---------------------------------------------------------------------------------------
     def _retire(self, model: str) -> None:
         pool = self.pools.pop(model, None)
         if pool is not None:
-            self._publish()
+            self._publish()  # new requests for the model are refused; the open ones continue on the pool
         for index in list(self.slots.get(model, {})):
             self._retire_slot(model, index, pool)
         self.slots.pop(model, None)
+        self.targets.pop(model, None)
+        self._scaling.pop(model, None)
 
     def _retire_slot(self, model: str, index: int, pool: Pool | None = None) -> None:
+        """Takes the slot out of the kept ones; its replica drains (`_finish_draining` stops it)."""
         slot = self.slots[model].pop(index)
-        pool = pool or self.pools.get(model)
-        replica = slot.replica
-        if replica is None:
+        future = self._starting.pop(slot.name, None)
+        if future is not None:  # started but not collected: stop it once it is up
+            future.add_done_callback(_shutdown_started)
+        if slot.replica is None:
             return
+        pool = pool or self.pools.get(model)
         if pool is not None and any(m["name"] == slot.name for m in pool.status()):
-            drain(pool, slot.name)
-            with contextlib.suppress(CumuloError, KeyError):
-                pool.remove(slot.name)
-        replica.shutdown()
+            pool.set_state(slot.name, "draining")
+        else:
+            pool = None
+        slot.state, slot.since = "draining", self.clock()
+        self._retiring[slot.name] = _Retiring(slot, pool, self.clock())
+        log.info("replica %s drains", slot.name)
+
+    def _finish_draining(self) -> None:
+        """Stops each draining replica whose requests have all ended (or that is gone, or past the timeout)."""
+        for name, r in list(self._retiring.items()):
+            member = None
+            if r.pool is not None:
+                member = next((m for m in r.pool.status() if m["name"] == name), None)
+            busy = member is not None and member["in_flight"] > 0 and member["state"] == "draining"
+            if busy and r.slot.replica.alive and self.clock() - r.since < self.drain_timeout_s:
+                continue
+            if member is not None:
+                with contextlib.suppress(CumuloError, KeyError):
+                    r.pool.remove(name)  # type: ignore[union-attr]
+            with contextlib.suppress(Exception):
+                r.slot.replica.shutdown()
+            del self._retiring[name]
+            self._measured.pop(name, None)
+            log.info("replica %s stopped", name)
+
+    def _revive(self, model: str, index: int) -> Slot | None:
+        """A slot wanted again while its replica still drains in the model's pool: it serves again."""
+        name = f"{model}#{index}"
+        r = self._retiring.get(name)
+        pool = self.pools.get(model)
+        if r is None or pool is None or r.pool is not pool or not r.slot.replica.alive:
+            return None
+        del self._retiring[name]
+        pool.set_state(name, "ready")
+        r.slot.state = "ready"
+        self.slots[model][index] = r.slot
+        log.info("replica %s serves again", name)
+        return r.slot
+
+    # -- measuring and scaling --------------------------------------------------------------------------
+    def _probe(self, slots: list[Slot]) -> dict[str, dict]:
+        """What each ready replica says of itself (load, measured decode speed); none for one that does not
+        answer within `probe_timeout_s`."""
+        if not slots:
+            return {}
+
+        async def one(slot: Slot) -> tuple[str, Any]:
+            try:
+                return slot.name, await asyncio.wait_for(slot.replica.status(), self.probe_timeout_s)
+            except Exception:
+                return slot.name, None
+
+        async def every() -> list[tuple[str, Any]]:
+            return await asyncio.gather(*(one(s) for s in slots))
+
+        return {name: status for name, status in asyncio.run(every()) if isinstance(status, dict)}
+
+    def _learn(self, statuses: dict[str, dict]) -> None:
+        """Folds each replica's newly measured decode speed into the corrections placement uses: measured over
+        predicted tokens/s of one sequence, at the batch the replica ran."""
+        for model, slots in self.slots.items():
+            want = self.wanted.get(model)
+            for slot in slots.values():
+                decode = (statuses.get(slot.name) or {}).get("decode")
+                p = slot.placement
+                if want is None or p is None or not decode:
+                    continue
+                steps, seen = int(decode["steps"]), self._measured.get(slot.name, 0)
+                if steps - seen < MIN_DECODE_STEPS or decode["tpot_ms"] <= 0:
+                    continue
+                self._measured[slot.name] = steps
+                batch = max(1, round(decode["batch"]))
+                try:
+                    prompt, output = workload_shape(want.source)
+                    predicted = predicted_tpot_ms(want.source, p.format, p.chip, batch, prompt + output)
+                except CumuloError:
+                    continue
+                factor = self.corrections.record(
+                    want.source, p.chip, p.format, 1 / decode["tpot_ms"], 1 / predicted
+                )
+                log.info("%s on %s (%s) measured %.1f ms per token at batch %d, predicted %.1f: correction %.2f",
+                         slot.name, p.chip, p.format, decode["tpot_ms"], batch, predicted, factor)  # fmt: skip
+
+    def _scale(self, want: Wanted, statuses: dict[str, dict]) -> int:
+        """The replica count to keep for `want` now, as `autoscale.decide` says; records why."""
+        low, high = want.bounds
+        model = want.model
+        current = self.targets.get(model, want.replicas) if low < high else want.replicas
+        pool_status = {m["name"]: m for m in (self.pools[model].status() if model in self.pools else [])}
+        loads, batches, ttfts = [], [], []
+        for slot in self.slots[model].values():
+            if slot.state != "ready":
+                continue
+            status = statuses.get(slot.name) or {}
+            in_flight = pool_status.get(slot.name, {}).get("in_flight", 0)
+            running, waiting = int(status.get("running", 0)), int(status.get("waiting", 0))
+            loads.append(ReplicaLoad(requests=max(in_flight, running + waiting), waiting=waiting))
+            if slot.placement is not None:
+                batches.append(slot.placement.max_sequences)
+                ttfts.append(slot.placement.predicted_ttft_ms)
+        decision = decide(
+            loads, current, low, high,
+            max_sequences=sum(batches) / len(batches) if batches else MAX_NUM_SEQS,
+            predicted_ttft_ms=sum(ttfts) / len(ttfts) if ttfts else None,
+            ttft_slo_ms=want.ttft_slo_ms, now=self.clock(), state=self._scaling.get(model, ScaleState()),
+            policy=self.autoscale,
+        )  # fmt: skip
+        if decision.wanted != current:
+            log.info("%s: %d -> %d replicas: %s", model, current, decision.wanted, decision.reason)
+        self._scaling[model] = decision.state
+        self._decisions[model] = (decision, self.clock())
+        self.targets[model] = decision.wanted
+        return decision.wanted
 
     def _publish(self) -> None:
         self.publish(dict(self.pools))
@@ -311,23 +501,52 @@ class Controller:
         """Each replica with its node, state and why placement put it there (`cumulo deployments`)."""
         out = []
         with self._lock:
-            for name, slots in self.slots.items():
+            rows = [(m, s) for m, slots in self.slots.items() for s in slots.values()]
+            rows += [(r.slot.deployment, r.slot) for r in self._retiring.values()]
+            for name, slot in rows:
                 if model is not None and name != model:
                     continue
-                pool_status = {
-                    m["name"]: m for m in (self.pools[name].status() if name in self.pools else [])
-                }
-                for slot in slots.values():
-                    p = slot.placement
-                    member = pool_status.get(slot.name, {})
-                    out.append({
-                        "model": name, "replica": slot.name, "node": self._node_name(slot),
-                        "state": member.get("state", slot.state), "chip": p.chip if p else None,
-                        "format": p.format if p else None, "in_flight": member.get("in_flight", 0),
-                        "served": member.get("served", 0), "reason": p.reason if p else "",
-                        "error": slot.error, "since": slot.since,
-                    })  # fmt: skip
+                pool = self.pools.get(name)
+                if slot.name in self._retiring:
+                    pool = self._retiring[slot.name].pool
+                member = next((m for m in (pool.status() if pool else []) if m["name"] == slot.name), {})
+                p = slot.placement
+                decision = self._decisions.get(name)
+                out.append({
+                    "model": name, "replica": slot.name, "node": self._node_name(slot),
+                    "state": member.get("state", slot.state), "chip": p.chip if p else None,
+                    "format": p.format if p else None, "in_flight": member.get("in_flight", 0),
+                    "served": member.get("served", 0), "reason": p.reason if p else "",
+                    "error": slot.error, "since": slot.since, "scaling": decision[0].reason if decision else "",
+                })  # fmt: skip
         return out
+
+    def decisions(self) -> list[dict]:
+        """Per deployment: the replica count kept, its bounds, and the autoscaler's last word on it."""
+        with self._lock:
+            out = []
+            for model, (decision, at) in self._decisions.items():
+                want = self.wanted.get(model)
+                if want is None:
+                    continue
+                low, high = want.bounds
+                out.append({"model": model, "replicas": decision.wanted, "min_replicas": low,
+                            "max_replicas": high, "reason": decision.reason,
+                            "predicted_ttft_ms": decision.predicted_ttft_ms, "at": at})  # fmt: skip
+            return out
+
+
+def _shutdown_started(future: Future) -> None:
+    with contextlib.suppress(Exception):
+        future.result().shutdown()
+
+
+@lru_cache(maxsize=1024)
+def predicted_tpot_ms(source: str, fmt: str, chip: str, batch: int, context: int) -> float:
+    """What the chips model predicts one sequence's time per output token to be, uncorrected."""
+    from cumulo.chips.predict import predict
+
+    return predict(source, fmt, chip, batch, context).tpot_s * 1e3
 
 
 def workload_shape(source: str) -> tuple[int, int]:
@@ -340,17 +559,6 @@ def workload_shape(source: str) -> tuple[int, int]:
     except CumuloError:
         return 512, 128
     return min(512, context // 2), min(128, context // 4)
-
-
-def drain(pool: Pool, name: str, timeout: float = 600.0) -> None:
-    """From the controller's thread: no new requests go to the member; waits until the ones it has end."""
-    pool.set_state(name, "draining")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        member = next((m for m in pool.status() if m["name"] == name), None)
-        if member is None or member["in_flight"] == 0:
-            return
-        time.sleep(0.1)
 
 
 def engine_options_for(p: Placement, node: LiveNode) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from cumulo.errors import CumuloError, EngineUnavailable
 
 START_TIMEOUT_S = 900.0  # loading and converting a large model on a slow CPU takes minutes
 CALL_TIMEOUT_S = 10.0  # health and abort: a replica that cannot answer this fast is treated as sick
+DECODE_WINDOW = 64  # decode steps the measured speed in status() is averaged over
 
 
 class ReplicaActor:
@@ -47,6 +49,9 @@ class ReplicaActor:
         self.started = time.time()
         self.served = 0
         self.meta = meta  # what placement decided and why, for whoever lists the pool
+        self.streams = 0  # requests streaming now
+        self.decode: deque[tuple[float, int]] = deque(maxlen=DECODE_WINDOW)  # (s per token, streams then)
+        self.decode_steps = 0
 
     def describe(self) -> tuple[ModelInfo, Tokenizer, str]:
         return self.engine.info, self.engine.tokenizer, self.node_id
@@ -54,12 +59,33 @@ class ReplicaActor:
     async def status(self) -> dict[str, Any]:
         health = await self.engine.health()
         return {**self.meta, "node_id": self.node_id, "started": self.started, "served": self.served,
-                "ok": health.ok, "running": health.num_running, "waiting": health.num_waiting}  # fmt: skip
+                "ok": health.ok, "running": health.num_running, "waiting": health.num_waiting,
+                "decode": self._decode_speed()}  # fmt: skip
+
+    def _decode_speed(self) -> dict[str, float] | None:
+        """Time per output token of one sequence over the last decode steps, the mean batch then, and how many
+        steps were measured since the start (so a reader can tell new figures from old)."""
+        if not self.decode:
+            return None
+        n = len(self.decode)
+        return {"tpot_ms": sum(s for s, _ in self.decode) / n * 1e3, "batch": sum(b for _, b in self.decode) / n,
+                "steps": self.decode_steps}  # fmt: skip
 
     async def stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
         self.served += 1
-        async for out in self.engine.generate(prompt_token_ids, params, request_id):
-            yield out
+        self.streams += 1
+        last = None
+        try:
+            async for out in self.engine.generate(prompt_token_ids, params, request_id):
+                now = time.perf_counter()
+                # the first output ends the prefill, not a decode step
+                if last is not None and out.new_token_ids:
+                    self.decode.append(((now - last) / len(out.new_token_ids), self.streams))
+                    self.decode_steps += 1
+                last = now
+                yield out
+        finally:
+            self.streams -= 1
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
