@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -145,8 +146,6 @@ def wait_for_head(
     address: str, process: subprocess.Popen | None = None, timeout: float = START_TIMEOUT_S
 ) -> None:
     """Waits until a GCS answers at `address` (or the process starting it exits)."""
-    import socket
-
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -167,6 +166,11 @@ def connect(address: str) -> None:
     check_address(address)
     if ray.is_initialized():
         return
+    host, _, port = address.rpartition(":")
+    try:  # Ray retries an unreachable head for minutes: ask the port first
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the pool at {address}: {exc.strerror or exc}") from None
     try:
         ray.init(address=address, namespace=NAMESPACE, logging_level="error", log_to_driver=False)
     except Exception as exc:  # ConnectionError, TimeoutError, RuntimeError, depending on what failed
