@@ -146,7 +146,8 @@ def run_gateway(args: argparse.Namespace, settings: Any, refs: list[str] | None)
 
         def load_wanted() -> list[Wanted]:
             with state.sessions() as session:
-                return [Wanted(r.model, r.source, r.replicas, r.format, r.chip, r.ttft_slo_ms, r.tpot_slo_ms)
+                return [Wanted(r.model, r.source, r.replicas, r.format, r.chip, r.ttft_slo_ms, r.tpot_slo_ms,
+                               r.min_replicas, r.max_replicas)
                         for r in deployments.list_deployments(session)]  # fmt: skip
 
         def publish(engines: dict) -> None:

@@ -10,43 +10,20 @@ from collections.abc import Iterator
 import pytest
 
 from cumulo.chips.predict import predict
-from cumulo.cluster.controller import Controller, Wanted
+from cumulo.cluster.controller import Wanted
 from cumulo.cluster.placement import Corrections
 from cumulo.contracts import SamplingParams
-from tests.support.controller_fakes import Clock, FakeLauncher, InlineExecutor, node
+from tests.support.controller_fakes import Rig, node
 
 MODEL = "smollm2-135m"  # a preset: placement knows its shape; the fake replicas run a tiny engine
 
 
-class Setup:
-    def __init__(self, wanted: list[Wanted], nodes: list, **options) -> None:
-        self.wanted = wanted
-        self.nodes = nodes
-        self.engines: dict = {}
-        self.clock = Clock()
-        self.launcher = FakeLauncher()
-        self.controller = Controller(
-            lambda: self.wanted, self.publish, start_replica=self.launcher.start,
-            attach_replica=self.launcher.attach, list_nodes=lambda: list(self.nodes), clock=self.clock,
-            executor=InlineExecutor(), **options,
-        )  # fmt: skip
-
-    def publish(self, engines: dict) -> None:
-        self.engines = engines
-
-    def reconcile(self) -> None:
-        self.controller.reconcile()
-
-    def rows(self, state: str | None = None) -> list[dict]:
-        return [r for r in self.controller.replicas(MODEL) if state is None or r["state"] == state]
-
-
 @pytest.fixture
 def make() -> Iterator:
-    made: list[Setup] = []
+    made: list[Rig] = []
 
-    def build(wanted: list[Wanted], nodes: list, **options) -> Setup:
-        made.append(Setup(wanted, nodes, **options))
+    def build(wanted: list[Wanted], nodes: list, **options) -> Rig:
+        made.append(Rig(wanted, nodes, MODEL, **options))
         return made[-1]
 
     yield build

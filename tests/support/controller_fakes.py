@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor, Future
 from typing import Any
 
-from cumulo.cluster.controller import LiveNode
+from cumulo.cluster.controller import Controller, LiveNode, Wanted
 from cumulo.contracts import EngineHealth, RequestOutput, SamplingParams
 from cumulo.engine.async_engine import AsyncEngine
 from cumulo.errors import EngineUnavailable
@@ -126,3 +126,29 @@ class FakeLauncher:
         for replica in self.started:
             if not replica.stopped:
                 replica.shutdown()
+
+
+class Rig:
+    """A controller over fakes: `wanted` and `nodes` are plain lists a test changes between passes."""
+
+    def __init__(self, wanted: list[Wanted], nodes: list[LiveNode], model: str, **options: Any) -> None:
+        self.model = model
+        self.wanted = wanted
+        self.nodes = nodes
+        self.engines: dict = {}
+        self.clock = Clock()
+        self.launcher = FakeLauncher()
+        self.controller = Controller(
+            lambda: self.wanted, self.publish, start_replica=self.launcher.start,
+            attach_replica=self.launcher.attach, list_nodes=lambda: list(self.nodes), clock=self.clock,
+            executor=InlineExecutor(), **options,
+        )  # fmt: skip
+
+    def publish(self, engines: dict) -> None:
+        self.engines = engines
+
+    def reconcile(self) -> None:
+        self.controller.reconcile()
+
+    def rows(self, state: str | None = None) -> list[dict]:
+        return [r for r in self.controller.replicas(self.model) if state is None or r["state"] == state]
