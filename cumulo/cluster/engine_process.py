@@ -13,7 +13,7 @@ seam's deltas, batched one message per engine step.
                   <--("refused", rid, error)--     add_request raised (bad prompt, bad params)
 
 If the engine process dies, every open stream ends with `EngineUnavailable` and `health()` says so; nothing
-hangs. The same shape (a worker that owns an engine and streams deltas) is what a Ray replica will be.
+hangs. A Ray replica (`cluster/replica.py`) has the same shape: a worker that owns an engine and streams deltas.
 """
 
 from __future__ import annotations

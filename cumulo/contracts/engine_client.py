@@ -1,9 +1,10 @@
 """`EngineClient`: the one interface between the service and every engine.
 
 An engine in its own process (`cumulo.cluster.engine_process.EngineProcess`, what `cumulo serve` runs), one on
-a thread of this process (`cumulo.engine.async_engine.AsyncEngine`), and later a Ray-hosted replica and a pool
-of them implement it; the service keeps one per model name and never knows which it has. Every implementation
-must pass the conformance suite in `tests/contracts/`.
+a thread of this process (`cumulo.engine.async_engine.AsyncEngine`), a Ray-hosted replica
+(`cumulo.cluster.replica.RayReplica`) and a pool of them (`cumulo.cluster.pool.Pool`) implement it; the service
+keeps one per model name and never knows which it has. Every implementation must pass the conformance suite in
+`tests/contracts/`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The conformance suite every `EngineClient` must pass: what the service relies on, whichever engine it has.
 
-Each test runs against every implementation in `CLIENTS` (today the service tests' fake and the in-process
-engine over a tiny random model; a Ray replica and the pool join here). Tests ask only the seam's own
+Each test runs against every implementation in `CLIENTS`: the service tests' fake, the in-process engine, the
+engine process, a pool of two engines, and a Ray replica on a node of a real local Ray pool. Tests ask only the seam's own
 vocabulary: `generate`, `abort`, `health`, `shutdown`, `info`, `tokenizer`, and deltas.
 """
 
