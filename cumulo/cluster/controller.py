@@ -245,12 +245,9 @@ class Controller:
                 slot.state, slot.error, slot.retry_at = "failed", str(exc), self.clock() + self.retry_s
                 log.warning("replica %s did not start: %s", slot.name, exc)
                 continue
-            slot.replica, slot.node_id, slot.state, slot.since = (
-                replica,
-                replica.node_id,
-                "ready",
-                self.clock(),
-            )
+            slot.replica, slot.node_id = replica, replica.node_id
+            slot.state, slot.since = "ready", self.clock()
+            self._measured.pop(slot.name, None)  # a new replica counts its decode steps from zero
             member = Member(slot.name, self._node_name(slot), replica, "ready")
             pool = self.pools.get(model)
             if pool is None:

@@ -189,3 +189,42 @@ def test_measured_speed_is_folded_in_once_per_new_window_of_steps(make) -> None:
     replica.decode = {"tpot_ms": tpot * 4, "batch": 2.0, "steps": 128}
     s.reconcile()
     assert corrections.factor(MODEL, row["chip"], row["format"]) == pytest.approx(0.5 * 0.5 + 0.5 * 0.25)
+    replica.die()
+    s.reconcile()
+    replacement = s.launcher.running[f"{MODEL}#0"]
+    replacement.decode = {"tpot_ms": tpot, "batch": 2.0, "steps": 32}  # a new replica counts from zero
+    s.reconcile()
+    assert corrections.factor(MODEL, row["chip"], row["format"]) == pytest.approx(0.375 * 0.5 + 0.5 * 1.0)
+
+
+def test_a_replica_reports_its_measured_decode_speed_in_its_status(monkeypatch) -> None:
+    import ray
+
+    from cumulo.cluster.replica import ReplicaActor
+    from tests.support.tiny import make_tiny_engine
+
+    class Context:  # the actor asks Ray which node it is on; here it runs in the test's process
+        def get_node_id(self) -> str:
+            return "node-x"
+
+    monkeypatch.setattr(ray, "get_runtime_context", Context)
+    actor = ReplicaActor(MODEL, lambda **_: make_tiny_engine(), {}, {"model": MODEL})
+
+    async def run() -> tuple[dict, dict]:
+        before = await actor.status()
+
+        async def one(i: int) -> None:
+            async for _ in actor.stream(f"r{i}", [5, 6, 7], greedy(20)):
+                pass
+
+        await asyncio.gather(*(one(i) for i in range(4)))
+        return before, await actor.status()
+
+    try:
+        before, after = asyncio.run(run())
+    finally:
+        actor.stop()
+    assert before["decode"] is None  # nothing measured before any decode step
+    decode = after["decode"]
+    assert decode["steps"] == 4 * 19  # every output after a stream's first is one decode step
+    assert 1.0 <= decode["batch"] <= 4.0 and decode["tpot_ms"] > 0
