@@ -177,7 +177,9 @@ def test_a_replica_measured_slower_than_predicted_moves_the_next_placement(make,
 
 def test_measured_speed_is_folded_in_once_per_new_window_of_steps(make) -> None:
     corrections = Corrections(alpha=0.5)
-    s = make([Wanted(MODEL, MODEL, 1)], [node("a")], corrections=corrections)
+    s = make(
+        [Wanted(MODEL, MODEL, 1, format="fp32")], [node("a")], corrections=corrections
+    )  # one format to learn
     s.reconcile()
     (row,) = s.rows("ready")
     replica = s.launcher.running[f"{MODEL}#0"]
