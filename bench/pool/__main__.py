@@ -2,6 +2,8 @@
 
     python -m bench.pool routing     # prefix-aware vs round-robin: mean TTFT and prefix hit rate
     python -m bench.pool scaling     # served tok/s with 1, 2 and 4 replicas: the 2x and 4x ratios
+    python -m bench.pool failover    # a real local Ray pool, a node SIGKILLed under load (vs one bare replica)
+    python -m bench.pool real        # served tok/s with 1 vs 2 real replicas on 1-core nodes (vs one 2-core)
 
 Each prints a table and the ratios measured in the same run, and writes JSON to bench/results/.
 """
@@ -15,6 +17,8 @@ COMMANDS = {
     "routing": "bench.pool.routing",
     "scaling": "bench.pool.scaling",
     "placement": "bench.pool.placement",
+    "failover": "bench.pool.failover",
+    "real": "bench.pool.real",
 }
 
 

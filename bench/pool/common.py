@@ -11,18 +11,26 @@ the chip's seconds), where the pool's overhead does count.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import random
 import selectors
+import signal
+import socket
+import statistics
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
-from bench.common import RESULTS_DIR, log
+from bench.common import REPO_DIR, RESULTS_DIR, log
 from cumulo.cluster.pool import Member, Pool
 from cumulo.cluster.sim_engine import SPECIAL, SimTokenizer, SimulatedEngine
 from cumulo.contracts import SamplingParams
+from cumulo.errors import CumuloError, EngineUnavailable
 
 T = TypeVar("T")
 
@@ -138,3 +146,184 @@ def engine_options(args: Any) -> dict[str, Any]:
         "max_batch": args.max_batch,
         "time_scale": clock_scale(args),
     }
+
+
+# -- a real local Ray pool (the failover and real benches) ---------------------------------------------------
+# Each node is a `ray start --block` process group of its own, so SIGKILL to the group is a machine that dies:
+# its raylet, its workers and the replica on it go at once. (The same as tests/support/ray_pool.py, which
+# benches may not import.)
+
+
+HEAD_CHIP = "cpu-avx2-2core"
+
+
+@dataclass
+class RayNode:
+    name: str
+    process: subprocess.Popen
+
+    def kill(self) -> None:
+        """SIGKILL to the whole node at once: `ray start`, its raylet and every worker on it. Ray puts each
+        worker in a process group of its own (a replica outlives a SIGKILL to the node's group by about a
+        second, streaming on), but all stay in the node's session: `start_new_session` made it this pid's."""
+        for _ in range(2):
+            for pid in session_pids(self.process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.process.wait(10)
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every process of session `sid` (Linux /proc)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rpartition(")")[2].split()  # state ppid pgrp session ...
+            if int(fields[3]) == sid:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+@dataclass
+class LocalRay:
+    """A head with no CPUs (it runs no replica) and worker nodes added by name; this process is connected."""
+
+    address: str
+    head: RayNode
+    nodes: dict[str, RayNode] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls) -> LocalRay:
+        from cumulo.cluster.ray_cluster import connect, wait_for_head
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        address = f"127.0.0.1:{port}"
+        head = RayNode("head", _ray_start([
+            "--head", f"--port={port}", "--include-dashboard=false", "--num-cpus=0",
+            "--labels", json.dumps({"cumulo-name": "head", "cumulo-kind": "cpu", "cumulo-chip": HEAD_CHIP}),
+        ]))  # fmt: skip
+        wait_for_head(address, head.process)
+        connect(address)
+        return cls(address, head)
+
+    def add_node(self, name: str, num_cpus: int, chip: str) -> str:
+        """Starts node `name` (a `cumulo-chip` label and a `chip:<chip>` resource, as `cumulo join` gives) and
+        returns its Ray node id once it is alive."""
+        labels = {
+            "cumulo-name": name,
+            "cumulo-kind": "cpu",
+            "cumulo-chip": chip,
+            "cumulo-cores": str(num_cpus),
+        }
+        self.nodes[name] = RayNode(name, _ray_start([
+            f"--address={self.address}", f"--num-cpus={num_cpus}",
+            "--labels", json.dumps(labels), "--resources", json.dumps({f"chip:{chip}": 1}),
+        ]))  # fmt: skip
+        return self.node_id(name)
+
+    def node_id(self, name: str, timeout: float = 120.0) -> str:
+        import ray
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for n in ray.nodes():
+                if n["Alive"] and n["Labels"].get("cumulo-name") == name:
+                    return n["NodeID"]
+            time.sleep(0.2)
+        raise RuntimeError(f"node {name} did not join the local Ray pool")
+
+    def stop(self) -> None:
+        import ray
+
+        ray.shutdown()
+        for node in [*self.nodes.values(), self.head]:
+            node.kill()
+
+
+def _ray_start(args: list[str]) -> subprocess.Popen:
+    from cumulo.cluster.ray_cluster import HEALTH_CHECK_ENV, ray_executable
+
+    env = {**os.environ, **HEALTH_CHECK_ENV, "PYTHONPATH": str(REPO_DIR), "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.Popen(
+        [ray_executable(), "start", "--block", "--node-ip-address=127.0.0.1",
+         "--object-store-memory=100000000", "--disable-usage-stats", *args],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=REPO_DIR,
+    )  # fmt: skip
+
+
+def served_model(name: str, directory: Path) -> str:
+    """What a replica loads: catalog model `name` when it is pulled (or can be), else a tiny random Llama
+    written to `directory` ("tiny" asks for it outright)."""
+    if name != "tiny":
+        from cumulo.models.pull import ensure
+
+        try:
+            ensure(name, progress=False)
+            return name
+        except CumuloError as exc:
+            log(f"{name} is not available ({exc}); serving a tiny random Llama instead")
+    return str(write_tiny_llama(directory / "tiny-llama"))
+
+
+def write_tiny_llama(path: Path, vocab: int = 256, hidden: int = 64, intermediate: int = 128) -> Path:
+    """A tiny Llama (transformers' init, seed 0) with a word tokenizer t0..tN, saved as safetensors."""
+    import torch
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
+    )  # fmt: skip
+    tf.LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+@dataclass(slots=True)
+class Stream:
+    """One streamed request as its client saw it: every delta's arrival (time.time()) and token count."""
+
+    tokens: list[int] = field(default_factory=list)
+    arrivals: list[tuple[float, int]] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str = ""
+    sent_at: float = 0.0
+    ended_at: float = 0.0
+
+    @property
+    def elapsed_s(self) -> float:
+        return (self.arrivals[-1][0] if self.arrivals else self.sent_at) - self.sent_at
+
+
+async def record_stream(
+    client: Any, prompt: list[int], params: SamplingParams, rid: str, into: Stream
+) -> None:
+    """Streams one request from `client` (any EngineClient) into `into`; EngineUnavailable ends it as cut."""
+    into.sent_at = time.time()
+    try:
+        async for out in client.generate(prompt, params, rid):
+            into.tokens += out.new_token_ids
+            into.arrivals.append((time.time(), len(out.new_token_ids)))
+            into.finish_reason = out.finish_reason
+    except EngineUnavailable as exc:
+        into.error = str(exc)
+    finally:
+        into.ended_at = time.time()
+
+
+def spread(values: list[float], digits: int = 3) -> str:
+    """median [min, max] of `values`."""
+    if not values:
+        return "-"
+    median, low, high = (round(v, digits) for v in (statistics.median(values), min(values), max(values)))
+    return f"{median} [{low}, {high}]"
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
