@@ -164,6 +164,7 @@ class Controller:
         self._lost: set[str] = set()  # replica names a stream found dead, reported from the event loop
         self._lost_lock = threading.Lock()
         self._starting: dict[str, Future] = {}
+        self._pulls: dict[str, Future] = {}  # catalog models being fetched for placement
         self._executor = executor or ThreadPoolExecutor(
             max_workers=4, thread_name_prefix="cumulo-replica-start"
         )
@@ -287,6 +288,22 @@ class Controller:
         with self._lost_lock:
             self._lost.add(name)
 
+    def _pull_pending(self, source: str) -> str | None:
+        """Why a catalog model the gateway has not fetched cannot be placed yet (placement reads its shape): the
+        pull is started on first ask, off the controller's thread. None once the model is here."""
+        from cumulo.chips.presets import PRESETS
+        from cumulo.models import catalog, pull
+
+        if source not in catalog.CATALOG or source in PRESETS or pull.is_pulled(source):
+            return None  # a preset's shape is known without its file; the replica's node fetches that itself
+        pulling = self._pulls.get(source)
+        if pulling is not None and pulling.done() and pulling.exception() is not None:
+            del self._pulls[source]  # tried again at the slot's next retry
+            return f"could not pull {source}: {pulling.exception()}"
+        if pulling is None:
+            self._pulls[source] = self._executor.submit(pull.ensure, source, progress=False)
+        return f"pulling {source}"
+
     def _place_and_start(self, want: Wanted, slot: Slot, nodes: list[LiveNode]) -> None:
         if slot.name in self._retiring:  # the replica of that name from before still drains: wait for it
             slot.error = f"waiting for the previous {slot.name} to drain"
@@ -298,6 +315,12 @@ class Controller:
             self._starting[slot.name] = future
             slot.state = "starting"
             self._collect_started(want.model)
+            return
+        pending = self._pull_pending(want.source)
+        if pending is not None:
+            failed = pending.startswith("could not")
+            slot.state = "failed" if failed else "placing"
+            slot.error, slot.retry_at = pending, self.clock() + (self.retry_s if failed else 1.0)
             return
         hosting = tuple(
             self._node_name(s)

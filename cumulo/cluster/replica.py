@@ -40,7 +40,10 @@ class ReplicaActor:
         if factory is None:
             from cumulo.engine.factory import create_engine
             from cumulo.engine.llm_engine import EngineConfig
+            from cumulo.models import catalog, pull
 
+            if model in catalog.CATALOG and not pull.is_pulled(model):
+                pull.ensure(model, progress=False)  # a catalog model this node has not fetched yet
             engine = create_engine(model, EngineConfig(**options))
         else:
             engine = factory(**options)
