@@ -172,7 +172,8 @@ def pool_round(ray: LocalRay, controller: Controller, pool: Pool, lost_seen: lis
     ray.add_node(killed, 1, CHIP)  # the machine comes back for the next round
 
     mine = [s for s in seen if s[1] == replica and s[0] >= kill["at"]]
-    lost_at = next((since for _, _, state, _, since in mine if state != "ready"), None)
+    # "unhealthy" is the pool's word (it saw a stream fail); "lost", then "starting", are the controller's
+    lost_at = next((since for _, _, state, _, since in mine if state not in ("ready", "unhealthy")), None)
     placed_at = next(
         (t for t, _, state, node, _ in mine if state in ("starting", "ready") and node != killed), None
     )
