@@ -78,6 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     listing.add_argument(
         "--explain", action="store_true", help="say why placement put each replica where it is"
     )
+    listing.add_argument(
+        "--address", default=None, help="the pool's head HOST:PORT (default: from the data directory)"
+    )
     listing.set_defaults(func=cmd_deployments)
 
 
@@ -97,14 +100,14 @@ def check_spec(spec: DeploymentSpec) -> DeploymentSpec:
     return spec
 
 
-def live_replicas(rows: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+def live_replicas(rows: list[dict[str, Any]], address: str | None = None) -> list[dict[str, Any]] | None:
     """The live replicas of the stored deployments `rows` (as `deployments.as_dict` gives them): one dict per
     replica with "model", "node" and "state" (and placement's chip, format and reason). None when no pool is
     reachable (none recorded in the data directory, or its head does not answer)."""
     from cumulo.cluster.ray_cluster import ClusterError, connect, find_address
 
     try:
-        connect(find_address(None))
+        connect(find_address(address))
     except ClusterError:
         return None
     from cumulo.cluster.replica import replica_statuses
@@ -201,7 +204,7 @@ def cmd_deployments(args: argparse.Namespace) -> int:
 
     with _sessions(args) as sessions, sessions() as session:
         rows = [deployments.as_dict(r) for r in deployments.list_deployments(session)]
-    live = live_replicas(rows)
+    live = live_replicas(rows, getattr(args, "address", None))
     if args.json:
         for row in rows:
             row["replicas_status"] = [r for r in live or [] if r.get("model") == row["model"]]

@@ -107,7 +107,7 @@ def test_deployments_lists_stored_ones_and_the_replicas_the_pool_reports(data_di
     ]
 
     replicas = [{"model": "smollm2-135m", "node": "node-a7", "state": "ready"}]
-    monkeypatch.setattr(deploy, "live_replicas", lambda rows: replicas)
+    monkeypatch.setattr(deploy, "live_replicas", lambda rows, address=None: replicas)
     assert main([*d, "deployments"]) == 0
     table = capsys.readouterr().out
     assert "node-a7" in table and "No pool reachable" not in table
