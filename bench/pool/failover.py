@@ -139,7 +139,9 @@ def ready_nodes(controller: Controller) -> list[str]:
     return [r["node"] for r in controller.replicas(MODEL) if r["state"] == "ready"]
 
 
-def pool_round(ray: LocalRay, controller: Controller, pool: Pool, lost_seen: list, args, r: int) -> dict:
+def pool_round(
+    ray: LocalRay, controller: Controller, pool: Pool, lost_seen: list, args, r: int
+) -> tuple[dict, dict]:
     wait_until(lambda: len(ready_nodes(controller)) == 2, 600, "two ready replicas")
     prompts = prompts_for(pool, args.streams)
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
@@ -192,7 +194,13 @@ def pool_round(ray: LocalRay, controller: Controller, pool: Pool, lost_seen: lis
     def median_over_victims(value) -> float | None:
         return round(statistics.median(value(i) for i in victims), 3) if victims else None
 
-    return {
+    timeline = {
+        "kill": kill["at"], "detected": detected, "lost": lost_at, "ready": ready_at,
+        "victims": kill["victims"], "streams": [s.arrivals for s in streams],
+        "sent": [s.sent_at for s in streams],
+        "reference": [s.arrivals for s in reference], "reference_sent": [s.sent_at for s in reference],
+    }  # fmt: skip
+    return timeline, {
         "round": r,
         "killed": killed,
         "in_flight_there": len(kill["victims"]),
@@ -224,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "--kill-after", type=int, default=8, help="kill once every stream has this many tokens"
     )
     parser.add_argument("--nodes", type=int, default=3, help="worker nodes of 1 CPU (2 replicas, so >= 3)")
+    parser.add_argument("--plot", help="write the last round's streams against time here (a .png)")
     args = parser.parse_args(argv)
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="cumulo-failover-") as tmp:
@@ -255,13 +264,72 @@ def main(argv: list[str] | None = None) -> int:
             pool.on_member_lost = seen_lost
             rounds = []
             for r in range(args.rounds):
-                rounds.append(pool_round(ray, controller, pool, lost_seen, args, r))
+                timeline, row = pool_round(ray, controller, pool, lost_seen, args, r)
+                rounds.append(row)
                 log(f"pool round {r}: {rounds[-1]}")
             controller.stop(stop_replicas=True)
         finally:
             ray.stop()
     report(source, args, bare, rounds, load_before)
+    if args.plot:
+        plot_timeline(Path(args.plot), timeline, source)
     return 0
+
+
+def plot_timeline(path: Path, t: dict, source: str) -> None:
+    """Tokens received by each stream of the last round against time from its start: undisturbed (grey),
+    disturbed (blue), migrated (red); the kill, the pool seeing it and the replacement ready as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    start = min(t["sent"])
+    ref_start = min(t["reference_sent"])
+    for i, arrivals in enumerate(t["reference"]):
+        ax.step(
+            [a - ref_start for a, _ in arrivals],
+            _cumulative(arrivals),
+            where="post",
+            color="0.7",
+            lw=1,
+            label="undisturbed" if i == 0 else None,
+        )
+    labelled: set[str] = set()
+    for i, arrivals in enumerate(t["streams"]):
+        kind = "migrated" if i in t["victims"] else "on the survivor"
+        color = "tab:red" if kind == "migrated" else "tab:blue"
+        label = None if kind in labelled else kind
+        ax.step(
+            [a - start for a, _ in arrivals],
+            _cumulative(arrivals),
+            where="post",
+            lw=1.3,
+            color=color,
+            label=label,
+        )
+        labelled.add(kind)
+    for key, style, label in (("kill", "k-", "node SIGKILLed"), ("detected", "k--", "pool sees it"),
+                              ("ready", "k:", "replacement ready")):  # fmt: skip
+        if t[key] is not None:
+            ax.axvline(t[key] - start, linestyle=style[1:], color="k", lw=0.8, label=label)
+    ax.set_xlabel("seconds since the streams were sent")
+    ax.set_ylabel("tokens received")
+    ax.set_title(f"A node killed under load: {len(t['streams'])} greedy streams, {source}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    log(f"wrote {path}")
+
+
+def _cumulative(arrivals: list[tuple[float, int]]) -> list[int]:
+    total, out = 0, []
+    for _, n in arrivals:
+        total += n
+        out.append(total)
+    return out
 
 
 BARE_COLUMNS = ["round", "streams", "cut", "completed", "detect_s"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -119,8 +120,7 @@ def report(source: str, args: argparse.Namespace, rows: list[dict], load_before:
         return max(r["output_tok_s"] for r in rows if r["setup"] == setup)
 
     def median(setup: str) -> float:
-        values = sorted(r["output_tok_s"] for r in rows if r["setup"] == setup)
-        return values[len(values) // 2]
+        return statistics.median(r["output_tok_s"] for r in rows if r["setup"] == setup)
 
     one, two, big = median("1 x 1-core"), median("2 x 1-core"), median("1 x 2-core")
     ratios = {
