@@ -104,4 +104,4 @@ def test_a_stream_on_a_host_whose_link_is_cut_completes_on_the_other_host(run: d
     assert run["serving_after_cut"] == ["a"]
     assert run["finish_reason"] == "length"
     assert run["failed_over"] == in_process[1]  # no token lost or repeated across the fail-over
-    assert run["node_dead_after_s"] >= 0  # the pool saw b die (the driver waits for it)
+    assert run["alive_after_cut"] == ["a"]  # the pool lists b dead

@@ -119,6 +119,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         result = {
             "phases_s": {k: round(v, 1) for k, v in phases.items()},
             "addresses": addresses,
+            "alive_after_cut": sorted(n.name for n in live_nodes()),
             "formats": {node: r["format"] for node, r in replicas.items()},
             "through_b": through_b,
             "failed_over": failed_over,
