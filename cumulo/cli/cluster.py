@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     j.add_argument("--name", default=None, help="this node's name in the pool (default: the host name)")
     j.add_argument("--num-cpus", type=int, default=None, help="CPUs to offer (default: all)")
     j.add_argument("--memory", type=float, default=None, metavar="GiB", help="memory to offer (default: all)")
+    j.add_argument(
+        "--node-ip", default=None, metavar="ADDRESS", help="the address the pool reaches this machine at "
+        "(default: the one that routes to the head; set it on a machine with several networks)",
+    )  # fmt: skip
     j.set_defaults(func=cmd_join)
 
     n = sub.add_parser(
@@ -47,6 +51,8 @@ def cmd_join(args: argparse.Namespace) -> int:
     if args.memory is not None and args.memory <= 0:
         raise CumuloError(f"--memory must be positive, not {args.memory}")
     command = join_command(args.address, args.name, args.num_cpus, args.memory)
+    if args.node_ip:
+        command.append(f"--node-ip-address={args.node_ip}")
     print(f"Joining the pool at {args.address}; Ctrl-C to leave.", flush=True)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
