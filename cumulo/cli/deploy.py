@@ -93,7 +93,7 @@ def check_spec(spec: DeploymentSpec) -> DeploymentSpec:
         from cumulo.chips.catalog import load_catalog
 
         spec = replace(spec, chip=load_catalog().get(spec.chip).id)
-    if spec.format is not None:
+    if spec.format is not None and spec.format not in ("fp32", "bf16", "fp16"):  # dtypes: not packed schemes
         from cumulo.formats.schemes import get_scheme  # imports torch: only when a format is asked for
 
         spec = replace(spec, format=get_scheme(spec.format).name)

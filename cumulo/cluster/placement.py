@@ -23,7 +23,12 @@ from cumulo.engine.kv_sizing import KVPlan, kv_elements_per_token, size_kv_cache
 from cumulo.engine.llm_engine import EngineConfig
 from cumulo.errors import InvalidRequest
 from cumulo.models.config import ModelConfig
-from cumulo.platform.budget import ACCELERATOR_DEFAULT_FRACTION, GIB
+from cumulo.platform.budget import (
+    ACCELERATOR_DEFAULT_FRACTION,
+    CPU_DEFAULT_FRACTION,
+    CPU_DEFAULT_GIB,
+    GIB,
+)
 
 # Formats tried, best first, when a deployment names none: among them, those the chip multiplies natively.
 # 4-bit formats change answers enough that they are only used when asked for.
@@ -286,6 +291,16 @@ def _options(
     return options, why_not
 
 
+def _kv_budget(chip: str, left_gb: float) -> int:
+    """Bytes of KV cache a replica gets from `left_gb` of memory after its weights, as its engine's platform
+    would size it: 80% on an accelerator; on a CPU, whose memory the OS and every other process share, the
+    engine's CPU default (the smaller of 4 GiB and a quarter)."""
+    left = left_gb * 1e9
+    if _chip(chip).kind == "cpu":
+        return int(min(CPU_DEFAULT_GIB * GIB, CPU_DEFAULT_FRACTION * left))
+    return int(KV_FRACTION * left)
+
+
 def _fit(dep: DeploymentSpec, node: NodeSpec, fmt: str, devs: list[float], factor: float) -> _Option | str:
     """The option on the fewest devices of `node` that hold the weights and one sequence's cache, or why not."""
     seq_tokens = dep.prompt_tokens + dep.output_tokens
@@ -297,7 +312,7 @@ def _fit(dep: DeploymentSpec, node: NodeSpec, fmt: str, devs: list[float], facto
         left = n * largest[n - 1] - pred.weights_gb  # a split puts an equal share on the n roomiest devices
         if left <= 0:
             continue
-        kv = _kv(dep.model, pred, int(KV_FRACTION * left * 1e9))
+        kv = _kv(dep.model, pred, _kv_budget(node.chip, left))
         if kv.num_blocks // math.ceil(seq_tokens / kv.block_size) >= 1:
             return _judge(dep, node, fmt, n, kv, pred.weights_gb, factor)
     why = f"weights {weights:.1f} GB and the cache for one {seq_tokens}-token sequence do not fit in "

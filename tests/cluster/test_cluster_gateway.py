@@ -72,12 +72,12 @@ class Gateway:
 def gateway(tmp_path_factory: pytest.TempPathFactory, write_tiny_llama) -> Iterator[tuple[Gateway, str]]:
     import ray
 
-    tiny = write_tiny_llama(tmp_path_factory.mktemp("models") / MODEL, 256, 64, 128)
+    tiny = write_tiny_llama(tmp_path_factory.mktemp("models") / MODEL, 256, 64, 128, weight_std=0.5)
     data = tmp_path_factory.mktemp("data")
     pool = shared_pool()
     for name in ("a", "b"):
         node_with(name, 2, CHIP)
-    deployed = cumulo(data, "deploy", str(tiny), "--replicas", "2", "--chip", CHIP)
+    deployed = cumulo(data, "deploy", str(tiny), "--replicas", "2", "--chip", CHIP, "--format", "fp32")
     assert deployed.returncode == 0, deployed.stderr
     gw = Gateway(data, pool.address)
     try:

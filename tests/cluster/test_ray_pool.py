@@ -23,7 +23,7 @@ MODEL = "tiny-llama"
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory, write_tiny_llama) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("models") / MODEL, 256, 64, 128)
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / MODEL, 256, 64, 128, weight_std=0.5)
 
 
 class Served:
@@ -49,10 +49,10 @@ def ready(controller: Controller) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_dir: Path) -> Iterator[tuple[Controller, Served]]:
-    for name in ("a", "b"):
+    for name in ("a", "b", "c"):  # three machines for two replicas: a lost one has somewhere to go
         node_with(name, 2, CHIP)
     served = Served()
-    wanted = [Wanted(MODEL, str(tiny_dir), 2, chip=CHIP)]
+    wanted = [Wanted(MODEL, str(tiny_dir), 2, format="fp32", chip=CHIP)]  # fp32 on both sides of a comparison
     controller = Controller(lambda: wanted, served.publish, period_s=0.5, retry_s=1.0)
     controller.start()
     wait_until(lambda: len(ready(controller)) == 2, what="two replicas")
@@ -67,7 +67,7 @@ def pool_of(served: Served) -> Pool:
 def test_replicas_of_one_deployment_go_to_different_nodes(cluster) -> None:
     controller, served = cluster
     replicas = ready(controller)
-    assert sorted(r["node"] for r in replicas) == ["a", "b"]
+    assert len({r["node"] for r in replicas}) == 2  # on two different machines
     assert all(r["chip"] == CHIP and r["reason"] for r in replicas)
     assert {m["state"] for m in pool_of(served).status()} == {"ready"}
 
@@ -112,10 +112,11 @@ def test_a_node_killed_mid_load_loses_no_stream_and_its_replica_is_placed_again(
     assert [d[0] for d in disturbed] == [u[0] for u in undisturbed]  # greedy: the same tokens, none twice
     assert [d[2] for d in disturbed] == [u[2] for u in undisturbed]
 
-    # The lost replica is placed again: on the surviving node (nothing else fits), then on its node once back.
+    # The lost replica is placed again, on the machine that had none: the two stay on different machines.
     def replaced() -> bool:
         replicas = ready(controller)
-        return len(replicas) == 2 and all(r["node"] != killed[0] for r in replicas)
+        nodes = {r["node"] for r in replicas}
+        return len(replicas) == 2 and killed[0] not in nodes and len(nodes) == 2
 
     wait_until(replaced, what="the lost replica placed again")
     assert [m["state"] for m in pool.status()] == ["ready", "ready"]

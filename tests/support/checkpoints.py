@@ -88,12 +88,21 @@ def hf_model(arch: str, vocab_size: int, **overrides: object):
     raise ValueError(arch)
 
 
-def write_tiny_llama(path: Path, vocab: int, hidden: int, intermediate: int) -> Path:
-    """A tiny Llama with transformers' init (seed 0) and a word tokenizer, saved as safetensors in `path`."""
+def write_tiny_llama(
+    path: Path, vocab: int, hidden: int, intermediate: int, weight_std: float | None = None
+) -> Path:
+    """A tiny Llama with transformers' init (seed 0) and a word tokenizer, saved as safetensors in `path`.
+    `weight_std` draws every weight from N(0, std) instead: transformers' init (std 0.02) gives nearly flat
+    logits, whose greedy choice can flip between two correct computations (a prefill and a decode sum in
+    different orders); std 0.5 gives margins no rounding reaches."""
     torch.manual_seed(0)
     model = hf_model(
         "llama", vocab, hidden_size=hidden, intermediate_size=intermediate, max_position_embeddings=256
     )
+    if weight_std is not None:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.normal_(0.0, weight_std)
     model.save_pretrained(path, safe_serialization=True)
     save_word_tokenizer(path, vocab)
     return path
