@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, StringConstraints
 from starlette.concurrency import run_in_threadpool
 
@@ -69,13 +69,17 @@ async def list_deployments(request: Request, state: State, _: Admin) -> dict[str
 
 
 @router.get("/{model:path}")
-async def get_deployment(model: str, request: Request, state: State, _: Admin) -> dict[str, Any]:
+async def get_deployment(
+    model: Annotated[str, Path(max_length=deployments.MAX_NAME)], request: Request, state: State, _: Admin
+) -> dict[str, Any]:
     (row,) = await run_in_threadpool(_read, state, model)
     return await _with_status(request, deployments.as_dict(row))
 
 
 @router.delete("/{model:path}")
-async def undeploy(model: str, state: State, _: Admin) -> dict[str, Any]:
+async def undeploy(
+    model: Annotated[str, Path(max_length=deployments.MAX_NAME)], state: State, _: Admin
+) -> dict[str, Any]:
     def write() -> dict[str, Any]:
         with state.sessions() as session, session.begin():
             return {"object": "deployment", **deployments.as_dict(deployments.delete(session, model))}
