@@ -3,6 +3,7 @@ devices matched to a catalog chip, is listed, and leaves cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -75,3 +76,58 @@ def test_bad_pool_commands_fail_in_one_line(args: list[str], message: str) -> No
 def test_nodes_without_a_pool_says_how_to_start_one(tmp_path) -> None:  # noqa: ANN001
     result = cumulo("--data-dir", str(tmp_path), "nodes")
     assert result.returncode == 1 and "cumulo serve --cluster" in result.stderr
+
+
+def test_serve_cluster_starts_a_head_prints_the_join_line_and_stops_it_on_sigterm(tmp_path) -> None:  # noqa: ANN001
+    import socket
+
+    from tests.support.ray_pool import free_port
+
+    def head_answers() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", ray_port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    ray_port = free_port()
+    log = tmp_path / "gateway.log"
+    with open(log, "wb") as sink:  # a file, not a pipe: a pipe nobody reads fills up and stalls the gateway
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "cumulo.cli.main", "--data-dir", str(tmp_path), "serve", "--cluster",
+             "--port", str(free_port()), "--ray-port", str(ray_port), "--head-cpus", "0", "--log-level",
+             "warning", "--model", "smollm2-135m"],
+            stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: "Serving the pool" in log.read_text(), timeout=120)
+        out = log.read_text()
+        assert f"cumulo join 127.0.0.1:{ray_port}" in out, out
+        assert json.loads((tmp_path / "cluster.json").read_text())["address"] == f"127.0.0.1:{ray_port}"
+        assert head_answers()  # the head runs beside the gateway
+        gateway.send_signal(signal.SIGTERM)
+        assert gateway.wait(90) == 0, log.read_text()
+        wait_for(lambda: not head_answers(), timeout=60)  # the head went with it
+        assert not (tmp_path / "cluster.json").exists()
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+        stop_head_on(ray_port)  # whatever happened above, no head is left behind
+
+
+def stop_head_on(port: int) -> None:
+    """SIGKILLs the session of the `ray start --head --port=PORT` process, if one still runs."""
+    import os
+    from pathlib import Path
+
+    from tests.support.ray_pool import session_pids
+
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"start" in args and f"--port={port}".encode() in args:
+            for pid in session_pids(int(cmdline.parent.name)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
