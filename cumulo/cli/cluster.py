@@ -136,7 +136,9 @@ def run_gateway(args: argparse.Namespace, settings: Any, refs: list[str] | None)
             head = Head(port=port, host=host, num_cpus=args.head_cpus)
             address = head.address
         connect(address)
-        signal.signal(signal.SIGTERM, _raise_stop)  # again: connecting made Ray's own handler (exit 15) current
+        signal.signal(
+            signal.SIGTERM, _raise_stop
+        )  # again: connecting made Ray's own handler (exit 15) current
         write_address(address)
         app = create_app(settings, {})
         state = app.state.service
