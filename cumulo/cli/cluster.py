@@ -136,9 +136,8 @@ def run_gateway(args: argparse.Namespace, settings: Any, refs: list[str] | None)
             head = Head(port=port, host=host, num_cpus=args.head_cpus)
             address = head.address
         connect(address)
-        signal.signal(
-            signal.SIGTERM, _raise_stop
-        )  # again: connecting made Ray's own handler (exit 15) current
+        # Again: connecting made Ray's own SIGTERM handler (exit 15) the current one.
+        signal.signal(signal.SIGTERM, _raise_stop)
         write_address(address)
         app = create_app(settings, {})
         state = app.state.service
