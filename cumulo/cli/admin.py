@@ -86,18 +86,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 @contextmanager
 def _db(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
     """(session factory, key hasher) on the migrated service database."""
-    from cumulo.service.db import open_database, session_factory
-    from cumulo.service.migrate import upgrade
+    from cumulo.cli.database import service_sessions
     from cumulo.service.security import KeyHasher, load_or_create_secret
     from cumulo.service.settings import Settings
 
     settings = Settings.from_env(database_url=getattr(args, "database_url", None))
-    database = open_database(settings.database_url)
-    try:
-        upgrade(database)
-        yield session_factory(database), KeyHasher(load_or_create_secret(settings.data_dir))
-    finally:
-        database.dispose()
+    with service_sessions(args) as sessions:
+        yield sessions, KeyHasher(load_or_create_secret(settings.data_dir))
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cumulo.errors import CumuloError, InvalidRequest
+from cumulo.cli.database import service_sessions
+from cumulo.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from cumulo.service.deployments import DeploymentSpec
@@ -116,34 +115,6 @@ def live_replicas(rows: list[dict[str, Any]], address: str | None = None) -> lis
     return [r for r in replica_statuses() if r.get("model") in models]
 
 
-@contextmanager
-def _sessions(args: argparse.Namespace) -> Iterator[Any]:
-    """A session factory on the migrated service database; database failures become one-line errors."""
-    from sqlalchemy.exc import ArgumentError, OperationalError
-
-    from cumulo.service.db import open_database, session_factory
-    from cumulo.service.migrate import upgrade
-    from cumulo.service.settings import Settings
-
-    settings = Settings.from_env(database_url=getattr(args, "database_url", None))
-    try:
-        database = open_database(settings.database_url)
-    except ArgumentError as exc:
-        raise InvalidRequest(f"--database-url: {exc}") from None
-    try:
-        upgrade(database)
-        yield session_factory(database)
-    except OperationalError as exc:
-        reason = str(exc.orig or exc).strip().splitlines()[0]
-        raise CumuloError(f"cannot use the service database {_shown(database.url)}: {reason}") from None
-    finally:
-        database.dispose()
-
-
-def _shown(url: Any) -> str:
-    return url.render_as_string(hide_password=True)
-
-
 def _source_and_name(model: str, name: str | None) -> tuple[str, str]:
     """(source to store, name clients call). An existing path is stored absolute, so that a gateway started in
     another directory finds it; it is named after its file or directory, as `cumulo serve` names it."""
@@ -181,7 +152,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             tpot_slo_ms=args.tpot_slo_ms,
         )
     )
-    with _sessions(args) as sessions, sessions() as session, session.begin():
+    with service_sessions(args) as sessions, sessions() as session, session.begin():
         before = deployments.current_generation(session)
         row, created = deployments.create_or_update(session, wanted)
         changed = row.generation > before
@@ -193,7 +164,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_undeploy(args: argparse.Namespace) -> int:
     from cumulo.service import deployments
 
-    with _sessions(args) as sessions, sessions() as session, session.begin():
+    with service_sessions(args) as sessions, sessions() as session, session.begin():
         deployments.delete(session, args.name)
     print(f"Undeployed {args.name}.")
     return 0
@@ -202,7 +173,7 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
 def cmd_deployments(args: argparse.Namespace) -> int:
     from cumulo.service import deployments
 
-    with _sessions(args) as sessions, sessions() as session:
+    with service_sessions(args) as sessions, sessions() as session:
         rows = [deployments.as_dict(r) for r in deployments.list_deployments(session)]
     live = live_replicas(rows, getattr(args, "address", None))
     if args.json:
