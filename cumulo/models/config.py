@@ -12,7 +12,7 @@ from typing import Any
 
 @dataclass(slots=True)
 class ModelConfig:
-    architecture: str  # "llama" | "qwen2" | "qwen3" | "gemma3"
+    architecture: str  # "llama" | "qwen2" | "qwen3" | "gemma3" | "qwen3_moe" | "deepseek_v3"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -34,6 +34,24 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
+    # mixture of experts (qwen3_moe, deepseek_v3); num_experts 0 = a dense model
+    num_experts: int = 0  # routed experts per MoE layer (HF: num_experts / n_routed_experts)
+    num_experts_per_tok: int = 0  # top-k
+    moe_intermediate_size: int = 0  # of one expert
+    norm_topk_prob: bool = False  # renormalise the top-k weights to sum to 1
+    num_shared_experts: int = 0  # deepseek_v3: n_shared_experts, each moe_intermediate_size wide
+    routed_scaling_factor: float = 1.0  # deepseek_v3
+    n_group: int = 1  # deepseek_v3: group-limited routing, experts in n_group groups ...
+    topk_group: int = 1  # ... of which the best topk_group are eligible
+    first_k_dense_replace: int = 0  # deepseek_v3: the first k layers are dense
+    decoder_sparse_step: int = 1  # qwen3_moe: every Nth layer is MoE ...
+    mlp_only_layers: list[int] = field(default_factory=list)  # ... except these, which are dense
+    # multi-head latent attention (deepseek_v3)
+    q_lora_rank: int | None = None  # None: q projected directly
+    kv_lora_rank: int = 0  # width of the cached latent; 0 = not MLA
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
     # tokens
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
