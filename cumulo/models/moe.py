@@ -1,0 +1,71 @@
+"""Mixture-of-experts compute shared by the MoE architectures (Qwen3-MoE, DeepSeek-V3): routing and experts.
+
+A router picks `k` experts per token; `Experts` then runs each selected expert once over exactly the rows routed
+to it, grouped across the whole batch, so a token reads only its experts' weights and an unselected expert is
+never touched. Each expert is a plain `GatedMLP` submodule (`experts.{e}.gate_up_proj` / `.down_proj`), so a
+packed checkpoint swaps in a `PackedLinear` per expert by name, exactly as for a dense model's linears.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cumulo.models.layers import GatedMLP
+
+
+def softmax_topk(
+    router_logits: torch.Tensor, k: int, norm_topk_prob: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, E] logits -> (weights [T, k] float32, expert ids [T, k] long), as Qwen3-MoE and Mixtral route.
+
+    The softmax runs in float32 whatever the activations' dtype (as the reference does), over all experts,
+    before the top-k; `norm_topk_prob` rescales the k kept probabilities to sum to 1.
+    """
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # [T, E]
+    weights, ids = probs.topk(k, dim=-1)  # [T, k]
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+class Experts(nn.Module):
+    """`num_experts` gated MLPs (gate and up fused), one submodule per expert named `{e}` under this module,
+    so that inside a sparse block they read `experts.{e}.gate_up_proj` / `experts.{e}.down_proj`, as Hugging Face
+    names them (after gate/up fusion).
+
+    The forward pass is data-dependent (which experts run, over how many rows, is decided by the router's output
+    at run time), so a recorded decode graph cannot replay it; the engine runs MoE layers eagerly.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str = "silu") -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        for e in range(num_experts):
+            self.add_module(str(e), GatedMLP(hidden, intermediate, act))
+
+    def __getitem__(self, e: int) -> nn.Module:
+        return self._modules[str(e)]  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H], weights [T, k] (any float dtype), ids [T, k] -> sum over k of weight * expert(x), [T, H]."""
+        T, k = ids.shape
+        flat_ids = ids.reshape(-1)  # [T*k], slot i belongs to token i // k
+        order = flat_ids.argsort(stable=True)  # slots grouped by expert, in token order within an expert
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()  # one host sync per layer
+        token_of = order // k  # [T*k] the token each sorted slot reads
+        rows = x.index_select(0, token_of)  # [T*k, H] each token's row once per expert it chose
+        slot_weights = weights.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(1)  # [T*k, 1]
+        out = torch.zeros_like(x)  # [T, H]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            end = start + n
+            y = self[e](rows[start:end]) * slot_weights[start:end]  # [n, H]
+            out.index_add_(0, token_of[start:end], y)
+            start = end
+        return out
