@@ -8,7 +8,19 @@ from fastapi import FastAPI
 from cumulo import __version__
 from cumulo.contracts import EngineClient
 from cumulo.service.api import errors
-from cumulo.service.api.routes import admin, chat, completions, deployments, health, labels, models, usage
+from cumulo.service.api.routes import (
+    admin,
+    chat,
+    completions,
+    deployments,
+    edge,
+    edge_devices,
+    health,
+    labels,
+    models,
+    usage,
+)
+from cumulo.service.edge.lifespan import build_fleet, with_edge
 from cumulo.service.settings import Settings
 from cumulo.service.state import build_state, lifespan
 
@@ -20,11 +32,12 @@ def create_app(settings: Settings, engines: dict[str, EngineClient]) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        lifespan=lifespan,
+        lifespan=with_edge(lifespan),
     )
     app.state.service = build_state(settings, engines)
+    app.state.edge = build_fleet(app.state.service)
     errors.install(app)
     app.add_middleware(errors.BodyLimit, max_bytes=settings.max_body_bytes)
-    for module in (models, chat, completions, usage, labels, admin, deployments, health):
+    for module in (models, chat, completions, usage, labels, admin, deployments, health, edge_devices, edge):
         app.include_router(module.router)
     return app

@@ -36,6 +36,15 @@ class Settings:
     checkpoint_seconds: float = 1.0
     gateway_stale_seconds: float = 30.0
     recovery_seconds: float = 5.0
+    # The edge fleet (docs/edge.md): the MQTT broker the gateway bridges ("" = HTTP only), the topic root its
+    # devices publish under, the bridge's persistent session, how often rollouts are checked and desired states
+    # published, and how long an enrolment token lives.
+    edge_mqtt_url: str = ""
+    edge_topic_root: str = "cumulo/v1/devices"
+    edge_mqtt_client_id: str = "cumulo-bridge"
+    edge_session_expiry_seconds: int = 3600
+    edge_check_seconds: float = 2.0
+    edge_enroll_ttl_seconds: float = 86400.0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -64,6 +73,9 @@ class Settings:
             values["service_name"] = env["CUMULO_SERVICE_NAME"]
         if env.get("CUMULO_MAX_BODY_BYTES"):
             values["max_body_bytes"] = _int("CUMULO_MAX_BODY_BYTES", env["CUMULO_MAX_BODY_BYTES"])
+        for name in ("edge_mqtt_url", "edge_topic_root", "edge_mqtt_client_id"):
+            if env.get(f"CUMULO_{name.upper()}"):
+                values[name] = env[f"CUMULO_{name.upper()}"]
         for name in ("checkpoint_seconds", "gateway_stale_seconds", "recovery_seconds"):
             variable = f"CUMULO_{name.upper()}"
             if env.get(variable):
