@@ -40,6 +40,12 @@ FIGURE_KEYS = (
     "die_area_mm2",
     "op_latency_us",
     "graph_op_latency_us",  # per op when a decode step replays a recorded graph (CUDA graphs, Cumulo's CPU graph)
+    # Serving-scale figures (expert parallelism, predict.py / expert_parallel.py):
+    "compute_utilization",  # share of peak FLOPs that the chip's attention/matmul kernels were measured to reach
+    "bandwidth_utilization",  # share of peak memory bandwidth the same kernels reached
+    "scaleup_chips",  # chips one interconnect_gbs domain joins (an NVLink node: 8; a CloudMatrix supernode: 384)
+    "scaleout_gbs",  # aggregate bidirectional bandwidth per chip to chips outside that domain (InfiniBand, RoCE)
+    "alltoall_gbs",  # measured MoE dispatch/combine bytes per second per chip, one way, at large EP degree
     # measured only (calibration): achieved TFLOP/s of a linear with M rows over big weights, the decode shape
     *(f"{dtype}_m{m}_tflops" for dtype in ("fp32", "bf16") for m in (1, 4, 8, 16, 64, 256, 512)),
 )

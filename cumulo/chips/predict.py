@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from cumulo.chips.catalog import Chip, get_chip
+from cumulo.chips.expert_parallel import EPLayout, Rates, alltoall_rates, ep_step, weight_bytes_per_chip
 from cumulo.chips.measured import rate_at, skinny_curve
 from cumulo.chips.presets import ModelShape, resolve_model
 from cumulo.chips.weight_formats import COMPUTE_DTYPE_BITS, WeightFormat, get_format
@@ -44,6 +45,10 @@ class Assumptions:
     prefill_token_overhead_s: float = 0.0  # ... and per prompt token (masks, per-sequence attention glue)
     max_step_tokens: int = 0  # an engine's token budget per step: prefills split into steps (0 = one pass)
     activation_passes: int = 10  # activation reads+writes per layer per token (norms, residuals, glue)
+    # Expert parallelism at serving scale (expert_parallel.py), both calibrated once on CloudMatrix-Infer's
+    # 50 ms and 15 ms decode rows (docs/chips.md) and applied to every chip:
+    layer_overhead_s: float = 100e-6  # fixed cost per decoder layer per step (synchronisation, launches)
+    ep_imbalance: float = 1.8  # step time over the balanced roofline: the slowest chip sets the pace
     usd_per_kwh: float = 0.10
     pue: float = 1.3  # data-centre overhead on chip power
     lifetime_years: float = 4.0
@@ -74,7 +79,10 @@ class Prediction:
     native: bool
     compute_dtype: str
     bits_per_weight: float
-    weights_gb: float
+    weights_gb: float  # the whole model, stored once
+    total_params: float
+    active_params: float  # multiplied per token: the dense part plus k routed experts (the LM head included)
+    weights_gb_per_chip: float  # what each chip holds (expert parallelism: dense replicated, experts split)
     kv_gb_per_sequence: float
     fits: bool
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -127,6 +135,17 @@ def _op_latency_s(chip: Chip, graphed: bool) -> float:
     return (chip.get(key) or 0.0) * 1e-6
 
 
+def _efficiencies(chip: Chip, a: Assumptions) -> tuple[float, float]:
+    """Achievable share of peak FLOPs and of memory bandwidth: 1 for achieved-rate entries, the chip's measured
+    utilisation where the catalog has one, else the assumption."""
+    if chip.achieved:
+        return 1.0, 1.0
+    return (
+        chip.get("compute_utilization") or a.compute_efficiency,
+        chip.get("bandwidth_utilization") or a.bandwidth_efficiency,
+    )
+
+
 def _time(
     chip: Chip,
     flops: float,
@@ -136,8 +155,7 @@ def _time(
     a: Assumptions,
     graphed: bool = False,
 ) -> _Step:
-    c_eff = 1.0 if chip.achieved else a.compute_efficiency
-    b_eff = 1.0 if chip.achieved else a.bandwidth_efficiency
+    c_eff, b_eff = _efficiencies(chip, a)
     bw = (chip.memory_bandwidth_gbs or 0.0) * 1e9 * b_eff
     if bw <= 0:
         raise InvalidRequest(f"chip '{chip.id}' has no published memory bandwidth; cannot predict")
@@ -161,18 +179,29 @@ def predict(
     emulation: str = "fused",
     compute_dtype: str | None = None,
     assumptions: Assumptions = DEFAULT_ASSUMPTIONS,
+    redundant_experts: int = 0,
+    mtp_tokens: int = 0,
+    mtp_acceptance: float = 0.0,
 ) -> Prediction:
     """Predict serving `batch` sequences of `context` tokens (prompt length = KV length per sequence).
 
     TTFT is the prefill of the whole batch (all prompts arrive together); TPOT is one decode step at full
-    context. Several chips split the weights: "tp" adds two all-reduces per layer, "pp" pipelines microbatches.
+    context. Several chips split the weights: "tp" adds two all-reduces per layer, "pp" pipelines microbatches,
+    "ep" (mixture-of-experts models) replicates attention and dense parts on every chip, spreads the routed
+    experts (plus `redundant_experts` copies) over the chips and moves tokens to them and back each MoE layer
+    (expert_parallel.py). `mtp_tokens` draft tokens per step (DeepSeek's multi-token prediction), accepted with
+    probability `mtp_acceptance`, make each decode step verify 1 + mtp_tokens tokens per sequence.
     A rack entry (kind "rack") is treated as one device with its aggregate figures: an upper bound.
     """
     shape, c, fmt, a = resolve_model(model), get_chip(chip), get_format(format), assumptions
     if batch < 1 or context < 1 or n_chips < 1:
         raise InvalidRequest("batch, context and n_chips must be at least 1")
-    if parallel not in ("tp", "pp"):
-        raise InvalidRequest("parallel must be 'tp' or 'pp'")
+    if parallel not in ("tp", "pp", "ep"):
+        raise InvalidRequest("parallel must be 'tp', 'pp' or 'ep'")
+    if parallel == "ep" and not shape.num_experts:
+        raise InvalidRequest(f"expert parallelism needs a mixture-of-experts model; {shape.name} is dense")
+    if mtp_tokens < 0 or not 0.0 <= mtp_acceptance <= 1.0 or redundant_experts < 0:
+        raise InvalidRequest("mtp_tokens and redundant_experts must be >= 0, mtp_acceptance within [0, 1]")
     if emulation not in EMULATION_MODES:
         raise InvalidRequest(f"emulation must be one of {', '.join(EMULATION_MODES)}")
     native, dtype, peak = _compute_plan(c, fmt, compute_dtype)
@@ -207,6 +236,12 @@ def predict(
     # The LM head (and an untied embedding) stay in 16 bits when the body is quantized, as Cumulo's
     # QuantPolicy and DeepSeek's FP8 checkpoints do; they never go below the activation dtype's width.
     head_bytes = max(act_bytes, w_bytes)
+    if parallel == "ep":
+        layout = EPLayout(n_chips, redundant_experts)
+        return _predict_ep(
+            shape, c, fmt.name, native, dtype, peak, layout, batch, context, a, notes,
+            w_bytes, head_bytes, act_bytes, mtp_tokens, mtp_acceptance, fmt.bits_per_weight,
+        )  # fmt: skip
 
     def step(
         tokens: int, kv_tokens_read: float, attn_ctx_tokens: float, kv_tokens_written: float, logits: int,
@@ -324,6 +359,9 @@ def predict(
         compute_dtype=dtype,
         bits_per_weight=fmt.bits_per_weight,
         weights_gb=weights_total / 1e9,
+        total_params=shape.total_params,
+        active_params=shape.active_params,
+        weights_gb_per_chip=weights_total / n / 1e9,
         kv_gb_per_sequence=kv_seq / 1e9,
         fits=fits,
         notes=tuple(notes),
@@ -339,3 +377,104 @@ def _usd_per_million(
     hours = a.lifetime_years * 365 * 24 * a.utilization
     per_hour = price * units / hours + (power_w or 0.0) / 1000 * a.pue * a.usd_per_kwh
     return per_hour / (tok_s * 3600) * 1e6
+
+
+def _predict_ep(
+    shape: ModelShape,
+    c: Chip,
+    fmt_name: str,
+    native: bool,
+    dtype: str,
+    peak: float,
+    layout: EPLayout,
+    batch: int,
+    context: int,
+    a: Assumptions,
+    notes: list[str],
+    w_bytes: float,
+    head_bytes: float,
+    kv_b: int,
+    mtp: int,
+    acceptance: float,
+    bits: float,
+) -> Prediction:
+    """Expert parallelism over `layout.n_chips` chips; `batch` sequences spread evenly over them."""
+    n = layout.n_chips
+    c_eff, b_eff = _efficiencies(c, a)
+    bw = (c.memory_bandwidth_gbs or 0.0) * 1e9
+    if bw <= 0:
+        raise InvalidRequest(f"chip '{c.id}' has no published memory bandwidth; cannot predict")
+    # Attention's core runs in bf16 whatever the weight format (DeepSeek: "BF16 for core MLA computation").
+    attn_peak = (c.get("bf16_tflops") or 0.0) * 1e12 or peak
+    a2a, a2a_source = alltoall_rates(c, n, a.interconnect_efficiency) if n > 1 else (1.0, "")
+    rates = Rates(peak * c_eff, attn_peak * c_eff, bw * b_eff, a2a, a.collective_latency_s)
+    small = 1 if dtype in ("fp8", "int8") else kv_b  # DeepSeek dispatches in FP8, CloudMatrix in INT8
+    kv_tok = shape.kv_elems_per_token * kv_b
+    act_tok = shape.num_layers * shape.hidden_size * kv_b * a.activation_passes
+    seqs = batch / n
+    common = {"w_bytes": w_bytes, "head_bytes": head_bytes, "dispatch_elem_bytes": small}
+    common |= {
+        "combine_elem_bytes": kv_b,
+        "layer_overhead_s": a.layer_overhead_s,
+        "imbalance": a.ep_imbalance,
+    }
+    # Prefill: each chip runs its prompts in one pass (causal attention: context/2 cached tokens on average).
+    p_tok = seqs * context
+    pre_ctx = shape.prefill_attn_flops_per_ctx or shape.attn_flops_per_ctx
+    pre = ep_step(
+        shape, layout, rates, tokens=p_tok, attn_flops=pre_ctx * p_tok * context / 2, kv_bytes=p_tok * kv_tok,
+        act_bytes_moved=p_tok * act_tok, logits=seqs, **common,
+    )  # fmt: skip
+    # Decode: each sequence verifies 1 + mtp tokens against its whole cache, which is read once.
+    d_tok = seqs * (1 + mtp)
+    dec = ep_step(
+        shape, layout, rates, tokens=d_tok, attn_flops=shape.attn_flops_per_ctx * d_tok * context,
+        kv_bytes=(seqs * context + d_tok) * kv_tok, act_bytes_moved=d_tok * act_tok, logits=d_tok,
+        extra_layers=mtp, **common,
+    )  # fmt: skip
+    per_step = 1.0 + mtp * acceptance  # tokens a sequence gains per decode step
+    t_dec = dec.seconds + a.step_overhead_s + seqs * a.seq_overhead_s
+    per_chip = weight_bytes_per_chip(shape, layout, w_bytes, head_bytes)
+    kv_seq = context * kv_tok
+    mem = (c.memory_gb or 0.0) * 1e9 * (1 - a.memory_reserve)
+    free = mem - per_chip
+    max_seq = int(free // kv_seq) * n if free > 0 else 0
+    if free <= 0:
+        notes.append(
+            f"weights per chip ({per_chip / 1e9:.1f} GB) do not fit in {mem / 1e9:.1f} GB usable memory"
+        )
+    elif max_seq < batch:
+        notes.append(f"batch {batch} exceeds the {max_seq} sequences that fit at context {context}")
+    if a2a_source:
+        notes.append(f"expert parallelism over {n} chips; all-to-all at {a2a / 1e9:.0f} GB/s ({a2a_source})")
+    decode_tok_s = batch * per_step / t_dec
+    power = None if c.power_w is None else c.power_w * n
+    body = shape.total_params - shape.head_params - shape.embed_params
+    return Prediction(
+        model=shape.name,
+        chip=c.id,
+        format=fmt_name,
+        batch=batch,
+        context=context,
+        n_chips=n,
+        parallel="ep",
+        prefill_tok_s=batch * context / pre.seconds,
+        decode_tok_s=decode_tok_s,
+        ttft_s=pre.seconds,
+        tpot_s=t_dec / per_step,
+        max_sequences=max_seq,
+        joules_per_token=None if power is None else power * t_dec / (batch * per_step),
+        usd_per_million_tokens=_usd_per_million(c.get("price_usd"), power, n, decode_tok_s, a),
+        bound=dec.bound,
+        prefill_bound=pre.bound,
+        native=native,
+        compute_dtype=dtype,
+        bits_per_weight=bits,
+        weights_gb=(body * w_bytes + (shape.head_params + shape.embed_params) * head_bytes) / 1e9,
+        total_params=shape.total_params,
+        active_params=shape.active_params,
+        weights_gb_per_chip=per_chip / 1e9,
+        kv_gb_per_sequence=kv_seq / 1e9,
+        fits=max_seq >= batch,
+        notes=tuple(notes),
+    )

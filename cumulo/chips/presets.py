@@ -27,6 +27,21 @@ class ModelShape:
     expert_params: float = 0.0  # routed-expert weights, all experts, all layers
     num_experts: int = 0
     experts_per_token: int = 0
+    moe_layers: int = 0  # layers whose MLP is routed experts (an all-to-all each under expert parallelism)
+    # Prefill attention FLOPs per new token per cached token where prefill computes attention another way than
+    # decode (MLA: expanded heads of 192/128 dims in prefill, the absorbed 576/512-dim latent form in decode).
+    prefill_attn_flops_per_ctx: float | None = None
+
+    @property
+    def dense_params(self) -> float:
+        """Weights every token multiplies that are not routed experts: attention, dense and shared MLPs, head."""
+        share = self.experts_per_token / self.num_experts if self.num_experts else 0.0
+        return self.active_params - self.expert_params * share
+
+    @property
+    def expert_size(self) -> float:
+        """Weights of one routed expert over all MoE layers."""
+        return self.expert_params / self.num_experts if self.num_experts else 0.0
 
     def weights_read(self, tokens: int) -> float:
         """Weights touched by one step over `tokens` tokens: dense part plus the experts those tokens hit.
@@ -41,22 +56,64 @@ class ModelShape:
 
 
 def shape_from_config(cfg: ModelConfig) -> ModelShape:
-    """Count a dense decoder's weights from its config (biases and norms are too small to matter)."""
-    h, hd = cfg.hidden_size, cfg.head_dim
-    attn = h * cfg.num_attention_heads * hd * 2 + h * cfg.num_key_value_heads * hd * 2
-    mlp = 3 * h * cfg.intermediate_size
-    layers = cfg.num_hidden_layers * (attn + mlp)
+    """Count a decoder's weights from its config (biases and norms are too small to matter).
+
+    Mixture-of-experts configs (`num_experts` > 0) count every routed expert as stored and k of them as
+    multiplied; multi-head latent attention (`kv_lora_rank` > 0) caches the latent plus the rotary part.
+    """
+    h, hd, layers = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
+    heads = cfg.num_attention_heads
+    if cfg.kv_lora_rank:
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        q = h * heads * qk if not cfg.q_lora_rank else h * cfg.q_lora_rank + cfg.q_lora_rank * heads * qk
+        kv = h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        kv += cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        attn = q + kv + heads * cfg.v_head_dim * h
+        kv_elems = layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # the latent, not expanded K and V
+        # Decode runs the absorbed form: per head, scores over latent + rope dims, values over the latent.
+        attn_ctx = layers * 2 * heads * (cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.kv_lora_rank)
+        prefill_ctx: float | None = layers * 2 * heads * (qk + cfg.v_head_dim)
+    else:
+        attn = h * heads * hd * 2 + h * cfg.num_key_value_heads * hd * 2
+        kv_elems = 2 * layers * cfg.num_key_value_heads * hd
+        attn_ctx, prefill_ctx = 4 * layers * heads * hd, None
+    moe = _moe_layer_count(cfg)
+    expert = 3 * h * cfg.moe_intermediate_size
+    routed = moe * cfg.num_experts * expert
+    mlp = (layers - moe) * 3 * h * cfg.intermediate_size + moe * (
+        cfg.num_shared_experts * expert + cfg.num_experts * h  # shared experts and the router
+    )
+    active_routed = moe * cfg.num_experts_per_tok * expert
     embed = cfg.vocab_size * h
+    body = layers * attn + mlp
     return ModelShape(
         name=cfg.name or cfg.architecture,
-        total_params=layers + embed + (0 if cfg.tie_word_embeddings else embed),
-        active_params=layers + embed,  # the LM head is multiplied every token, tied or not
-        num_layers=cfg.num_hidden_layers,
+        total_params=body + routed + embed + (0 if cfg.tie_word_embeddings else embed),
+        active_params=body + active_routed + embed,  # the LM head is multiplied every token, tied or not
+        num_layers=layers,
         hidden_size=h,
-        kv_elems_per_token=2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hd,
-        attn_flops_per_ctx=4 * cfg.num_hidden_layers * cfg.num_attention_heads * hd,
+        kv_elems_per_token=kv_elems,
+        attn_flops_per_ctx=attn_ctx,
         head_params=embed,
         embed_params=0 if cfg.tie_word_embeddings else embed,
+        expert_params=routed,
+        num_experts=cfg.num_experts if moe else 0,
+        experts_per_token=cfg.num_experts_per_tok if moe else 0,
+        moe_layers=moe,
+        prefill_attn_flops_per_ctx=prefill_ctx,
+    )
+
+
+def _moe_layer_count(cfg: ModelConfig) -> int:
+    """Layers with routed experts: DeepSeek's after `first_k_dense_replace`, Qwen3-MoE's every
+    `decoder_sparse_step`-th except `mlp_only_layers`."""
+    if not cfg.num_experts:
+        return 0
+    step = max(cfg.decoder_sparse_step, 1)
+    return sum(
+        1
+        for i in range(cfg.num_hidden_layers)
+        if i >= cfg.first_k_dense_replace and (i + 1) % step == 0 and i not in cfg.mlp_only_layers
     )
 
 
@@ -76,25 +133,55 @@ def _dense(name: str, vocab: int, hidden: int, inter: int, layers: int, heads: i
 
 
 def _deepseek_v3() -> ModelShape:
-    # From the public config.json: 61 layers (3 dense, 58 MoE), hidden 7168, 256 routed experts of
-    # intermediate 2048 with 8 active + 1 shared, MLA with a 512 latent + 64 RoPE dims cached per layer.
-    layers, hidden, moe_layers = 61, 7168, 58
-    expert = 3 * hidden * 2048
-    # Absorbed MLA decode: per head QK^T over 576 dims and AV over 512 dims, 128 heads.
-    attn = layers * 2 * 128 * (576 + 512)
-    return ModelShape(
-        name="deepseek-v3",
-        total_params=671e9,
-        active_params=37e9,
-        num_layers=layers,
-        hidden_size=hidden,
-        kv_elems_per_token=layers * (512 + 64),
-        attn_flops_per_ctx=attn,
-        head_params=129280 * hidden,
-        embed_params=129280 * hidden,
-        expert_params=moe_layers * 256 * expert,
-        num_experts=256,
-        experts_per_token=8,
+    # deepseek-ai/DeepSeek-V3 config.json: 61 layers (first 3 dense, intermediate 18432), hidden 7168, 256 routed
+    # experts of 2048 with 8 active + 1 shared, MLA (q_lora_rank 1536, kv_lora_rank 512, rope 64, nope 128,
+    # v 128, 128 heads). 671B total, 37B active (DeepSeek-V3 technical report, arXiv 2412.19437); the 14B of the
+    # MTP module are not counted, as the report does not.
+    return shape_from_config(
+        ModelConfig(
+            architecture="deepseek_v3",
+            vocab_size=129280,
+            hidden_size=7168,
+            intermediate_size=18432,
+            num_hidden_layers=61,
+            num_attention_heads=128,
+            num_key_value_heads=128,
+            head_dim=128,
+            num_experts=256,
+            num_experts_per_tok=8,
+            moe_intermediate_size=2048,
+            num_shared_experts=1,
+            first_k_dense_replace=3,
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            name="deepseek-v3",
+        )
+    )
+
+
+def _qwen3_30b_a3b() -> ModelShape:
+    # Qwen/Qwen3-30B-A3B config.json: 48 layers, all MoE, hidden 2048, 128 experts of 768 with 8 active, no
+    # shared expert, GQA 32 query / 4 KV heads of 128, vocab 151936, untied head. Qwen states 30.5B total and
+    # 3.3B activated (model card; the embedding table counted), which these counts give.
+    return shape_from_config(
+        ModelConfig(
+            architecture="qwen3_moe",
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=48,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=128,
+            num_experts_per_tok=8,
+            moe_intermediate_size=768,
+            norm_topk_prob=True,
+            name="qwen3-30b-a3b",
+        )
     )
 
 
@@ -117,6 +204,7 @@ PRESETS: dict[str, ModelShape] = {
         )
     ),
     "deepseek-v3": _deepseek_v3(),
+    "qwen3-30b-a3b": _qwen3_30b_a3b(),
 }
 
 

@@ -55,7 +55,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--batch", type=int, default=1, help="concurrent sequences (default 1)")
     q.add_argument("--context", type=int, default=1024, help="tokens per sequence: prompt = KV length")
     q.add_argument("--n-chips", type=int, default=1, help="chips sharing the model (default 1)")
-    q.add_argument("--parallel", choices=["tp", "pp"], default="tp", help="tensor or pipeline parallel")
+    q.add_argument(
+        "--parallel",
+        choices=["tp", "pp", "ep"],
+        default="tp",
+        help="tensor, pipeline or expert parallel (MoE)",
+    )
+    q.add_argument("--redundant-experts", type=int, default=0, help="ep: extra expert copies (EPLB)")
+    q.add_argument(
+        "--mtp-tokens", type=int, default=0, help="draft tokens per decode step (multi-token prediction)"
+    )
+    q.add_argument("--mtp-acceptance", type=float, default=0.0, help="share of draft tokens accepted")
     q.add_argument(
         "--emulation",
         choices=["fused", "dequant-at-load", "dequant-per-step"],
@@ -259,6 +269,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             parallel=args.parallel,
             emulation=args.emulation,
             compute_dtype=args.compute_dtype,
+            redundant_experts=args.redundant_experts,
+            mtp_tokens=args.mtp_tokens,
+            mtp_acceptance=args.mtp_acceptance,
         )
         for c in chips
         for f in formats
@@ -293,6 +306,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for p in preds
     ]
     p0 = preds[0]
+    if p0.active_params < p0.total_params * 0.9:  # mixture of experts: a token multiplies only its experts
+        print(
+            f"{p0.model}: {p0.active_params / 1e9:.1f}B active of {p0.total_params / 1e9:.1f}B parameters "
+            f"per token; all {p0.weights_gb:.0f} GB must be stored ({p0.weights_gb_per_chip:.1f} GB per chip)"
+        )
     _print_table(
         f"{p0.model}: batch {p0.batch}, context {p0.context}, {p0.n_chips} chip(s) {p0.parallel}",
         [
