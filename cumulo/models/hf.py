@@ -23,6 +23,8 @@ ARCHITECTURES = {
     "qwen3": "qwen3",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
+    "qwen3_moe": "qwen3_moe",
+    "deepseek_v3": "deepseek_v3",
 }
 SIDE_FILES = (
     "config.json",
@@ -98,6 +100,10 @@ def config_from_json(raw: dict[str, Any], directory: Path) -> ModelConfig:
         config.query_pre_attn_scalar = float(text.get("query_pre_attn_scalar") or config.head_dim)
         config.final_logit_softcapping = text.get("final_logit_softcapping")
         config.attn_logit_softcapping = text.get("attn_logit_softcapping")
+    if arch == "qwen3_moe":
+        _apply_qwen3_moe(config, text)
+    if arch == "deepseek_v3":
+        _apply_deepseek_v3(config, text)
     bos = text.get("bos_token_id", raw.get("bos_token_id"))
     eos = text.get("eos_token_id", raw.get("eos_token_id"))
     config.bos_token_id = bos if isinstance(bos, int) else None
@@ -125,6 +131,60 @@ def _apply_rope(config: ModelConfig, text: dict[str, Any], arch: str) -> None:
         scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
         scaling.setdefault("rope_type", scaling.get("type"))
         config.rope_scaling = None if scaling.get("rope_type") in (None, "default") else scaling
+
+
+def _apply_qwen3_moe(config: ModelConfig, text: dict[str, Any]) -> None:
+    """The routed experts' shape and which layers use them. transformers 5 writes the expert count as
+    `num_local_experts`, published checkpoints as `num_experts`."""
+    try:
+        config.num_experts = int(text.get("num_experts") or text["num_local_experts"])
+        config.num_experts_per_tok = int(text["num_experts_per_tok"])
+        config.moe_intermediate_size = int(text["moe_intermediate_size"])
+        config.decoder_sparse_step = int(text.get("decoder_sparse_step") or 1)
+        config.mlp_only_layers = [int(i) for i in text.get("mlp_only_layers") or []]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidModel(f"config.json lacks a mixture-of-experts key ({exc})") from exc
+    config.norm_topk_prob = bool(text.get("norm_topk_prob", False))
+    if not 0 < config.num_experts_per_tok <= config.num_experts:
+        raise InvalidModel(
+            f"config.json: num_experts_per_tok {config.num_experts_per_tok} is not within 1..{config.num_experts}"
+        )
+
+
+def _apply_deepseek_v3(config: ModelConfig, text: dict[str, Any]) -> None:
+    """Multi-head latent attention and DeepSeek's routed + shared experts. Every head attends with its own
+    key and value (expanded from one latent), so num_key_value_heads is the head count whatever config.json
+    says, and head_dim is the query/key width (non-rotary + rotary part)."""
+    try:
+        config.kv_lora_rank = int(text["kv_lora_rank"])
+        config.q_lora_rank = int(text["q_lora_rank"]) if text.get("q_lora_rank") else None
+        config.qk_nope_head_dim = int(text["qk_nope_head_dim"])
+        config.qk_rope_head_dim = int(text["qk_rope_head_dim"])
+        config.v_head_dim = int(text["v_head_dim"])
+        config.num_experts = int(text.get("n_routed_experts") or 0)
+        config.num_experts_per_tok = int(text.get("num_experts_per_tok") or 0)
+        config.moe_intermediate_size = int(text.get("moe_intermediate_size") or 0)
+        config.num_shared_experts = int(text.get("n_shared_experts") or 0)
+        config.routed_scaling_factor = float(text.get("routed_scaling_factor") or 1.0)
+        config.n_group = int(text.get("n_group") or 1)
+        config.topk_group = int(text.get("topk_group") or 1)
+        config.first_k_dense_replace = int(text.get("first_k_dense_replace") or 0)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidModel(f"config.json lacks a DeepSeek-V3 key ({exc})") from exc
+    config.norm_topk_prob = bool(text.get("norm_topk_prob", False))
+    config.rope_interleave = bool(text.get("rope_interleave", True))
+    config.num_key_value_heads = config.num_attention_heads
+    config.head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+    if config.num_experts:
+        if not 0 < config.num_experts_per_tok <= config.num_experts:
+            raise InvalidModel(
+                f"config.json: num_experts_per_tok {config.num_experts_per_tok} is not within 1..{config.num_experts}"
+            )
+        if config.num_experts % config.n_group or not 0 < config.topk_group <= config.n_group:
+            raise InvalidModel(
+                f"config.json: {config.num_experts} experts do not fall into n_group {config.n_group} groups "
+                f"of which topk_group {config.topk_group} are kept"
+            )
 
 
 def _pattern_of(text: dict[str, Any]) -> int | None:
@@ -181,7 +241,28 @@ def read_weights(directory: Path, dtype: torch.dtype = torch.float32) -> dict[st
     for path in weight_files(directory):
         for name, tensor in iter_safetensors(path, wanted=lambda n: hf_name(n) is not None):
             out[str(hf_name(name))] = tensor.to(dtype)
-    return out
+    return unstack_experts(out)
+
+
+def unstack_experts(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Experts stored stacked (transformers' in-memory layout: `mlp.experts.gate_up_proj` [E, 2I, H],
+    `mlp.experts.down_proj` [E, H, I], no `.weight`) -> one 2-D weight per expert under the published names
+    (`mlp.experts.{e}.gate_proj.weight` ...), so every later step (fusion, conversion, packed swap) sees one
+    layout. Other weights pass through; the dict is modified in place and returned."""
+    for name in [n for n in weights if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
+        stacked = weights[name]
+        if stacked.dim() != 3:
+            continue
+        del weights[name]
+        prefix, _, kind = name.rpartition(".")
+        for e, w in enumerate(stacked.unbind(0)):
+            if kind == "gate_up_proj":
+                gate, up = w.chunk(2, dim=0)
+                weights[f"{prefix}.{e}.gate_proj.weight"] = gate.clone()
+                weights[f"{prefix}.{e}.up_proj.weight"] = up.clone()
+            else:
+                weights[f"{prefix}.{e}.down_proj.weight"] = w.clone()
+    return weights
 
 
 _SAFETENSORS_DTYPES = {

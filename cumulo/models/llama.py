@@ -17,7 +17,7 @@ from cumulo.models.layers import Attention, CausalLM, GatedMLP, RMSNorm, RotaryE
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
-        qk_norm = config.architecture == "qwen3"
+        qk_norm = config.architecture in ("qwen3", "qwen3_moe")
         self.self_attn = Attention(
             layer_idx,
             config.hidden_size,
@@ -30,9 +30,13 @@ class LlamaDecoderLayer(nn.Module):
             k_norm=RMSNorm(config.head_dim, config.rms_norm_eps) if qk_norm else None,
             sliding_window=config.sliding_window,
         )
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.mlp = self.make_mlp(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def make_mlp(self, config: ModelConfig, layer_idx: int) -> nn.Module:
+        """The feed-forward block; a mixture-of-experts architecture returns its sparse block here."""
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, ctx)
@@ -40,6 +44,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    layer_class: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -47,7 +53,7 @@ class LlamaModel(nn.Module):
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary) for i in range(config.num_hidden_layers)
+            self.layer_class(config, i, rotary) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

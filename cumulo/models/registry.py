@@ -13,8 +13,10 @@ from torch.overrides import TorchFunctionMode
 
 from cumulo.errors import InvalidModel, UnsupportedArchitecture
 from cumulo.models.config import ModelConfig
+from cumulo.models.deepseek import DeepseekV3ForCausalLM
 from cumulo.models.gemma3 import Gemma3ForCausalLM
 from cumulo.models.llama import LlamaForCausalLM
+from cumulo.models.qwen3_moe import Qwen3MoeForCausalLM
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -22,11 +24,15 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
     "gemma3": Gemma3ForCausalLM,
+    "qwen3_moe": Qwen3MoeForCausalLM,
+    "deepseek_v3": DeepseekV3ForCausalLM,
 }
 
+# fused module -> its parts, siblings under one parent module: self_attn's q/k/v; the gate/up pair of any gated
+# MLP, wherever it sits (mlp, mlp.experts.{e}, mlp.shared_experts)
 _FUSED = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
 }
 
 
@@ -41,17 +47,22 @@ def _concat(tensors: list[Any]) -> Any:
 
 
 def fuse_weights(weights: dict[str, Any], *, consume: bool = False) -> dict[str, Any]:
-    """HF names -> our module names (q/k/v -> qkv_proj, gate/up -> gate_up_proj). The input is not modified,
+    """HF names -> our module names (q/k/v -> qkv_proj, gate/up -> gate_up_proj, for every gated MLP: a dense
+    layer's, each expert's, a shared expert's). The input is not modified,
     unless `consume`: then the parts are popped from `weights` itself (which is returned), so each part is freed
     as soon as it is joined instead of every part and every joined copy being held at once."""
     out = weights if consume else dict(weights)
-    layer_prefixes = {n.rsplit(".self_attn.", 1)[0] for n in weights if ".self_attn.q_proj." in n}
-    for prefix in layer_prefixes:
+    for name in list(weights):
+        module, _, kind = name.rpartition(".")  # kind: weight | bias
+        parent, _, child = module.rpartition(".")
+        if kind not in ("weight", "bias"):
+            continue
         for fused, parts in _FUSED.items():
-            for kind in ("weight", "bias"):
-                names = [f"{prefix}.{p}.{kind}" for p in parts]
-                if all(n in out for n in names):
-                    out[f"{prefix}.{fused}.{kind}"] = _concat([out.pop(n) for n in names])
+            if child != parts[0]:
+                continue
+            names = [f"{parent}.{p}.{kind}" for p in parts]
+            if all(n in out for n in names):
+                out[f"{parent}.{fused}.{kind}"] = _concat([out.pop(n) for n in names])
     return out
 
 

@@ -67,7 +67,7 @@ def save_bpe_tokenizer(directory: Path) -> Path:
 
 # -- models --------------------------------------------------------------------------------------------------
 def hf_model(arch: str, vocab_size: int, **overrides: object):
-    """A transformers model of `arch` (llama, qwen2, qwen3, gemma3) in SHAPE, with transformers' own random
+    """A transformers model of `arch` (llama, qwen2, qwen3, gemma3, qwen3_moe) in SHAPE, with transformers' own random
     init: qwen3 and gemma3 get head_dim 16, gemma3 Gemma's window and attention scale and tied embeddings."""
     import transformers as tf
 
@@ -85,6 +85,10 @@ def hf_model(arch: str, vocab_size: int, **overrides: object):
         config.update(tie_word_embeddings=True, head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
         config.update(overrides)
         return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**config))
+    if arch == "qwen3_moe":
+        config.update(head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
+        config.update(overrides)
+        return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**config))
     raise ValueError(arch)
 
 
@@ -103,6 +107,23 @@ def write_tiny_llama(
         with torch.no_grad():
             for param in model.parameters():
                 param.normal_(0.0, weight_std)
+    model.save_pretrained(path, safe_serialization=True)
+    save_word_tokenizer(path, vocab)
+    return path
+
+
+def write_tiny_qwen3_moe(path: Path, vocab: int, weight_std: float = 0.5, **overrides: object) -> Path:
+    """A tiny Qwen3-MoE (8 experts of width 32, top-2, 4 layers; `overrides` for any config field, e.g.
+    `mlp_only_layers`, `decoder_sparse_step`, `norm_topk_prob`) with every weight from N(0, weight_std),
+    saved with transformers' own `save_pretrained` and a word tokenizer. A wide std keeps both the logits and
+    the router's choices decisive, so two correct computations summing in different orders agree."""
+    torch.manual_seed(0)
+    settings: dict[str, object] = dict(num_hidden_layers=4, max_position_embeddings=512)
+    settings.update(overrides)
+    model = hf_model("qwen3_moe", vocab, **settings)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, weight_std)
     model.save_pretrained(path, safe_serialization=True)
     save_word_tokenizer(path, vocab)
     return path
@@ -140,3 +161,65 @@ def hf_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     for path in sorted(directory.glob("*.safetensors")):
         out.update(load_file(str(path)))
     return out
+
+
+# DeepSeek-V3 in miniature: 4 heads of MLA (latent 32 + rotary 16), 3 layers of which the first is dense, 8
+# routed experts in 4 groups of which 2 are eligible, top-2, one shared expert, YaRN with both mscales
+DEEPSEEK_V3_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=48,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=16,
+    v_head_dim=24,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+    max_position_embeddings=512,
+    rope_parameters=dict(
+        rope_type="yarn",
+        rope_theta=10000.0,
+        factor=4.0,
+        original_max_position_embeddings=128,
+        beta_fast=32,
+        beta_slow=1,
+        mscale=1.0,
+        mscale_all_dim=0.707,
+    ),
+)
+
+
+def tiny_deepseek_v3(vocab: int, weight_std: float = 0.6, **overrides: object):
+    """transformers' own DeepseekV3ForCausalLM in DEEPSEEK_V3_SHAPE (`overrides` for any config field), every
+    weight (norms, router and its selection bias too) drawn from N(0, weight_std), seed 0, fp32, eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    settings: dict[str, object] = dict(DEEPSEEK_V3_SHAPE, vocab_size=vocab)
+    settings.update(overrides)
+    model = tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(**settings))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, weight_std)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # a buffer in transformers: drawn too, so it matters
+                buf.normal_(0.0, weight_std)
+    return model.eval()
+
+
+def write_tiny_deepseek_v3(path: Path, vocab: int, weight_std: float = 0.6, **overrides: object) -> Path:
+    """`tiny_deepseek_v3` saved with `save_pretrained`, with a word tokenizer."""
+    model = tiny_deepseek_v3(vocab, weight_std, **overrides)
+    model.save_pretrained(path, safe_serialization=True)
+    save_word_tokenizer(path, vocab)
+    return path
