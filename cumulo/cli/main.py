@@ -16,7 +16,18 @@ from cumulo import __version__
 from cumulo.errors import CumuloError
 
 # Order here is the order in `cumulo --help`.
-VERB_MODULES = ["generate", "models", "serve", "deploy", "cluster", "admin", "convert", "evaluate", "chips"]
+VERB_MODULES = [
+    "generate",
+    "models",
+    "serve",
+    "deploy",
+    "cluster",
+    "admin",
+    "edge",
+    "convert",
+    "evaluate",
+    "chips",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
