@@ -73,7 +73,10 @@ def size_kv_cache(
 
 
 def kv_elements_per_token(model: ModelConfig) -> int:
-    """Cached elements per token over all layers: K and V, every KV head, head_dim each."""
+    """Cached elements per token over all layers: K and V, every KV head, head_dim each; for multi-head
+    latent attention (kv_lora_rank > 0) one latent plus one shared rotary key per layer."""
+    if model.kv_lora_rank:
+        return model.num_hidden_layers * (model.kv_lora_rank + model.qk_rope_head_dim)
     return 2 * model.num_hidden_layers * model.num_key_value_heads * model.head_dim
 
 

@@ -73,6 +73,7 @@ class LLMEngine:
             cfg.head_dim,
             kv_plan.dtype,
             device,
+            latent_dim=cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.kv_lora_rank else 0,
         )
         self.block_manager = BlockManager(
             kv_plan.num_blocks, kv_plan.block_size, config.enable_prefix_caching

@@ -28,10 +28,11 @@ class ModelRunner:
         self.model = model
         # Decode-only steps replay a recorded graph per batch size where the platform offers a recorder and
         # the model can be recorded (None in the dict: tried, not recordable).
-        self.graph_recorder = graph_recorder
+        # Recorded graphs know only dense K/V layers: a latent (MLA) cache always runs eagerly.
+        self.graph_recorder = None if kv_cache.latent else graph_recorder
         self._graphs: dict[int, DecodeGraph | None] = {}
         self.max_blocks_per_seq = max_blocks_per_seq or kv_cache.num_blocks  # block-table width of a graph
-        self.paged_decode_attention = paged_decode_attention
+        self.paged_decode_attention = None if kv_cache.latent else paged_decode_attention  # dense GQA only
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device

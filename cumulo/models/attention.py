@@ -3,7 +3,9 @@
 Layout: one K and one V tensor per layer, shaped [num_kv_heads, num_blocks, block_size, head_dim]. Gathering a
 sequence's blocks by its block table then yields [num_kv_heads, blocks, block_size, head_dim], which is already
 contiguous per head, so grouped-query attention runs as one batched matmul with no repeated K/V and no copies
-beyond the gather itself. Decode tokens (one query each) are batched together; prefill chunks run one
+beyond the gather itself. Multi-head latent attention layers (DeepSeek-V3, `cumulo.models.mla`) cache one
+tensor per layer instead, [num_blocks, block_size, latent_dim]: each token's compressed latent and its shared
+rotary key, which every head reads. Decode tokens (one query each) are batched together; prefill chunks run one
 sequence at a time. With `kv_cache=None` the context is a single causal sequence (used by perplexity and parity
 checks, where no cache is wanted).
 """
@@ -33,6 +35,9 @@ def _untouched_zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 class KVCache:
+    """Per layer either K and V (`k`, `v`: [num_kv_heads, num_blocks, block_size, head_dim]) or, with
+    `latent_dim`, one latent tensor (`latent`: [num_blocks, block_size, latent_dim]; `k` and `v` empty)."""
+
     def __init__(
         self,
         num_layers: int,
@@ -42,17 +47,28 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        latent_dim: int = 0,
     ) -> None:
-        shape = (num_kv_heads, num_blocks, block_size, head_dim)
-        per_tensor = num_kv_heads * num_blocks * block_size * head_dim
-        total = 2 * num_layers * per_tensor
+        if latent_dim:
+            shape: tuple[int, ...] = (num_blocks, block_size, latent_dim)
+            per_layer = num_blocks * block_size * latent_dim
+        else:
+            shape = (num_kv_heads, num_blocks, block_size, head_dim)
+            per_layer = 2 * num_kv_heads * num_blocks * block_size * head_dim
+        total = num_layers * per_layer
         if torch.device(device).type == "cpu":
             flat = _untouched_zeros(total, dtype)
         else:
             flat = torch.zeros(total, dtype=dtype, device=device)
-        views = flat.view(2 * num_layers, *shape)
-        self.k = [views[2 * i] for i in range(num_layers)]
-        self.v = [views[2 * i + 1] for i in range(num_layers)]
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.latent: list[torch.Tensor] = []
+        if latent_dim:
+            self.latent = list(flat.view(num_layers, *shape).unbind(0))
+        else:
+            views = flat.view(2 * num_layers, *shape)
+            self.k = [views[2 * i] for i in range(num_layers)]
+            self.v = [views[2 * i + 1] for i in range(num_layers)]
         self.num_blocks = num_blocks
         self.block_size = block_size
 

@@ -52,6 +52,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    rope_interleave: bool = False  # deepseek_v3: rotary pairs (2i, 2i+1) instead of (i, i + d/2)
     # tokens
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)

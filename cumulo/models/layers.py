@@ -87,23 +87,88 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
 
 
-class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE (Hugging Face layout) with a precomputed cos/sin table indexed by position."""
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature, 0.1 * mscale * ln(factor) + 1 (no change when not stretched)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
-    def __init__(self, head_dim: int, max_positions: int, base: float, scaling: dict | None = None) -> None:
+
+def _yarn_inv_freq(
+    inv_freq: torch.Tensor, scaling: dict, head_dim: int, base: float, max_positions: int
+) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071): frequencies that turn fewer than `beta_slow` times over the original context
+    are slowed by `factor`, those that turn more than `beta_fast` times are kept, a linear ramp between.
+    Returns the frequencies and the factor cos and sin are multiplied by (Hugging Face's `attention_factor`)."""
+    original = scaling.get("original_max_position_embeddings") or max_positions
+    factor = scaling.get("factor") or max_positions / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def dim_of(
+        rotations: float,
+    ) -> float:  # the rotary dimension that turns `rotations` times over `original`
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: the original frequency (fast dims), 0: slowed by factor
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, float(attention_factor)
+
+
+def yarn_softmax_scale(scaling: dict | None) -> float:
+    """The factor DeepSeek's MLA multiplies its softmax scale by under YaRN: mscale(factor, mscale_all_dim)^2,
+    which scales the non-rotary dimensions of q.k too (transformers' `yarn_apply_mscale`); 1 otherwise."""
+    scaling = scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) in (None, "default") or not scaling.get(
+        "mscale_all_dim"
+    ):
+        return 1.0
+    m = _yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"]))
+    return m * m
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE with a precomputed cos/sin table indexed by position. Rotate-half pairs (i, i + d/2) by default
+    (Hugging Face layout); `interleaved` pairs (2i, 2i + 1) as DeepSeek's checkpoints do, and returns the
+    rotated halves side by side as transformers does (q and k alike, so their dot products are unchanged)."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_positions: int,
+        base: float,
+        scaling: dict | None = None,
+        interleaved: bool = False,
+    ) -> None:
         super().__init__()
         # Built on the CPU explicitly so the tables are real even when the model is constructed on `meta`.
         steps = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu")
         inv_freq = 1.0 / (base ** (steps / head_dim))
         rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        attention_factor = 1.0
         if rope_type == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, scaling or {})
         elif rope_type == "linear":
             inv_freq = inv_freq / (scaling or {})["factor"]
+        elif rope_type == "yarn":
+            inv_freq, attention_factor = _yarn_inv_freq(
+                inv_freq, scaling or {}, head_dim, base, max_positions
+            )
         t = torch.arange(max_positions, dtype=torch.float64, device="cpu")
         freqs = torch.outer(t, inv_freq)
-        self.register_buffer("cos", freqs.cos().float(), persistent=False)
-        self.register_buffer("sin", freqs.sin().float(), persistent=False)
+        self.register_buffer("cos", (freqs.cos() * attention_factor).float(), persistent=False)
+        self.register_buffer("sin", (freqs.sin() * attention_factor).float(), persistent=False)
+        self.interleaved = interleaved
 
         self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -119,7 +184,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, head_dim] -> rotated copy."""
         cos, sin = self._table(positions, x.dtype)  # [T, 1, head_dim/2]
-        x1, x2 = x.chunk(2, dim=-1)
+        x1, x2 = (x[..., 0::2], x[..., 1::2]) if self.interleaved else x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
