@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+MODEL_TYPES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3": "gemma3_text",
+    "qwen3_moe": "qwen3_moe",
+}
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "chat_template.jinja", "chat_template.json")  # fmt: skip
 
@@ -135,6 +141,15 @@ def _hf_config(c: Any) -> dict[str, Any]:
         "eos_token_id": c.eos_token_ids[0] if len(c.eos_token_ids) == 1 else list(c.eos_token_ids),
         "torch_dtype": "bfloat16",
     }
+    if c.architecture == "qwen3_moe":
+        cfg.update(
+            num_experts=c.num_experts,
+            num_experts_per_tok=c.num_experts_per_tok,
+            moe_intermediate_size=c.moe_intermediate_size,
+            norm_topk_prob=c.norm_topk_prob,
+            decoder_sparse_step=c.decoder_sparse_step,
+            mlp_only_layers=list(c.mlp_only_layers),
+        )
     if c.architecture == "gemma3":
         cfg.update(
             sliding_window=c.sliding_window,
@@ -160,7 +175,7 @@ def _write_tokenizer(tokenizer: Any, out: Path) -> None:
 
 _FUSED_GROUPS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("mlp.gate_proj", "mlp.up_proj"),
+    ("gate_proj", "up_proj"),  # any gated MLP: mlp, mlp.experts.{e}, mlp.shared_experts
 )
 
 

@@ -138,3 +138,52 @@ def test_config_without_expert_shape_is_a_clear_error(moe_dir: Path, tmp_path: P
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(InvalidModel, match="moe_intermediate_size"):
         load(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def sparse_step_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_qwen3_moe(tmp_path_factory.mktemp("moe-packed"), VOCAB, **VARIANTS["sparse-step-2"])
+
+
+def _full_recompute_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            x = torch.tensor(ids)
+            hidden = model(x, torch.arange(len(ids)), AttentionContext(kv_cache=None))
+            ids.append(int(model.compute_logits(hidden[-1:]).argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "ue8m0-fp8", "nvfp4", "mxfp4"])
+def test_converted_model_keeps_experts_packed_and_serves_its_dequantized_output(
+    sparse_step_dir: Path, tmp_path: Path, fmt: str
+) -> None:
+    from cumulo.cli.main import main as cli
+    from cumulo.formats.linear import PackedLinear
+    from cumulo.formats.packed import PackedWeight
+
+    out = tmp_path / fmt
+    assert cli(["convert", str(sparse_step_dir), "--format", fmt, "-o", str(out)]) == 0
+    loaded = load(str(out))
+    dense_equivalent = {
+        n: (t.dequantize(torch.float32) if isinstance(t, PackedWeight) else t.float())
+        for n, t in loaded.weights.items()
+    }
+    served = build_model(loaded.config, loaded.weights)
+    block = served.model.layers[1].mlp
+    assert isinstance(block, Qwen3MoeSparseBlock)
+    assert type(block.gate) is torch.nn.Linear  # the router stays unquantized
+    for e in range(8):
+        assert isinstance(block.experts[e].gate_up_proj, PackedLinear)  # gate/up joined, still packed
+        assert isinstance(block.experts[e].down_proj, PackedLinear)
+    reference = build_model(loaded.config, dense_equivalent)
+    ids = torch.tensor(_prompts([40])[0])
+    with torch.no_grad():
+        got = served.compute_logits(served(ids, torch.arange(40), AttentionContext(kv_cache=None)))
+        ref = reference.compute_logits(reference(ids, torch.arange(40), AttentionContext(kv_cache=None)))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    prompts = _prompts([18, 27], seed=3)
+    engine = _engine(out)
+    outs = LLM(engine).generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [_full_recompute_greedy(reference, p, 8) for p in prompts]
