@@ -95,6 +95,7 @@ class MqttBridge:
             except InvalidRequest:
                 self.fleet.rejected["topic"] += 1
             else:
-                self.fleet.receive_quietly(leaf, payload, device_id)
+                if not self.fleet.receive_quietly(leaf, payload, device_id):
+                    continue  # not acknowledged: the broker delivers it again when the bridge reconnects
             if qos > 0:
                 self._client.ack(mid, qos)  # after the commit: a crash before it means the broker re-sends

@@ -99,16 +99,19 @@ class EdgeFleet:
             device_id=envelope.device_id, seq=envelope.seq, status="stored" if new else "duplicate"
         )
 
-    def receive_quietly(self, leaf: str, payload: bytes, topic_device: str) -> ResultAck | None:
-        """`receive` for the bridge: a refused message is dropped (already counted and logged)."""
+    def receive_quietly(self, leaf: str, payload: bytes, topic_device: str) -> bool:
+        """`receive` for the bridge: True when the message is settled (handled, or refused for good and already
+        counted and logged), False when it failed for a reason of ours (the database down): then the bridge
+        does not acknowledge it, and the broker delivers it again after a reconnect."""
         try:
-            return self.receive(leaf, payload, topic_device=topic_device)
+            self.receive(leaf, payload, topic_device=topic_device)
         except CumuloError:
-            return None
+            pass
         except Exception:
             self._reject("failed", topic_device, None)
-            log.exception("edge message from %s could not be handled", topic_device)
-            return None
+            log.exception("edge message from %s could not be handled; left unacknowledged", topic_device)
+            return False
+        return True
 
     @staticmethod
     def _item(envelope: Any, now: float) -> dict[str, Any]:
