@@ -6,7 +6,9 @@ Three things differ from a Hugging Face checkpoint and are undone here:
 - for the llama architecture, llama.cpp's converter permutes the rows of q_proj and k_proj so each head's
   rotary pairs sit next to each other (interleaved RoPE); Hugging Face's rotate-half layout needs the inverse.
   Qwen2, Qwen3 and Gemma 3 use rotate-half in llama.cpp too and are stored unpermuted;
-- Gemma's RMSNorm computes x * (1 + w) and the converter stores w + 1, so 1 is subtracted back.
+- Gemma's RMSNorm computes x * (1 + w) and the converter stores w + 1, so 1 is subtracted back;
+- mixture-of-experts layers store all experts of a projection as one 3-D tensor (`blk.N.ffn_gate_exps` is
+  [E, I, H] in torch order); they are split into Hugging Face's per-expert weights (`mlp.experts.{e}.gate_proj`).
 Every tensor type is dequantized by the `gguf` package (`gguf.quants.dequantize`, via `gguf_file`).
 """
 
@@ -25,7 +27,10 @@ from cumulo.errors import InvalidModel, UnsupportedArchitecture
 from cumulo.models.config import ModelConfig
 from cumulo.models.gguf_file import GGUFFile
 
-SUPPORTED = ("llama", "qwen2", "qwen3", "gemma3")
+SUPPORTED = ("llama", "qwen2", "qwen3", "gemma3", "qwen3moe")
+_ARCHITECTURE = {
+    "qwen3moe": "qwen3_moe"
+}  # GGUF general.architecture -> ModelConfig.architecture, where they differ
 
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_NAMES = {
@@ -42,7 +47,14 @@ _LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm",
     "post_attention_norm": "post_attention_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
+    # mixture of experts: the router, shared experts (DeepSeek) and the selection bias (DeepSeek-V3)
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+    "ffn_up_shexp": "mlp.shared_experts.up_proj",
+    "ffn_down_shexp": "mlp.shared_experts.down_proj",
 }
+# stacked experts: GGUF projection -> the per-expert Hugging Face projection
+_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 # Gemma 3 normalises four times per layer; its `ffn_norm` is the one before the MLP.
 _GEMMA_LAYER_NAMES = {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm"}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -64,6 +76,10 @@ def _hf_name(gguf_name: str, arch: str) -> str | None:
     if stem in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[stem]}.{suffix}"
     match = _LAYER_RE.match(gguf_name)
+    if match and match.group(2) in _EXPERT_NAMES:  # split per expert by `_read_weights`
+        return f"model.layers.{match.group(1)}.mlp.experts.{_EXPERT_NAMES[match.group(2)]}"
+    if match and match.group(2) == "exp_probs_b":
+        return f"model.layers.{match.group(1)}.mlp.gate.e_score_correction_bias"
     names = _GEMMA_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
     if match and match.group(2) in names:
         return f"model.layers.{match.group(1)}.{names[match.group(2)]}.{match.group(3)}"
@@ -107,6 +123,7 @@ def config_from_metadata(meta: dict[str, Any], gguf: GGUFFile, path: Path) -> Mo
         raise UnsupportedArchitecture(
             f"{path.name}: architecture {arch!r} is not supported ({', '.join(SUPPORTED)})"
         )
+    architecture = _ARCHITECTURE.get(arch, arch)
 
     def get(key: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{key}", default)
@@ -136,7 +153,7 @@ def config_from_metadata(meta: dict[str, Any], gguf: GGUFFile, path: Path) -> Mo
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     config = ModelConfig(
-        architecture=arch,
+        architecture=architecture,
         vocab_size=int(tensors["token_embd.weight"].shape[0]),
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -164,7 +181,26 @@ def config_from_metadata(meta: dict[str, Any], gguf: GGUFFile, path: Path) -> Mo
         config.query_pre_attn_scalar = float(hidden // heads if layers == 62 else head_dim)
         config.final_logit_softcapping = get("final_logit_softcapping")
         config.attn_logit_softcapping = get("attn_logit_softcapping")
+    if architecture == "qwen3_moe":
+        _apply_experts(config, get, tensors, path)
     return config
+
+
+def _apply_experts(config: ModelConfig, get: Any, tensors: dict[str, Any], path: Path) -> None:
+    """Qwen3-MoE's expert shape; a layer without a router (`ffn_gate_inp`) is dense, so `mlp_only_layers`
+    lists those. llama.cpp renormalises Qwen3-MoE's top-k weights unless the file says otherwise."""
+    try:
+        config.num_experts = int(get("expert_count"))
+        config.num_experts_per_tok = int(get("expert_used_count"))
+        config.moe_intermediate_size = int(get("expert_feed_forward_length"))
+    except TypeError:
+        raise InvalidModel(
+            f"{path.name}: GGUF metadata lacks the expert count, used count or width"
+        ) from None
+    config.norm_topk_prob = bool(get("expert_weights_norm", True))
+    config.mlp_only_layers = [
+        i for i in range(config.num_hidden_layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors
+    ]
 
 
 def read_gguf(path: Path, *, weights: bool = True, dtype: torch.dtype = torch.float32) -> GGUFContents:
@@ -186,6 +222,11 @@ def _read_weights(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype) -> di
         if name is None:
             continue
         weight = torch.from_numpy(gguf.tensor(gguf_name))
+        if name.endswith((".experts.gate_proj", ".experts.up_proj", ".experts.down_proj")):
+            prefix, _, proj = name.rpartition(".")  # weight: [E, out, in]
+            for e, expert in enumerate(weight.unbind(0)):
+                out[f"{prefix}.{e}.{proj}.weight"] = expert.to(dtype)
+            continue
         if arch == "llama" and ".self_attn.q_proj." in name:
             weight = _unpermute_rotary(weight, config.num_attention_heads)
         elif arch == "llama" and ".self_attn.k_proj." in name:

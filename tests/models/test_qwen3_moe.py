@@ -187,3 +187,91 @@ def test_converted_model_keeps_experts_packed_and_serves_its_dequantized_output(
     engine = _engine(out)
     outs = LLM(engine).generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     assert [o.token_ids for o in outs] == [_full_recompute_greedy(reference, p, 8) for p in prompts]
+
+
+def _write_qwen3moe_gguf(path: Path, hf_dir: Path, quantize_experts: bool) -> dict[str, torch.Tensor]:
+    """The tiny model as llama.cpp's converter writes a Qwen3-MoE: experts stacked into 3-D `ffn_*_exps`
+    tensors, the router as `ffn_gate_inp`, expert metadata under `qwen3moe.*`. Returns the float32 weights a
+    reader should get back (the experts after their Q8_0 round trip when `quantize_experts`), by HF name."""
+    import gguf
+
+    from tests.support.checkpoints import hf_state_dict
+    from tests.support.gguf_files import gguf_name
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    state = hf_state_dict(hf_dir)
+    writer = gguf.GGUFWriter(str(path), "qwen3moe")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(10000.0)
+    writer.add_expert_count(config["num_local_experts"])
+    writer.add_expert_used_count(config["num_experts_per_tok"])
+    writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    writer.add_expert_weights_norm(config["norm_topk_prob"])
+    writer.add_tokenizer_model("none")
+    expected: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        if ".mlp.experts." in name:  # model.layers.N.mlp.experts.E.proj.weight
+            layer, rest = name.split(".mlp.experts.")
+            e, proj, _ = rest.split(".")
+            experts.setdefault((layer, proj), {})[int(e)] = tensor
+            continue
+        if name.endswith(".mlp.gate.weight"):
+            gname = f"blk.{name.split('.')[2]}.ffn_gate_inp.weight"
+        else:
+            gname = gguf_name(name, "qwen3")
+        writer.add_tensor(gname, tensor.numpy())
+        expected[name] = tensor
+    ggml = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+    for (layer, proj), per_expert in experts.items():
+        stacked = torch.stack([per_expert[e] for e in sorted(per_expert)]).numpy()  # [E, out, in]
+        qtype = gguf.GGMLQuantizationType.Q8_0 if quantize_experts else None
+        if qtype is not None:
+            raw = gguf.quants.quantize(stacked, qtype)
+            stacked_back = gguf.quants.dequantize(raw, qtype).reshape(stacked.shape)
+        else:
+            raw, stacked_back = stacked, stacked
+        writer.add_tensor(f"blk.{layer.split('.')[-1]}.{ggml[proj]}.weight", raw, raw_dtype=qtype)
+        for e in sorted(per_expert):
+            expected[f"{layer}.mlp.experts.{e}.{proj}.weight"] = torch.from_numpy(stacked_back[e].copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
+
+
+@pytest.mark.parametrize("quantize_experts", [False, True], ids=["f32", "q8_0-experts"])
+def test_gguf_expert_tensors_round_trip(
+    sparse_step_dir: Path, tmp_path: Path, quantize_experts: bool
+) -> None:
+    from cumulo.models.gguf import read_gguf
+
+    path = tmp_path / "tiny-qwen3moe.gguf"
+    expected = _write_qwen3moe_gguf(path, sparse_step_dir, quantize_experts)
+    contents = read_gguf(path)
+    published = load(str(sparse_step_dir))
+    assert contents.config.architecture == "qwen3_moe"
+    for field in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob"):
+        assert getattr(contents.config, field) == getattr(published.config, field), field
+    assert contents.config.mlp_only_layers == [0, 2]  # no router in the dense layers (sparse step 2)
+    assert contents.weights is not None and contents.weights.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(contents.weights[name], tensor.float()), name
+    from_gguf = build_model(contents.config, contents.weights)
+    from_expected = build_model(published.config, dict(expected))
+    ids = torch.tensor(_prompts([30])[0])
+    with torch.no_grad():
+        got = from_gguf.compute_logits(from_gguf(ids, torch.arange(30), AttentionContext(kv_cache=None)))
+        ref = from_expected.compute_logits(
+            from_expected(ids, torch.arange(30), AttentionContext(kv_cache=None))
+        )
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
