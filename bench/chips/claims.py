@@ -99,6 +99,34 @@ def claims() -> None:
     )
     _row("prefill tok/s per NPU", "6,688", f"{pre.prefill_tok_s / 16:,.0f}", "EP32 on 16 NPUs")
 
+    print("\nDeepSeek-V3/R1 on H800, per 8-GPU node (DeepSeek Open Source Week day 6: vendor-published)")
+    h_dec = predict(
+        "deepseek-v3", "fp8", "h800", batch=88 * 144, context=4989, n_chips=144, parallel="ep",
+        redundant_experts=32, mtp_tokens=1, mtp_acceptance=0.85,
+    )  # fmt: skip
+    h_pre = predict(
+        "deepseek-v3",
+        "fp8",
+        "h800",
+        batch=4 * 32,
+        context=4096,
+        n_chips=32,
+        parallel="ep",
+        redundant_experts=32,
+    )
+    _row(
+        "decode tok/s per node",
+        "14.8k",
+        f"{h_dec.decode_tok_s / 144 * 8 / 1e3:.1f}k (TPOT {h_dec.tpot_s * 1e3:.0f} ms)",
+        "EP144, MTP",
+    )
+    _row(
+        "prefill computed tok/s per node",
+        "32.2k (73.7k incl. cache hits)",
+        f"{h_pre.prefill_tok_s / 32 * 8 / 1e3:.1f}k",
+        f"EP32, node-limited normal kernels, bound {h_pre.prefill_bound}",
+    )
+
     print("\nAscend 910B vs A100 (claim: '~80% of A100 training efficiency', Huawei 2024)")
     _row(
         "BF16 peak ratio",

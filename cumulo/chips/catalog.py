@@ -45,7 +45,11 @@ FIGURE_KEYS = (
     "bandwidth_utilization",  # share of peak memory bandwidth the same kernels reached
     "scaleup_chips",  # chips one interconnect_gbs domain joins (an NVLink node: 8; a CloudMatrix supernode: 384)
     "scaleout_gbs",  # aggregate bidirectional bandwidth per chip to chips outside that domain (InfiniBand, RoCE)
-    "alltoall_gbs",  # measured MoE dispatch/combine bytes per second per chip, one way, at large EP degree
+    "alltoall_gbs",  # measured low-latency MoE dispatch/combine bytes/s per chip, one way, one copy per expert
+    # measured high-throughput (prefill) dispatch/combine, logical bytes/s per chip one way as DeepEP counts them:
+    "bulk_alltoall_scaleup_gbs",  # within the scale-up domain, a token counted once per destination chip
+    "bulk_alltoall_scaleout_gbs",  # across it, a token counted once per destination node
+    "bulk_alltoall_core_share",  # share of the chip's cores (SMs) those kernels held when measured
     # measured only (calibration): achieved TFLOP/s of a linear with M rows over big weights, the decode shape
     *(f"{dtype}_m{m}_tflops" for dtype in ("fp32", "bf16") for m in (1, 4, 8, 16, 64, 256, 512)),
 )

@@ -5,10 +5,16 @@ are replicated on every chip (data parallel), the routed experts (plus any redun
 n chips, and each MoE layer moves every token to the chips of its k experts and back (dispatch + combine). A
 chip reads its experts' weights once per step for all tokens routed to them, so the expert bytes it reads grow
 with the number of distinct experts the step touches, which saturates at all of its experts.
+
+How a token travels depends on the kernel (DeepEP's two kinds, docs/chips.md): decode's low-latency kernels send
+one copy per selected expert straight over the network; prefill's high-throughput ("normal") kernels send a token
+once per destination *node* over the scale-out network and fan it out to the chips there over the scale-up link,
+which node-limited routing (DeepSeek-V3: at most 4 nodes per token) keeps cheap.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from cumulo.chips.catalog import Chip
@@ -34,13 +40,11 @@ class EPStep:
 
 @dataclass(frozen=True, slots=True)
 class Rates:
-    """What one chip sustains: matmul and attention FLOP/s, memory bytes/s, all-to-all bytes/s one way."""
+    """What one chip sustains: matmul and attention FLOP/s, memory bytes/s."""
 
     linear_flops: float
     attention_flops: float
     memory_bytes: float
-    alltoall_bytes: float
-    alltoall_latency_s: float
 
 
 def touched_share(shape: ModelShape, tokens: float) -> float:
@@ -59,25 +63,75 @@ def weight_bytes_per_chip(
     return dense + experts
 
 
-def alltoall_rates(chip: Chip, n: int, interconnect_efficiency: float) -> tuple[float, str]:
-    """Bytes/s one way per chip for dispatch and combine: the measured all-to-all rate where the catalog has
-    one (`alltoall_gbs`), else the link: the scale-up link within `scaleup_chips`, the scale-out network
-    beyond, at `interconnect_efficiency`."""
+@dataclass(frozen=True, slots=True)
+class AllToAll:
+    """One MoE layer's dispatch + combine as one chip's kernel moves it: over each link the kernel drives at once,
+    `copies` of every token the chip owns at `rate` bytes/s one way; the slowest link sets the time."""
+
+    kernel: str  # "low-latency", "high-throughput", or the link a chip without measured kernels falls back to
+    links: tuple[tuple[float, float], ...]  # (copies of each token, bytes/s)
+    latency_s: float
+    compute_share: float = (
+        1.0  # share of the chip's cores left to matmuls and attention while the kernel runs
+    )
+
+    def seconds_per_token_byte(self) -> float:
+        return max(copies / rate for copies, rate in self.links)
+
+
+def distinct(slots: float, picks: int) -> float:
+    """Expected distinct slots that `picks` uniform picks hit (experts' chips, nodes)."""
+    return slots * (1.0 - (1.0 - 1.0 / slots) ** picks) if slots > 1 else 1.0
+
+
+def nodes_per_token(shape: ModelShape, nodes: int) -> float:
+    """Distinct nodes a token's k experts sit on. Group-limited routing (DeepSeek-V3: 8 groups, the best 4
+    eligible) with groups laid out over contiguous chips caps them at the eligible groups' nodes: the V3
+    report's node-limited routing, at most 4 nodes per token when groups and nodes coincide."""
+    eligible = float(nodes)
+    if shape.expert_groups > 1 and shape.groups_per_token < shape.expert_groups:
+        eligible = min(nodes, shape.groups_per_token * math.ceil(nodes / shape.expert_groups))
+    return distinct(eligible, shape.experts_per_token)
+
+
+def alltoall_plan(
+    chip: Chip, shape: ModelShape, n: int, *, prefill: bool, interconnect_efficiency: float, latency_s: float
+) -> AllToAll:
+    """How dispatch and combine move tokens on `chip` over `n` chips.
+
+    Prefill on a chip with measured high-throughput kernels (`bulk_alltoall_scaleup_gbs`, and beyond one
+    scale-up domain `bulk_alltoall_scaleout_gbs`): a token crosses the scale-out network once per distinct node
+    and reaches each distinct chip over the scale-up link, both counted as DeepEP's benchmarks count their
+    "logical" bandwidth (the sender's own node and chip included). Otherwise, and always in decode, one copy per
+    remote expert at the measured low-latency rate (`alltoall_gbs`), or without one at the link's rate
+    (`interconnect_gbs` within `scaleup_chips`, else `scaleout_gbs`) x `interconnect_efficiency`."""
+    if n <= 1:
+        return AllToAll("none", ((0.0, 1.0),), 0.0)
+    k = shape.experts_per_token
+    domain = int(chip.get("scaleup_chips") or n)
+    up, out = chip.get("bulk_alltoall_scaleup_gbs"), chip.get("bulk_alltoall_scaleout_gbs")
+    if prefill and up and (n <= domain or out):
+        links = [(distinct(n, k), up * 1e9)]
+        if n > domain:
+            links.append((nodes_per_token(shape, math.ceil(n / domain)), out * 1e9))  # type: ignore[operator]
+        share = 1.0 - (chip.get("bulk_alltoall_core_share") or 0.0)
+        return AllToAll("high-throughput", tuple(links), latency_s, share)
+    remote = k * (n - 1) / n  # copies whose expert sits on another chip
     measured = chip.get("alltoall_gbs")
     if measured:
-        return measured * 1e9, "measured all-to-all"
-    domain = chip.get("scaleup_chips")
-    key = "scaleout_gbs" if domain and n > domain else "interconnect_gbs"
+        return AllToAll("low-latency", ((remote, measured * 1e9),), latency_s)
+    key = "scaleout_gbs" if n > domain else "interconnect_gbs"
     link = chip.get(key) or 0.0
     if link <= 0:
         raise InvalidRequest(f"chip '{chip.id}' has no published {key}; expert parallelism needs it")
-    return link / 2 * 1e9 * interconnect_efficiency, key
+    return AllToAll(key, ((remote, link / 2 * 1e9 * interconnect_efficiency),), latency_s)
 
 
 def ep_step(
     shape: ModelShape,
     layout: EPLayout,
     rates: Rates,
+    a2a: AllToAll,
     *,
     tokens: float,  # tokens this chip computes in the step (its sequences x tokens each)
     attn_flops: float,  # this chip's attention FLOPs in the step
@@ -105,16 +159,16 @@ def ep_step(
     lin_flops = (
         2 * (body + shape.experts_per_token * shape.expert_size) * tokens + 2 * shape.head_params * logits
     )
-    t_lin_c = lin_flops / rates.linear_flops
+    # Cores that run the all-to-all kernel (DeepEP's normal kernels hold SMs) do not multiply meanwhile.
+    t_lin_c = lin_flops / (rates.linear_flops * a2a.compute_share)
     t_lin_m = weights / rates.memory_bytes
-    t_att_c = attn_flops / rates.attention_flops
+    t_att_c = attn_flops / (rates.attention_flops * a2a.compute_share)
     t_att_m = (kv_bytes + act_bytes_moved) / rates.memory_bytes
     scale = (shape.num_layers + extra_layers) / shape.num_layers
     t_work = (max(t_lin_c, t_lin_m) + max(t_att_c, t_att_m)) * scale
-    remote = (n - 1) / n  # tokens whose expert sits on this chip stay here
-    per_layer = tokens * shape.experts_per_token * shape.hidden_size * remote
-    wire = per_layer * (dispatch_elem_bytes + combine_elem_bytes) / rates.alltoall_bytes
-    t_comm = (shape.moe_layers + extra_layers) * (wire + 2 * rates.alltoall_latency_s) if n > 1 else 0.0
+    token_bytes = shape.hidden_size * (dispatch_elem_bytes + combine_elem_bytes)
+    wire = tokens * token_bytes * a2a.seconds_per_token_byte()
+    t_comm = (shape.moe_layers + extra_layers) * (wire + 2 * a2a.latency_s) if n > 1 else 0.0
     compute = t_lin_c + t_att_c >= t_lin_m + t_att_m
     bound = "interconnect" if t_comm > t_work else ("compute" if compute else "memory")
     overhead = (shape.num_layers + extra_layers) * layer_overhead_s

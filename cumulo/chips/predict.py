@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from cumulo.chips.catalog import Chip, get_chip
-from cumulo.chips.expert_parallel import EPLayout, Rates, alltoall_rates, ep_step, weight_bytes_per_chip
+from cumulo.chips.expert_parallel import EPLayout, Rates, alltoall_plan, ep_step, weight_bytes_per_chip
 from cumulo.chips.measured import rate_at, skinny_curve
 from cumulo.chips.presets import ModelShape, resolve_model
 from cumulo.chips.weight_formats import COMPUTE_DTYPE_BITS, WeightFormat, get_format
@@ -406,8 +406,10 @@ def _predict_ep(
         raise InvalidRequest(f"chip '{c.id}' has no published memory bandwidth; cannot predict")
     # Attention's core runs in bf16 whatever the weight format (DeepSeek: "BF16 for core MLA computation").
     attn_peak = (c.get("bf16_tflops") or 0.0) * 1e12 or peak
-    a2a, a2a_source = alltoall_rates(c, n, a.interconnect_efficiency) if n > 1 else (1.0, "")
-    rates = Rates(peak * c_eff, attn_peak * c_eff, bw * b_eff, a2a, a.collective_latency_s)
+    rates = Rates(peak * c_eff, attn_peak * c_eff, bw * b_eff)
+    plan = {"interconnect_efficiency": a.interconnect_efficiency, "latency_s": a.collective_latency_s}
+    a2a_pre = alltoall_plan(c, shape, n, prefill=True, **plan)
+    a2a_dec = alltoall_plan(c, shape, n, prefill=False, **plan)
     small = 1 if dtype in ("fp8", "int8") else kv_b  # DeepSeek dispatches in FP8, CloudMatrix in INT8
     kv_tok = shape.kv_elems_per_token * kv_b
     act_tok = shape.num_layers * shape.hidden_size * kv_b * a.activation_passes
@@ -422,13 +424,13 @@ def _predict_ep(
     p_tok = seqs * context
     pre_ctx = shape.prefill_attn_flops_per_ctx or shape.attn_flops_per_ctx
     pre = ep_step(
-        shape, layout, rates, tokens=p_tok, attn_flops=pre_ctx * p_tok * context / 2, kv_bytes=p_tok * kv_tok,
+        shape, layout, rates, a2a_pre, tokens=p_tok, attn_flops=pre_ctx * p_tok * context / 2, kv_bytes=p_tok * kv_tok,
         act_bytes_moved=p_tok * act_tok, logits=seqs, **common,
     )  # fmt: skip
     # Decode: each sequence verifies 1 + mtp tokens against its whole cache, which is read once.
     d_tok = seqs * (1 + mtp)
     dec = ep_step(
-        shape, layout, rates, tokens=d_tok, attn_flops=shape.attn_flops_per_ctx * d_tok * context,
+        shape, layout, rates, a2a_dec, tokens=d_tok, attn_flops=shape.attn_flops_per_ctx * d_tok * context,
         kv_bytes=(seqs * context + d_tok) * kv_tok, act_bytes_moved=d_tok * act_tok, logits=d_tok,
         extra_layers=mtp, **common,
     )  # fmt: skip
@@ -445,8 +447,12 @@ def _predict_ep(
         )
     elif max_seq < batch:
         notes.append(f"batch {batch} exceeds the {max_seq} sequences that fit at context {context}")
-    if a2a_source:
-        notes.append(f"expert parallelism over {n} chips; all-to-all at {a2a / 1e9:.0f} GB/s ({a2a_source})")
+    if n > 1:
+        for phase, a2a in (("prefill", a2a_pre), ("decode", a2a_dec)):
+            links = ", ".join(
+                f"{copies:.1f} copies/token at {rate / 1e9:.0f} GB/s" for copies, rate in a2a.links
+            )
+            notes.append(f"{phase}: expert-parallel all-to-all over {n} chips, {a2a.kernel} ({links})")
     decode_tok_s = batch * per_step / t_dec
     power = None if c.power_w is None else c.power_w * n
     body = shape.total_params - shape.head_params - shape.embed_params

@@ -28,6 +28,8 @@ class ModelShape:
     num_experts: int = 0
     experts_per_token: int = 0
     moe_layers: int = 0  # layers whose MLP is routed experts (an all-to-all each under expert parallelism)
+    expert_groups: int = 1  # group-limited routing (DeepSeek-V3): experts in this many groups ...
+    groups_per_token: int = 1  # ... of which a token may use the best this many (node-limited routing)
     # Prefill attention FLOPs per new token per cached token where prefill computes attention another way than
     # decode (MLA: expanded heads of 192/128 dims in prefill, the absorbed 576/512-dim latent form in decode).
     prefill_attn_flops_per_ctx: float | None = None
@@ -100,6 +102,8 @@ def shape_from_config(cfg: ModelConfig) -> ModelShape:
         num_experts=cfg.num_experts if moe else 0,
         experts_per_token=cfg.num_experts_per_tok if moe else 0,
         moe_layers=moe,
+        expert_groups=cfg.n_group if moe else 1,
+        groups_per_token=cfg.topk_group if moe else 1,
         prefill_attn_flops_per_ctx=prefill_ctx,
     )
 
@@ -135,7 +139,7 @@ def _dense(name: str, vocab: int, hidden: int, inter: int, layers: int, heads: i
 def _deepseek_v3() -> ModelShape:
     # deepseek-ai/DeepSeek-V3 config.json: 61 layers (first 3 dense, intermediate 18432), hidden 7168, 256 routed
     # experts of 2048 with 8 active + 1 shared, MLA (q_lora_rank 1536, kv_lora_rank 512, rope 64, nope 128,
-    # v 128, 128 heads). 671B total, 37B active (DeepSeek-V3 technical report, arXiv 2412.19437); the 14B of the
+    # v 128, 128 heads), group-limited routing over 8 groups of which the best 4 are eligible. 671B total, 37B active (DeepSeek-V3 technical report, arXiv 2412.19437); the 14B of the
     # MTP module are not counted, as the report does not.
     return shape_from_config(
         ModelConfig(
@@ -152,6 +156,8 @@ def _deepseek_v3() -> ModelShape:
             moe_intermediate_size=2048,
             num_shared_experts=1,
             first_k_dense_replace=3,
+            n_group=8,
+            topk_group=4,
             q_lora_rank=1536,
             kv_lora_rank=512,
             qk_nope_head_dim=128,
