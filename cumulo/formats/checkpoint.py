@@ -283,6 +283,16 @@ def format_of(qcfg: Mapping[str, Any] | None) -> str:
     raise FormatError(f"unsupported quantization method {method!r}")
 
 
+def _powers_of_two(raw: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every `weight_scale_inv` holds positive powers of two only (what the ue8m0 kernels assume)."""
+    for key, scales in raw.items():
+        if key.endswith(".weight_scale_inv"):
+            mantissa, _ = torch.frexp(scales.float())
+            if not bool((mantissa == 0.5).all()):
+                return False
+    return True
+
+
 def load_packed_state_dict(directory: str | Path) -> tuple[dict[str, torch.Tensor | PackedWeight], str]:
     """Read a checkpoint written by `save_packed_state_dict` (or a DeepSeek block-FP8 one).
 
@@ -291,6 +301,8 @@ def load_packed_state_dict(directory: str | Path) -> tuple[dict[str, torch.Tenso
     cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     format = format_of(cfg.get("quantization_config"))
     raw, metadata = _read_all(path)
+    if format == "ue8m0-fp8" and not _powers_of_two(raw):
+        format = "fp8-block"  # scale_fmt says ue8m0 but the scales are not: keep them exact as fp32 scales
     out: dict[str, torch.Tensor | PackedWeight] = {}
     scale_keys = {k for k in raw if k.endswith((".weight_scale_inv", ".weight_scale", ".weight_scale_2"))}
     for key, tensor in raw.items():

@@ -164,3 +164,77 @@ def test_router_matches_transformers_group_limited_selection() -> None:
     # the bias decides: without it some tokens would pick other experts
     plain = torch.sigmoid(x @ hf_gate.weight.t()).topk(2).indices.sort(dim=-1).values
     assert not torch.equal(plain, ids)
+
+
+def _write_block_fp8(hf, path: Path, format: str) -> None:
+    """`hf` in DeepSeek's published block-FP8 layout, written by hand: every linear of the decoder (attention,
+    dense MLP, experts, shared experts) as float8_e4m3fn `weight` plus fp32 `weight_scale_inv` per 128 x 128
+    tile; embeddings, norms, router and lm_head as they are; quantization_config as DeepSeek's config.json
+    has it. The model's own weights become the dequantized values, so transformers runs what Cumulo loads."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from cumulo.formats.quantize import quantize
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def put(name: str, weight: torch.Tensor) -> None:  # quantize one linear, write it, return nothing
+        packed = quantize(weight, format)
+        tensors[f"{name}.weight"] = packed.codes.view(torch.float8_e4m3fn)
+        tensors[f"{name}.weight_scale_inv"] = packed.scales.float()
+        weight.copy_(packed.dequantize(torch.float32))
+
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.endswith(".experts.gate_up_proj"):  # transformers holds experts stacked: [E, 2I, H]
+                for e, w in enumerate(param):
+                    gate, up = w.chunk(2, dim=0)  # views: dequantized values land in the stacked tensor
+                    put(f"{name.removesuffix('gate_up_proj')}{e}.gate_proj", gate)
+                    put(f"{name.removesuffix('gate_up_proj')}{e}.up_proj", up)
+            elif name.endswith(".experts.down_proj"):  # [E, H, I]
+                for e, w in enumerate(param):
+                    put(f"{name.removesuffix('down_proj')}{e}.down_proj", w)
+            elif name.startswith("model.layers.") and name.endswith("proj.weight"):
+                put(name.removesuffix(".weight"), param)
+            else:
+                tensors[name] = param.detach().clone()
+        for name, buf in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                tensors[name] = buf.clone()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = hf.config.to_dict()
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+        "scale_fmt": "ue8m0",
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    save_word_tokenizer(path, VOCAB)
+
+
+@pytest.mark.parametrize("format", ["ue8m0-fp8", "fp8-block"])
+def test_block_fp8_checkpoint_loads_packed_and_matches_transformers_on_the_dequantized_weights(
+    tmp_path: Path, format: str
+) -> None:
+    """scale_fmt ue8m0 is DeepSeek-V3.1's; scales that are not powers of two (V3's fp32 scales under that
+    config) load as fp8-block, which dequantizes them exactly, instead of being rounded to powers of two."""
+    from cumulo.formats.kernels import find_kernel
+    from cumulo.formats.linear import PackedLinear
+
+    hf = tiny_deepseek_v3(VOCAB)
+    _write_block_fp8(hf, tmp_path, format)
+    llm = _engine(tmp_path)
+    model = llm.engine.runner.model
+    linears = [m for n, m in model.named_modules() if n.endswith("_proj")]
+    assert linears and all(isinstance(m, PackedLinear) and m.format == format for m in linears)
+    assert all(find_kernel("cpu", format)(m.packed) is not None for m in linears)  # the fused FP8 kernel runs
+    prompts = _prompts([9, 23])
+    outs = llm.generate(prompts, _greedy(8))
+    for prompt, out in zip(prompts, outs, strict=True):
+        tokens, ref_logprobs = _hf_greedy(hf, prompt, 8)
+        assert out.token_ids == tokens
+        for got, ref in zip(out.logprobs, ref_logprobs, strict=True):
+            torch.testing.assert_close(torch.tensor(got.logprob), ref.max(), atol=1e-3, rtol=0)
