@@ -34,16 +34,16 @@ class ShelfNet(nn.Module):
 
     def __init__(self, classes: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc1 = nn.Linear(32 * 6 * 6, 64)
-        self.fc2 = nn.Linear(64, classes)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc1 = nn.Linear(16 * 6 * 6, 32)
+        self.fc2 = nn.Linear(32, classes)
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         x = crops.float() / 255.0 - 0.5  # [n, 3, 24, 24]
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # [n, 16, 12, 12]
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # [n, 32, 6, 6]
-        x = F.relu(self.fc1(x.flatten(1)))  # [n, 64]
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # [n, 8, 12, 12]
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # [n, 16, 6, 6]
+        x = F.relu(self.fc1(x.flatten(1)))  # [n, 32]
         return self.fc2(x)  # [n, classes]
 
 
@@ -84,7 +84,7 @@ def quantize_shelf_net(net: ShelfNet, format: str) -> ShelfNet:
     return quantize_model(net, format, QuantPolicy(keep=()))
 
 
-def train_shelf_net(seed: int = 0, per_class: int = 400, epochs: int = 4) -> ShelfNet:
+def train_shelf_net(seed: int = 0, per_class: int = 200, epochs: int = 3) -> ShelfNet:
     """Train on generated slot crops; seeded, so the same seed gives the same weights (a few seconds on CPU)."""
     torch.manual_seed(seed)
     images, labels = scenes.slot_dataset(seed, per_class)
