@@ -193,8 +193,12 @@ def _hif8_value(code: int) -> float:
 
 
 def all_values(fmt: ElementFormat) -> list[float]:
-    """Values of codes 0 .. 2**bits - 1, in code order."""
-    return _VALUES_CACHE.setdefault(fmt.name, [code_value(fmt, c) for c in range(fmt.num_codes)])
+    """Values of codes 0 .. 2**bits - 1, in code order (computed once per format: `max` reads them on every
+    encode, and a `setdefault(name, [...])` would rebuild the list each time just to throw it away)."""
+    values = _VALUES_CACHE.get(fmt.name)
+    if values is None:
+        values = _VALUES_CACHE[fmt.name] = [code_value(fmt, c) for c in range(fmt.num_codes)]
+    return values
 
 
 _VALUES_CACHE: dict[str, list[float]] = {}

@@ -59,7 +59,26 @@ def gptq_quantize(
     tensor_amax: float | None = None,
     damp: float = 0.01,
 ) -> PackedWeight:
-    """Quantize a [N, K] weight to `format` with GPTQ rounding against `hessian` [K, K] (sum of x^T x)."""
+    """Quantize a [N, K] weight to `format` with GPTQ rounding against `hessian` [K, K] (sum of x^T x).
+
+    Runs on one torch thread: the loop is thousands of small vector ops, and on a shared 2-core host two
+    threads measured 20-50x slower than one (OpenMP hand-offs cost more than the work)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _gptq(weight, hessian, format, name, tensor_amax, damp)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    format: str,
+    name: str,
+    tensor_amax: float | None,
+    damp: float,
+) -> PackedWeight:
     scheme = get_scheme(format)
     if scheme.element is None:
         return quantize(weight, scheme.name, name=name)
