@@ -226,7 +226,7 @@ class Agent:
             body=body,
             auth=self.identity.credential,
         )
-        self.sender.publish(leaf, message.to_bytes(), qos=1 if leaf == UP_REPORTED else 0)
+        self.sender.publish(leaf, message, qos=1 if leaf == UP_REPORTED else 0)
 
     def run(self, max_frames: int | None = None, should_stop: Any = None) -> None:
         period = 1.0 / self.settings.fps if self.settings.fps > 0 else 0.0

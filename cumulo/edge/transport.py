@@ -107,6 +107,12 @@ class HttpLink:
     def post_results(self, envelopes: list[Envelope], credential: str) -> None:
         self._call("POST", "/v1/edge/results", [e.model_dump(mode="json") for e in envelopes], credential)
 
+    def post_latest(self, leaf: str, message: Envelope, credential: str) -> None:
+        """A heartbeat or reported state (`up/heartbeat` -> POST /v1/edge/heartbeat)."""
+        self._call(
+            "POST", f"/v1/edge/{leaf.removeprefix('up/')}", [message.model_dump(mode="json")], credential
+        )
+
 
 @dataclass
 class MqttLink:
@@ -288,8 +294,20 @@ class Sender:
                     sent += len(items)
         return sent
 
-    def publish(self, leaf: str, payload: bytes, qos: int = 0) -> bool:
-        return self.mqtt.publish(leaf, payload, qos) if self.mqtt else False
+    def publish(self, leaf: str, message: Envelope, qos: int = 0) -> bool:
+        """Heartbeats and reported state: over MQTT when connected, else over HTTP when it is due; a message
+        that cannot go now is skipped (the next one says the same, newer)."""
+        if self.mqtt and self.mqtt.publish(leaf, message.to_bytes(), qos):
+            return True
+        if not self._use_http():
+            return False
+        try:
+            self.http.post_latest(leaf, message, self.credential)
+        except CumuloError as error:
+            self.http_error = str(error)
+            self._http_next = time.monotonic() + self.retry_s
+            return False
+        return True
 
     @property
     def error(self) -> str | None:

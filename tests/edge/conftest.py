@@ -18,6 +18,7 @@ from cumulo.contracts.edge import Envelope, parse_envelope
 from cumulo.edge.model import save_package, train_shelf_net
 
 BROKER = ("127.0.0.1", 1883)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
