@@ -101,7 +101,7 @@ class Agent:
     identity: Identity
     source: FrameSource
     settings: AgentSettings = field(default_factory=AgentSettings)
-    model_path: Path | None = None  # a package to start with; else the last applied, else the built-in one
+    model_path: Path | None = None  # a package to start with, until a rollout installs another; else built-in
 
     def __post_init__(self) -> None:
         self.outbox = Outbox(self.data_dir / "outbox.db", self.settings.max_outbox)
@@ -119,7 +119,7 @@ class Agent:
         self.model: ShelfModel | None = None
         self.model_ref: dict[str, Any] | None = None
         if self.source.kind == "shelf":
-            self._load_model(self.model_path or Path(self.state.get("model_path") or self._builtin_model()))
+            self._load_model(Path(self.state.get("model_path") or self.model_path or self._builtin_model()))
         self.app = self._make_app()
         self.started = time.monotonic()
         self.frames = 0
