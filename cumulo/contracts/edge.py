@@ -61,7 +61,7 @@ class ModelRef(BaseModel):
 
     name: str = Field(min_length=1, max_length=128)
     version: str = Field(min_length=1, max_length=64)
-    sha256: str = Field(pattern=SHA256_PATTERN)
+    sha256: str = Field(max_length=64, pattern=SHA256_PATTERN)
 
 
 class DesiredModel(ModelRef):
@@ -76,10 +76,10 @@ class Envelope(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     v: Literal[1] = PROTOCOL_VERSION
-    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    device_id: str = Field(max_length=64, pattern=DEVICE_ID_PATTERN)
     seq: int = Field(ge=0, lt=2**63)
     time: datetime  # RFC 3339 with an offset, when the device made it
-    kind: str = Field(pattern=KIND_PATTERN)
+    kind: str = Field(max_length=32, pattern=KIND_PATTERN)
     model: ModelRef | None = None
     body: dict[str, Any] = Field(default_factory=dict)
     auth: str = Field(min_length=1, max_length=256)  # the device credential, as the HTTP Bearer
@@ -101,7 +101,7 @@ class DesiredState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     v: Literal[1] = PROTOCOL_VERSION
-    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    device_id: str = Field(max_length=64, pattern=DEVICE_ID_PATTERN)
     revision: int = Field(ge=0)  # grows with every change, so a device can ignore a stale retained message
     model: DesiredModel | None = None
     config: dict[str, Any] = Field(default_factory=dict)

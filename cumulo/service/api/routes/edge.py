@@ -19,16 +19,16 @@ from cumulo.service.api.sse import EventStream, sse
 from cumulo.service.edge import devices, results, rollouts
 
 router = APIRouter(prefix="/v1/edge")
-DeviceId = Annotated[str, Path(pattern=DEVICE_ID_PATTERN)]
-DeviceFilter = Annotated[str | None, Query(pattern=DEVICE_ID_PATTERN)]
-KindFilter = Annotated[str | None, Query(pattern=KIND_PATTERN)]
+DeviceId = Annotated[str, Path(max_length=64, pattern=DEVICE_ID_PATTERN)]
+DeviceFilter = Annotated[str | None, Query(max_length=64, pattern=DEVICE_ID_PATTERN)]
+KindFilter = Annotated[str | None, Query(max_length=32, pattern=KIND_PATTERN)]
 Time = Annotated[float | None, Query(ge=0, le=LATEST_TIME, description="Unix seconds")]
 
 
 class DeviceCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    device_id: str | None = Field(default=None, pattern=DEVICE_ID_PATTERN)
+    device_id: str | None = Field(default=None, max_length=64, pattern=DEVICE_ID_PATTERN)
     name: str = Field(default="", max_length=128)
 
 
@@ -240,7 +240,9 @@ async def get_rollout(
 
 @router.get("/usage", dependencies=[only_query("month")])
 async def usage(
-    request: Request, principal: Caller, month: Annotated[str | None, Query(pattern=r"^\d{4}-\d{2}$")] = None
+    request: Request,
+    principal: Caller,
+    month: Annotated[str | None, Query(max_length=7, pattern=r"^\d{4}-\d{2}$")] = None,
 ) -> dict[str, Any]:
     """Messages and bytes of results per device and month (each result counted once, re-sends never)."""
     fleet = fleet_of(request)
