@@ -6,6 +6,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 from cumulo.service.db import Base
+from cumulo.service.edge import tables as _edge_tables  # noqa: F401  (registers the fleet's tables on Base)
 
 config = context.config
 target_metadata = Base.metadata
