@@ -259,7 +259,7 @@ class Agent:
                 self.answer(DeviceRequest.model_validate_json(payload))
         except ValueError as error:  # a malformed message from the fleet: report it, never crash
             self.outbox.add(
-                KIND_STATUS, {"ok": True, "type": "bad_message", "error": str(error).splitlines()[0]}
+                KIND_STATUS, {"ok": True, "type": "bad_message", "detail": str(error).splitlines()[0]}
             )
 
     def apply_desired(self, desired: DesiredState) -> None:

@@ -118,3 +118,34 @@ def test_agent_enrols_sends_over_the_bridge_and_follows_a_rollout(
     assert switched and switched[-1]["model"]["sha256"] == sha
     after = [r for r in stored if r["seq"] > switched[-1]["seq"]]
     assert after and all(r["model"]["sha256"] == sha for r in after)
+
+
+def test_a_model_the_device_cannot_load_rolls_the_rollout_back(
+    tmp_path: Path, service: tuple[str, str], topic_root: str, shelf_package: Path
+) -> None:
+    url, key = service
+    headers = {"Authorization": f"Bearer {key}"}
+    token = httpx.post(f"{url}/v1/edge/devices", json={"device_id": "e2e-bad"}, headers=headers).json()
+    device_dir = tmp_path / "device"
+    run = ("--model", str(shelf_package), "--change-every", "3", "--drain", "60", "--frames", "20")
+    _agent(device_dir, url, topic_root, "--token", token["enrollment_token"], *run)
+    good_sha = hashlib.sha256(shelf_package.read_bytes()).hexdigest()
+
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 1000)  # the sha256 matches, but it is no model
+    sha = hashlib.sha256(broken.read_bytes()).hexdigest()
+    rollout = {"name": "shelf", "version": "3", "sha256": sha, "url": broken.as_uri(), "canary_share": 1.0}
+    created = httpx.post(f"{url}/v1/edge/rollouts", json=rollout, headers=headers)
+    assert created.status_code == 201, created.text
+    _agent(device_dir, url, topic_root, *run)
+
+    def state() -> str:
+        return httpx.get(f"{url}/v1/edge/rollouts/{created.json()['id']}", headers=headers).json()["state"]
+
+    wait_for(lambda: state() == "rolled_back", what="the rollback")
+    stored = _results(url, key)
+    failed = [r for r in stored if r["kind"] == "status" and r["body"].get("error")]
+    assert len(failed) == 1 and failed[0]["model"]["sha256"] == sha
+    assert "not a model package" in failed[0]["body"]["error"]
+    events = [r for r in stored if r["kind"] != "status"]
+    assert events and all(r["model"]["sha256"] == good_sha for r in events)  # the old model kept running
