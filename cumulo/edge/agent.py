@@ -266,7 +266,10 @@ class Agent:
         if desired.device_id != self.identity.device_id or desired.revision <= self.state.get("revision", -1):
             return  # another device's, or a stale retained copy
         self.state["revision"] = desired.revision
-        self.state["config"] = desired.config
+        if desired.config != self.state.get("config"):
+            self.state["config"] = desired.config
+            if self.model is not None and desired.config.get("planogram"):
+                self.app = self._make_app()  # a new planogram: judge the shelf against it from now on
         if desired.model is not None and (self.model_ref or {}).get("sha256") != desired.model.sha256:
             ref = desired.model.model_dump(exclude={"url"})
             self._publish(UP_REPORTED, KIND_REPORTED, {"state": "downloading", "revision": desired.revision})
