@@ -4,6 +4,11 @@ Reads any model the loader can (GGUF file, Hugging Face directory, catalog name)
 the keep policy allows (default: embeddings, lm_head, norms and routers stay in bf16; `--keep` / `--only` take
 fnmatch patterns on module names) and writes safetensors + config.json with `quantization_config` (block FP8 in
 DeepSeek-V3's layout; see cumulo.formats.checkpoint), plus the tokenizer, so the directory is a model again.
+
+`--calibrate [N|FILE]` rounds with GPTQ (cumulo.formats.gptq) instead of to nearest: each linear's input
+statistics come from N tokens of calibration text (default 8192 from the half of the evaluator's corpus that
+`cumulo eval ppl` never scores, cumulo.evaluation.corpus.calibration_docs) or from a text file. The output has
+the same formats and layouts; only the codes and block scales differ.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+DEFAULT_CALIBRATION_TOKENS = 8192
+CALIBRATION_WINDOW = 512
 MODEL_TYPES = {
     "llama": "llama",
     "qwen2": "qwen2",
@@ -52,6 +59,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--only", action="append", metavar="PATTERN", help="quantize only modules matching these")
     p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    p.add_argument(
+        "--calibrate",
+        nargs="?",
+        const=str(DEFAULT_CALIBRATION_TOKENS),
+        default=None,
+        metavar="N|FILE",
+        help="error-compensating (GPTQ) rounding calibrated on N tokens of the built-in calibration text "
+        f"(default {DEFAULT_CALIBRATION_TOKENS}; disjoint from what 'cumulo eval ppl' scores) or on a UTF-8 "
+        "text FILE; same formats and layouts, better codes",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for the calibration windows' positions (default 0)"
+    )
     p.set_defaults(func=run)
 
 
@@ -60,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from cumulo.formats.schemes import get_scheme
 
     scheme = get_scheme(args.format)  # unknown names fail before the model is read
+    calibrate = _calibration_request(args.calibrate, scheme.element is None)
     out = Path(args.output).expanduser()
     if out.exists() and any(out.iterdir()) and not args.force:
         raise CumuloError(f"{out} is not empty; pass --force to write into it")
@@ -67,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from cumulo.formats.checkpoint import save_packed_state_dict
+    from cumulo.formats.gptq import gptq_quantize
     from cumulo.formats.linear import QuantPolicy
     from cumulo.formats.packed import PackedWeight
     from cumulo.formats.quantize import quantize
@@ -78,6 +100,12 @@ def run(args: argparse.Namespace) -> int:
     bytes_in = bytes_out = 0
     items = list(model.weights.items())
     group_amax = _fused_group_amax(model.weights)
+    quantized = [
+        n
+        for n, t in items
+        if t.dim() == 2 and n.endswith(".weight") and policy.quantizes(n.removesuffix(".weight"))
+    ]
+    calibration = _calibrate(model, quantized, calibrate, args.seed) if calibrate is not None else None
     for name, tensor in tqdm(items, desc=f"convert to {scheme.name}", unit="tensor", mininterval=0.5):
         bytes_in += tensor.numel() * tensor.element_size()
         module = name.removesuffix(".weight")
@@ -87,9 +115,13 @@ def run(args: argparse.Namespace) -> int:
             and name.endswith(".weight")
             and policy.quantizes(module)
         ):
-            value: torch.Tensor | PackedWeight = quantize(
-                tensor, scheme.name, name=name, tensor_amax=group_amax.get(name)
-            )
+            hessian = calibration.hessian_for(name) if calibration is not None else None
+            if hessian is not None:
+                value: torch.Tensor | PackedWeight = gptq_quantize(
+                    tensor, hessian, scheme.name, name=name, tensor_amax=group_amax.get(name)
+                )
+            else:
+                value = quantize(tensor, scheme.name, name=name, tensor_amax=group_amax.get(name))
             assert isinstance(value, PackedWeight)
             bytes_out += value.nbytes
         else:
@@ -103,6 +135,48 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {out}: {scheme.name}, {bytes_out / 1e6:.1f} MB of weights (from {bytes_in / 1e6:.1f} MB fp32)"
     )
     return 0
+
+
+def _calibration_request(value: str | None, uncompressed: bool) -> int | str | None:
+    """--calibrate's value: a token count (int), a text file (str), or None when not asked; bad values fail
+    here, before the model is read."""
+    from cumulo.errors import InvalidRequest
+
+    if value is None:
+        return None
+    if uncompressed:
+        raise InvalidRequest("--calibrate needs a compact format; bf16 has no rounding to calibrate")
+    try:
+        tokens = int(value)
+    except ValueError:
+        if not Path(value).expanduser().is_file():
+            raise InvalidRequest(
+                f"--calibrate {value!r} is neither a token count nor an existing text file"
+            ) from None
+        return value
+    if tokens < 2:
+        raise InvalidRequest(f"--calibrate needs at least 2 tokens, not {tokens}")
+    return tokens
+
+
+def _calibrate(model: Any, quantized: list[str], request: int | str, seed: int) -> Any:
+    """Input statistics of every linear that will be quantized, from the engine's own fp32 module."""
+    import torch
+
+    from cumulo.evaluation.calibration import collect_hessians, module_for, sample_windows
+    from cumulo.evaluation.corpus import calibration_docs, from_file
+    from cumulo.models.registry import build_model
+
+    corpus = from_file(request) if isinstance(request, str) else calibration_docs()
+    tokens = DEFAULT_CALIBRATION_TOKENS if isinstance(request, str) else request
+    ids = model.tokenizer.encode(corpus.text)
+    window = min(CALIBRATION_WINDOW, model.config.max_position_embeddings)
+    spans = sample_windows(len(ids), tokens, window, seed)
+    module = build_model(model.config, dict(model.weights), torch.float32)
+    calibration = collect_hessians(module, ids, spans, {module_for(n) for n in quantized})
+    del module
+    print(f"calibrated on {calibration.tokens} tokens ({calibration.windows} windows) of {corpus.source}")
+    return calibration
 
 
 def _config_json(model: Any, out: Path) -> dict[str, Any]:

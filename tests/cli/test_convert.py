@@ -77,3 +77,72 @@ def test_config_built_for_gguf_sources_reads_back_as_the_same_model_config(tiny_
         "tie_word_embeddings",
     ):
         assert getattr(again, field) == getattr(config, field), field
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def test_convert_calibrate_writes_the_same_layout_with_other_codes_and_serves(
+    tiny_llama: Path, tmp_path: Path, capsys
+) -> None:
+    rtn, gptq = tmp_path / "rtn", tmp_path / "gptq"
+    assert main(["convert", str(tiny_llama), "-f", "nvfp4", "-o", str(rtn)]) == 0
+    assert main(["convert", str(tiny_llama), "-f", "nvfp4", "-o", str(gptq), "--calibrate", "300"]) == 0
+    assert "calibrated on" in capsys.readouterr().out
+    a, b = _tensors(rtn), _tensors(gptq)
+    assert a.keys() == b.keys()
+    assert all((a[k].shape, a[k].dtype) == (b[k].shape, b[k].dtype) for k in a)
+    assert json.loads((rtn / "config.json").read_text()) == json.loads((gptq / "config.json").read_text())
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(a[q].view(torch.uint8), b[q].view(torch.uint8))  # GPTQ chose other codes
+    # q/k/v still share NVFP4's tensor scale, so the engine can join them exactly on load
+    scale2 = [b[f"model.layers.0.self_attn.{p}_proj.weight_scale_2"] for p in "qkv"]
+    assert torch.equal(scale2[0], scale2[1]) and torch.equal(scale2[0], scale2[2])
+    assert main(["generate", str(gptq), "hello", "--max-tokens", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"] is not None
+
+
+def test_convert_calibrate_is_deterministic(tiny_llama: Path, tmp_path: Path) -> None:
+    for run in ("a", "b"):
+        args = ["convert", str(tiny_llama), "-f", "mxfp4", "-o", str(tmp_path / run), "--calibrate", "200"]
+        assert main([*args, "--seed", "3"]) == 0
+    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert all(
+        torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a if a[k].dtype.itemsize == 1
+    )
+
+
+def test_convert_calibrate_reads_a_text_file(tiny_llama: Path, tmp_path: Path, capsys) -> None:
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "o"
+    assert (
+        main(["convert", str(tiny_llama), "-f", "ue8m0-fp8", "-o", str(out), "--calibrate", str(text)]) == 0
+    )
+    assert str(text) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-f", "mxfp4", "--calibrate", "1"], "at least 2 tokens"),
+        (
+            ["-f", "mxfp4", "--calibrate", "no/such/file.txt"],
+            "neither a token count nor an existing text file",
+        ),
+        (["-f", "bf16", "--calibrate"], "--calibrate needs a compact format"),
+    ],
+)
+def test_convert_calibrate_bad_values_are_one_line_errors(
+    tiny_llama: Path, tmp_path: Path, capsys, args: list[str], message: str
+) -> None:
+    assert main(["convert", str(tiny_llama), "-o", str(tmp_path / "x"), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()  # refused before anything was read or written

@@ -1,0 +1,174 @@
+"""Formats accuracy side by side with llama.cpp's own quantizers, on the same source and the same evaluator.
+
+    python -m bench.formats.accuracy [--ppl-tokens 4096] [--formats ue8m0-fp8,mxfp8,mxfp4,nvfp4]
+                                     [--llama Q8_0,Q4_0,Q4_K] [--calibrate 8192] [--threads 2]
+
+There is no 16-bit SmolLM2 offline, so every system starts from the same file: the catalog's Q4_1 GGUF (the
+"source"). llama.cpp requantizes it with `llama-quantize --allow-requantize` (from the anchors' build,
+bench/anchors.py) to Q8_0, Q4_0 and Q4_K; Cumulo converts it with `cumulo convert` to each format twice, by
+round-to-nearest and with `--calibrate` (GPTQ, cumulo.formats.gptq). Every file is then scored by the same
+evaluator, `cumulo eval ppl --dtype float32` (fp32 activations, context 512, stride 256, the first --ppl-tokens
+tokens of the CPython reference-manual prose), each in a fresh process. Calibration reads the other half of
+that text (cumulo.evaluation.corpus.calibration_docs), never the scored tokens. Prints one table of perplexity
+and delta against the source, writes JSON to bench/results/ and a plot to docs/img/formats-accuracy-llama.png.
+Run it under `nice -n 19` on a shared host; it measures no time, so the load changes only how long it takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.anchors import locate
+from bench.common import REPO_DIR, RESULTS_DIR, log, model_path, thread_env
+
+PLOT_PATH = REPO_DIR / "docs" / "img" / "formats-accuracy-llama.png"
+TIMEOUT_S = 3600
+
+
+def cumulo(args: list[str], threads: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "cumulo.cli.main", *args]
+    return subprocess.run(cmd, env=thread_env(threads), cwd=REPO_DIR, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)  # fmt: skip
+
+
+def perplexity(model: Path, tokens: int, threads: int) -> dict:
+    done = cumulo(
+        ["eval", "ppl", str(model), "--dtype", "float32", "--max-tokens", str(tokens), "--json"], threads
+    )
+    if done.returncode != 0:
+        return {"error": done.stderr.strip()[-400:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def llama_quantize(binary: Path, source: Path, kind: str, out: Path) -> str | None:
+    """Requantize `source` to `kind` with llama.cpp's own tool; an error message, or None."""
+    done = subprocess.run([str(binary), "--allow-requantize", str(source), str(out), kind],
+                          capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    return None if done.returncode == 0 and out.exists() else done.stderr.strip()[-400:]
+
+
+def file_bytes(path: Path) -> int:
+    return (
+        path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--ppl-tokens", type=int, default=4096, help="tokens scored (default 4096, as eval ppl)"
+    )
+    parser.add_argument("--formats", default="ue8m0-fp8,mxfp8,mxfp4,nvfp4")
+    parser.add_argument("--llama", default="Q8_0,Q4_0,Q4_K", help="llama-quantize types ('' = none)")
+    parser.add_argument("--calibrate", default="8192", help="tokens (or a text file) for --calibrate")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default=None, help="source GGUF (default: the catalog's SmolLM2 Q4_1)")
+    args = parser.parse_args(argv)
+    source = model_path(args.model)
+    rows: list[dict] = []
+
+    def score(label: str, system: str, path: Path, **extra: object) -> None:
+        log(f"scoring {label} ...")
+        start = time.perf_counter()
+        row = {"label": label, "system": system, "bytes": file_bytes(path), **extra}
+        row.update(perplexity(path, args.ppl_tokens, args.threads))
+        row["wall_seconds"] = time.perf_counter() - start
+        rows.append(row)
+        log(f"  {label}: {row.get('perplexity', row.get('error'))}")
+
+    score("source (Q4_1)", "source", source)
+    with tempfile.TemporaryDirectory(prefix="cumulo-accuracy-") as tmp:
+        for fmt in [f for f in args.formats.split(",") if f]:
+            for calibrated in (False, True):
+                out = Path(tmp) / (fmt + ("-gptq" if calibrated else ""))
+                extra = ["--calibrate", args.calibrate] if calibrated else []
+                label = f"Cumulo {fmt}" + (" GPTQ" if calibrated else " RTN")
+                log(f"converting {label} ...")
+                start = time.perf_counter()
+                done = cumulo(["convert", str(source), "-f", fmt, "-o", str(out), *extra], args.threads)
+                if done.returncode != 0:
+                    rows.append({"label": label, "system": "cumulo", "error": done.stderr.strip()[-400:]})
+                    continue
+                score(label, "cumulo", out, format=fmt, calibrated=calibrated,
+                      convert_seconds=time.perf_counter() - start)  # fmt: skip
+        # llama.cpp last: the anchors' build may still be running when the Cumulo conversions start.
+        kinds = [k for k in args.llama.split(",") if k]
+        binary = (locate().server.parent / "llama-quantize") if kinds else None
+        for kind in kinds:
+            assert binary is not None
+            if not binary.exists():
+                rows.append(
+                    {"label": f"llama.cpp {kind}", "system": "llama.cpp", "error": f"{binary} missing"}
+                )
+                continue
+            out = Path(tmp) / f"{kind}.gguf"
+            error = llama_quantize(binary, source, kind, out)
+            if error:
+                rows.append({"label": f"llama.cpp {kind}", "system": "llama.cpp", "error": error})
+                continue
+            score(f"llama.cpp {kind}", "llama.cpp", out)
+    base = rows[0].get("perplexity")
+    for r in rows:
+        if base and r.get("perplexity"):
+            r["delta_pct"] = (r["perplexity"] / base - 1) * 100
+    print_table(rows)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    json_path = RESULTS_DIR / f"formats-accuracy-{stamp}.json"
+    json_path.write_text(
+        json.dumps({"settings": vars(args), "source": str(source), "rows": rows}, indent=2) + "\n"
+    )
+    plot(rows, PLOT_PATH)
+    print(f"\nwrote {json_path} and {PLOT_PATH}")
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| system | size | perplexity | delta vs source |\n|---|---|---|---|")
+    for r in rows:
+        if "perplexity" not in r:
+            print(f"| {r['label']} | – | error: {r.get('error', '?')[:80]} | – |")
+            continue
+        delta = f"{r['delta_pct']:+.2f}%" if "delta_pct" in r and r["system"] != "source" else "–"
+        print(f"| {r['label']} | {r['bytes'] / 1e6:.1f} MB | {r['perplexity']:.3f} | {delta} |")
+    if rows and "source_sha256" in rows[0]:
+        first = rows[0]
+        print(
+            f"\ntext: {first['source']} ({first['source_sha256'][:19]}...), {first['tokens']} tokens scored"
+        )
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Horizontal bars of perplexity delta per system, llama.cpp and Cumulo RTN / GPTQ in their own colours."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no plot")
+        return
+    shown = [r for r in rows if "delta_pct" in r and r["system"] != "source"]
+    colours = {"llama.cpp": "tab:gray", False: "tab:orange", True: "tab:blue"}
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(shown) + 1.2))
+    labels = [r["label"] for r in shown][::-1]
+    values = [r["delta_pct"] for r in shown][::-1]
+    keys = [r["system"] if r["system"] == "llama.cpp" else r.get("calibrated") for r in shown][::-1]
+    ax.barh(labels, values, color=[colours[k] for k in keys])
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:+.1f}%", va="center", fontsize=8)
+    ax.set_xlabel("perplexity vs source Q4_1 GGUF (%; lower is better)")
+    ax.set_title("SmolLM2-135M: llama.cpp requantized (grey), Cumulo RTN (orange), GPTQ (blue)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
