@@ -1,7 +1,7 @@
 """`cumulo edge ...`: the edge fleet from the command line, on the service database (found as `cumulo admin`
 finds it). enroll prints a device's one-time token; devices, deploy, rollouts and results mirror the
 /v1/edge API. A running gateway publishes the desired states that `deploy` writes on its next pass.
-`cumulo edge agent` (the device side) lives in `cumulo.cli.edge_agent` and is imported only when run.
+`cumulo edge agent` (the device side) lives in `cumulo.cli.edge_agent`; its own imports wait until it runs.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import json
 import time
 from typing import Any
 
+from cumulo.cli import edge_agent
 from cumulo.cli.database import service_sessions
-from cumulo.errors import CumuloError, NotFound
+from cumulo.errors import NotFound
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,9 +61,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     found.add_argument("--limit", type=int, default=100)
     found.set_defaults(func=cmd_results)
 
-    agent = verbs.add_parser("agent", add_help=False, help="run the device agent (see its --help)")
-    agent.add_argument("rest", nargs=argparse.REMAINDER)
-    agent.set_defaults(func=cmd_agent)
+    agent = verbs.add_parser(
+        "agent",
+        help="run the device agent on this machine",
+        description=(edge_agent.__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    edge_agent.add_arguments(agent)  # the agent's own heavy imports wait until it runs
+    agent.set_defaults(func=edge_agent.run)
 
 
 def _org_id(session: Any, name: str) -> int:
@@ -208,13 +214,3 @@ def cmd_results(args: argparse.Namespace) -> int:
         for row, device_id in rows:
             print(json.dumps(results.view(row, device_id)))
     return 0
-
-
-def cmd_agent(args: argparse.Namespace) -> int:
-    try:
-        agent = importlib.import_module("cumulo.cli.edge_agent")
-    except ModuleNotFoundError as error:
-        if error.name != "cumulo.cli.edge_agent":
-            raise
-        raise CumuloError("the edge agent is not part of this installation yet") from None
-    return int(agent.main(args.rest) or 0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import pytest
 from fastapi.testclient import TestClient
 
 from cumulo.cli.main import main
@@ -61,3 +62,15 @@ def test_edge_mistakes_are_one_line_errors(data_dir, capsys):
     assert main(["edge", "enroll", "--org", "acme", "--device-id", "a/b", *d]) == 1
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and "nobody" in errors[0] and "sha256" in errors[1] and "a/b" in errors[2]
+
+
+def test_edge_agent_takes_its_options_through_cumulo_edge(data_dir, capsys):
+    """`cumulo edge agent` is the agent's own parser: --help lists its options, a bad source is one line."""
+    with pytest.raises(SystemExit) as stop:
+        main(["edge", "agent", "--help"])
+    assert stop.value.code == 0
+    assert "--server" in capsys.readouterr().out
+    code = main(["--data-dir", str(data_dir), "edge", "agent", "--source", "no-such-thing", "--frames", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err.count("\n") == 0 and "no-such-thing" in err
