@@ -1,0 +1,98 @@
+"""The benchmark MoE model's shape, and the bytes a decode step must read: the bandwidth roof's numerator.
+
+A mixture-of-experts token reads only its `top_k` experts of each sparse layer, so the roof is set by the ACTIVE
+bytes (attention, router, norms, the chosen experts, one embedding row, the whole lm_head), not the file size.
+Standard library only: the driver imports it before any system starts, and the tests check its arithmetic.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+VOCAB = 49152  # SmolLM2's tokenizer, which the GGUF carries so llama.cpp can load it
+
+
+@dataclass(frozen=True, slots=True)
+class MoeSpec:
+    """A Qwen3-MoE shape. The default is sized for a 2-core, 24 GiB machine shared by others (see docs):
+    about 0.67 B weights (0.7 GB as Q8_0 or FP8, 20x the 32 MiB L3, so a token's experts are never cached from
+    the previous token's) loaded through 2.7 GB of fp32 in the one process that converts them, and about 0.14 B
+    weights read per token, of which the experts are the largest part."""
+
+    hidden: int = 1024
+    layers: int = 6
+    heads: int = 16
+    kv_heads: int = 4
+    head_dim: int = 64
+    num_experts: int = 64
+    top_k: int = 8
+    moe_intermediate: int = 512
+    vocab: int = VOCAB
+    context: int = 4096
+    rms_eps: float = 1e-6
+    rope_theta: float = 1e6
+
+    @classmethod
+    def quick(cls) -> MoeSpec:
+        """A smoke-run shape (still beyond the L3 cache, but loads in seconds)."""
+        return cls(layers=2, num_experts=32, moe_intermediate=256)
+
+    def as_dict(self) -> dict[str, int | float]:
+        return asdict(self)
+
+    def params(self) -> dict[str, int]:
+        """Weights by part, total (every expert) and per token (top_k experts, one embedding row, tied lm_head)."""
+        h, L = self.hidden, self.layers
+        attn = h * (self.heads + 2 * self.kv_heads) * self.head_dim + self.heads * self.head_dim * h
+        expert = 3 * h * self.moe_intermediate
+        norms = 2 * h + 2 * self.head_dim
+        router = self.num_experts * h
+        embed = self.vocab * h
+        total = L * (attn + norms + router + self.num_experts * expert) + embed + h
+        active = (
+            L * (attn + norms + router + self.top_k * expert) + h + embed + h
+        )  # row + lm_head + final norm
+        return {"total": total, "active": active, "experts_active": L * self.top_k * expert}
+
+
+def distinct_experts(num_experts: int, top_k: int, tokens: int) -> float:
+    """Expected experts a layer touches for `tokens` tokens routed uniformly at random (each token picks
+    `top_k` distinct ones): E * (1 - (1 - k/E)^T). Random weights route close to uniformly."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+_EXPERT_HF = re.compile(r"\.mlp\.experts\.\d+\.")
+_EXPERT_GGUF = re.compile(r"\.ffn_(gate|up|down|gate_up)_exps\.")
+
+
+def active_bytes(
+    tensor_bytes: Mapping[str, int], *, num_experts: int, top_k: int, vocab: int, tokens: int = 1
+) -> dict[str, float]:
+    """Bytes one decode step reads for `tokens` sequences, by part, from the bytes of each stored tensor.
+
+    Names may be Hugging Face's (`model.layers.3.mlp.experts.17.down_proj.weight`, `lm_head.weight`) or GGUF's
+    (`blk.3.ffn_down_exps.weight` with all experts stacked, `output.weight`): expert tensors count
+    distinct_experts(E, k, tokens) / E of their bytes; the embedding counts `tokens` rows; the lm_head is read
+    whole, and where there is none (tied) the embedding matrix is read whole as the lm_head. Everything else
+    (attention, norms, router) is read once per step whatever the batch.
+    """
+    share = distinct_experts(num_experts, top_k, tokens) / num_experts
+    parts = {"attention+norms+router": 0.0, "experts": 0.0, "embedding_rows": 0.0, "lm_head": 0.0}
+    embedding = lm_head = None
+    for name, nbytes in tensor_bytes.items():
+        if _EXPERT_HF.search(name) or _EXPERT_GGUF.search("." + name):
+            parts["experts"] += nbytes * share
+        elif name.startswith(("model.embed_tokens", "token_embd")):
+            embedding = nbytes
+        elif name.startswith(("lm_head", "output.")):
+            lm_head = nbytes
+        else:
+            parts["attention+norms+router"] += nbytes
+    if embedding is None:
+        raise ValueError("no embedding tensor (model.embed_tokens or token_embd) among the tensors")
+    parts["embedding_rows"] = embedding / vocab * min(tokens, vocab)
+    parts["lm_head"] = float(lm_head if lm_head is not None else embedding)
+    parts["total"] = sum(parts.values())
+    return parts
