@@ -155,7 +155,9 @@ class TrainEvent:
     kind: Literal["step", "checkpoint", "message"]
     step: int
     total_steps: int
-    trained_tokens: int  # weight-1 assistant tokens seen so far (what is billed)
+    # tokens of the examples processed so far, prompts and answers, every epoch: OpenAI's `trained_tokens`,
+    # what is billed (a whole run bills ValidationReport.n_tokens * n_epochs)
+    trained_tokens: int
     train_loss: float | None = None
     valid_loss: float | None = None
     checkpoint_dir: Path | None = None

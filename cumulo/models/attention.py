@@ -7,7 +7,8 @@ beyond the gather itself. Multi-head latent attention layers (DeepSeek-V3, `cumu
 tensor per layer instead, [num_blocks, block_size, latent_dim]: each token's compressed latent and its shared
 rotary key, which every head reads. Decode tokens (one query each) are batched together; prefill chunks run one
 sequence at a time. With `kv_cache=None` the context is a single causal sequence (used by perplexity and parity
-checks, where no cache is wanted).
+checks, where no cache is wanted), or, with `segment_ids`, several packed examples that attend only within
+themselves (fine-tuning packs short examples this way; positions restart at 0 in each).
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ class AttentionContext:
     paged_decode_attention: Callable[..., torch.Tensor] | None = None
     # Masks depend only on the step (and a layer's window), not the layer: built once, reused by every layer.
     masks: dict[tuple[str, int, int | None], torch.Tensor] = field(default_factory=dict)
+    # Only with kv_cache=None: [T] long, which packed example each token belongs to (training packs short
+    # examples into one sequence); attention stays inside an example. None: the T tokens are one sequence.
+    segment_ids: torch.Tensor | None = None
 
 
 def _write_cache(k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, layer: int) -> None:
@@ -156,6 +160,7 @@ def _prefill(
     window: int | None,
     masks: dict | None = None,
     chunk: int = 0,
+    segment_ids: torch.Tensor | None = None,  # [n]: packed examples, block-diagonal causal (no cache)
 ) -> torch.Tensor:
     n, heads, dim = q.shape
     kv_heads, keys, _ = k.shape
@@ -163,6 +168,9 @@ def _prefill(
     mask = None if masks is None else masks.get(("prefill", chunk, window))
     if mask is None:
         mask = _prefill_mask(n, keys, group, window, q.device)
+        if segment_ids is not None:  # a token sees only earlier tokens of its own example
+            same = segment_ids[:, None] == segment_ids[None, :]  # [n, n]
+            mask = mask & same.repeat(group, 1)[None, None]
         if masks is not None:
             masks[("prefill", chunk, window)] = mask
     # queries ordered (kv_head, group, position) so each kv head serves its group with one matmul
@@ -182,7 +190,10 @@ def paged_attention(
 ) -> torch.Tensor:
     if ctx.kv_cache is None:
         assert k is not None and v is not None
-        return _prefill(q, k.transpose(0, 1), v.transpose(0, 1), scale, window)
+        if ctx.segment_ids is None:
+            return _prefill(q, k.transpose(0, 1), v.transpose(0, 1), scale, window)
+        # packed examples: one mask per step and window, shared by every layer
+        return _prefill(q, k.transpose(0, 1), v.transpose(0, 1), scale, window, ctx.masks, 0, ctx.segment_ids)
     if k is not None and v is not None:
         _write_cache(k, v, ctx, layer)
     nd = ctx.num_decode
