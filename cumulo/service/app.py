@@ -15,12 +15,15 @@ from cumulo.service.api.routes import (
     deployments,
     edge,
     edge_devices,
+    files,
+    fine_tuning,
     health,
     labels,
     models,
     usage,
 )
 from cumulo.service.edge.lifespan import build_fleet, with_edge
+from cumulo.service.finetune.lifespan import with_finetune
 from cumulo.service.settings import Settings
 from cumulo.service.state import build_state, lifespan
 
@@ -32,12 +35,15 @@ def create_app(settings: Settings, engines: dict[str, EngineClient]) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        lifespan=with_edge(lifespan),
+        lifespan=with_finetune(with_edge(lifespan)),
     )
     app.state.service = build_state(settings, engines)
     app.state.edge = build_fleet(app.state.service)
     errors.install(app)
-    app.add_middleware(errors.BodyLimit, max_bytes=settings.max_body_bytes)
-    for module in (models, chat, completions, usage, labels, admin, deployments, health, edge_devices, edge):
+    # Uploads of training files may be larger than any other body.
+    uploads = {"/v1/files": settings.finetune_max_file_bytes + (1 << 20)}
+    app.add_middleware(errors.BodyLimit, max_bytes=settings.max_body_bytes, larger=uploads)
+    routers = (models, chat, completions, usage, labels, admin, deployments, health, edge_devices, edge)
+    for module in (*routers, files, fine_tuning):
         app.include_router(module.router)
     return app

@@ -45,6 +45,16 @@ class Settings:
     edge_session_expiry_seconds: int = 3600
     edge_check_seconds: float = 2.0
     edge_enroll_ttl_seconds: float = 86400.0
+    # Fine-tuning (docs/finetune.md): local worker processes the gateway starts (`from_env` makes it 1 for
+    # `cumulo serve`; tests start workers themselves), the largest upload, how often a worker beats while it
+    # holds a job, when a silent one is taken for dead (its job requeued), how many starts a job gets, and which
+    # base models may be tuned: {name clients give: what the worker loads}; served models are added by name.
+    finetune_workers: int = 0
+    finetune_max_file_bytes: int = 512 * 1024 * 1024
+    finetune_heartbeat_seconds: float = 5.0
+    finetune_stale_seconds: float = 60.0
+    finetune_max_attempts: int = 3
+    finetune_models: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -80,6 +90,11 @@ class Settings:
             variable = f"CUMULO_{name.upper()}"
             if env.get(variable):
                 values[name] = _float(variable, env[variable])
+        values["finetune_workers"] = _int(
+            "CUMULO_FINETUNE_WORKERS", env.get("CUMULO_FINETUNE_WORKERS") or "1"
+        )
+        if env.get("CUMULO_FINETUNE_MODELS"):
+            values["finetune_models"] = _pairs("CUMULO_FINETUNE_MODELS", env["CUMULO_FINETUNE_MODELS"])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
@@ -89,6 +104,17 @@ def _int(name: str, value: str) -> int:
         return int(value)
     except ValueError as exc:
         raise InvalidRequest(f"{name} must be an integer, got {value!r}") from exc
+
+
+def _pairs(name: str, value: str) -> dict[str, str]:
+    """`a=/models/a,b=smollm2-135m` -> {"a": "/models/a", "b": "smollm2-135m"}."""
+    pairs = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        model, sep, source = item.partition("=")
+        if not sep or not model.strip() or not source.strip():
+            raise InvalidRequest(f"{name} must be NAME=SOURCE pairs separated by commas, got {item!r}")
+        pairs[model.strip()] = source.strip()
+    return pairs
 
 
 def _float(name: str, value: str) -> float:

@@ -149,17 +149,19 @@ class CatchUnexpected:
 class BodyLimit:
     """ASGI middleware: refuse bodies over `max_bytes` with 413, by Content-Length or while streaming in."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, larger: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.larger = larger or {}  # path -> its own limit (file uploads)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.larger.get(scope.get("path", ""), self.max_bytes)
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._refuse(send)
+            if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
+                await self._refuse(send, max_bytes)
                 return
         seen = 0
 
@@ -168,17 +170,17 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > max_bytes:
                     # FastAPI re-raises HTTPExceptions from body reading, so this reaches `_http` as a 413.
-                    raise HTTPException(413, f"request body larger than {self.max_bytes} bytes")
+                    raise HTTPException(413, f"request body larger than {max_bytes} bytes")
             return message
 
         await self.app(scope, limited, send)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, send: Send, max_bytes: int) -> None:
         response = JSONResponse(
             error_body(
-                f"request body larger than {self.max_bytes} bytes",
+                f"request body larger than {max_bytes} bytes",
                 "invalid_request_error",
                 "request_too_large",
             ),

@@ -1,15 +1,19 @@
-"""GET /v1/models: the models this key's plan may use, each with its seal."""
+"""GET /v1/models: the models this key's plan may use, each with its seal, and the organisation's fine-tuned
+models (with `parent`, the base they were tuned from; serving them needs multi-LoRA, which comes next)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
+from starlette.concurrency import run_in_threadpool
 
 from cumulo.contracts import EngineClient
 from cumulo.errors import ModelNotFound
 from cumulo.service.api.deps import Caller, State
 from cumulo.service.api.schemas import MAX_NAME
+from cumulo.service.finetune import jobs
+from cumulo.service.state import ServiceState
 
 router = APIRouter()
 
@@ -26,11 +30,29 @@ def _card(name: str, engine: EngineClient, created: int) -> dict[str, Any]:
     }
 
 
+async def _tuned(state: ServiceState, org_id: int) -> list[dict[str, Any]]:
+    def read() -> list[dict[str, Any]]:
+        with state.sessions() as session:
+            done = jobs.succeeded_models(session, org_id)
+        return [
+            {
+                "id": job.fine_tuned_model,
+                "object": "model",
+                "created": int(job.finished_at or job.created_at),
+                "owned_by": "organization-owner",
+                "parent": job.model,
+            }
+            for job in done
+        ]
+
+    return await run_in_threadpool(read)
+
+
 @router.get("/v1/models")
 async def list_models(state: State, principal: Caller) -> dict[str, Any]:
     created = int(state.started_at)
     data = [_card(n, e, created) for n, e in state.engines.items() if principal.plan.allows(n)]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": data + await _tuned(state, principal.org_id)}
 
 
 @router.get("/v1/models/{model:path}")
