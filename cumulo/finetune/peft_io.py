@@ -143,3 +143,13 @@ def targets_of(directory: Path) -> tuple[tuple[str, ...], int, float]:
     if not set(targets) <= known:
         raise InvalidModel(f"{directory}: unsupported target modules {sorted(set(targets) - known)}")
     return tuple(targets), int(config["r"]), float(config["lora_alpha"])
+
+
+def attach_adapter(model, directory: Path, base_seal: str | None = None) -> dict[str, LoRALinear]:
+    """Wrap `model`'s linears as the saved adapter says and load its weights: the model now answers with it."""
+    from cumulo.finetune.lora import apply_lora
+
+    targets, rank, alpha = targets_of(directory)
+    wrapped = apply_lora(model, rank, alpha, targets)
+    load_into(directory, wrapped, base_seal)
+    return wrapped
