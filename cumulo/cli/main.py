@@ -24,6 +24,7 @@ VERB_MODULES = [
     "cluster",
     "admin",
     "edge",
+    "finetune",
     "convert",
     "evaluate",
     "chips",
