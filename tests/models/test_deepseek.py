@@ -73,10 +73,11 @@ def test_loaded_config_and_logits_match_transformers(pair) -> None:
 
 
 def test_engine_greedy_batch_across_kv_blocks_matches_transformers(pair) -> None:
-    """Three sequences at once, prompts of 3 to 10 blocks of 4 tokens, 12 decodes each (absorbed form)."""
+    """Three sequences at once, prompts of 3 to 10 blocks of 4 tokens prefilled in chunks of at most 16 tokens
+    beside the others' decodes, then 12 decodes each (absorbed form)."""
     hf, path = pair
     prompts = _prompts([11, 26, 40])
-    outs = _engine(path).generate(prompts, _greedy(12))
+    outs = _engine(path, max_num_batched_tokens=16).generate(prompts, _greedy(12))
     for prompt, out in zip(prompts, outs, strict=True):
         tokens, ref_logprobs = _hf_greedy(hf, prompt, 12)
         assert out.token_ids == tokens
