@@ -128,7 +128,10 @@ def main(argv: list[str] | None = None) -> None:
 
     systems: dict[str, dict] = {}
     log("[baseline] torch + engine, no model ...")
-    systems["baseline"] = run_child([str(PROJECT_PYTHON), "-m", "bench.moe.worker", "baseline"], args.threads)
+    systems["baseline"] = run_child(
+        [str(PROJECT_PYTHON), "-m", "bench.moe.worker", "baseline", "--threads", str(args.threads)],
+        args.threads,
+    )
     log(f"[cumulo moe {args.format}] ...")
     systems["cumulo"] = cumulo(model, args.format, args, args.batches, tokens)
     log("[llama.cpp] ...")

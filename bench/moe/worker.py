@@ -19,21 +19,46 @@ from pathlib import Path
 from bench.common import print_result, prompt_token_ids, vm_hwm_mib
 
 
-def rss_mib() -> float:
+def rss_mib(key: str = "VmRSS") -> float:
+    """Resident memory now (VmRSS), or its anonymous (RssAnon: heap, tensors) or file-backed (RssFile) part."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
-def _runtime() -> None:
+def trimmed_rss_mib() -> float:
+    """RSS after glibc hands freed heap back to the OS (malloc_trim): what the load's transients leave behind
+    only because the allocator keeps them, told apart from memory still in use."""
+    import ctypes  # noqa: PLC0415
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return rss_mib()
+
+
+def _runtime(threads: int) -> None:
     """Imports and wakes what every run pays for before a model exists: torch, its thread pool, the engine."""
     import torch  # noqa: PLC0415
 
     import cumulo.engine.llm  # noqa: F401, PLC0415
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.ones(256, 256) @ torch.ones(256, 256)  # starts the OpenMP pool and the BLAS
+
+
+def resident_bytes(address: int, nbytes: int) -> int:
+    """Bytes of [address, address + nbytes) that are in RAM (mincore): the KV cache is allocated untouched on
+    CPUs, so only the blocks a run wrote to are resident, and those are what the memory target counts."""
+    import ctypes  # noqa: PLC0415
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = address - address % page
+    pages = (address + nbytes - start + page - 1) // page
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * page), vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(v & 1 for v in vec) * page
 
 
 def tensor_bytes(module: object) -> dict[str, int]:
@@ -58,7 +83,7 @@ def tensor_bytes(module: object) -> dict[str, int]:
 
 
 def run_cumulo(args: argparse.Namespace) -> dict[str, object]:
-    _runtime()
+    _runtime(args.threads)
     from cumulo.contracts import SamplingParams  # noqa: PLC0415
     from cumulo.engine.llm import LLM  # noqa: PLC0415
 
@@ -72,8 +97,8 @@ def run_cumulo(args: argparse.Namespace) -> dict[str, object]:
     result["tensor_bytes"] = tensor_bytes(module)
     kv = llm.engine.kv_cache
     kv_tensors = kv.k + kv.v + kv.latent
-    result["kv_allocated_bytes"] = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                                        for t in kv_tensors}.values())  # fmt: skip
+    kv_storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kv_tensors}
+    result["kv_allocated_bytes"] = sum(kv_storages.values())
     result["rss_after_load_mib"] = rss_mib()
 
     def decode(batch: int, n: int, seed: int) -> float:
@@ -92,13 +117,20 @@ def run_cumulo(args: argparse.Namespace) -> dict[str, object]:
         for b in (int(x) for x in args.batches.split(","))
     }
     result["rss_after_decode_mib"] = rss_mib()
+    result["kv_touched_bytes"] = sum(resident_bytes(a, n) for a, n in kv_storages.items())
+    result["rss_anon_mib"], result["rss_file_mib"] = rss_mib("RssAnon"), rss_mib("RssFile")
     result["peak_rss_mib"] = vm_hwm_mib(os.getpid())
+    result["rss_after_trim_mib"] = trimmed_rss_mib()
     return result
 
 
 def run_baseline(args: argparse.Namespace) -> dict[str, object]:
-    _runtime()
-    return {"rss_mib": rss_mib(), "peak_rss_mib": vm_hwm_mib(os.getpid())}
+    _runtime(args.threads)
+    return {
+        "rss_mib": rss_mib(),
+        "peak_rss_mib": vm_hwm_mib(os.getpid()),
+        "rss_after_trim_mib": trimmed_rss_mib(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
