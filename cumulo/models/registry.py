@@ -76,8 +76,14 @@ def _swap_packed(
     for name in [n for n, t in state.items() if isinstance(t, PackedWeight)]:
         module_name = name.removesuffix(".weight")
         parent_name, _, child = module_name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
+        try:
+            parent = model.get_submodule(parent_name)
+            old = getattr(parent, child)
+        except AttributeError:
+            # Not part of the served model: DeepSeek-V3's multi-token-prediction layer (model.layers.61.*) is
+            # stored in FP8 beside the 61 decoder layers. Dropped, as plain tensors the model lacks are.
+            state.pop(name)
+            continue
         packed = state.pop(name)
         if tuple(packed.shape) != (old.out_features, old.in_features):
             raise InvalidModel(

@@ -12,6 +12,7 @@ import torch
 from cumulo.contracts import SamplingParams
 from cumulo.engine.kv_sizing import kv_elements_per_token
 from cumulo.engine.llm import LLM
+from cumulo.formats.quantize import quantize
 from cumulo.models.attention import AttentionContext, KVCache, PrefillChunk
 from cumulo.models.loader import load
 from cumulo.models.registry import build_model
@@ -239,3 +240,20 @@ def test_block_fp8_checkpoint_loads_packed_and_matches_transformers_on_the_dequa
         assert out.token_ids == tokens
         for got, ref in zip(out.logprobs, ref_logprobs, strict=True):
             torch.testing.assert_close(torch.tensor(got.logprob), ref.max(), atol=1e-3, rtol=0)
+
+
+def test_a_packed_tensor_the_model_lacks_is_dropped_not_a_crash(pair) -> None:
+    """DeepSeek-V3 checkpoints carry a multi-token-prediction layer (model.layers.61.*, partly FP8) that the
+    served model does not run: loading ignores it, packed or not, as it ignores any tensor the model lacks."""
+    _, path = pair
+    loaded = load(str(path))
+    extra = f"model.layers.{loaded.config.num_hidden_layers}.mlp.down_proj.weight"
+    weights = dict(loaded.weights)
+    weights[extra] = quantize(torch.randn(64, 128), "ue8m0-fp8")
+    with_extra = build_model(loaded.config, weights)
+    plain = build_model(loaded.config, loaded.weights)
+    ids = torch.tensor([3, 1, 4, 1, 5])
+    with torch.no_grad():
+        a = with_extra.compute_logits(with_extra(ids, torch.arange(5), AttentionContext(kv_cache=None)))
+        b = plain.compute_logits(plain(ids, torch.arange(5), AttentionContext(kv_cache=None)))
+    assert torch.equal(a, b)
