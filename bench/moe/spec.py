@@ -16,10 +16,10 @@ VOCAB = 49152  # SmolLM2's tokenizer, which the GGUF carries so llama.cpp can lo
 
 @dataclass(frozen=True, slots=True)
 class MoeSpec:
-    """A Qwen3-MoE shape. The default is sized for a 2-core, 24 GiB machine shared by others (see docs):
-    about 0.67 B weights (0.7 GB as Q8_0 or FP8, 20x the 32 MiB L3, so a token's experts are never cached from
-    the previous token's) loaded through 2.7 GB of fp32 in the one process that converts them, and about 0.14 B
-    weights read per token, of which the experts are the largest part."""
+    """A Qwen3-MoE shape. The default is sized for a 2-core, 24 GiB machine shared by others (docs/benchmarks.md):
+    0.67 B weights (0.7 GB as Q8_0 or FP8: the experts alone are 19x the 32 MiB L3, so the 8 of 64 experts a
+    token picks were almost never read by the previous token), 0.14 B of them read per token; converting on load
+    goes through 2.7 GB of fp32 (the serving process peaks at about 4.6 GB), which is what caps the size."""
 
     hidden: int = 1024
     layers: int = 6
