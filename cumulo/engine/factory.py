@@ -65,7 +65,7 @@ def build_for_use(
     16-bit copy) and what stays dense then cast to `dtype`; the platform's kernels attached. `threads`: the
     CPU's kernel threads (default: the physical cores)."""
     from cumulo.models.loader import load
-    from cumulo.models.registry import build_model
+    from cumulo.models.registry import build_model, param_dtype
 
     device = torch.device(platform.device)
     if device.type == "cpu":
@@ -79,8 +79,8 @@ def build_for_use(
         module = build_model(loaded.config, loaded.weights, dtype=torch.float32, device=device, consume=True)
         loaded.weights.clear()
         quantize_model(module, format)
-        for param in module.parameters():
-            param.data = param.data.to(dtype)
+        for name, param in module.named_parameters():
+            param.data = param.data.to(param_dtype(name, dtype))
     else:
         loaded = load(model, dtype=dtype)
         module = build_model(loaded.config, loaded.weights, dtype=dtype, device=device, consume=True)

@@ -66,6 +66,16 @@ def fuse_weights(weights: dict[str, Any], *, consume: bool = False) -> dict[str,
     return out
 
 
+# Parameters kept in float32 whatever the model computes in: DeepSeek-V3's expert-selection bias (its reference
+# holds it in fp32: close biases rounded to 16 bits can tie or swap, changing which experts are picked).
+FP32_PARAMS = ("e_score_correction_bias",)
+
+
+def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype parameter `name` is held in for a model computing in `dtype`."""
+    return torch.float32 if name.endswith(FP32_PARAMS) else dtype
+
+
 def _swap_packed(
     model: nn.Module, state: dict[str, Any], dtype: torch.dtype, device: torch.device | str
 ) -> None:
@@ -175,7 +185,9 @@ def build_model(
                 f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}"
             )
     model.load_state_dict(
-        {n: state[n].to(device=device, dtype=dtype) for n in expected}, strict=False, assign=True
+        {n: state[n].to(device=device, dtype=param_dtype(n, dtype)) for n in expected},
+        strict=False,
+        assign=True,
     )
     if consume:
         state.clear()

@@ -257,3 +257,14 @@ def test_a_packed_tensor_the_model_lacks_is_dropped_not_a_crash(pair) -> None:
         a = with_extra.compute_logits(with_extra(ids, torch.arange(5), AttentionContext(kv_cache=None)))
         b = plain.compute_logits(plain(ids, torch.arange(5), AttentionContext(kv_cache=None)))
     assert torch.equal(a, b)
+
+
+def test_the_selection_bias_stays_fp32_in_a_bf16_model(pair) -> None:
+    """The expert-selection bias is held in fp32 when the model computes in bf16, as DeepSeek's reference holds
+    it, so 16-bit rounding never changes which experts are picked; the rest of the model is bf16."""
+    _, path = pair
+    loaded = load(str(path))
+    model = build_model(loaded.config, loaded.weights, dtype=torch.bfloat16)
+    router = model.model.layers[1].mlp.gate
+    assert router.e_score_correction_bias.dtype == torch.float32
+    assert router.weight.dtype == torch.bfloat16
