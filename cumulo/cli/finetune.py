@@ -247,5 +247,5 @@ def worker(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, stop)
         handled = runner.run(once=args.once)
     if args.once:
-        print(f"Handled {handled} job steps (validation or training)")
+        print(f"Handled {handled} jobs (a validation or a training each)")
     return 0

@@ -65,6 +65,15 @@ class Settings:
                 "need 0 < checkpoint seconds < gateway stale seconds and recovery seconds > 0, got "
                 f"{self.checkpoint_seconds}, {self.gateway_stale_seconds} and {self.recovery_seconds}"
             )
+        if (
+            self.finetune_workers < 0
+            or self.finetune_max_attempts < 1
+            or self.finetune_heartbeat_seconds <= 0
+        ):
+            raise InvalidRequest(
+                "need finetune workers >= 0, max attempts >= 1 and heartbeat seconds > 0, got "
+                f"{self.finetune_workers}, {self.finetune_max_attempts} and {self.finetune_heartbeat_seconds}"
+            )
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
