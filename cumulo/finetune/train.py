@@ -153,7 +153,7 @@ def run_training(
         for seq in pack(batch, max_seq_len):
             s, _ = loss_sum(model, seq)
             (s / n_target).backward()  # gradients of the batch mean, one packed sequence at a time
-            total_loss += float(s)
+            total_loss += float(s.detach())
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, hyper.learning_rate)

@@ -46,3 +46,23 @@ def make_model(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         return cache[(arch, std)]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def learnable_model(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama a LoRA can teach: norms at 1 and wide embeddings and head (N(0, 1), N(0, 0.5)), so that
+    sharp next-token distributions are reachable; the rest N(0, 0.1). Random weights are still a base that
+    knows nothing, so whatever it answers right after training it learned from the data."""
+    directory = tmp_path_factory.mktemp("ft-learnable")
+    model = hf_model("llama", 320, intermediate_size=96, max_position_embeddings=256)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 1.0 if "embed" in name else 0.5 if "lm_head" in name else 0.1)
+    model.save_pretrained(directory, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (directory / name).write_bytes((tokenizer_dir / name).read_bytes())
+    return directory
