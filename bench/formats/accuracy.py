@@ -94,7 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibrate", default="8192", help="tokens (or a text file) for --calibrate")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=None, help="source GGUF (default: the catalog's SmolLM2 Q4_1)")
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="only print the table and plot of earlier runs' JSON (rows joined; runs must share source and text)",
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        return report(args.report)
     source = model_path(args.model)
     rows: list[dict] = []
 
@@ -145,6 +154,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     plot(rows, PLOT_PATH)
     print(f"\nwrote {json_path} and {PLOT_PATH}")
+    return 0
+
+
+def report(paths: list[Path]) -> int:
+    """Join the rows of several runs (say Cumulo's formats and llama.cpp's types, run side by side) into one
+    table and plot; refuses runs whose source perplexity or scored text differ, which would not compare."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    sources = {
+        (r["rows"][0].get("perplexity"), r["rows"][0].get("source_sha256"), r["rows"][0].get("tokens"))
+        for r in runs
+    }
+    if len(sources) != 1:
+        raise SystemExit(f"runs differ in source perplexity, text or tokens: {sorted(map(str, sources))}")
+    rows = runs[0]["rows"] + [row for r in runs[1:] for row in r["rows"][1:]]
+    print_table(rows)
+    plot(rows, PLOT_PATH)
+    print(f"\nwrote {PLOT_PATH}")
     return 0
 
 
