@@ -64,7 +64,13 @@ class LiveServer:
         ]
         if self.database_url:
             args += ["--database-url", self.database_url]
-        env = {**os.environ, "CUMULO_FAKE_ENGINE": "1" if self.fake else "0", **self.env}
+        # No fine-tuning worker unless a test asks for one: each would be one more polling process per gateway.
+        env = {
+            **os.environ,
+            "CUMULO_FAKE_ENGINE": "1" if self.fake else "0",
+            "CUMULO_FINETUNE_WORKERS": "0",
+            **self.env,
+        }
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.fake and not (self.data_dir / "models").exists():
             from cumulo.paths import models_dir
