@@ -89,8 +89,10 @@ def print_table(result: dict) -> None:
             print(f"{name:<12}{b:>6}{r['active_bytes']['total'] / 1e6:>16.1f}{r['roof_tok_s']:>12.1f}"
                   f"{tok_s or float('nan'):>9.1f}{r.get('fraction_of_roof', float('nan')):>9.0%}"
                   f"{'' if vs is None else f'{vs:.2f}x':>10}")  # fmt: skip
+    print(f"llama.cpp: {result['systems']['llama.cpp'].get('notes', '')}; Cumulo: {result['format']}, "
+          f"{result['systems']['cumulo'].get('dtype')} activations")  # fmt: skip
     print(
-        f"\n{'memory':<28}{'weights MiB':>12}{'KV MiB':>8}{'RSS-runtime':>12}{'ratio':>7}{'peak ratio':>11}"
+        f"\n{'memory':<28}{'weights MiB':>12}{'KV MiB':>8}{'RSS-runtime':>12}{'ratio':>7}{'trimmed':>9}{'peak':>7}"
     )
     for name, m in result["memory"].items():
         if m is None:
