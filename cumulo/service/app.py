@@ -15,6 +15,7 @@ from cumulo.service.api.routes import (
     deployments,
     edge,
     edge_devices,
+    edge_requests,
     files,
     fine_tuning,
     health,
@@ -44,6 +45,6 @@ def create_app(settings: Settings, engines: dict[str, EngineClient]) -> FastAPI:
     uploads = {"/v1/files": settings.finetune_max_file_bytes + (1 << 20)}
     app.add_middleware(errors.BodyLimit, max_bytes=settings.max_body_bytes, larger=uploads)
     routers = (models, chat, completions, usage, labels, admin, deployments, health, edge_devices, edge)
-    for module in (*routers, files, fine_tuning):
+    for module in (*routers, edge_requests, files, fine_tuning):
         app.include_router(module.router)
     return app

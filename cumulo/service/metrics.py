@@ -48,6 +48,21 @@ class Metrics:
             registry=self.registry,
         )
 
+        # The edge fleet (docs/edge.md): device messages refused, by reason (malformed, unauthorized, topic,
+        # failed), and webhook delivery attempts by outcome (delivered, retried, failed).
+        self.edge_refused = Counter(
+            "cumulo_edge_messages_refused_total",
+            "Edge device messages refused, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.edge_webhooks = Counter(
+            "cumulo_edge_webhook_deliveries_total",
+            "Edge webhook delivery attempts, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+
     def started(self) -> None:
         self.in_flight.inc()
 

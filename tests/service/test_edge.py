@@ -197,12 +197,14 @@ def test_a_rollout_promotes_after_a_healthy_window_and_rolls_back_when_a_canary_
     assert (
         service.client.get(f"/v1/edge/rollouts/{second['id']}", headers=auth(key)).json()["state"] == "canary"
     )
-    failing = envelope("cam-1", cams["cam-1"], 100, "status", ok=False, error="model failed to load")
+    failing = envelope(
+        "cam-1", cams["cam-1"], 100, "status", ok=False, error="model failed to load", rollout_id=second["id"]
+    )
     service.client.post("/v1/edge/results", json=failing, headers=auth(cams["cam-1"]))
     edge.tick()
     rolled = service.client.get(f"/v1/edge/rollouts/{second['id']}", headers=auth(key)).json()
     assert rolled["state"] == "rolled_back" and "cam-1" in rolled["reason"]
-    assert [h["event"] for h in rolled["history"]] == ["canaries", "rolled_back"]
+    assert [h["event"] for h in rolled["history"]] == ["canaries", "failed", "rolled_back"]
     assert [desired_version(service, c) for c in cams.values()] == ["1", "1", "1", "1"]
 
 

@@ -1,5 +1,5 @@
 """The MQTT bridge: subscribes to every device's `up/...` topics on the broker, hands each message to the fleet,
-and publishes desired states (retained, QoS 1).
+and publishes desired states (retained, QoS 1) and requests (QoS 1, not retained).
 
 Exactly once, end to end: the bridge acknowledges a QoS 1 message to the broker (PUBACK) only after the fleet
 has committed it, and keeps a persistent session (MQTT 5, `clean_start=False`, a session expiry), so messages
@@ -72,8 +72,8 @@ class MqttBridge:
         self._inbox.put(None)
         self._worker.join(timeout=10)
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        self._client.publish(topic, payload, qos=1, retain=True)
+    def publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        self._client.publish(topic, payload, qos=1, retain=retain)
 
     def _on_connect(
         self, client: mqtt.Client, _userdata: object, _flags: object, reason: object, _p: object
@@ -93,7 +93,7 @@ class MqttBridge:
             try:
                 device_id, leaf = parse_topic(topic, self.fleet.topic_root)
             except InvalidRequest:
-                self.fleet.rejected["topic"] += 1
+                self.fleet.refuse_topic(topic)
             else:
                 if not self.fleet.receive_quietly(leaf, payload, device_id):
                     continue  # not acknowledged: the broker delivers it again when the bridge reconnects

@@ -27,8 +27,8 @@ def _insert(session: Session, table: Any) -> Any:
     return dialect.insert(table)
 
 
-def store(session: Session, device: EdgeDevice, envelope: Envelope, size: int, now: float) -> bool:
-    """True when the result is new (stored and metered), False for a re-send of a stored (device, seq)."""
+def store(session: Session, device: EdgeDevice, envelope: Envelope, size: int, now: float) -> int | None:
+    """The new row's id when the result is new (stored and metered), None for a re-send of a stored one."""
     insert = _insert(session, EdgeResult).values(
         org_id=device.org_id,
         device=device.id,
@@ -44,7 +44,7 @@ def store(session: Session, device: EdgeDevice, envelope: Envelope, size: int, n
         insert.on_conflict_do_nothing(index_elements=["device", "seq"]).returning(EdgeResult.id)
     ).first()
     if stored is None:
-        return False
+        return None
     month = datetime.fromtimestamp(now, UTC).strftime("%Y-%m")
     meter = _insert(session, EdgeUsage).values(
         org_id=device.org_id, device=device.id, month=month, messages=1, bytes=size
@@ -55,7 +55,7 @@ def store(session: Session, device: EdgeDevice, envelope: Envelope, size: int, n
             set_={"messages": EdgeUsage.messages + 1, "bytes": EdgeUsage.bytes + size},
         )
     )
-    return True
+    return stored[0]
 
 
 def query(

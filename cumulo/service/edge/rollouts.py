@@ -2,11 +2,13 @@
 
 A rollout first sets the new model as the desired state of its canaries (a share of the enrolled devices).
 Each pass of `evaluate` (the gateway runs one every few seconds; tests call it with their own clock) looks at
-the canaries: one that reported a `status` result with an error since the rollout began, or that has not been
-heard from for `silence_seconds`, fails the rollout, and every device it touched is sent back to the last good
-model (the one the previous completed rollout installed, or none). Canaries healthy for `window_seconds`
-promote the model to the remaining devices and the rollout is completed. Each step is appended to the
-rollout's history, and rows are never deleted.
+the canaries: one that reported a `status` result with an error for this rollout (its `rollout_id`; an old
+error from an earlier rollout delivered late out of a backlog says nothing about this one), or that has not been
+heard from for `silence_seconds`, fails the rollout, and every canary goes back to its own last good model
+(`EdgeDevice.good_model`: the model of the last completed rollout it confirmed, or none). Canaries healthy for
+`window_seconds` promote the model to the remaining devices, and to those enrolled since (`join`): it becomes
+every device's good model and the rollout is completed; a device that reports afterwards that it could not
+install it goes back to the model it had before. Every step, per device, is appended to the rollout's history, and rows are never deleted.
 """
 
 from __future__ import annotations
@@ -90,10 +92,17 @@ def evaluate(session: Session, now: float) -> list[EdgeRollout]:
             _roll_back(session, rollout, now, failure)
             moved.append(rollout)
         elif now >= rollout.created_at + rollout.window_seconds:
-            for device in _devices(session, rollout.rest):
+            # Healthy for the whole window: the model becomes every device's good one. What each had before is
+            # kept in the history, where a device that fails to install it later is sent back to.
+            kept = [d for d in _devices(session, rollout.canaries) if d.desired_rollout == rollout.id]
+            promoted = [d for d in _devices(session, rollout.rest) if d.revoked_at is None]
+            before = {d.device_id: d.good_model for d in kept + promoted}
+            for device in promoted:
                 devices.set_desired(device, rollout.model, rollout.id)
+            for device in kept + promoted:
+                device.good_model = rollout.model
             rollout.state = COMPLETED
-            _note(rollout, now, "completed", {"devices": len(rollout.rest)})
+            _note(rollout, now, "completed", {"devices": [d.device_id for d in promoted], "from": before})
             moved.append(rollout)
     return moved
 
@@ -111,7 +120,7 @@ def _canary_failure(session: Session, rollout: EdgeRollout, now: float) -> str |
     )
     names = {d.id: d.device_id for d in canaries}
     for device_id, body in statuses:
-        if isinstance(body, dict) and body.get("error"):
+        if failed_for(body) == rollout.id:
             return f"canary {names.get(device_id, device_id)} reported an error: {str(body['error'])[:200]}"
     for device in canaries:
         heard = max(device.last_seen or 0.0, rollout.created_at)
@@ -120,14 +129,73 @@ def _canary_failure(session: Session, rollout: EdgeRollout, now: float) -> str |
     return None
 
 
+def failed_for(body: Any) -> int | None:
+    """The rollout a status result says failed on the device: its `rollout_id` when it carries an error."""
+    if isinstance(body, dict) and body.get("error") and isinstance(body.get("rollout_id"), int):
+        return body["rollout_id"]
+    return None
+
+
 def _roll_back(session: Session, rollout: EdgeRollout, now: float, reason: str) -> None:
+    back = {}
     for device in _devices(session, rollout.canaries):
         if device.desired_rollout == rollout.id:
-            devices.set_desired(device, rollout.previous_model, None)
+            devices.set_desired(device, device.good_model, None)
+            back[device.device_id] = _version(device.good_model)
     rollout.state = ROLLED_BACK
     rollout.reason = reason[:512]
-    previous = rollout.previous_model
-    _note(rollout, now, "rolled_back", {"reason": reason, "to": previous["version"] if previous else None})
+    _note(rollout, now, "rolled_back", {"reason": reason, "devices": back})
+
+
+def join(session: Session, device: EdgeDevice, now: float) -> None:
+    """A device just enrolled gets what the fleet runs at this stage: during a canary stage the last good model
+    (and it is promoted with the others), otherwise the last completed rollout's model."""
+    running = session.scalar(
+        select(EdgeRollout).where(EdgeRollout.org_id == device.org_id, EdgeRollout.state == CANARY)
+    )
+    if running is not None:
+        if device.id not in running.canaries + running.rest:
+            running.rest = [*running.rest, device.id]
+        device.good_model = running.previous_model
+        if running.previous_model is not None:
+            devices.set_desired(device, running.previous_model, None)
+        _note(running, now, "joined", {"device": device.device_id, "stage": CANARY})
+        return
+    last = session.scalar(
+        select(EdgeRollout)
+        .where(EdgeRollout.org_id == device.org_id, EdgeRollout.state == COMPLETED)
+        .order_by(EdgeRollout.id.desc())
+        .limit(1)
+    )
+    if last is not None:
+        devices.set_desired(device, last.model, last.id)
+        device.good_model = last.model
+        _note(last, now, "joined", {"device": device.device_id, "stage": COMPLETED})
+
+
+def note_status(session: Session, device: EdgeDevice, body: dict[str, Any], now: float) -> None:
+    """A device's word on a rollout's model (a `status` result carrying `rollout_id`), kept in its history. After
+    the rollout completed, a failure sends the device back to the model it had before."""
+    rollout_id = body.get("rollout_id")
+    rollout = session.get(EdgeRollout, rollout_id) if isinstance(rollout_id, int) else None
+    if rollout is None or rollout.org_id != device.org_id:
+        return
+    failed = failed_for(body) == rollout.id
+    detail: dict[str, Any] = {"device": device.device_id}
+    if failed:
+        detail["error"] = str(body["error"])[:200]
+    _note(rollout, now, "failed" if failed else "installed", detail)
+    if not failed or rollout.state != COMPLETED or device.desired_rollout != rollout.id:
+        return
+    completed = next(h for h in rollout.history if h["event"] == "completed")
+    before = completed["detail"].get("from", {}).get(device.device_id)
+    device.good_model = before
+    devices.set_desired(device, before, None)
+    _note(rollout, now, "device_rolled_back", {"device": device.device_id, "to": _version(before)})
+
+
+def _version(model: dict[str, Any] | None) -> str | None:
+    return model["version"] if model else None
 
 
 def _devices(session: Session, ids: list[int]) -> list[EdgeDevice]:

@@ -22,7 +22,7 @@ from cumulo.contracts.edge import (
 )
 from cumulo.errors import AuthenticationError, InvalidRequest
 from cumulo.service.api.deps import State, _bearer
-from cumulo.service.edge import devices
+from cumulo.service.edge import devices, rollouts
 from cumulo.service.edge.fleet import EdgeFleet
 
 router = APIRouter(prefix="/v1/edge")
@@ -46,6 +46,7 @@ async def enroll(body: EnrollRequest, request: Request, state: State) -> EnrollR
     def write() -> EnrollResponse:
         with fleet.sessions() as session, session.begin():
             device, credential = devices.enroll(session, fleet.hasher, body.token, fleet.clock())
+            rollouts.join(session, device, fleet.clock())  # what the fleet runs at this stage
             return EnrollResponse(
                 device_id=device.device_id,
                 credential=credential,
@@ -53,7 +54,9 @@ async def enroll(body: EnrollRequest, request: Request, state: State) -> EnrollR
                 mqtt_url=state.settings.edge_mqtt_url or None,
             )
 
-    return await run_in_threadpool(write)
+    answer = await run_in_threadpool(write)
+    await run_in_threadpool(fleet.publish_pending)
+    return answer
 
 
 async def _envelopes(request: Request) -> list[bytes]:
