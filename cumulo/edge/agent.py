@@ -124,6 +124,7 @@ class Agent:
         self.started = time.monotonic()
         self.frames = 0
         self._last_frame: torch.Tensor | None = None
+        self._answered: set[str] = set()  # request ids answered: QoS 1 may deliver a request twice
         self._reported_drops = self.outbox.stats().dropped
         self._next_heartbeat = self._next_poll = 0.0
 
@@ -316,6 +317,9 @@ class Agent:
 
     def answer(self, request: DeviceRequest) -> None:
         """Send the latest frame as JPEG parts: the only way an image leaves the device."""
+        if request.id in self._answered:
+            return
+        self._answered.add(request.id)
         if self._last_frame is None:
             self.outbox.add(KIND_STATUS, {"ok": True, "type": "no_frame", "request_id": request.id})
             return

@@ -180,5 +180,6 @@ def view(device: EdgeDevice, now: float, online_seconds: float) -> dict[str, Any
         "revoked_at": device.revoked_at,
         "last_seen": device.last_seen,
         "reported": device.reported,
+        "refused": device.refused or {},  # messages refused in its name, by reason (written each pass)
         "desired": desired_state(device).model_dump(mode="json"),
     }
