@@ -11,10 +11,11 @@ process, or on another machine:
 
 from cumulo.contracts.engine_client import EngineClient, EngineHealth
 from cumulo.contracts.model_info import ModelInfo
-from cumulo.contracts.params import RequestOutput, SamplingParams, TokenLogprob
+from cumulo.contracts.params import AdapterRef, RequestOutput, SamplingParams, TokenLogprob
 from cumulo.contracts.tokenizer import Tokenizer
 
 __all__ = [
+    "AdapterRef",
     "EngineClient",
     "EngineHealth",
     "ModelInfo",

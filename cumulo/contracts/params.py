@@ -16,6 +16,20 @@ from cumulo.errors import InvalidRequest
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
+@dataclass(frozen=True, slots=True)
+class AdapterRef:
+    """A LoRA adapter a request runs with, over the engine's base model. The service names it; the engine
+    reads it from `path` (a PEFT directory) on first use and keeps it in its adapter cache.
+
+    `name` is what the caller called the model (`ft:...`, or an imported adapter's name); with `path` it keys
+    the engine's cache and its prefix cache, so requests for different adapters never share KV blocks.
+    `base_seal`: the base the caller expects it to run over; the engine refuses it over another."""
+
+    name: str
+    path: str
+    base_seal: str | None = None
+
+
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -32,6 +46,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # None = off; k >= 0 returns the chosen token's logprob and the top k
     include_stop_str_in_output: bool = False
+    adapter: AdapterRef | None = None  # run with this LoRA adapter (None: the base model)
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -50,6 +65,8 @@ class SamplingParams:
             raise InvalidRequest("repetition_penalty must be positive")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidRequest("logprobs must be between 0 and 20")
+        if self.adapter is not None and not (self.adapter.name and self.adapter.path):
+            raise InvalidRequest("an adapter needs a name and a path")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise InvalidRequest(f"seed must be between {SEED_MIN} and {SEED_MAX} (64 bits)")
 

@@ -87,7 +87,7 @@ class BlockManager:
             return 0
         bs = self.block_size
         matched: list[int] = []
-        prev: bytes | None = None
+        prev: bytes | None = seq.cache_salt  # None for the base model; an adapter's own chain otherwise
         for start in range(0, seq.num_tokens - 1 - (bs - 1), bs):  # full blocks, excluding the last token
             tokens = tuple(seq.token_ids[start : start + bs])
             h = chain_hash(prev, tokens)
@@ -110,7 +110,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        prev: bytes | None = None
+        prev: bytes | None = seq.cache_salt
         for i in range(seq.num_computed_tokens // bs):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:

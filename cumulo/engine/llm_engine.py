@@ -16,6 +16,7 @@ import torch
 from cumulo.contracts import ModelInfo, RequestOutput, SamplingParams
 from cumulo.engine.block_manager import BlockManager
 from cumulo.engine.kv_sizing import KVPlan
+from cumulo.engine.lora import AdapterCache
 from cumulo.engine.model_runner import ModelRunner
 from cumulo.engine.sampler import Sampler, make_state
 from cumulo.engine.scheduler import Scheduler
@@ -40,6 +41,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     threads: int | None = None
     decode_graphs: bool = True  # replay decode steps as recorded kernel graphs where the platform offers them
+    max_adapters: int = 8  # LoRA adapters kept in memory (least recently used evicted; reread on demand)
 
 
 class LLMEngine:
@@ -84,6 +86,7 @@ class LLMEngine:
             max_blocks_per_seq=-(-kv_plan.max_model_len // kv_plan.block_size),
         )  # fmt: skip
         self.sampler = Sampler()
+        self.adapters = AdapterCache(model, seal, config.max_adapters)
         self.eos_token_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", set()) or cfg.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
         self._aborted: list[str] = []
@@ -107,12 +110,19 @@ class LLMEngine:
             )
         request_id = request_id or uuid.uuid4().hex
         seq = Sequence(request_id, prompt_token_ids, params)
+        if (
+            params.adapter is not None
+        ):  # read (or found in the cache) now: a bad adapter refuses this request only
+            seq.adapter = self.adapters.get(params.adapter)
+            seq.cache_salt = seq.adapter.salt
         seq.sampling_state = make_state(params, prompt_token_ids, self.device)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
         seq.stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
         with self._lock:
             if request_id in self._seqs:
                 raise InvalidRequest(f"request id {request_id} is already in use")
+            if seq.adapter is not None:
+                self.runner.enable_lora()
             self._seqs[request_id] = seq
             self.scheduler.add(seq)
         return request_id
@@ -150,6 +160,11 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             if not batch:
                 return outputs
+            if (
+                self.runner.lora is not None
+            ):  # each adapter's rows contiguous: one low-rank product per adapter
+                batch.decodes.sort(key=_adapter_key)
+                batch.prefills.sort(key=lambda item: _adapter_key(item[0]))
             logits = self.runner.execute(batch)
             self.num_steps += 1
             sampled: list[Sequence] = []
@@ -223,3 +238,8 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached_tokens,
             new_logprobs=new_logprobs,
         )
+
+
+def _adapter_key(seq: Sequence) -> tuple[str, str]:
+    ref = seq.params.adapter
+    return ("", "") if ref is None else (ref.name, ref.path)

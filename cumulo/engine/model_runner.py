@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cumulo.engine.decode_graph import DecodeGraph
+from cumulo.engine.lora import LoRABatch, wrap_linears
 from cumulo.engine.scheduler import ScheduledBatch
 from cumulo.engine.sequence import Sequence
 from cumulo.models.attention import AttentionContext, KVCache, PrefillChunk
@@ -36,6 +37,30 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device
+        self.lora: LoRABatch | None = None  # set by enable_lora, the first time a request brings an adapter
+
+    def enable_lora(self) -> None:
+        """Wrap the model's linears for multi-LoRA, once. Until then base-only steps pay nothing for it."""
+        if self.lora is None:
+            self.lora = LoRABatch()
+            wrap_linears(self.model, self.lora)
+
+    @staticmethod
+    def lora_groups(batch: ScheduledBatch) -> list[tuple[object, int, int]]:
+        """(adapter, first row, end row) of each run of consecutive rows with the same adapter, in the step's
+        row order (decodes, then prefill chunks); the engine sorts both by adapter so each forms one run."""
+        groups: list[tuple[object, int, int]] = []
+        row = 0
+        rows = [(s, 1) for s in batch.decodes] + list(batch.prefills)
+        for seq, n in rows:
+            adapter = seq.adapter
+            if adapter is not None:
+                if groups and groups[-1][0] is adapter and groups[-1][2] == row:
+                    groups[-1] = (adapter, groups[-1][1], row + n)
+                else:
+                    groups.append((adapter, row, row + n))
+            row += n
+        return groups
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
@@ -46,6 +71,8 @@ class ModelRunner:
         n = len(batch.decodes)
         if self.graph_recorder is None or batch.prefills or not n:
             return None
+        if any(s.adapter is not None for s in batch.decodes):
+            return None  # graphs record the base linears only: steps with adapters run eagerly
         if n not in self._graphs:
             self._graphs[n] = DecodeGraph.record(
                 self.model, self.kv_cache, n, self.graph_recorder, self.max_blocks_per_seq
@@ -109,11 +136,17 @@ class ModelRunner:
             ctx.decode_context_lens = torch.tensor(
                 [s.num_computed_tokens + 1 for s in batch.decodes], dtype=torch.long, device=dev
             )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            ctx,
-        )
+        if self.lora is not None:
+            self.lora.groups = self.lora_groups(batch)  # type: ignore[assignment]
+        try:
+            hidden = self.model(
+                torch.tensor(input_ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev),
+                ctx,
+            )
+        finally:
+            if self.lora is not None:
+                self.lora.groups = []
         if not sample_rows:
             return hidden.new_empty((0, 0), dtype=torch.float32)
         return self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])

@@ -46,6 +46,10 @@ class Sequence:
         self.sampling_state: Any = None
         self.detokenizer: Any = None
         self.stop_checker: Any = None
+        # Set by the engine for a request with a LoRA adapter: its loaded weights (opaque here) and the salt its
+        # prefix-cache hashes start from, so blocks computed under one adapter are never reused under another.
+        self.adapter: Any = None
+        self.cache_salt: bytes | None = None
 
     @property
     def num_tokens(self) -> int:
