@@ -25,6 +25,7 @@ VERB_MODULES = [
     "admin",
     "edge",
     "finetune",
+    "adapters",
     "convert",
     "evaluate",
     "chips",
