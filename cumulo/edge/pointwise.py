@@ -1,0 +1,162 @@
+"""1x1 convolutions of the vision model in Cumulo's formats, and the swap that puts them in (`quantize_vision_net`).
+
+int8 / mxint8: int8 weights times int8 activations, summed in int32.
+
+Why not `PackedLinear` with pixels as rows: a 1x1 conv over a 112x112 map is a matmul of 12,544 rows, far past
+the fused kernels' batch-1 sweet spot (`FUSED_MAX_ROWS`), so they dequantize the weight and call the same fp32
+GEMM as the fp32 model; a weight-only format then costs time instead of saving it. What a CPU does faster in
+8 bits is the multiply itself: `torch._int_mm` (oneDNN's s8 x s8 -> s32 GEMM) runs these shapes 4-8x faster than
+fp32 sgemm on AVX2. So both operands are int8: the weight per output channel (symmetric, amax / 127) and the
+activation per pixel, quantized on the fly (amax / 127 of each row), and y = acc * s_pixel * s_channel + bias.
+
+`mxint8` weights are quantized with Cumulo's MXINT8 codec first (block 32 along K, E8M0 scales: what the
+package holds and the fleet ships) and the int8 GEMM runs on that weight re-expressed per output channel, a
+second rounding that the agreement test covers; `int8` quantizes the fp32 weight per channel directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cumulo.errors import FormatError
+from cumulo.formats import get_scheme, quantize
+from cumulo.formats.linear import PackedLinear
+
+INT8_MAX = 127.0
+
+
+def per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (int8 codes [N, K], fp32 scales [N]), symmetric, one scale per output channel."""
+    amax = weight.abs().amax(1).clamp_min(1e-12)
+    scale = (amax / INT8_MAX).float()
+    codes = (weight / scale[:, None]).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return codes, scale
+
+
+def int8_weight(weight: torch.Tensor, format: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 codes and channel scales the GEMM uses for `weight` [N, K] held in `format`."""
+    if format == "int8":
+        return per_channel_int8(weight.float())
+    if format == "mxint8":
+        return per_channel_int8(quantize(weight.float(), "mxint8", name=name).dequantize(torch.float32))
+    raise FormatError(f"{name}: the int8 GEMM takes int8 or mxint8 weights, not {format!r}")
+
+
+class Int8Pointwise(nn.Module):
+    """A 1x1 conv (or a linear layer: one pixel) as an int8 x int8 GEMM over pixels.
+
+    Takes NCHW activations, fastest in channels_last memory (the rows [pixels, channels] are then a view);
+    answers in channels_last."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        format: str,
+        name: str,
+        relu6_input: bool = False,
+    ) -> None:
+        super().__init__()
+        self.format = format
+        self.relu6_input = relu6_input  # inputs are ReLU6 outputs (or their mean): known range [0, 6]
+        self.out_channels, self.in_channels = weight.shape[0], weight.shape[1]
+        codes, scale = int8_weight(weight.detach().flatten(1), format, name)
+        self.register_buffer("codes", codes)  # [N, K]; the GEMM reads its transpose [K, N] as a view
+        self.register_buffer("scale", scale)
+        bias = bias.detach().float().clone() if bias is not None else torch.zeros(self.out_channels)
+        self.register_buffer("bias", bias)
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """[M, K] float -> [M, N] float."""
+        if self.relu6_input:  # x in [0, 6]: one fixed scale, no pass to find it
+            q = torch.mul(x2, INT8_MAX / 6.0).round_().to(torch.int8)  # [M, K]
+            return torch.addcmul(self.bias, self._int_mm(q).float(), self.scale * (6.0 / INT8_MAX))
+        low, high = torch.aminmax(x2, dim=1, keepdim=True)  # [M, 1] each: one pass for the per-pixel range
+        sx = torch.maximum(high, -low).clamp_min_(1e-12).div_(INT8_MAX)  # [M, 1] per-pixel scale
+        q = torch.div(x2, sx).round_().to(torch.int8)  # [M, K]
+        return torch.addcmul(self.bias, self._int_mm(q).float().mul_(sx), self.scale)  # [M, N]
+
+    def _int_mm(self, q: torch.Tensor) -> torch.Tensor:
+        """[M, K] int8 x [K, N] int8 -> [M, N] int32 (oneDNN takes more than 16 rows; fewer go exact in int32)."""
+        return torch._int_mm(q, self.codes.t()) if q.shape[0] > 16 else q.int() @ self.codes.t().int()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # a linear layer
+            return self.matmul(x)
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # [n*h*w, cin], a view in channels_last
+        y = self.matmul(rows)  # [n*h*w, cout]
+        return y.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)  # [n, cout, h, w], channels_last
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_channels}, out={self.out_channels}, format={self.format}"
+
+
+class DensePointwise(nn.Module):
+    """The fp32 anchor: a 1x1 conv as torch's fp32 GEMM over pixels, the same layout and glue as the packed
+    paths (torch's own channels_last 1x1 conv takes a slow im2col path on CPU: measured 2x slower)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().flatten(1).float().clone(), requires_grad=False)  # [N, K]
+        self.bias = (
+            nn.Parameter(bias.detach().float().clone(), requires_grad=False) if bias is not None else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return F.linear(x, self.weight, self.bias)
+        n, c, h, w = x.shape
+        y = F.linear(x.permute(0, 2, 3, 1).reshape(n * h * w, c), self.weight, self.bias)  # [n*h*w, cout]
+        return y.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+class PackedPointwise(nn.Module):
+    """A 1x1 conv through `PackedLinear` (weight-only: fp8 and the other formats without an int8 GEMM): pixels
+    are rows, so past `FUSED_MAX_ROWS` pixels it dequantizes and runs torch's fp32 GEMM (slower than fp32)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, format: str, name: str) -> None:
+        super().__init__()
+        self.linear = PackedLinear(quantize(weight.detach().flatten(1).float(), format, name=name), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return self.linear(x)
+        n, c, h, w = x.shape
+        y = self.linear(x.permute(0, 2, 3, 1).reshape(n * h * w, c))  # [n*h*w, cout]
+        return y.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+INT8_GEMM_FORMATS = ("int8", "mxint8")
+
+
+def pointwise(layer: nn.Conv2d | nn.Linear, format: str, name: str) -> nn.Module:
+    """The form of a 1x1 conv or linear layer in `format` (fp32: the dense GEMM over pixels)."""
+    if format == "fp32":
+        return DensePointwise(layer.weight, layer.bias)
+    if format in INT8_GEMM_FORMATS:
+        # Project convs read ReLU6 outputs over the largest maps: one fixed scale. The head and classifier read
+        # ReLU6 outputs too, but their small values need a per-pixel scale (a fixed one flips ImageNet top-1).
+        relu6_input = name.endswith("project")  # big maps, ReLU6 inputs; head and classifier: per pixel
+        return Int8Pointwise(layer.weight, layer.bias, format, f"{name}.weight", relu6_input)
+    return PackedPointwise(layer.weight, layer.bias, format, f"{name}.weight")
+
+
+def quantize_vision_net(net: nn.Module, format: str) -> nn.Module:
+    """Swap every 1x1 conv and the classifier for its packed form, in place, and put the net in channels_last
+    (the layout that makes pixels rows). `fp32` swaps in the dense GEMM over pixels, so the anchor has the same
+    layout and glue and only the multiply differs. The stem (3 input channels) and the depthwise convs stay fp32: they are ~5% of the
+    multiply-adds and have no matmul to speed up."""
+    if format not in ("fp32", *INT8_GEMM_FORMATS):
+        get_scheme(format)  # an unknown name is a FormatError before anything changes
+    targets = [
+        (name, mod)
+        for name, mod in net.named_modules()
+        if isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.kernel_size == (1, 1))
+    ]
+    for name, layer in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, child, pointwise(layer, format, name))
+    return net.to(memory_format=torch.channels_last)
