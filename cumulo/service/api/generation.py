@@ -28,6 +28,7 @@ from cumulo.service.api.run import Choice, Run
 from cumulo.service.api.shapes import Shape, usage_dict
 from cumulo.service.api.sse import EventStream, sse
 from cumulo.service.auth import Principal
+from cumulo.service.finetune.serving import resolve_tuned
 from cumulo.service.state import ServiceState
 
 log = logging.getLogger("cumulo.service")
@@ -46,10 +47,17 @@ class Job:
     idempotency_key: str | None
 
 
-def resolve_engine(state: ServiceState, principal: Principal, model: str, seal: str | None) -> EngineClient:
-    engine = state.engine_for(model)
-    if not principal.plan.allows(model):
-        raise PermissionDenied(f"plan {principal.plan.name!r} does not include the model {model!r}")
+async def resolve_engine(
+    state: ServiceState, principal: Principal, model: str, seal: str | None
+) -> EngineClient:
+    """A served model's engine, or for a fine-tuned model (`ft:...`, an imported adapter) its base's engine
+    running that adapter (`service/finetune/serving.py`)."""
+    if model not in state.engines:
+        engine = await resolve_tuned(state, principal, model)
+    else:
+        engine = state.engine_for(model)
+        if not principal.plan.allows(model):
+            raise PermissionDenied(f"plan {principal.plan.name!r} does not include the model {model!r}")
     if seal is not None and seal != engine.info.seal:
         raise SealMismatch(f"the served model {model!r} has seal {engine.info.seal}, not {seal}")
     return engine

@@ -23,7 +23,7 @@ async def chat_completions(
 ) -> Response:
     if body.n > state.settings.max_n:
         raise BadParameter("n", f"n must be at most {state.settings.max_n}")
-    engine = resolve_engine(state, principal, body.model, body.seal)
+    engine = await resolve_engine(state, principal, body.model, body.seal)
     body.check_logit_bias(engine.tokenizer.vocab_size)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

@@ -43,7 +43,7 @@ async def completions(
     principal: Caller,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    engine = resolve_engine(state, principal, body.model, body.seal)
+    engine = await resolve_engine(state, principal, body.model, body.seal)
     body.check_logit_bias(engine.tokenizer.vocab_size)
     prompts = _prompts(engine, body.prompt)
     if body.n * len(prompts) > state.settings.max_n * 4:

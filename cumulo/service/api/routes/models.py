@@ -1,5 +1,5 @@
 """GET /v1/models: the models this key's plan may use, each with its seal, and the organisation's fine-tuned
-models (with `parent`, the base they were tuned from; serving them needs multi-LoRA, which comes next)."""
+models (with `parent`, the base they were tuned from; called through `service/finetune/serving.py`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from cumulo.errors import ModelNotFound
 from cumulo.service.api.deps import Caller, State
 from cumulo.service.api.schemas import MAX_NAME
 from cumulo.service.finetune import jobs
+from cumulo.service.finetune.serving import resolve_tuned
 from cumulo.service.state import ServiceState
 
 router = APIRouter()
@@ -59,6 +60,9 @@ async def list_models(state: State, principal: Caller) -> dict[str, Any]:
 async def get_model(
     model: Annotated[str, Path(max_length=MAX_NAME)], state: State, principal: Caller
 ) -> dict[str, Any]:
+    if model not in state.engines:  # a fine-tuned model: its organisation's only, else the same 404
+        engine = await resolve_tuned(state, principal, model)
+        return {**_card(model, engine, int(state.started_at)), "owned_by": "organization-owner"}
     if not principal.plan.allows(model):
         raise ModelNotFound(f"the model {model!r} does not exist or your plan does not include it")
     return _card(model, state.engine_for(model), int(state.started_at))
