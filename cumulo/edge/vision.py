@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cumulo.chips.edge import VisionWorkload
 from cumulo.errors import InvalidModel
 
 ARCH = "efficientnet-lite0"
@@ -183,3 +184,28 @@ def preprocess(image: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     top, left = (h - size) // 2, (w - size) // 2
     x = x[..., top : top + size, left : left + size]
     return ((x - 127.0) / 128.0).squeeze(0)
+
+
+def workload(net: nn.Module | None = None, size: int = IMAGE_SIZE) -> VisionWorkload:
+    """Parameters, multiply-adds, the largest live activation pair and the layer count of the net, by running
+    it once on a blank frame (what the chip model's fit check and frames/s prediction take)."""
+    net = net if net is not None else EfficientNetLite0()
+    macs, peak, ops = 0, 0, 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal macs, peak, ops
+        ops += 1
+        peak = max(peak, inputs[0].numel() + output.numel())
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            macs += output.numel() * (module.in_channels // module.groups) * kh * kw
+        else:
+            macs += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    with torch.inference_mode():
+        net(torch.zeros(1, 3, size, size))
+    for h in handles:
+        h.remove()
+    params = sum(p.numel() for p in net.parameters())
+    return VisionWorkload(ARCH, params, macs, peak, ops)

@@ -99,3 +99,11 @@ def test_bad_weights_and_formats_are_one_line_errors(tmp_path: Path, base: visio
         vision.load_pretrained(wrong)
     with pytest.raises(FormatError, match="unknown weight format"):
         quantize_vision_net(copy.deepcopy(base), "int3")
+
+
+def test_workload_counts_what_the_chip_model_takes(base: vision.EfficientNetLite0) -> None:
+    w = vision.workload(base)
+    assert w.params == sum(p.numel() for p in base.parameters())
+    assert 3.5e8 < w.macs < 4.2e8  # the paper's ~0.4 B for Lite0 at 224
+    # block 1's stride-2 depthwise: its padded input (96 x 113 x 113) and output (96 x 56 x 56)
+    assert w.peak_activations == 96 * 113 * 113 + 96 * 56 * 56
