@@ -1,7 +1,8 @@
 """`cumulo edge ...`: the edge fleet from the command line, on the service database (found as `cumulo admin`
 finds it). enroll prints a device's one-time token; devices, deploy, rollouts and results mirror the
 /v1/edge API. A running gateway publishes the desired states that `deploy` writes on its next pass.
-`cumulo edge agent` (the device side) lives in `cumulo.cli.edge_agent`; its own imports wait until it runs.
+`cumulo edge agent` (the device side) lives in `cumulo.cli.edge_agent`, `simulate` and `model` in
+`cumulo.cli.edge_simulate`; their heavy imports wait until they run.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import time
 from typing import Any
 
-from cumulo.cli import edge_agent
+from cumulo.cli import edge_agent, edge_simulate
 from cumulo.cli.database import service_sessions
 from cumulo.errors import NotFound
 
@@ -69,6 +70,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     edge_agent.add_arguments(agent)  # the agent's own heavy imports wait until it runs
     agent.set_defaults(func=edge_agent.run)
+
+    simulate = verbs.add_parser(
+        "simulate",
+        help="run a simulated fleet of shelf cameras on this machine",
+        description=(edge_simulate.__doc__ or "").split("\n\n")[0],
+    )
+    edge_simulate.add_simulate_arguments(simulate)
+    simulate.set_defaults(func=edge_simulate.run_simulate)
+
+    model = verbs.add_parser("model", help="train the shelf model with a seed and write a package to deploy")
+    edge_simulate.add_model_arguments(model)
+    model.set_defaults(func=edge_simulate.run_model)
 
 
 def _org_id(session: Any, name: str) -> int:
@@ -127,13 +140,15 @@ def cmd_devices(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"{'DEVICE':<24} {'STATE':<9} {'ONLINE':<7} {'LAST SEEN':<10} {'RUNS':<20} WANTS")
+    print(f"{'DEVICE':<24} {'STATE':<9} {'ONLINE':<7} {'LAST SEEN':<10} {'RUNS':<12} {'WANTS':<12} REFUSED")
     for row in rows:
         seen = f"{now - row['last_seen']:.0f} s ago" if row["last_seen"] else "never"
         runs = ((row["reported"] or {}).get("model") or {}).get("version", "-")
         wants = (row["desired"]["model"] or {}).get("version", "-")
+        refused = ", ".join(f"{reason} {n}" for reason, n in sorted(row["refused"].items())) or "-"
         print(
-            f"{row['device_id']:<24} {row['state']:<9} {str(row['online']).lower():<7} {seen:<10} {runs:<20} {wants}"
+            f"{row['device_id']:<24} {row['state']:<9} {str(row['online']).lower():<7} {seen:<10} {runs:<12} "
+            f"{wants:<12} {refused}"
         )
     return 0
 
