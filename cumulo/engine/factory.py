@@ -65,7 +65,7 @@ def build_for_use(
     16-bit copy) and what stays dense then cast to `dtype`; the platform's kernels attached. `threads`: the
     CPU's kernel threads (default: the physical cores)."""
     from cumulo.models.loader import load
-    from cumulo.models.registry import build_model, param_dtype
+    from cumulo.models.registry import build_model, param_dtype, release_freed_heap
 
     device = torch.device(platform.device)
     if device.type == "cpu":
@@ -81,6 +81,7 @@ def build_for_use(
         quantize_model(module, format)
         for name, param in module.named_parameters():
             param.data = param.data.to(param_dtype(name, dtype))
+        release_freed_heap()  # the fp32 copies just freed would otherwise stay resident in the C heap
     else:
         loaded = load(model, dtype=dtype)
         module = build_model(loaded.config, loaded.weights, dtype=dtype, device=device, consume=True)

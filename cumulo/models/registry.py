@@ -128,7 +128,7 @@ class _SkipMetaInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _release_freed_heap() -> None:
+def release_freed_heap() -> None:
     """Give the C heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing).
 
     Loading frees many mid-sized blocks (checkpoint parts once joined, the tokenizer's parse): glibc keeps them
@@ -191,7 +191,7 @@ def build_model(
     )
     if consume:
         state.clear()
-        _release_freed_heap()
+        release_freed_heap()
     if tie:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.config.tie_word_embeddings = tie
