@@ -170,9 +170,26 @@ def load_adapter(model: nn.Module, ref: AdapterRef, base_seal: str) -> LoadedAda
 @dataclass
 class LoRABatch:
     """This step's row groups, shared by every wrapped linear: (adapter, first row, end row), rows contiguous
-    per group. Empty: a base-only step, and the wrappers cost one attribute read."""
+    per group. Empty: a base-only step, and the wrappers cost one attribute read.
+
+    When the groups are back to back and all the same size (a decode step whose sequences are spread evenly over
+    adapters, or equal prompt chunks), `uniform` is (first row, end row, groups, rows per group): every linear
+    then runs all groups as two batched matmuls over its adapters' stacked weights instead of two per group."""
 
     groups: list[tuple[LoadedAdapter, int, int]] = field(default_factory=list)
+    uniform: tuple[int, int, int, int] | None = None
+
+    def set(self, groups: list[tuple[LoadedAdapter, int, int]]) -> None:
+        self.groups = groups
+        sizes = {end - start for _, start, end in groups}
+        adjacent = all(a[2] == b[1] for a, b in zip(groups, groups[1:], strict=False))
+        if len(groups) > 1 and len(sizes) == 1 and adjacent:
+            self.uniform = (groups[0][1], groups[-1][2], len(groups), sizes.pop())
+        else:
+            self.uniform = None
+
+    def clear(self) -> None:
+        self.groups, self.uniform = [], None
 
 
 class MultiLoRALinear(nn.Module):
@@ -189,12 +206,43 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # [T, out], once for every row
-        for adapter, start, end in self.batch.groups:
+        batch = self.batch
+        if batch.uniform is not None:
+            start, end, g, n = batch.uniform
+            stacked = self._stacked(batch.groups)
+            if stacked is not None:
+                a, b = stacked  # [G, in, R], [G, R, out]
+                xs = x[start:end].reshape(g, n, -1)  # [G, n, in]
+                y[start:end].view(g, n, -1).add_(torch.bmm(torch.bmm(xs, a), b))  # [G, n, R] -> [G, n, out]
+            return y
+        for adapter, start, end in batch.groups:
             ab = adapter.weights.get(self.name)
             if ab is not None:
                 a, b = ab
                 y[start:end].addmm_(x[start:end] @ a.t(), b.t())  # [n, in] -> [n, R] -> [n, out]
         return y
+
+    def _stacked(self, groups: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The groups' adapters' weights for this linear stacked (ranks zero-padded to the largest), kept while
+        the same adapters come in the same order (a run of decode steps); None if none of them touches it."""
+        key = tuple(id(adapter) for adapter, _, _ in groups)
+        cached = getattr(self, "_stack", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        pairs = [adapter.weights.get(self.name) for adapter, _, _ in groups]
+        rank = max((p[0].shape[0] for p in pairs if p is not None), default=0)
+        stacked = None
+        if rank:
+            ref = next(p for p in pairs if p is not None)[0]
+            a = ref.new_zeros(len(pairs), self.in_features, rank)
+            b = ref.new_zeros(len(pairs), rank, self.out_features)
+            for i, p in enumerate(pairs):
+                if p is not None:
+                    a[i, :, : p[0].shape[0]] = p[0].t()
+                    b[i, : p[1].shape[1]] = p[1].t()
+            stacked = (a, b)
+        self._stack = (key, stacked, [adapter for adapter, _, _ in groups])  # adapters held: ids stay theirs
+        return stacked
 
 
 def wrap_linears(model: nn.Module, batch: LoRABatch) -> int:

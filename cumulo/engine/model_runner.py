@@ -137,7 +137,7 @@ class ModelRunner:
                 [s.num_computed_tokens + 1 for s in batch.decodes], dtype=torch.long, device=dev
             )
         if self.lora is not None:
-            self.lora.groups = self.lora_groups(batch)  # type: ignore[assignment]
+            self.lora.set(self.lora_groups(batch))  # type: ignore[arg-type]
         try:
             hidden = self.model(
                 torch.tensor(input_ids, dtype=torch.long, device=dev),
@@ -146,7 +146,7 @@ class ModelRunner:
             )
         finally:
             if self.lora is not None:
-                self.lora.groups = []
+                self.lora.clear()
         if not sample_rows:
             return hidden.new_empty((0, 0), dtype=torch.float32)
         return self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
