@@ -92,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", default="ue8m0-fp8,mxfp8,mxfp4,nvfp4")
     parser.add_argument("--llama", default="Q8_0,Q4_0,Q4_K", help="llama-quantize types ('' = none)")
     parser.add_argument("--calibrate", default="8192", help="tokens (or a text file) for --calibrate")
+    parser.add_argument(
+        "--modes", default="rtn,gptq", help="which Cumulo roundings to run per format: rtn, gptq or both"
+    )
+    parser.add_argument(
+        "--one-pass", action="store_true", help="GPTQ with one-pass calibration (convert --one-pass)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=None, help="source GGUF (default: the catalog's SmolLM2 Q4_1)")
     parser.add_argument(
@@ -119,9 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     score("source (Q4_1)", "source", source)
     with tempfile.TemporaryDirectory(prefix="cumulo-accuracy-") as tmp:
         for fmt in [f for f in args.formats.split(",") if f]:
-            for calibrated in (False, True):
+            modes = [m.strip() for m in args.modes.split(",")]
+            for calibrated in [c for c, m in ((False, "rtn"), (True, "gptq")) if m in modes]:
                 out = Path(tmp) / (fmt + ("-gptq" if calibrated else ""))
                 extra = ["--calibrate", args.calibrate] if calibrated else []
+                if calibrated and args.one_pass:
+                    extra.append("--one-pass")
                 label = f"Cumulo {fmt}" + (" GPTQ" if calibrated else " RTN")
                 log(f"converting {label} ...")
                 start = time.perf_counter()

@@ -9,13 +9,21 @@ names map onto the fused module's H (`hessian_for`).
 The default text is the second half (by paragraphs) of the evaluator's corpus (`corpus.calibration_docs`),
 while `cumulo eval ppl` scores the first 4096 tokens of its first half: calibration never sees the scored text.
 Windows start at seeded random offsets, so a run is reproducible and a different seed samples other windows.
+
+Two modes. `collect_hessians` takes every H from one pass of the unquantized model (GPTQ's "non-sequential"
+variant). `quantize_sequentially` is the paper's own order: the windows' hidden states go through the decoder
+one layer at a time; a layer's H are collected, the caller quantizes that layer, its weights are replaced by
+the dequantized result, and its outputs are recomputed with them, so each later layer is calibrated on the
+inputs it will really see and can compensate the error earlier layers left. It holds only the windows' hidden
+states (windows x tokens x hidden) besides the model.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -118,3 +126,108 @@ def collect_hessians(
         for handle in handles:
             handle.remove()
     return Calibration(hessians, seen, len(spans))
+
+
+class _ReachedFirstLayer(Exception):
+    """Raised by a pre-hook to stop the forward pass once the first decoder layer's input is known."""
+
+
+# (layer prefix "model.layers.3.", {module name: H}) -> {parameter name: its new (dequantized) weight}
+LayerQuantizer = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def quantize_sequentially(
+    model: nn.Module,
+    token_ids: Sequence[int],
+    spans: Iterable[tuple[int, int]],
+    targets: set[str],
+    quantize_layer: LayerQuantizer,
+    *,
+    progress: bool = True,
+) -> Calibration:
+    """Calibrate and quantize `model` (fp32, modified in place) one decoder layer at a time.
+
+    For each layer in `model.model.layers`: sum x^T x at its `targets` over every window, call
+    `quantize_layer(prefix, hessians)`, write the weights it returns into the module, then run the layer again
+    to get the next layer's inputs. Targets outside the decoder (an lm_head) get their H after the last layer,
+    from inputs that went through every quantized layer. Returns every H collected."""
+    from tqdm import tqdm
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise InvalidRequest(f"{type(model).__name__} has no model.layers: sequential calibration needs them")
+    ids = torch.tensor(list(token_ids), dtype=torch.long)
+    spans = list(spans)
+    states: list[torch.Tensor] = []
+
+    def first_input(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        states.append(args[0].detach().clone())
+        raise _ReachedFirstLayer
+
+    positions = [torch.arange(end - begin) for begin, end in spans]
+    handle = layers[0].register_forward_pre_hook(first_input)
+    try:
+        with torch.inference_mode():
+            for (begin, end), pos in zip(spans, positions, strict=True):
+                try:
+                    model(ids[begin:end], pos, AttentionContext(kv_cache=None))
+                except _ReachedFirstLayer:
+                    pass
+    finally:
+        handle.remove()
+    hessians: dict[str, torch.Tensor] = {}
+    for index, layer in enumerate(
+        tqdm(layers, desc="calibrate+quantize", unit="layer", file=sys.stderr, disable=not progress)
+    ):
+        prefix = f"model.layers.{index}."
+        inner = {t.removeprefix(prefix) for t in targets if t.startswith(prefix)}
+        with torch.inference_mode():
+            seen = _hessians_of(layer, inner, partial(_run_layer, layer, states, positions))
+        found = {prefix + name: h for name, h in seen.items()}
+        hessians.update(found)
+        new_weights = quantize_layer(prefix, found)
+        with torch.no_grad():
+            for name, value in new_weights.items():
+                model.get_parameter(name).copy_(value)
+        with torch.inference_mode():
+            states = _run_layer(layer, states, positions)
+    rest = {t for t in targets if not t.startswith("model.layers.")}
+    norm = getattr(model.model, "norm", None)
+    if rest and norm is not None and hasattr(model, "compute_logits"):
+        with torch.inference_mode():
+            hessians.update(
+                _hessians_of(model, rest, lambda: [model.compute_logits(norm(h)) for h in states])
+            )
+    return Calibration(hessians, sum(e - b for b, e in spans), len(spans))
+
+
+def _run_layer(
+    layer: nn.Module, states: list[torch.Tensor], positions: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """One decoder layer over every window's hidden states (no KV cache: each window attends to itself)."""
+    return [layer(h, p, AttentionContext(kv_cache=None)) for h, p in zip(states, positions, strict=True)]
+
+
+def _hessians_of(root: nn.Module, targets: set[str], run: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """Sum x^T x at the nn.Linear modules of `root` named in `targets` while `run()` calls it."""
+    hessians: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def accumulate(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float32)
+            gram = x.T @ x
+            hessians[name] = hessians[name] + gram if name in hessians else gram
+
+        return accumulate
+
+    handles = [
+        module.register_forward_hook(hook(name))
+        for name, module in root.named_modules()
+        if name in targets and isinstance(module, nn.Linear)
+    ]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians

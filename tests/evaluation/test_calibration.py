@@ -57,3 +57,102 @@ def test_checkpoint_parts_find_their_fused_modules_statistics() -> None:
     assert cal.hessian_for("model.layers.0.self_attn.k_proj.weight") is h
     assert torch.equal(cal.hessian_for("model.layers.0.mlp.down_proj.weight"), 2 * h)
     assert cal.hessian_for("model.layers.0.mlp.up_proj.weight") is None
+
+
+def _quantized_copies(
+    fmt: str, sequential: bool, std: float = 0.3
+) -> tuple[nn.Module, nn.Module, dict, list[int]]:
+    """A tiny random Llama and a copy quantized to `fmt` with GPTQ, calibrated one-pass or layer by layer."""
+    import copy
+
+    from cumulo.evaluation.calibration import quantize_sequentially
+    from cumulo.formats.gptq import gptq_quantize
+    from tests.support.tiny import tiny_config, tiny_model
+
+    config = tiny_config("llama", vocab_size=64, num_hidden_layers=4, max_position_embeddings=256)
+    reference = tiny_model(config, weight_std=std)
+    model = copy.deepcopy(reference)
+    ids = torch.randint(0, 64, (512,), generator=torch.Generator().manual_seed(2)).tolist()
+    spans = sample_windows(len(ids), 256, 64, 0)
+    targets = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    packed: dict = {}
+
+    def quantize_layer(prefix: str, hessians: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, h in hessians.items():
+            weight = model.get_parameter(name + ".weight").detach()
+            packed[name] = gptq_quantize(weight, h, fmt, name=name)
+            out[name + ".weight"] = packed[name].dequantize()
+        return out
+
+    if sequential:
+        cal = quantize_sequentially(model, ids, spans, targets, quantize_layer, progress=False)
+        packed["hessians"] = cal.hessians
+    else:
+        cal = collect_hessians(model, ids, spans, targets, progress=False)
+        with torch.no_grad():
+            for name, value in quantize_layer("", cal.hessians).items():
+                model.get_parameter(name).copy_(value)
+    return reference, model, packed, ids
+
+
+def _error_on_actual_inputs(reference: nn.Module, model: nn.Module, ids: list[int]) -> tuple[float, dict]:
+    """Sum over the linears of ||X (W - Q)^T||^2 / ||X W^T||^2, X being the inputs each linear receives in the
+    quantized `model` itself: the output error a layer's user sees once every layer is quantized."""
+    spans = sample_windows(len(ids), 256, 64, 0)
+    targets = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    actual = collect_hessians(model, ids, spans, targets, progress=False).hessians
+    total = 0.0
+    for name, h in actual.items():
+        w = reference.get_parameter(name + ".weight").detach()
+        d = w - model.get_parameter(name + ".weight").detach()
+        total += float(torch.trace(d @ h @ d.T) / torch.trace(w @ h @ w.T))
+    return total, actual
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "ue8m0-fp8", "mxfp8"])
+def test_sequential_calibration_errs_no_more_than_one_pass_in_the_same_layout(fmt: str) -> None:
+    """Layer by layer, each linear's GPTQ works on the inputs the quantized earlier layers give it, so on the
+    inputs it sees in the finished model its output error is no larger than one-pass calibration's; the
+    weights keep round-to-nearest's layout, and the first layer (same inputs either way) gets the same codes."""
+    from cumulo.formats.quantize import quantize
+
+    reference, one_pass, packed_one, ids = _quantized_copies(fmt, sequential=False, std=0.15)
+    _, sequential, packed_seq, _ = _quantized_copies(fmt, sequential=True, std=0.15)
+    packed_seq.pop("hessians")
+    assert set(packed_one) == set(packed_seq) and len(packed_seq) == 4 * 4  # qkv, o, gate_up, down per layer
+    for name, p in packed_seq.items():
+        rtn = quantize(reference.get_parameter(name + ".weight").detach(), fmt)
+        assert (p.shape, p.codes.shape, p.codes.dtype) == (rtn.shape, rtn.codes.shape, rtn.codes.dtype)
+        assert (p.scales.shape, p.scales.dtype) == (rtn.scales.shape, rtn.scales.dtype)
+    error_one, _ = _error_on_actual_inputs(reference, one_pass, ids)
+    error_seq, _ = _error_on_actual_inputs(reference, sequential, ids)
+    assert 0 < error_seq <= error_one, (error_seq, error_one)
+    first = "model.layers.0.self_attn.qkv_proj"
+    assert torch.equal(packed_one[first].codes, packed_seq[first].codes)
+    last = "model.layers.3.mlp.down_proj"
+    assert not torch.equal(packed_one[last].codes, packed_seq[last].codes)
+
+
+def test_sequential_statistics_are_those_of_the_quantized_models_own_inputs() -> None:
+    """What each layer was calibrated on is what the finished quantized model feeds it (the one-pass statistics
+    are not, past the first layer): the layers ran in order on already quantized weights."""
+    from cumulo.evaluation.calibration import quantize_sequentially
+
+    reference, model, _, ids = _quantized_copies("mxfp4", sequential=False, std=0.15)
+    targets = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    spans = sample_windows(len(ids), 256, 64, 0)
+    seen = quantize_sequentially(reference, ids, spans, targets, lambda prefix, h: {}, progress=False)
+    unchanged = collect_hessians(reference, ids, spans, targets, progress=False)
+    assert set(seen.hessians) == targets and seen.tokens == 256 and seen.windows == 4
+    for name in targets:  # a quantizer that changes nothing: sequential = one pass
+        assert torch.allclose(seen.hessians[name], unchanged.hessians[name], rtol=1e-4, atol=1e-3), name
+    _, sequential, packed, _ = _quantized_copies("mxfp4", sequential=True, std=0.15)
+    _, actual = _error_on_actual_inputs(reference, sequential, ids)
+    # What GPTQ was given while quantizing = what the finished model feeds each layer. Within a layer the
+    # statistics are taken before any of its own linears are quantized, so this holds exactly for the layer's
+    # input projection (qkv_proj), whose input depends only on the earlier layers.
+    for name in [t for t in targets if t.endswith("qkv_proj")]:
+        assert torch.allclose(packed["hessians"][name], actual[name], rtol=1e-4, atol=1e-3), name
+    later = "model.layers.2.self_attn.qkv_proj"
+    assert not torch.allclose(packed["hessians"][later], unchanged.hessians[later], rtol=1e-3, atol=1e-2)
