@@ -112,6 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         return report(args.report)
     source = model_path(args.model)
     rows: list[dict] = []
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    json_path = RESULTS_DIR / f"formats-accuracy-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+    def save() -> None:
+        """Rewritten after every row: a run stopped for time keeps what it measured (--report reads it)."""
+        base = rows[0].get("perplexity")
+        for r in rows:
+            if base and r.get("perplexity"):
+                r["delta_pct"] = (r["perplexity"] / base - 1) * 100
+        doc = {"settings": vars(args), "source": str(source), "rows": rows}
+        json_path.write_text(json.dumps(doc, indent=2) + "\n")
 
     def score(label: str, system: str, path: Path, **extra: object) -> None:
         log(f"scoring {label} ...")
@@ -120,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         row.update(perplexity(path, args.ppl_tokens, args.threads))
         row["wall_seconds"] = time.perf_counter() - start
         rows.append(row)
+        save()
         log(f"  {label}: {row.get('perplexity', row.get('error'))}")
 
     score("source (Q4_1)", "source", source)
@@ -150,17 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 continue
             score(f"llama.cpp {kind}", "llama.cpp", out, tool=tool)
-    base = rows[0].get("perplexity")
-    for r in rows:
-        if base and r.get("perplexity"):
-            r["delta_pct"] = (r["perplexity"] / base - 1) * 100
+    save()
     print_table(rows)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    json_path = RESULTS_DIR / f"formats-accuracy-{stamp}.json"
-    json_path.write_text(
-        json.dumps({"settings": vars(args), "source": str(source), "rows": rows}, indent=2) + "\n"
-    )
     plot(rows, PLOT_PATH)
     print(f"\nwrote {json_path} and {PLOT_PATH}")
     return 0
