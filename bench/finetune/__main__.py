@@ -1,0 +1,77 @@
+"""Fine-tuning and multi-LoRA serving benchmarks (issue #14), ratios measured in one run:
+
+    python -m bench.finetune            # SmolLM2-135M (fp32 HF copy of the catalog GGUF), all three parts
+    python -m bench.finetune --quick    # fewer rounds and steps: a smoke run
+    python -m bench.finetune --only serving|training|latency
+
+1. serving: output tok/s of one batch spread over 8 adapters vs the base alone (target >= 0.7x);
+2. latency: seconds from a job's success to the first answered request for its ft: model (gateway, worker);
+3. training: tokens/s of Cumulo's trainer vs a plain transformers + PEFT loop, same batch and length (>= 1.0x).
+The machine is shared: the load average is printed beside the figures. JSON goes to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import RESULTS_DIR, log
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.finetune", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=["serving", "training", "latency"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16, help="serving: requests in the batch")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from bench.finetune import latency, serving, training  # noqa: PLC0415
+    from bench.finetune.model import smollm2_dir  # noqa: PLC0415
+
+    model = smollm2_dir()
+    result: dict = {"model": "SmolLM2-135M (fp32)", "threads": args.threads, "load_before": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="bench-ft-") as tmp:
+        work = Path(tmp)
+        if args.only in (None, "serving"):
+            log("serving: 8 adapters vs the base ...")
+            result["serving"] = serving.measure(
+                model,
+                work / "adapters",
+                args.batch,
+                8,
+                8,
+                32,
+                16 if args.quick else 48,
+                1 if args.quick else 3,
+            )
+        words = 40
+        data = training.training_file(work / "train.jsonl", 64, words)
+        if args.only in (None, "latency"):
+            log("latency: job success -> first answer through a live gateway ...")
+            small = training.training_file(work / "small.jsonl", 4, 8)
+            result["latency"] = latency.measure(model, small, work / "gateway")
+        if args.only in (None, "training"):
+            steps, batch = (3, 2) if args.quick else (6, 4)
+            log(f"training: Cumulo's trainer, {steps} steps of {batch} ...")
+            ours = training.cumulo_rate(model, data, work / "train-out", batch, steps, 8)
+            seq_len = round(ours["tokens_per_step"] / batch)
+            log(f"training: transformers + PEFT, {steps} steps of {batch} x {seq_len} tokens ...")
+            ref = training.peft_rate(model, batch, seq_len, steps, 8)
+            result["training"] = {"cumulo": ours, "peft": ref, "seq_len": seq_len, "batch": batch,
+                                  "ratio": ours["tok_s"] / ref["tok_s"]}  # fmt: skip
+    result["load_after"] = os.getloadavg()
+    print(json.dumps(result, indent=2))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"finetune-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
