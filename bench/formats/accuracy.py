@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "--modes", default="rtn,gptq", help="which Cumulo roundings to run per format: rtn, gptq or both"
     )
     parser.add_argument(
-        "--one-pass", action="store_true", help="GPTQ with one-pass calibration (convert --one-pass)"
+        "--sequential", action="store_true", help="GPTQ calibrated layer by layer (convert --sequential)"
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=None, help="source GGUF (default: the catalog's SmolLM2 Q4_1)")
@@ -141,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             for calibrated in [c for c, m in ((False, "rtn"), (True, "gptq")) if m in modes]:
                 out = Path(tmp) / (fmt + ("-gptq" if calibrated else ""))
                 extra = ["--calibrate", args.calibrate] if calibrated else []
-                if calibrated and args.one_pass:
-                    extra.append("--one-pass")
-                label = f"Cumulo {fmt}" + (" GPTQ" if calibrated else " RTN")
+                if calibrated and args.sequential:
+                    extra.append("--sequential")
+                label = f"Cumulo {fmt}" + (
+                    " RTN" if not calibrated else " GPTQ seq" if args.sequential else " GPTQ"
+                )
                 log(f"converting {label} ...")
                 start = time.perf_counter()
                 done = cumulo(["convert", str(source), "-f", fmt, "-o", str(out), *extra], args.threads)

@@ -7,9 +7,10 @@ DeepSeek-V3's layout; see cumulo.formats.checkpoint), plus the tokenizer, so the
 
 `--calibrate [N|FILE]` rounds with GPTQ (cumulo.formats.gptq) instead of to nearest: each linear's input
 statistics come from N tokens of calibration text (default 8192 from the half of the evaluator's corpus that
-`cumulo eval ppl` never scores, cumulo.evaluation.corpus.calibration_docs) or from a text file. By default the
-decoder layers are calibrated and quantized in order, each on inputs that went through the already quantized
-layers before it (`--one-pass`: every H from the unquantized model, faster and a little worse). The output has
+`cumulo eval ppl` never scores, cumulo.evaluation.corpus.calibration_docs) or from a text file, all taken in
+one pass of the unquantized model. `--sequential` calibrates and quantizes the decoder layers in order instead,
+each on inputs that went through the already quantized layers before it (the GPTQ paper's order); on SmolLM2 it
+measured slightly worse than one pass (docs/formats.md), so it is not the default. The output has
 the same formats and layouts; only the codes and block scales differ.
 """
 
@@ -72,10 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "text FILE; same formats and layouts, better codes",
     )
     p.add_argument(
-        "--one-pass",
+        "--sequential",
         action="store_true",
-        help="with --calibrate: take every layer's statistics from the unquantized model in one pass instead "
-        "of layer by layer through the already quantized layers",
+        help="with --calibrate: calibrate layer by layer on the outputs of the already quantized layers "
+        "instead of one pass of the unquantized model",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed for the calibration windows' positions (default 0)"
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     calibration = None
     if calibrate is not None:
         calibration = _calibrate(
-            model, quantized, calibrate, args.seed, scheme.name, group_amax, None if args.one_pass else done
+            model, quantized, calibrate, args.seed, scheme.name, group_amax, done if args.sequential else None
         )
     for name, tensor in tqdm(items, desc=f"convert to {scheme.name}", unit="tensor", mininterval=0.5):
         bytes_in += tensor.numel() * tensor.element_size()

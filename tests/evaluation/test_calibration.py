@@ -156,3 +156,46 @@ def test_sequential_statistics_are_those_of_the_quantized_models_own_inputs() ->
         assert torch.allclose(packed["hessians"][name], actual[name], rtol=1e-4, atol=1e-3), name
     later = "model.layers.2.self_attn.qkv_proj"
     assert not torch.allclose(packed["hessians"][later], unchanged.hessians[later], rtol=1e-3, atol=1e-2)
+
+
+def test_convert_sequential_writes_one_pass_layout_and_differs_past_the_first_layer(
+    tmp_path, write_tiny_llama
+) -> None:
+    """`cumulo convert --calibrate --sequential` end to end: the checkpoint has one-pass's tensors, names,
+    shapes and dtypes (q/k/v still sharing NVFP4's tensor scale), layer 0 is rounded identically, and a later
+    layer differently (its inputs went through quantized layers)."""
+    from safetensors.torch import load_file
+
+    from cumulo.cli.main import main
+
+    model = write_tiny_llama(tmp_path / "m", vocab=160, hidden=64, intermediate=128)
+    outs = {}
+    for mode in ("one", "seq"):
+        extra = ["--sequential"] if mode == "seq" else []
+        assert (
+            main(
+                [
+                    "convert",
+                    str(model),
+                    "-f",
+                    "nvfp4",
+                    "-o",
+                    str(tmp_path / mode),
+                    "--calibrate",
+                    "300",
+                    *extra,
+                ]
+            )
+            == 0
+        )
+        outs[mode] = {
+            k: v for f in sorted((tmp_path / mode).glob("*.safetensors")) for k, v in load_file(f).items()
+        }
+    one, seq = outs["one"], outs["seq"]
+    assert one.keys() == seq.keys()
+    assert all((one[k].shape, one[k].dtype) == (seq[k].shape, seq[k].dtype) for k in one)
+    scale2 = [seq[f"model.layers.1.self_attn.{p}_proj.weight_scale_2"] for p in "qkv"]
+    assert torch.equal(scale2[0], scale2[1]) and torch.equal(scale2[0], scale2[2])
+    first, later = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(one[first].view(torch.uint8), seq[first].view(torch.uint8))
+    assert not torch.equal(one[later].view(torch.uint8), seq[later].view(torch.uint8))
