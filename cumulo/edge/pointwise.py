@@ -35,6 +35,16 @@ def per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
+def corrected_bias(
+    bias: torch.Tensor, rounded: torch.Tensor, weight: torch.Tensor, input_mean: torch.Tensor | None
+) -> torch.Tensor:
+    """bias - (rounded - weight) @ E[x]: the mean output shift the weight's rounding causes, taken off (bias
+    correction; `cumulo.edge.vision.input_means` says why it matters for this net). No mean: the bias as is."""
+    if input_mean is None or input_mean.numel() == 0:
+        return bias
+    return bias - (rounded.float() - weight.float()) @ input_mean.float()
+
+
 def int8_weight(weight: torch.Tensor, format: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The int8 codes and channel scales the GEMM uses for `weight` [N, K] held in `format`."""
     if format == "int8":
@@ -57,6 +67,7 @@ class Int8Pointwise(nn.Module):
         format: str,
         name: str,
         relu6_input: bool = False,
+        input_mean: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.format = format
@@ -66,7 +77,8 @@ class Int8Pointwise(nn.Module):
         self.register_buffer("codes", codes)  # [N, K]; the GEMM reads its transpose [K, N] as a view
         self.register_buffer("scale", scale)
         bias = bias.detach().float().clone() if bias is not None else torch.zeros(self.out_channels)
-        self.register_buffer("bias", bias)
+        rounded = codes.float() * scale[:, None]  # [N, K], the weight the GEMM multiplies by
+        self.register_buffer("bias", corrected_bias(bias, rounded, weight.detach().flatten(1), input_mean))
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """[M, K] float -> [M, N] float."""
@@ -117,9 +129,20 @@ class PackedPointwise(nn.Module):
     """A 1x1 conv through `PackedLinear` (weight-only: fp8 and the other formats without an int8 GEMM): pixels
     are rows, so past `FUSED_MAX_ROWS` pixels it dequantizes and runs torch's fp32 GEMM (slower than fp32)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, format: str, name: str) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        format: str,
+        name: str,
+        input_mean: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
-        self.linear = PackedLinear(quantize(weight.detach().flatten(1).float(), format, name=name), bias)
+        w = weight.detach().flatten(1).float()
+        packed = quantize(w, format, name=name)
+        if bias is not None:
+            bias = corrected_bias(bias.detach().float(), packed.dequantize(torch.float32), w, input_mean)
+        self.linear = PackedLinear(packed, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
@@ -132,16 +155,19 @@ class PackedPointwise(nn.Module):
 INT8_GEMM_FORMATS = ("int8", "mxint8")
 
 
-def pointwise(layer: nn.Conv2d | nn.Linear, format: str, name: str) -> nn.Module:
-    """The form of a 1x1 conv or linear layer in `format` (fp32: the dense GEMM over pixels)."""
+def pointwise(
+    layer: nn.Conv2d | nn.Linear, format: str, name: str, input_mean: torch.Tensor | None = None
+) -> nn.Module:
+    """The form of a 1x1 conv or linear layer in `format` (fp32: the dense GEMM over pixels); `input_mean`, the
+    layer's expected input per channel, corrects the bias for the weight's rounding."""
     if format == "fp32":
         return DensePointwise(layer.weight, layer.bias)
     if format in INT8_GEMM_FORMATS:
         # Project convs read ReLU6 outputs over the largest maps: one fixed scale. The head and classifier read
         # ReLU6 outputs too, but their small values need a per-pixel scale (a fixed one flips ImageNet top-1).
         relu6_input = name.endswith("project")  # big maps, ReLU6 inputs; head and classifier: per pixel
-        return Int8Pointwise(layer.weight, layer.bias, format, f"{name}.weight", relu6_input)
-    return PackedPointwise(layer.weight, layer.bias, format, f"{name}.weight")
+        return Int8Pointwise(layer.weight, layer.bias, format, f"{name}.weight", relu6_input, input_mean)
+    return PackedPointwise(layer.weight, layer.bias, format, f"{name}.weight", input_mean)
 
 
 def quantize_vision_net(net: nn.Module, format: str) -> nn.Module:
@@ -156,7 +182,12 @@ def quantize_vision_net(net: nn.Module, format: str) -> nn.Module:
         for name, mod in net.named_modules()
         if isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.kernel_size == (1, 1))
     ]
+    means = getattr(net, "input_means", {})  # set by cumulo.edge.vision.from_state_dict
     for name, layer in targets:
         parent, _, child = name.rpartition(".")
-        setattr(net.get_submodule(parent) if parent else net, child, pointwise(layer, format, name))
+        setattr(
+            net.get_submodule(parent) if parent else net,
+            child,
+            pointwise(layer, format, name, means.get(name)),
+        )
     return net.to(memory_format=torch.channels_last)

@@ -8,7 +8,7 @@ swish, stem (32) and head (1280) widths fixed, batch norm eps 1e-3, TensorFlow "
 (pixel - 127) / 128. Nothing is fetched at run time.
 
 Batch norms are folded into the conv before them when the net is built (an inference net has no use for them),
-so every conv has a bias and the int8 path (`cumulo.edge.int8`) quantizes the folded weight.
+so every conv has a bias and the formats (`cumulo.edge.pointwise`) round the folded weight.
 """
 
 from __future__ import annotations
@@ -125,8 +125,50 @@ def _fold(conv: nn.Conv2d, weight: torch.Tensor, sd: dict[str, torch.Tensor], bn
         conv.bias.copy_(sd[f"{bn}.bias"] - sd[f"{bn}.running_mean"] * g)
 
 
+def _bn_output(sd: dict[str, torch.Tensor], bn: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation per channel of a batch norm's output on the data it was trained on: beta and
+    |gamma| * sqrt(var / (var + eps)) (a channel whose running variance is 0 is the constant beta)."""
+    var = sd[f"{bn}.running_var"]
+    return sd[f"{bn}.bias"], sd[f"{bn}.weight"].abs() * torch.sqrt(var / (var + BN_EPS))
+
+
+def _relu6_mean(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """E[relu6(z)] for z ~ N(mean, std^2): the normal clipped to [0, 6]."""
+    normal = torch.distributions.Normal(0.0, 1.0)
+    s = std.clamp_min(1e-12)
+    a, b = -mean / s, (6.0 - mean) / s
+    pdf = lambda t: normal.log_prob(t).exp()  # noqa: E731
+    clipped = 6.0 * (1 - normal.cdf(b)) + mean * (normal.cdf(b) - normal.cdf(a)) + s * (pdf(a) - pdf(b))
+    return torch.where(std < 1e-6, mean.clamp(0.0, 6.0), clipped)
+
+
+def input_means(net: EfficientNetLite0, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The expected input of every 1x1 conv and of the classifier, per input channel, from the batch norm
+    statistics alone (no data): a project conv reads relu6 of the depthwise's batch norm, an expand conv and the
+    head read the residual stream (the sum of the project batch norms' betas along the skips), the classifier
+    the pixel mean of relu6 of the head's batch norm.
+
+    Why: a project conv's inputs are all >= 0 with a large mean, so its batch-normed output is a small difference
+    of large sums; the error of a rounded weight W' - W times that mean is a per-channel offset several times the
+    weight's own relative error (int8 weights alone moved the logits 8% and flipped 12 of 120 photos). Taking
+    (W' - W) @ E[x] off the bias removes that offset (bias correction, Nagel et al. 2019, arXiv 1906.04721)."""
+    means: dict[str, torch.Tensor] = {}
+    stream = torch.zeros(0)
+    for i, block in enumerate(net.blocks):
+        p = f"_blocks.{i}."
+        if block.expand is not None:
+            means[f"blocks.{i}.expand"] = stream
+        means[f"blocks.{i}.project"] = _relu6_mean(*_bn_output(sd, p + "_bn1"))
+        beta = _bn_output(sd, p + "_bn2")[0]
+        stream = beta + stream if block.skip else beta.clone()
+    means["head"] = stream
+    means["fc"] = _relu6_mean(*_bn_output(sd, "_bn1"))
+    return means
+
+
 def from_state_dict(sd: dict[str, torch.Tensor]) -> EfficientNetLite0:
-    """Build the net from the wheel's state dict (lukemelas tensor names), batch norms folded."""
+    """Build the net from the wheel's state dict (lukemelas tensor names), batch norms folded; `net.input_means`
+    keeps each 1x1 conv's expected input (`input_means`) for the formats' bias correction."""
     net = EfficientNetLite0(sd["_fc.weight"].shape[0]) if "_fc.weight" in sd else None
     if net is None:
         raise InvalidModel("not an EfficientNet-Lite0 state dict: no _fc.weight")
@@ -142,6 +184,7 @@ def from_state_dict(sd: dict[str, torch.Tensor]) -> EfficientNetLite0:
         with torch.no_grad():
             net.fc.weight.copy_(sd["_fc.weight"])
             net.fc.bias.copy_(sd["_fc.bias"])
+        net.input_means = input_means(net, sd)
     except (KeyError, RuntimeError) as error:
         raise InvalidModel(f"weights do not fit {ARCH}: {str(error).splitlines()[0][:120]}") from None
     return net.eval()
