@@ -33,20 +33,76 @@ def test_pretrained_weights_name_real_photos(base: vision.EfficientNetLite0) -> 
     assert int(coffee.argmax()) == ESPRESSO and float(coffee.max()) > 0.8
 
 
-@pytest.mark.parametrize("format", ["int8", "mxint8"])
+@pytest.fixture(scope="module")
+def photos(base: vision.EfficientNetLite0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bench's 120 crops (`photo_set()`, seed 0) and the fp32 anchor's logits on them."""
+    images = photo_set().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return images, quantize_vision_net(copy.deepcopy(base), "fp32")(images)
+
+
+# Measured with the bias correction on these 120 crops: int8 0.950, mxint8 0.900 (before it: 0.917, 0.792).
+AGREEMENT = {"int8": 0.93, "mxint8": 0.87, "fp8": 0.82}
+
+
+@pytest.mark.parametrize("format", ["int8", "mxint8", "fp8"])
 @torch.inference_mode()
-def test_int8_gemm_agrees_with_fp32_on_the_photo_set(base: vision.EfficientNetLite0, format: str) -> None:
-    images = photo_set(crops_per_photo=3).contiguous(memory_format=torch.channels_last)  # 60 crops
-    reference = quantize_vision_net(copy.deepcopy(base), "fp32")(images)
+def test_formats_agree_with_fp32_on_the_photo_set(
+    base: vision.EfficientNetLite0, photos: tuple[torch.Tensor, torch.Tensor], format: str
+) -> None:
+    images, reference = photos
     swapped = quantize_vision_net(copy.deepcopy(base), format)
-    assert (
-        sum(isinstance(m, Int8Pointwise) for m in swapped.modules()) == 15 + 16 + 2
-    )  # expand, project, head+fc
+    if format != "fp8":
+        assert (
+            sum(isinstance(m, Int8Pointwise) for m in swapped.modules()) == 15 + 16 + 2
+        )  # expand, project, head+fc
     top1, top1_q = reference.argmax(-1), swapped(images).argmax(-1)
     confident = reference.softmax(-1).amax(-1) > 0.5
-    assert confident.sum() >= 15
-    assert bool((top1_q[confident] == top1[confident]).all())  # where fp32 is sure, int8 says the same
-    assert (top1_q == top1).float().mean() >= 0.8  # textures and text: both unsure, some flip (docs/edge.md)
+    assert confident.sum() >= 20
+    assert bool(
+        (top1_q[confident] == top1[confident]).all()
+    )  # where fp32 is sure, every format says the same
+    assert (top1_q == top1).float().mean() >= AGREEMENT[format]  # the rest: fp32 itself unsure (docs/edge.md)
+
+
+@torch.inference_mode()
+def test_bias_correction_halves_the_int8_error(
+    base: vision.EfficientNetLite0, photos: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    images, reference = photos
+    plain = copy.deepcopy(base)
+    del plain.input_means  # no expected inputs: the biases stay as folded
+    error = {}
+    for name, net in (("corrected", copy.deepcopy(base)), ("plain", plain)):
+        logits = quantize_vision_net(net, "int8")(images)
+        error[name] = float((logits - reference).norm() / reference.norm())
+    assert error["corrected"] < 0.6 * error["plain"]  # measured 0.047 against 0.096
+
+
+@torch.inference_mode()
+def test_expected_inputs_from_batch_norms_match_the_photos(base: vision.EfficientNetLite0) -> None:
+    """The correction's E[x] comes from batch norm statistics alone; on real photos the project convs' inputs
+    have those means (the layers where the rounding offset is largest)."""
+    seen = {}
+    names = ("blocks.0.project", "blocks.6.project", "blocks.11.project", "fc")
+    hooks = [
+        base.get_submodule(n).register_forward_hook(
+            lambda m, args, out, n=n: seen.__setitem__(
+                n, args[0].mean((0, 2, 3) if args[0].dim() == 4 else 0)
+            )
+        )
+        for n in names
+    ]
+    base(photo_set(crops_per_photo=2, seed=1))
+    for h in hooks:
+        h.remove()
+    for n in names[:3]:
+        assert torch.corrcoef(torch.stack([base.input_means[n], seen[n]]))[0, 1] > 0.9, n
+    assert set(base.input_means) == {
+        n
+        for n, m in base.named_modules()
+        if isinstance(m, nn.Linear) or getattr(m, "kernel_size", None) == (1, 1)
+    }
 
 
 def test_fp32_gemm_over_pixels_is_the_same_net_as_conv(base: vision.EfficientNetLite0) -> None:
