@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                 if done.returncode != 0:
                     rows.append({"label": label, "system": "cumulo", "error": done.stderr.strip()[-400:]})
                     continue
-                score(label, "cumulo", out, format=fmt, calibrated=calibrated,
+                kind = ("sequential" if args.sequential else "one pass") if calibrated else None
+                score(label, "cumulo", out, format=fmt, calibrated=calibrated, calibration=kind,
                       convert_seconds=time.perf_counter() - start)  # fmt: skip
         # llama.cpp last: the anchors' build may still be running when the Cumulo conversions start.
         for kind in [k for k in args.llama.split(",") if k]:
@@ -214,16 +215,26 @@ def plot(rows: list[dict], path: Path) -> None:
         log("matplotlib missing: no plot")
         return
     shown = [r for r in rows if "delta_pct" in r and r["system"] != "source"]
-    colours = {"llama.cpp": "tab:gray", False: "tab:orange", True: "tab:blue"}
+    colours = {"llama.cpp": "tab:gray", False: "tab:orange", True: "tab:blue", "seq": "tab:cyan"}
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(shown) + 1.2))
     labels = [r["label"] for r in shown][::-1]
     values = [r["delta_pct"] for r in shown][::-1]
-    keys = [r["system"] if r["system"] == "llama.cpp" else r.get("calibrated") for r in shown][::-1]
+    keys = [
+        r["system"]
+        if r["system"] == "llama.cpp"
+        else "seq"
+        if r.get("calibration") == "sequential"
+        else r.get("calibrated")
+        for r in shown
+    ][::-1]
     ax.barh(labels, values, color=[colours[k] for k in keys])
     for y, v in enumerate(values):
         ax.text(v, y, f" {v:+.1f}%", va="center", fontsize=8)
     ax.set_xlabel("perplexity vs source Q4_1 GGUF (%; lower is better)")
-    ax.set_title("SmolLM2-135M: llama.cpp requantized (grey), Cumulo RTN (orange), GPTQ (blue)", fontsize=9)
+    ax.set_title(
+        "SmolLM2-135M: llama.cpp requantized (grey),\nCumulo RTN (orange), GPTQ one pass (blue), GPTQ --sequential (cyan)",
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
