@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cumulo.engine.lora import FUSED  # fused module -> its parts in row order, as the registry fuses them
 from cumulo.errors import InvalidRequest
 from cumulo.formats.linear import DenseLinear, PackedLinear
 
-# fused module -> its parts in row order, as cumulo.models.registry fuses them
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LINEARS = (nn.Linear, PackedLinear, DenseLinear)
 

@@ -18,12 +18,10 @@ from pathlib import Path
 
 import torch
 
+from cumulo.engine.lora import CONFIG, CUMULO, WEIGHTS, read_peft
 from cumulo.errors import InvalidModel, SealMismatch
-from cumulo.finetune.lora import FUSED, LoRALinear, peft_name
+from cumulo.finetune.lora import LoRALinear, peft_name
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
-CUMULO = "cumulo_adapter.json"
 _KEY = re.compile(r"^base_model\.model\.(.+)\.(\w+)\.lora_([AB])\.weight$")
 
 
@@ -79,24 +77,10 @@ def save_adapter(directory: Path, wrapped: dict[str, LoRALinear], info: AdapterI
     return directory
 
 
-def read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], AdapterInfo | None]:
-    """(adapter_config, PEFT-named tensors, cumulo_adapter.json or None for a foreign PEFT directory)."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    try:
-        config = json.loads((directory / CONFIG).read_text())
-        tensors = load_file(str(directory / WEIGHTS))
-    except (OSError, ValueError) as exc:
-        raise InvalidModel(f"{directory} is not a PEFT LoRA adapter: {exc}") from None
-    if config.get("peft_type") != "LORA":
-        raise InvalidModel(f"{directory}: only LoRA adapters are supported, not {config.get('peft_type')}")
-    if config.get("use_rslora") or config.get("use_dora"):
-        raise InvalidModel(f"{directory}: rsLoRA and DoRA adapters are not supported yet")
-    info = None
-    if (directory / CUMULO).exists():
-        info = AdapterInfo(**json.loads((directory / CUMULO).read_text()))
-    return config, tensors, info
+def _info(directory: Path) -> AdapterInfo | None:
+    """cumulo_adapter.json, or None for a foreign PEFT directory."""
+    path = Path(directory) / CUMULO
+    return AdapterInfo(**json.loads(path.read_text())) if path.exists() else None
 
 
 def load_into(
@@ -104,15 +88,15 @@ def load_into(
 ) -> AdapterInfo | None:
     """Copy a saved adapter's tensors into `wrapped` (built by apply_lora with the same rank and targets).
     With `base_seal`, an adapter trained on another base is refused (SealMismatch)."""
-    config, tensors, info = read_adapter(directory)
-    if base_seal is not None and info is not None and info.base_seal != base_seal:
-        raise SealMismatch(f"adapter {directory} was trained on base {info.base_seal}, not {base_seal}")
+    peft = read_peft(directory)  # the engine's reader: the same checks for what is trained and what is served
+    if base_seal is not None and peft.base_seal is not None and peft.base_seal != base_seal:
+        raise SealMismatch(f"adapter {directory} was trained on base {peft.base_seal}, not {base_seal}")
     by_peft = {}
     for name, w in wrapped.items():
         for s in w.slices:
             by_peft[peft_name(name, s.name)] = (w, s.name)
     seen = set()
-    for key, tensor in tensors.items():
+    for key, tensor in peft.tensors.items():
         match = _KEY.match(key)
         if match is None:
             raise InvalidModel(f"{directory}: unexpected tensor {key}")
@@ -129,20 +113,15 @@ def load_into(
     missing = sorted(set(by_peft) - seen)
     if missing:
         raise InvalidModel(f"{directory}: no weights for {missing[0]}")
-    del config
-    return info
+    return _info(directory)
 
 
 def targets_of(directory: Path) -> tuple[tuple[str, ...], int, float]:
     """(target modules, rank, alpha) from adapter_config.json: what apply_lora needs to rebuild it."""
-    config, _, _ = read_adapter(directory)
-    targets = config.get("target_modules") or []
-    if isinstance(targets, str):
-        raise InvalidModel(f"{directory}: a regex target_modules is not supported; list the module names")
-    known = {p for parts in FUSED.values() for p in parts} | {"o_proj", "down_proj"}
-    if not set(targets) <= known:
-        raise InvalidModel(f"{directory}: unsupported target modules {sorted(set(targets) - known)}")
-    return tuple(targets), int(config["r"]), float(config["lora_alpha"])
+    peft = read_peft(directory)
+    if peft.scale != peft.alpha / peft.rank:
+        raise InvalidModel(f"{directory}: rsLoRA adapters are not supported for training yet")
+    return peft.targets, peft.rank, peft.alpha
 
 
 def attach_adapter(model, directory: Path, base_seal: str | None = None) -> dict[str, LoRALinear]:
