@@ -14,6 +14,7 @@ from torch import nn
 from cumulo.models.attention import AttentionContext
 from cumulo.models.config import ModelConfig
 from cumulo.models.layers import CausalLM, GatedMLP, RMSNorm, RotaryEmbedding
+from cumulo.models.llama import LlamaModel
 from cumulo.models.mla import MLAttention
 from cumulo.models.moe import Experts
 
@@ -88,29 +89,21 @@ class DeepseekDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class DeepseekModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        rotary = RotaryEmbedding(
+class DeepseekModel(LlamaModel):
+    """Llama's stack of pre-norm layers, with DeepSeek's layers and a rotary table over the decoupled rope part
+    only (`qk_rope_head_dim`), interleaved as DeepSeek's checkpoints expect."""
+
+    layer_class = DeepseekDecoderLayer
+
+    @staticmethod
+    def make_rotary(config: ModelConfig) -> RotaryEmbedding:
+        return RotaryEmbedding(
             config.qk_rope_head_dim,
             config.max_position_embeddings,
             config.rope_theta,
             config.rope_scaling,
             interleaved=config.rope_interleave,
         )
-        self.layers = nn.ModuleList(
-            DeepseekDecoderLayer(config, i, rotary) for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
-    ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, positions, ctx)
-        return self.norm(x)
 
 
 class DeepseekV3ForCausalLM(CausalLM):

@@ -44,18 +44,23 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    layer_class: type[LlamaDecoderLayer] = LlamaDecoderLayer
+    layer_class: type[nn.Module] = LlamaDecoderLayer
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        rotary = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
-        )
+        rotary = self.make_rotary(config)
         self.layers = nn.ModuleList(
             self.layer_class(config, i, rotary) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    @staticmethod
+    def make_rotary(config: ModelConfig) -> RotaryEmbedding:
+        """The one rotary table every layer shares."""
+        return RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
