@@ -110,9 +110,8 @@ class LLMEngine:
             )
         request_id = request_id or uuid.uuid4().hex
         seq = Sequence(request_id, prompt_token_ids, params)
-        if (
-            params.adapter is not None
-        ):  # read (or found in the cache) now: a bad adapter refuses this request only
+        # Read (or found in the cache) now: a bad adapter refuses this request only.
+        if params.adapter is not None:
             seq.adapter = self.adapters.get(params.adapter)
             seq.cache_salt = seq.adapter.salt
         seq.sampling_state = make_state(params, prompt_token_ids, self.device)
@@ -160,9 +159,8 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             if not batch:
                 return outputs
-            if (
-                self.runner.lora is not None
-            ):  # each adapter's rows contiguous: one low-rank product per adapter
+            # Each adapter's rows contiguous: one low-rank product per adapter.
+            if self.runner.lora is not None:
                 batch.decodes.sort(key=_adapter_key)
                 batch.prefills.sort(key=lambda item: _adapter_key(item[0]))
             logits = self.runner.execute(batch)

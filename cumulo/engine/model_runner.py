@@ -71,7 +71,7 @@ class ModelRunner:
         n = len(batch.decodes)
         if self.graph_recorder is None or batch.prefills or not n:
             return None
-        if any(s.adapter is not None for s in batch.decodes):
+        if self.lora is not None and any(s.adapter is not None for s in batch.decodes):
             return None  # graphs record the base linears only: steps with adapters run eagerly
         if n not in self._graphs:
             self._graphs[n] = DecodeGraph.record(
