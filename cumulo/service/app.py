@@ -23,6 +23,8 @@ from cumulo.service.api.routes import (
     models,
     usage,
 )
+from cumulo.service.console.routes import ConsoleHeaders
+from cumulo.service.console.routes import router as console_router
 from cumulo.service.edge.lifespan import build_fleet, with_edge
 from cumulo.service.finetune.lifespan import with_finetune
 from cumulo.service.settings import Settings
@@ -44,7 +46,9 @@ def create_app(settings: Settings, engines: dict[str, EngineClient]) -> FastAPI:
     # Uploads of training files may be larger than any other body.
     uploads = {"/v1/files": settings.finetune_max_file_bytes + (1 << 20)}
     app.add_middleware(errors.BodyLimit, max_bytes=settings.max_body_bytes, larger=uploads)
+    app.add_middleware(ConsoleHeaders)
     routers = (models, chat, completions, usage, labels, admin, deployments, health, edge_devices, edge)
     for module in (*routers, edge_requests, files, fine_tuning):
         app.include_router(module.router)
+    app.include_router(console_router)  # last: its /console/{path} serves the static files
     return app

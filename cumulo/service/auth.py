@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from cumulo.errors import AuthenticationError
@@ -45,11 +45,21 @@ def authenticate(
     session: Session, hasher: KeyHasher, secret: str | None, key_hash: str | None = None
 ) -> Principal:
     secret = check_format(secret)
+    return _principal(session, ApiKey.key_hash == (key_hash or hasher.hash(secret)))
+
+
+def authenticate_key_id(session: Session, key_id: int) -> Principal:
+    """The principal of a console session, which names its key by id: revocation and expiry are checked here,
+    on every request, so revoking the key ends every session opened with it."""
+    return _principal(session, ApiKey.id == key_id)
+
+
+def _principal(session: Session, which: ColumnElement[bool]) -> Principal:
     row = session.execute(
         select(ApiKey, Organization.name, Plan)
         .join(Organization, Organization.id == ApiKey.org_id)
         .join(Plan, Plan.id == ApiKey.plan_id)
-        .where(ApiKey.key_hash == (key_hash or hasher.hash(secret)))
+        .where(which)
     ).first()
     if row is None:
         raise AuthenticationError("invalid API key")

@@ -14,7 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from cumulo.errors import PermissionDenied
 from cumulo.service.api.errors import BadParameter
 from cumulo.service.api.schemas import INT32_MAX, LATEST_TIME
-from cumulo.service.auth import Principal, authenticate, check_format
+from cumulo.service.auth import Principal, authenticate, authenticate_key_id, check_format
+from cumulo.service.console import sessions
 from cumulo.service.state import ServiceState
 
 
@@ -35,7 +36,13 @@ def _bearer(request: Request) -> str | None:
 
 
 async def get_principal(request: Request, state: State) -> Principal:
-    secret = check_format(_bearer(request))
+    """The calling key: from `Authorization: Bearer` (or `X-API-Key`), else from the console's session cookie,
+    which must bring its CSRF token on every write (cumulo/service/console/sessions.py)."""
+    bearer = _bearer(request)
+    token = request.cookies.get(sessions.COOKIE)
+    if bearer is None and token:
+        return await _session_principal(request, state, token)
+    secret = check_format(bearer)
     key_hash = state.hasher.hash(secret)
     cached = state.principals.get(key_hash)
     if cached is not None:
@@ -48,6 +55,17 @@ async def get_principal(request: Request, state: State) -> Principal:
     principal = await run_in_threadpool(lookup)
     state.principals.put(key_hash, principal)
     return principal
+
+
+async def _session_principal(request: Request, state: ServiceState, token: str) -> Principal:
+    key_id = sessions.key_id_of(state.hasher, token)
+    sessions.check_csrf(state.hasher, token, request.method, request.headers.get(sessions.CSRF_HEADER))
+
+    def lookup() -> Principal:
+        with state.sessions() as session:
+            return authenticate_key_id(session, key_id)
+
+    return await run_in_threadpool(lookup)  # no cache: a revoked key ends its sessions at once
 
 
 Caller = Annotated[Principal, Depends(get_principal)]
