@@ -32,8 +32,16 @@ class KVPlan:
         return self.num_blocks * self.block_size
 
 
-def plan_kv_cache(model: ModelConfig, dtype: torch.dtype, config: EngineConfig, platform: Platform) -> KVPlan:
-    """The cache for `model` computing in `dtype` under `config`'s settings on `platform`.
+def plan_kv_cache(
+    model: ModelConfig,
+    dtype: torch.dtype,
+    config: EngineConfig,
+    platform: Platform,
+    num_layers: int | None = None,
+) -> KVPlan:
+    """The cache for `model` computing in `dtype` under `config`'s settings on `platform`; with `num_layers`,
+    for that many of its layers (a pipeline stage; every stage gets the same block count, sized for the
+    stage with the most layers).
 
     - bytes: `config.kv_cache_gib`, else `config.kv_cache_fraction` of free memory, else the platform's
       default (see `cumulo.platform.budget`).
@@ -42,7 +50,7 @@ def plan_kv_cache(model: ModelConfig, dtype: torch.dtype, config: EngineConfig, 
     if config.block_size < 1:
         raise InvalidRequest(f"block_size must be at least 1 token, not {config.block_size}")
     budget = kv_cache_budget_bytes(platform, config.kv_cache_gib, config.kv_cache_fraction)
-    return size_kv_cache(budget, model, dtype, config.block_size, config.max_model_len)
+    return size_kv_cache(budget, model, dtype, config.block_size, config.max_model_len, num_layers)
 
 
 def size_kv_cache(
@@ -51,6 +59,7 @@ def size_kv_cache(
     dtype: torch.dtype,
     block_size: int = 16,
     max_model_len: int | None = None,
+    num_layers: int | None = None,
 ) -> KVPlan:
     """The cache an engine allocates in `budget_bytes` for `model` computing in `dtype`: plain numbers, no
     platform, so placement (`cumulo.cluster.placement`) sizes a replica exactly as its engine will.
@@ -61,10 +70,11 @@ def size_kv_cache(
       V for every layer, laid out as `KVCache` lays them out: [kv_heads, blocks, block_size, head_dim].
     - max_model_len: the model's context, or `max_model_len` when given (never longer than the model's), cut
       to what the cache holds when it holds less.
+    - num_layers: a pipeline stage's cache holds only its own layers (default: all of them).
     """
     return size_kv_cache_for(
         budget_bytes,
-        kv_elements_per_token(model),
+        kv_elements_per_token(model, num_layers),
         model.max_position_embeddings,
         dtype,
         block_size,
@@ -72,12 +82,13 @@ def size_kv_cache(
     )
 
 
-def kv_elements_per_token(model: ModelConfig) -> int:
-    """Cached elements per token over all layers: K and V, every KV head, head_dim each; for multi-head
-    latent attention (kv_lora_rank > 0) one latent plus one shared rotary key per layer."""
+def kv_elements_per_token(model: ModelConfig, num_layers: int | None = None) -> int:
+    """Cached elements per token over all layers (or `num_layers` of them): K and V, every KV head, head_dim
+    each; for multi-head latent attention (kv_lora_rank > 0) one latent plus one shared rotary key per layer."""
+    layers = model.num_hidden_layers if num_layers is None else num_layers
     if model.kv_lora_rank:
-        return model.num_hidden_layers * (model.kv_lora_rank + model.qk_rope_head_dim)
-    return 2 * model.num_hidden_layers * model.num_key_value_heads * model.head_dim
+        return layers * (model.kv_lora_rank + model.qk_rope_head_dim)
+    return 2 * layers * model.num_key_value_heads * model.head_dim
 
 
 def cache_dtype(dtype: torch.dtype) -> torch.dtype:

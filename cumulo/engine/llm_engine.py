@@ -18,6 +18,7 @@ from cumulo.engine.block_manager import BlockManager
 from cumulo.engine.kv_sizing import KVPlan
 from cumulo.engine.lora import AdapterCache
 from cumulo.engine.model_runner import ModelRunner
+from cumulo.engine.pipeline import PipelineRunner
 from cumulo.engine.sampler import Sampler, make_state
 from cumulo.engine.scheduler import Scheduler
 from cumulo.engine.sequence import Sequence
@@ -42,12 +43,16 @@ class EngineConfig:
     threads: int | None = None
     decode_graphs: bool = True  # replay decode steps as recorded kernel graphs where the platform offers them
     max_adapters: int = 8  # LoRA adapters kept in memory (least recently used evicted; reread on demand)
+    # Pipeline parallel (engine/pipeline.py): the decoder layers split into this many stages, in proportion to
+    # stage_weights (each stage's relative speed; equal when None). Each stage's cache holds its layers only.
+    pipeline_stages: int = 1
+    stage_weights: tuple[float, ...] | None = None
 
 
 class LLMEngine:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | None,
         tokenizer,
         config: EngineConfig,
         kv_plan: KVPlan,
@@ -57,9 +62,11 @@ class LLMEngine:
         seal: str = "",
         paged_decode_attention: Callable[..., torch.Tensor] | None = None,
         graph_recorder: type | None = None,
+        pipeline: PipelineRunner | None = None,
     ) -> None:
-        """`kv_plan` (from `kv_sizing.plan_kv_cache`): the KV cache to allocate and the longest sequence."""
-        cfg = model.config
+        """`kv_plan` (from `kv_sizing.plan_kv_cache`): the KV cache to allocate and the longest sequence.
+        `pipeline`: a split model's runner (its stages hold the weights and caches); `model` is then None."""
+        cfg = model.config if pipeline is None else pipeline.model_config
         self.model_config = cfg
         self.config = config
         self.tokenizer = tokenizer
@@ -67,6 +74,23 @@ class LLMEngine:
         self.seal = seal
         self.device = device
         self.max_model_len = kv_plan.max_model_len
+        self.block_manager = BlockManager(
+            kv_plan.num_blocks, kv_plan.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.eos_token_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", set()) or cfg.eos_token_ids)
+        self._seqs: dict[str, Sequence] = {}
+        self._aborted: list[str] = []
+        self._lock = threading.RLock()
+        self.num_steps = 0
+        self.runner: ModelRunner | PipelineRunner
+        self.adapters: AdapterCache | None = None
+        if pipeline is not None:
+            self.kv_cache = None
+            self.runner = pipeline
+            return
+        assert model is not None
         self.kv_cache = KVCache(
             cfg.num_hidden_layers,
             kv_plan.num_blocks,
@@ -77,21 +101,11 @@ class LLMEngine:
             device,
             latent_dim=cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.kv_lora_rank else 0,
         )
-        self.block_manager = BlockManager(
-            kv_plan.num_blocks, kv_plan.block_size, config.enable_prefix_caching
-        )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(
             model, self.kv_cache, device, paged_decode_attention, graph_recorder,
             max_blocks_per_seq=-(-kv_plan.max_model_len // kv_plan.block_size),
         )  # fmt: skip
-        self.sampler = Sampler()
         self.adapters = AdapterCache(model, seal, config.max_adapters)
-        self.eos_token_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", set()) or cfg.eos_token_ids)
-        self._seqs: dict[str, Sequence] = {}
-        self._aborted: list[str] = []
-        self._lock = threading.RLock()
-        self.num_steps = 0
 
     # -- requests ----------------------------------------------------------------------------------------
     def add_request(
@@ -112,6 +126,8 @@ class LLMEngine:
         seq = Sequence(request_id, prompt_token_ids, params)
         # Read (or found in the cache) now: a bad adapter refuses this request only.
         if params.adapter is not None:
+            if self.adapters is None:
+                raise InvalidRequest("LoRA adapters are not served by a model split over pipeline stages")
             seq.adapter = self.adapters.get(params.adapter)
             seq.cache_salt = seq.adapter.salt
         seq.sampling_state = make_state(params, prompt_token_ids, self.device)
