@@ -43,6 +43,7 @@ FIGURE_KEYS = (
     # Serving-scale figures (expert parallelism, predict.py / expert_parallel.py):
     "compute_utilization",  # share of peak FLOPs that the chip's attention/matmul kernels were measured to reach
     "bandwidth_utilization",  # share of peak memory bandwidth the same kernels reached
+    "gemm_utilization",  # share of peak FLOPs its GEMM kernels reach at prefill shapes (thousands of rows)
     "scaleup_chips",  # chips one interconnect_gbs domain joins (an NVLink node: 8; a CloudMatrix supernode: 384)
     "scaleout_gbs",  # aggregate bidirectional bandwidth per chip to chips outside that domain (InfiniBand, RoCE)
     "alltoall_gbs",  # measured low-latency MoE dispatch/combine bytes/s per chip, one way, one copy per expert

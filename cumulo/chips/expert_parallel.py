@@ -127,6 +127,16 @@ def alltoall_plan(
     return AllToAll(key, ((remote, link / 2 * 1e9 * interconnect_efficiency),), latency_s)
 
 
+def paired_layer_s(attn: float, mlp: float, dispatch: float, combine: float) -> float:
+    """One MoE layer under two micro-batches, each carrying half the tokens: while one micro-batch computes, the
+    other's dispatch or combine runs, and each communication hides only under the compute block it is paired
+    with (DeepSeek's prefill overlap, Day 6 and profile-data): attention with the other's dispatch, MoE with the
+    other's dispatch, MoE with its combine, attention with the other's combine. Arguments are whole-step times of
+    one layer; each pair takes the longer of its two halves."""
+    pairs = ((attn, dispatch), (mlp, dispatch), (mlp, combine), (attn, combine))
+    return sum(max(work, comm) for work, comm in pairs) / 2
+
+
 def ep_step(
     shape: ModelShape,
     layout: EPLayout,
@@ -145,31 +155,52 @@ def ep_step(
     extra_layers: int = 0,  # MTP modules run per step, as decoder layers
     layer_overhead_s: float = 0.0,
     imbalance: float = 1.0,
+    expand_flops: float = 0.0,  # matmul FLOPs that expand cached MLA latents to keys and values (prefill)
+    micro_batches: int = 1,  # 2: prefill's paired overlap (paired_layer_s); 1: communication hides whole
 ) -> EPStep:
-    """Per-chip step time. Matmuls and attention run one after the other, each bounded by its FLOPs or its
-    bytes; the all-to-all of each MoE layer overlaps with compute (two micro-batches, as DeepSeek's dual
-    micro-batch overlap and CloudMatrix-Infer's micro-batch pipeline do), so the step takes the longer of the
-    two, times `imbalance` (every chip waits for the slowest: hot experts, uneven sequence lengths), plus a
-    fixed cost per layer."""
+    """Per-chip step time. A layer's attention (projections, then the attention core) and its MLP (shared and
+    routed experts, or the dense MLP) run one after the other, each bounded by its FLOPs or its bytes.
+
+    The all-to-all of each MoE layer overlaps with compute. With `micro_batches=1` it hides under the whole step
+    (decode: DeepSeek's 5-stage pipeline, CloudMatrix-Infer's micro-batch pipeline), so the step takes the
+    longer of the two; with 2 (prefill's dual micro-batch), each dispatch and combine hides only under the
+    compute block it is paired with, and the dense layers, which have no all-to-all, add their compute in full.
+    Times `imbalance` (every chip waits for the slowest: hot experts, uneven sequence lengths), plus a fixed cost
+    per layer."""
     n = layout.n_chips
     touched = touched_share(shape, tokens * n)
     weights = weight_bytes_per_chip(shape, layout, w_bytes, head_bytes, touched)
+    attn_weights = shape.attn_params * w_bytes
     body = shape.dense_params - shape.head_params
     # Balanced routing: a chip multiplies, on average, k expert rows per token it owns.
-    lin_flops = (
-        2 * (body + shape.experts_per_token * shape.expert_size) * tokens + 2 * shape.head_params * logits
+    lin_attn = 2 * shape.attn_params * tokens + expand_flops
+    lin_mlp = (
+        2 * (body - shape.attn_params + shape.experts_per_token * shape.expert_size) * tokens
+        + 2 * shape.head_params * logits
     )
     # Cores that run the all-to-all kernel (DeepEP's normal kernels hold SMs) do not multiply meanwhile.
-    t_lin_c = lin_flops / (rates.linear_flops * a2a.compute_share)
-    t_lin_m = weights / rates.memory_bytes
-    t_att_c = attn_flops / (rates.attention_flops * a2a.compute_share)
-    t_att_m = (kv_bytes + act_bytes_moved) / rates.memory_bytes
-    scale = (shape.num_layers + extra_layers) / shape.num_layers
-    t_work = (max(t_lin_c, t_lin_m) + max(t_att_c, t_att_m)) * scale
+    linear, attention = rates.linear_flops * a2a.compute_share, rates.attention_flops * a2a.compute_share
+    t_attn_c = lin_attn / linear + attn_flops / attention
+    t_attn_m = (attn_weights + kv_bytes + act_bytes_moved) / rates.memory_bytes
+    t_attn = max(lin_attn / linear, attn_weights / rates.memory_bytes) + max(
+        attn_flops / attention, (kv_bytes + act_bytes_moved) / rates.memory_bytes
+    )
+    t_mlp_c, t_mlp_m = lin_mlp / linear, (weights - attn_weights) / rates.memory_bytes
+    t_mlp = max(t_mlp_c, t_mlp_m)
+    layers, moe = shape.num_layers + extra_layers, shape.moe_layers + extra_layers
+    t_work = (t_attn + t_mlp) * layers / shape.num_layers
     token_bytes = shape.hidden_size * (dispatch_elem_bytes + combine_elem_bytes)
-    wire = tokens * token_bytes * a2a.seconds_per_token_byte()
-    t_comm = (shape.moe_layers + extra_layers) * (wire + 2 * a2a.latency_s) if n > 1 else 0.0
-    compute = t_lin_c + t_att_c >= t_lin_m + t_att_m
+    wire = tokens * token_bytes * a2a.seconds_per_token_byte() if n > 1 else 0.0
+    latency = a2a.latency_s if n > 1 else 0.0
+    t_comm = moe * (wire + 2 * latency)
+    if micro_batches == 2 and n > 1:
+        attn_l, mlp_l = t_attn / shape.num_layers, t_mlp / shape.num_layers
+        share = dispatch_elem_bytes / (dispatch_elem_bytes + combine_elem_bytes)
+        dispatch, combine = wire * share + latency, wire * (1 - share) + latency
+        paired = paired_layer_s(attn_l, mlp_l, dispatch, combine)
+        t_step = (layers - moe) * (attn_l + mlp_l) + moe * paired
+    else:
+        t_step = max(t_work, t_comm)
+    compute = t_attn_c + t_mlp_c >= t_attn_m + t_mlp_m
     bound = "interconnect" if t_comm > t_work else ("compute" if compute else "memory")
-    overhead = (shape.num_layers + extra_layers) * layer_overhead_s
-    return EPStep(max(t_work, t_comm) * imbalance + overhead, bound, t_comm)
+    return EPStep(t_step * imbalance + layers * layer_overhead_s, bound, t_comm)

@@ -182,6 +182,7 @@ def predict(
     redundant_experts: int = 0,
     mtp_tokens: int = 0,
     mtp_acceptance: float = 0.0,
+    cached_context: int = 0,
 ) -> Prediction:
     """Predict serving `batch` sequences of `context` tokens (prompt length = KV length per sequence).
 
@@ -191,6 +192,9 @@ def predict(
     experts (plus `redundant_experts` copies) over the chips and moves tokens to them and back each MoE layer
     (expert_parallel.py). `mtp_tokens` draft tokens per step (DeepSeek's multi-token prediction), accepted with
     probability `mtp_acceptance`, make each decode step verify 1 + mtp_tokens tokens per sequence.
+    `cached_context` (expert parallelism only) is the prefix of each prompt already in the prefix cache: prefill
+    computes the other `context - cached_context` tokens, which still attend over the cached ones, and
+    `prefill_tok_s` counts computed tokens.
     A rack entry (kind "rack") is treated as one device with its aggregate figures: an upper bound.
     """
     shape, c, fmt, a = resolve_model(model), get_chip(chip), get_format(format), assumptions
@@ -202,6 +206,8 @@ def predict(
         raise InvalidRequest(f"expert parallelism needs a mixture-of-experts model; {shape.name} is dense")
     if mtp_tokens < 0 or not 0.0 <= mtp_acceptance <= 1.0 or redundant_experts < 0:
         raise InvalidRequest("mtp_tokens and redundant_experts must be >= 0, mtp_acceptance within [0, 1]")
+    if not 0 <= cached_context < context or (cached_context and parallel != "ep"):
+        raise InvalidRequest("cached_context must be within [0, context) and is modelled under parallel='ep'")
     if emulation not in EMULATION_MODES:
         raise InvalidRequest(f"emulation must be one of {', '.join(EMULATION_MODES)}")
     native, dtype, peak = _compute_plan(c, fmt, compute_dtype)
@@ -240,7 +246,7 @@ def predict(
         layout = EPLayout(n_chips, redundant_experts)
         return _predict_ep(
             shape, c, fmt.name, native, dtype, peak, layout, batch, context, a, notes,
-            w_bytes, head_bytes, act_bytes, mtp_tokens, mtp_acceptance, fmt.bits_per_weight,
+            w_bytes, head_bytes, act_bytes, mtp_tokens, mtp_acceptance, fmt.bits_per_weight, cached_context,
         )  # fmt: skip
 
     def step(
@@ -397,6 +403,7 @@ def _predict_ep(
     mtp: int,
     acceptance: float,
     bits: float,
+    cached: int,
 ) -> Prediction:
     """Expert parallelism over `layout.n_chips` chips; `batch` sequences spread evenly over them."""
     n = layout.n_chips
@@ -407,6 +414,9 @@ def _predict_ep(
     # Attention's core runs in bf16 whatever the weight format (DeepSeek: "BF16 for core MLA computation").
     attn_peak = (c.get("bf16_tflops") or 0.0) * 1e12 or peak
     rates = Rates(peak * c_eff, attn_peak * c_eff, bw * b_eff)
+    # Prefill's GEMMs (thousands of rows) run at the chip's measured GEMM utilisation at those shapes where it has
+    # one (DeepGEMM on H800). Decode's few-row GEMMs are bounded by their bytes and keep the kernels' figure.
+    rates_pre = Rates(peak * (c.get("gemm_utilization") or c_eff), attn_peak * c_eff, bw * b_eff)
     plan = {"interconnect_efficiency": a.interconnect_efficiency, "latency_s": a.collective_latency_s}
     a2a_pre = alltoall_plan(c, shape, n, prefill=True, **plan)
     a2a_dec = alltoall_plan(c, shape, n, prefill=False, **plan)
@@ -420,12 +430,15 @@ def _predict_ep(
         "layer_overhead_s": a.layer_overhead_s,
         "imbalance": a.ep_imbalance,
     }
-    # Prefill: each chip runs its prompts in one pass (causal attention: context/2 cached tokens on average).
-    p_tok = seqs * context
+    # Prefill: each chip runs its prompts in one pass, two micro-batches. A computed token attends over the cached
+    # prefix and, causally, half the computed part on average; MLA expands each cached latent once per prompt.
+    new = context - cached
+    p_tok = seqs * new
     pre_ctx = shape.prefill_attn_flops_per_ctx or shape.attn_flops_per_ctx
     pre = ep_step(
-        shape, layout, rates, a2a_pre, tokens=p_tok, attn_flops=pre_ctx * p_tok * context / 2, kv_bytes=p_tok * kv_tok,
-        act_bytes_moved=p_tok * act_tok, logits=seqs, **common,
+        shape, layout, rates_pre, a2a_pre, tokens=p_tok, attn_flops=pre_ctx * p_tok * (cached + new / 2),
+        kv_bytes=seqs * context * kv_tok, act_bytes_moved=p_tok * act_tok, logits=seqs,
+        expand_flops=2 * shape.latent_expand_params * seqs * cached, micro_batches=2, **common,
     )  # fmt: skip
     # Decode: each sequence verifies 1 + mtp tokens against its whole cache, which is read once.
     d_tok = seqs * (1 + mtp)
@@ -464,7 +477,7 @@ def _predict_ep(
         context=context,
         n_chips=n,
         parallel="ep",
-        prefill_tok_s=batch * context / pre.seconds,
+        prefill_tok_s=batch * new / pre.seconds,
         decode_tok_s=decode_tok_s,
         ttft_s=pre.seconds,
         tpot_s=t_dec / per_step,

@@ -33,6 +33,12 @@ class ModelShape:
     # Prefill attention FLOPs per new token per cached token where prefill computes attention another way than
     # decode (MLA: expanded heads of 192/128 dims in prefill, the absorbed 576/512-dim latent form in decode).
     prefill_attn_flops_per_ctx: float | None = None
+    attn_params: float = (
+        0.0  # attention projections over all layers (the rest of the body is MLPs and router)
+    )
+    # MLA's up-projection of the cached latent to expanded keys and values (kv_b_proj), all layers: what a prefill
+    # in the expanded form multiplies for every cached prefix token it attends over (0 without MLA).
+    latent_expand_params: float = 0.0
 
     @property
     def dense_params(self) -> float:
@@ -79,6 +85,7 @@ def shape_from_config(cfg: ModelConfig) -> ModelShape:
         attn = h * heads * hd * 2 + h * cfg.num_key_value_heads * hd * 2
         kv_elems = 2 * layers * cfg.num_key_value_heads * hd
         attn_ctx, prefill_ctx = 4 * layers * heads * hd, None
+    expand = layers * cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
     moe = _moe_layer_count(cfg)
     expert = 3 * h * cfg.moe_intermediate_size
     routed = moe * cfg.num_experts * expert
@@ -105,6 +112,8 @@ def shape_from_config(cfg: ModelConfig) -> ModelShape:
         expert_groups=cfg.n_group if moe else 1,
         groups_per_token=cfg.topk_group if moe else 1,
         prefill_attn_flops_per_ctx=prefill_ctx,
+        attn_params=layers * attn,
+        latent_expand_params=expand,
     )
 
 
