@@ -92,6 +92,10 @@ def build_for_use(
 
 def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
     config = config or EngineConfig()
+    if config.pipeline_stages > 1:  # layers split over stages, each loading only its own tensors
+        from cumulo.engine.pipeline_factory import create_split_engine
+
+        return create_split_engine(model, config)
     platform = get_platform(config.device)
     dtype = resolve_dtype(config.dtype, platform)
     module, loaded = build_for_use(model, platform, dtype, config.format, config.threads)

@@ -95,3 +95,38 @@ def test_bad_splits_and_adapters_are_refused_with_clear_errors():
     params = SamplingParams(max_tokens=2, adapter=AdapterRef(name="a", path="/nowhere"))
     with pytest.raises(InvalidRequest, match="pipeline stages"):
         engine.add_request([5, 6], params)
+
+
+def write_llama_dir(path, layers=4, vocab=64):
+    """A tiny Llama of `layers` layers on disk (transformers' own save), every weight from N(0, 0.5)."""
+    from tests.support.checkpoints import hf_model, save_word_tokenizer
+
+    torch.manual_seed(0)
+    model = hf_model("llama", vocab, num_hidden_layers=layers, max_position_embeddings=256)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    save_word_tokenizer(path, vocab)
+    return path
+
+
+def test_create_engine_splits_a_checkpoint_and_each_stage_loads_only_its_tensors(tmp_path):
+    from cumulo.engine.factory import create_engine
+
+    path = str(write_llama_dir(tmp_path / "llama4"))
+    options = dict(device="cpu", dtype="float32", kv_cache_gib=0.001, decode_graphs=False)
+    whole = create_engine(path, EngineConfig(**options))
+    split = create_engine(path, EngineConfig(pipeline_stages=2, stage_weights=(1.0, 3.0), **options))
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (9, 40)]
+    assert tokens(split, prompts, 20) == tokens(whole, prompts, 20)
+    assert split.seal == whole.seal and split.max_model_len == whole.max_model_len
+    first, last = split.runner.stages.workers
+    assert (first.layers, last.layers) == (range(0, 1), range(1, 4))
+    names = [
+        {n.split(".")[2] if ".layers." in n else n for n, _ in w.model.named_parameters()}
+        for w in (first, last)
+    ]
+    assert names[0] == {"0", "model.embed_tokens.weight"}
+    assert names[1] == {"1", "2", "3", "model.norm.weight", "lm_head.weight"}
