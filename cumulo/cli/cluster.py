@@ -118,6 +118,7 @@ def run_gateway(args: argparse.Namespace, settings: Any, refs: list[str] | None)
     the deployments' replicas with a controller, and serves each model through its pool."""
     import uvicorn
 
+    from cumulo.cli import console_ops
     from cumulo.cli.deploy import _source_and_name, check_spec
     from cumulo.cli.serve import _raise_stop, _Stop
     from cumulo.cluster.controller import Controller, Wanted
@@ -165,6 +166,7 @@ def run_gateway(args: argparse.Namespace, settings: Any, refs: list[str] | None)
         controller = Controller(load_wanted, publish, engine_options=options)
         app.state.deployment_check = check_spec
         app.state.deployment_status = controller.replicas
+        console_ops.install(app, nodes=lambda: pool_nodes(address))
         controller.start()
         print(f"Pool head at {address}. Add a machine with:  cumulo join {address}", flush=True)
         print(f"Serving the pool's deployments at http://{settings.host}:{settings.port}/v1", flush=True)

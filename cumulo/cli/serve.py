@@ -143,6 +143,7 @@ def _raise_stop(signum: int, frame: object) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from cumulo.cli import console_ops
     from cumulo.service.app import create_app
     from cumulo.service.bootstrap import ensure_admin_key
     from cumulo.service.settings import Settings
@@ -166,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
             model_refs(args), args.device, args.format, args.threads, args.engine_in_process
         )
         app = create_app(settings, engines)
+        console_ops.install(app)
         created = ensure_admin_key(app.state.service)
         if created is not None:
             print(f"Created the admin key; it is in {created} (readable by you only) and is not shown again.")
