@@ -90,6 +90,11 @@ class PrincipalCache:
             return None
         return entry[1]
 
+    def forget(self, key_hash: str) -> None:
+        """Drops one key at once (a revocation through this gateway); other gateways wait out `ttl`."""
+        with self._lock:
+            self._entries.pop(key_hash, None)
+
     def put(self, key_hash: str, principal: Principal) -> None:
         with self._lock:
             if len(self._entries) >= self.size:

@@ -89,7 +89,7 @@ def sign_in(page: object, server: LiveServer, key: str) -> None:
     page.goto(f"{server.url}/console/#/usage")  # type: ignore[attr-defined]
     page.fill("#api-key", key)  # type: ignore[attr-defined]
     page.click("button[type=submit]")  # type: ignore[attr-defined]
-    page.wait_for_selector("nav a[href='#/usage']")  # type: ignore[attr-defined]
+    page.wait_for_selector("nav a[href='#/usage']", state="attached")  # type: ignore[attr-defined]
 
 
 @pytest.fixture

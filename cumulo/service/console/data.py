@@ -200,6 +200,7 @@ async def revoke_key(
             if key is None or key.org_id != caller.org_id:
                 raise NotFound(f"no key with id {key_id}")
             row = crud.revoke_key(session, key_id)
-            return {"id": row.id, "revoked_at": row.revoked_at}
+        state.principals.forget(row.key_hash)
+        return {"id": row.id, "revoked_at": row.revoked_at}
 
     return await run_in_threadpool(write)
