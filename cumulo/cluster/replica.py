@@ -44,7 +44,11 @@ class ReplicaActor:
 
             if model in catalog.CATALOG and not pull.is_pulled(model):
                 pull.ensure(model, progress=False)  # a catalog model this node has not fetched yet
-            engine = create_engine(model, EngineConfig(**options))
+            stage_nodes = options.pop("stage_nodes", None)  # a split model: one Ray node id per stage
+            if stage_nodes:
+                engine, meta = _split_engine(model, EngineConfig(**options), stage_nodes, meta)
+            else:
+                engine = create_engine(model, EngineConfig(**options))
         else:
             engine = factory(**options)
         self.engine = AsyncEngine(engine)
@@ -98,6 +102,28 @@ class ReplicaActor:
 
     def stop(self) -> None:
         self.engine.shutdown()
+        stages = getattr(self.engine.engine.runner, "stages", None)
+        if hasattr(stages, "stop"):
+            stages.stop()
+
+
+def _split_engine(model: str, config: Any, stage_nodes: list[str], meta: dict[str, Any]) -> tuple[Any, dict]:
+    """The engine of a model split over Ray stage actors, one per node of `stage_nodes` (this actor drives
+    them), and `meta` with where each stage's layers went."""
+    from cumulo.cluster.stage import RayStages
+    from cumulo.engine.pipeline_factory import create_split_engine
+
+    config.pipeline_stages = len(stage_nodes)
+    holder: list[RayStages] = []
+
+    def start(specs):
+        holder.append(RayStages.start(specs, stage_nodes))
+        return holder[0]
+
+    engine = create_split_engine(model, config, start)
+    stages = [{"node_id": i.node_id, "layers": [i.layers.start, i.layers.stop], "weights_bytes": i.weights_bytes}
+              for i in holder[0].infos]  # fmt: skip
+    return engine, {**meta, "stages": stages}
 
 
 def _remote_class():

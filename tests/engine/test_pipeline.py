@@ -15,6 +15,7 @@ from cumulo.engine.pipeline import local_pipeline, split_layers
 from cumulo.errors import InvalidRequest
 from cumulo.platform.budget import GIB
 from cumulo.platform.cpu import CpuPlatform
+from tests.support.pipeline import write_llama_dir
 from tests.support.tiny import CharTokenizer, make_tiny_engine, tiny_config, tiny_model
 
 LAYERS = 6
@@ -95,20 +96,6 @@ def test_bad_splits_and_adapters_are_refused_with_clear_errors():
     params = SamplingParams(max_tokens=2, adapter=AdapterRef(name="a", path="/nowhere"))
     with pytest.raises(InvalidRequest, match="pipeline stages"):
         engine.add_request([5, 6], params)
-
-
-def write_llama_dir(path, layers=4, vocab=64):
-    """A tiny Llama of `layers` layers on disk (transformers' own save), every weight from N(0, 0.5)."""
-    from tests.support.checkpoints import hf_model, save_word_tokenizer
-
-    torch.manual_seed(0)
-    model = hf_model("llama", vocab, num_hidden_layers=layers, max_position_embeddings=256)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.5)
-    model.save_pretrained(path, safe_serialization=True)
-    save_word_tokenizer(path, vocab)
-    return path
 
 
 def test_create_engine_splits_a_checkpoint_and_each_stage_loads_only_its_tensors(tmp_path):
