@@ -32,6 +32,7 @@ class VisionWorkload:
     macs: int  # multiply-adds per frame
     peak_activations: int  # elements of the largest (input + output) pair of one layer
     ops: int  # layers run per frame (for the per-op overhead)
+    operators: frozenset[str] = frozenset()  # what the net is made of, e.g. conv2d, relu, linear
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,35 @@ def check_fits(w: VisionWorkload, chip: Chip | str, format: str) -> float:
             f"{chip.id} has {have / 1e6:.1f} MB"
         )
     return need
+
+
+# The operators a target's toolchain can run; a target not named here (a CPU) runs any. The IMX500's set is the
+# plain CNN layers Sony's converter documents for the sensor's DSP (convolutions, fully connected, ReLU/ReLU6,
+# pooling, add, softmax); assumed from its documentation, not checked against a sensor here.
+OPERATORS = {
+    "imx500": frozenset(
+        {
+            "conv2d", "depthwise_conv2d", "linear", "relu", "relu6", "max_pool2d", "avg_pool2d",
+            "add", "flatten", "pad", "softmax",
+        }
+    ),
+}  # fmt: skip
+
+
+# What a format computes in on a device: MXINT8's blocks become per-channel int8 on export (a second rounding).
+COMPUTES_IN = {"mxint8": "int8"}
+
+
+def check_deploy(w: VisionWorkload, chip: Chip | str, format: str) -> float:
+    """Can `chip` run `w` in `format` at all: the format (a sensor runs only its native ones), the operators,
+    then the memory (`check_fits`). The footprint in bytes, or a `DoesNotFit` with one line saying why."""
+    chip = get_chip(chip)
+    if chip.kind == "sensor" and COMPUTES_IN.get(format, format) not in chip.native:
+        raise DoesNotFit(f"{chip.id} runs {', '.join(chip.native)} only; {w.name} is packaged in {format}")
+    missing = sorted(w.operators - OPERATORS[chip.id]) if chip.id in OPERATORS else []
+    if missing:
+        raise DoesNotFit(f"{chip.id} cannot run {w.name}: no support for {', '.join(missing)}")
+    return check_fits(w, chip, format)
 
 
 def predict_edge(w: VisionWorkload, chip: Chip | str, format: str = "int8") -> EdgePrediction:

@@ -49,6 +49,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("--canary", type=float, default=0.1, help="share of devices that get it first")
     deploy.add_argument("--window", type=float, default=300.0, help="seconds the canaries must stay healthy")
     deploy.add_argument("--silence", type=float, default=120.0, help="a canary silent this long has failed")
+    deploy.add_argument(
+        "--device-class",
+        default=None,
+        help="chip id of the devices (imx500, rpi5, ...): refuse a model they cannot hold or run, before any rollout",
+    )
+    deploy.add_argument(
+        "--model-file",
+        default=None,
+        help="a local copy of the model for the fit check (default: a file:// --url)",
+    )
+    deploy.add_argument(
+        "--format", default=None, help="the format the devices run it in (default: the package's)"
+    )
     deploy.set_defaults(func=cmd_deploy)
 
     history = verbs.add_parser("rollouts", parents=[common], help="every rollout, newest first, with history")
@@ -174,6 +187,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     except ValidationError as error:
         first = error.errors()[0]
         raise InvalidRequest(f"--{first['loc'][0]}: {first['msg']}") from None
+    if args.device_class is not None:
+        _check_device_class(args, model.sha256)
     with service_sessions(args) as sessions, sessions() as session, session.begin():
         rollout = rollouts.start(
             session,
@@ -193,6 +208,39 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             f"the other {len(view['rest'])} follow after {args.window:.0f} s if the canaries stay healthy."
         )
     return 0
+
+
+def _check_device_class(args: argparse.Namespace, sha256: str) -> None:
+    """The fit check of `deploy --device-class`, here in the command line because the service may not import the
+    chip layer: the package the devices would download (its sha256 checked) against the target's memory,
+    formats and operators. Raises a one-line InvalidRequest (DoesNotFit) before anything is written."""
+    import hashlib
+    from pathlib import Path
+    from urllib.parse import unquote, urlsplit
+
+    from cumulo.chips.catalog import get_chip
+    from cumulo.chips.edge import check_deploy
+    from cumulo.edge.footprint import package_workload
+    from cumulo.errors import InvalidRequest
+
+    chip = get_chip(args.device_class)
+    local = args.model_file
+    if local is None and urlsplit(args.url).scheme == "file":
+        local = unquote(urlsplit(args.url).path)
+    if local is None:
+        raise InvalidRequest(
+            "--device-class needs the model to check: give --model-file PATH or a file:// --url"
+        )
+    path = Path(local)
+    if not path.is_file():
+        raise InvalidRequest(f"no model file at {path}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != sha256:
+        raise InvalidRequest(
+            f"{path.name} has sha256 {digest[:12]}..., not the --sha256 given ({sha256[:12]}...)"
+        )
+    workload, named = package_workload(path)
+    check_deploy(workload, chip, args.format or named)
 
 
 def cmd_rollouts(args: argparse.Namespace) -> int:

@@ -126,9 +126,12 @@ class ShelfModel:
         return index, score
 
 
-def load_package(path: str | Path, format: str | None = None) -> ShelfModel:
-    """Load a package and quantize it to `format` (default: the one it names). Anything that is not a package of
-    this architecture is an InvalidModel with one line saying why."""
+OPERATORS = frozenset({"conv2d", "relu", "max_pool2d", "flatten", "linear", "softmax"})
+
+
+def read_package(path: str | Path) -> tuple[ShelfNet, list[str], str]:
+    """The fp32 net, its labels and the format the package names. Anything that is not a package of this
+    architecture is an InvalidModel with one line saying why."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -148,5 +151,11 @@ def load_package(path: str | Path, format: str | None = None) -> ShelfModel:
         ) from None
     if not all(torch.isfinite(t).all() for t in tensors.values()):
         raise InvalidModel(f"{path.name}: weights are not finite")
-    chosen = format or meta.get("format", "mxint8")
-    return ShelfModel(quantize_shelf_net(net.eval(), chosen), labels, chosen)
+    return net.eval(), labels, meta.get("format", "mxint8")
+
+
+def load_package(path: str | Path, format: str | None = None) -> ShelfModel:
+    """Load a package and quantize it to `format` (default: the one it names)."""
+    net, labels, named = read_package(path)
+    chosen = format or named
+    return ShelfModel(quantize_shelf_net(net, chosen), labels, chosen)

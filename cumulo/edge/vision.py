@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cumulo.chips.edge import VisionWorkload
+from cumulo.edge.footprint import measure
 from cumulo.errors import InvalidModel
 
 ARCH = "efficientnet-lite0"
@@ -229,26 +230,13 @@ def preprocess(image: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     return ((x - 127.0) / 128.0).squeeze(0)
 
 
+# What the net is made of (the fit check's operator support): TF "SAME" padding, convs, depthwise convs, ReLU6,
+# the residual adds, the global average pool and the classifier.
+OPERATORS = frozenset({"pad", "conv2d", "depthwise_conv2d", "relu6", "add", "avg_pool2d", "linear"})
+
+
 def workload(net: nn.Module | None = None, size: int = IMAGE_SIZE) -> VisionWorkload:
-    """Parameters, multiply-adds, the largest live activation pair and the layer count of the net, by running
-    it once on a blank frame (what the chip model's fit check and frames/s prediction take)."""
+    """Parameters, multiply-adds, the largest live activation pair, the layer count and the operators of the
+    net, by running it once on a blank frame (what the chip model's fit check and frames/s prediction take)."""
     net = net if net is not None else EfficientNetLite0()
-    macs, peak, ops = 0, 0, 0
-
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        nonlocal macs, peak, ops
-        ops += 1
-        peak = max(peak, inputs[0].numel() + output.numel())
-        if isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            macs += output.numel() * (module.in_channels // module.groups) * kh * kw
-        else:
-            macs += output.numel() * module.in_features
-
-    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    with torch.inference_mode():
-        net(torch.zeros(1, 3, size, size))
-    for h in handles:
-        h.remove()
-    params = sum(p.numel() for p in net.parameters())
-    return VisionWorkload(ARCH, params, macs, peak, ops)
+    return measure(net, torch.zeros(1, 3, size, size), ARCH, OPERATORS)

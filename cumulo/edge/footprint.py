@@ -1,0 +1,47 @@
+"""What a model asks of a device, in the plain numbers the chip layer's fit check takes (`VisionWorkload`):
+parameters, multiply-adds per frame, the largest live activation pair, layers run and the operators used,
+measured by running the net once on a blank input. `cumulo edge deploy --device-class` reads a package here
+and refuses, before any rollout, a model the target cannot hold or run (`cumulo.chips.edge.check_deploy`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cumulo.chips.edge import VisionWorkload
+from cumulo.edge import model
+
+
+def measure(net: nn.Module, example: torch.Tensor, name: str, operators: frozenset[str]) -> VisionWorkload:
+    """Counts the conv and linear layers of one forward pass over `example` (one frame or one crop)."""
+    macs, peak, ops = 0, 0, 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal macs, peak, ops
+        ops += 1
+        peak = max(peak, inputs[0].numel() + output.numel())
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            macs += output.numel() * (module.in_channels // module.groups) * kh * kw
+        else:
+            macs += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    try:
+        with torch.inference_mode():
+            net(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    params = sum(p.numel() for p in net.parameters())
+    return VisionWorkload(name, params, macs, peak, ops, operators)
+
+
+def package_workload(path: str | Path) -> tuple[VisionWorkload, str]:
+    """The workload of a shelf model package (per slot crop, the unit the device runs) and the format it names."""
+    net, _labels, format = model.read_package(path)
+    crop = torch.zeros(1, 3, 24, 24, dtype=torch.uint8)
+    return measure(net, crop, f"{model.ARCH} ({Path(path).name})", model.OPERATORS), format
