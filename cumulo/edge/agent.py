@@ -271,7 +271,9 @@ class Agent:
             self.state["config"] = desired.config
             if self.model is not None and desired.config.get("planogram"):
                 self.app = self._make_app()  # a new planogram: judge the shelf against it from now on
-        if desired.model is not None and (self.model_ref or {}).get("sha256") != desired.model.sha256:
+        if desired.model is None and self.state.get("model") is not None:
+            self._back_to_factory(desired)
+        elif desired.model is not None and (self.model_ref or {}).get("sha256") != desired.model.sha256:
             ref = desired.model.model_dump(exclude={"url"})
             self._publish(UP_REPORTED, KIND_REPORTED, {"state": "downloading", "revision": desired.revision})
             try:
@@ -291,6 +293,18 @@ class Agent:
             self.outbox.add(KIND_STATUS, {"ok": True, "rollout_id": desired.rollout_id}, ref)
         self._write_state()
         self._publish(UP_REPORTED, KIND_REPORTED, {"state": "running", "revision": desired.revision})
+
+    def _back_to_factory(self, desired: DesiredState) -> None:
+        """No model desired after a rollout installed one (a rollback with no earlier good model): stop the
+        rollout's model and run the one the device was made with (`--model`, else the built-in model)."""
+        failed = self.state.pop("model")
+        self.state.pop("model_path", None)
+        if self.source.kind == "shelf":
+            self._load_model(Path(self.model_path or self._builtin_model()))
+        else:
+            self.model_ref = None
+        body = {"ok": True, "type": "factory_model", "stopped": failed, "revision": desired.revision}
+        self.outbox.add(KIND_STATUS, body, self.model_ref)
 
     def _download(self, url: str, sha256: str) -> Path:
         path = self.data_dir / "models" / f"{sha256}.safetensors"

@@ -133,3 +133,31 @@ def test_devices_go_back_to_their_own_good_model_and_late_enrolments_join_the_cu
     }
     assert [desired_version(service, c) for c in cams.values()] == ["2", "2", "1", "2"]
     assert rollout_view(service, key, first["id"])["state"] == "completed"
+
+
+def test_a_first_rollout_that_fails_sends_its_canaries_back_to_their_factory_model(acme):
+    """No rollout ever completed, so no device has a good model to go back to: the rollback is explicit, a new
+    desired state with no model (the agent stops the failed model and runs its own) and the history says so."""
+    service, clock, key, edge = acme
+    cams = {f"cam-{i}": enrol(service, key, f"cam-{i}") for i in range(3)}
+    before = service.client.get("/v1/edge/desired", headers=auth(cams["cam-0"])).json()["revision"]
+    first = start_rollout(
+        service, key, SHA["1"], "1", canary_share=0.5, window_seconds=30, silence_seconds=25
+    )
+    assert first["canaries"] == ["cam-0", "cam-1"] and desired_version(service, cams["cam-0"]) == "1"
+    post_status(service, "cam-0", cams["cam-0"], 1, ok=True, rollout_id=first["id"])  # installed, then:
+    post_status(service, "cam-1", cams["cam-1"], 1, ok=False, error="crash", rollout_id=first["id"])
+    edge.tick()
+
+    rolled = rollout_view(service, key, first["id"])
+    assert rolled["state"] == "rolled_back" and "cam-1" in rolled["reason"]
+    last = rolled["history"][-1]
+    assert last["event"] == "rolled_back"
+    assert last["detail"]["devices"] == {"cam-0": "factory", "cam-1": "factory"}
+    assert last["detail"]["factory"] == ["cam-0", "cam-1"]
+    for name in ("cam-0", "cam-1"):
+        desired = service.client.get("/v1/edge/desired", headers=auth(cams[name])).json()
+        assert desired["model"] is None and desired["rollout_id"] is None
+        assert desired["revision"] == before + 2  # the rollout's, then the rollback's: the device acts on it
+    untouched = service.client.get("/v1/edge/desired", headers=auth(cams["cam-2"])).json()
+    assert untouched["revision"] == before and untouched["model"] is None

@@ -5,7 +5,8 @@ Each pass of `evaluate` (the gateway runs one every few seconds; tests call it w
 the canaries: one that reported a `status` result with an error for this rollout (its `rollout_id`; an old
 error from an earlier rollout delivered late out of a backlog says nothing about this one), or that has not been
 heard from for `silence_seconds`, fails the rollout, and every canary goes back to its own last good model
-(`EdgeDevice.good_model`: the model of the last completed rollout it confirmed, or none). Canaries healthy for
+(`EdgeDevice.good_model`: the model of the last completed rollout it confirmed; with none, the desired model is
+none and the device stops the failed model and runs its factory model, `FACTORY` in the history). Canaries healthy for
 `window_seconds` promote the model to the remaining devices, and to those enrolled since (`join`): it becomes
 every device's good model and the rollout is completed; a device that reports afterwards that it could not
 install it goes back to the model it had before. Every step, per device, is appended to the rollout's history, and rows are never deleted.
@@ -25,6 +26,9 @@ from cumulo.service.edge import devices
 from cumulo.service.edge.tables import EdgeDevice, EdgeResult, EdgeRollout
 
 CANARY, COMPLETED, ROLLED_BACK = "canary", "completed", "rolled_back"
+# No good model to go back to (no rollout completed while the device was in the fleet): the desired model is
+# none, which tells the agent to stop the rollout's model and run the one it was made with.
+FACTORY = "factory"
 
 
 def start(
@@ -144,7 +148,10 @@ def _roll_back(session: Session, rollout: EdgeRollout, now: float, reason: str) 
             back[device.device_id] = _version(device.good_model)
     rollout.state = ROLLED_BACK
     rollout.reason = reason[:512]
-    _note(rollout, now, "rolled_back", {"reason": reason, "devices": back})
+    detail: dict[str, Any] = {"reason": reason, "devices": back}
+    if factory := sorted(name for name, to in back.items() if to == FACTORY):
+        detail["factory"] = factory  # told to stop the failed model and run their own
+    _note(rollout, now, "rolled_back", detail)
 
 
 def join(session: Session, device: EdgeDevice, now: float) -> None:
@@ -194,8 +201,9 @@ def note_status(session: Session, device: EdgeDevice, body: dict[str, Any], now:
     _note(rollout, now, "device_rolled_back", {"device": device.device_id, "to": _version(before)})
 
 
-def _version(model: dict[str, Any] | None) -> str | None:
-    return model["version"] if model else None
+def _version(model: dict[str, Any] | None) -> str:
+    """A model as the history names it: its version, or FACTORY for none (the device's own model)."""
+    return model["version"] if model else FACTORY
 
 
 def _devices(session: Session, ids: list[int]) -> list[EdgeDevice]:
