@@ -61,7 +61,9 @@ def test_empty_loading_and_error_states(page, console_server, org_key, signed_in
     held = []
     page.route("**/console/api/requests*", lambda route: held.append(route))
     page.goto(f"{console_server.url}/console/#/requests")
-    for _ in range(200):  # until the page's request reaches the route (the page module loads first)
+    for _ in range(
+        600
+    ):  # up to 30 s, until the page's request reaches the route (the page module loads first)
         if held:
             break
         page.wait_for_timeout(50)
