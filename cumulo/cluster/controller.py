@@ -341,18 +341,16 @@ class Controller:
         except CumuloError as exc:
             slot.state, slot.error, slot.retry_at = "failed", str(exc), self.clock() + self.retry_s
             return
-        if placement.devices > 1:
-            slot.state, slot.retry_at = "failed", self.clock() + self.retry_s
-            slot.error = (f"{want.model} needs {placement.devices} devices of {placement.node} (pipeline "
-                          "parallel); serving a split model is not built yet")  # fmt: skip
-            return
         node = next(n for n in nodes if n.name == placement.node)
         slot.placement, slot.node_id, slot.state, slot.error = placement, node.node_id, "starting", ""
         options = {**self.engine_options, **engine_options_for(placement, node)}
+        options.update(split_options(placement, nodes))
         meta = {"model": want.model, "node": node.name, "chip": placement.chip, "format": placement.format,
                 "reason": placement.reason}  # fmt: skip
+        # A split replica's driver only schedules and samples: its stages take the CPUs (cluster/stage.py).
+        num_cpus = 0 if "stage_nodes" in options else 1
         self._starting[slot.name] = self._executor.submit(
-            self.start_replica, want.source, name=slot.name, node_id=node.node_id, num_cpus=1,
+            self.start_replica, want.source, name=slot.name, node_id=node.node_id, num_cpus=num_cpus,
             factory=self.factory, meta=meta, **options,
         )  # fmt: skip
 
@@ -365,7 +363,8 @@ class Controller:
         for s in self._holding():
             if s.placement is not None:
                 p = s.placement
-                used[p.node] = used.get(p.node, 0.0) + p.weights_gb + p.kv_gb
+                for node, gb in [(st.node, st.gb) for st in p.stages] or [(p.node, p.weights_gb + p.kv_gb)]:
+                    used[node] = used.get(node, 0.0) + gb
         return used
 
     def _holding(self) -> list[Slot]:
@@ -596,6 +595,25 @@ def engine_options_for(p: Placement, node: LiveNode) -> dict[str, Any]:
     else:
         options["format"] = ENGINE_FORMATS.get(p.format, p.format)
     return options
+
+
+def split_options(p: Placement, nodes: list[LiveNode]) -> dict[str, Any]:
+    """The replica options of a split placement: the Ray node of each stage (`stage_nodes`, one per stage;
+    the same node repeated for a split over one node's devices), the speed weights its layers were split by,
+    and every stage's cache as placement sized it. Nothing for a replica on one device."""
+    if p.stages:
+        ids = {n.name: n.node_id for n in nodes}
+        return {
+            "stage_nodes": [ids[s.node] for s in p.stages],
+            "stage_weights": tuple(float(s.layers[1] - s.layers[0]) for s in p.stages),  # the layers it chose
+            "kv_cache_blocks": p.kv_blocks,
+        }
+    if p.devices > 1:  # one stage per device of one node, in equal shares as placement assumed
+        node = next(n for n in nodes if n.name == p.node)
+        kind = node.labels.get("cumulo-kind", "cpu")
+        devices = [kind if kind == "cpu" else f"{kind}:{i}" for i in range(p.devices)]
+        return {"stage_nodes": [node.node_id] * p.devices, "stage_devices": devices}
+    return {}
 
 
 def live_nodes() -> list[LiveNode]:

@@ -19,6 +19,7 @@ import torch
 from cumulo.chips.catalog import Chip, get_chip
 from cumulo.chips.predict import Prediction, predict
 from cumulo.chips.presets import PRESETS, ModelShape, resolve_model
+from cumulo.cluster.split_placement import StagePlacement, place_over_nodes
 from cumulo.engine.kv_sizing import KVPlan, kv_elements_per_token, size_kv_cache, size_kv_cache_for
 from cumulo.engine.llm_engine import EngineConfig
 from cumulo.errors import InvalidRequest
@@ -91,6 +92,10 @@ class Placement:
     max_model_len: int = 0
     kv_block_size: int = BLOCK_SIZE
     kv_cache_bytes: int = 0  # exactly kv_gb: the engine given kv_cache_gib allocates these bytes
+    # A model no single node holds, split over several (`split_placement`): one entry per stage, in order;
+    # `node` is then the first stage's node, and every stage's engine keeps `kv_blocks` blocks.
+    stages: tuple[StagePlacement, ...] = ()
+    kv_blocks: int = 0
 
     @property
     def kv_cache_gib(self) -> float:
@@ -173,7 +178,15 @@ def place(
     for replica in range(dep.replicas):
         options, why_not = _options(dep, nodes, free, factor, dep.format)
         if not options:
-            raise PlacementError(_no_fit(dep, replica, why_not))
+            split = place_over_nodes(dep, nodes, free, factor, _predict, _kv_budget, _chip)
+            if split is None:
+                raise PlacementError(_no_fit(dep, replica, why_not))
+            out.append(_split_placement(replica, dep, split, nodes))
+            for stage in split["stages"]:
+                free[stage.node][0] -= (
+                    stage.gb
+                )  # a stage takes the node's roomiest device (CPU nodes have one)
+            continue
         fresh = [o for o in options if o.node.name not in on]
         pool = fresh or options
         best = max(pool, key=_goodness)
@@ -455,8 +468,34 @@ def _no_fit(dep: DeploymentSpec, replica: int, why_not: list[str]) -> str:
     head = f"cannot place replica {replica + 1} of {dep.replicas} of {model_name(dep.model)}"
     if replica:
         head += " (the replicas before it took the room)"
-    tail = "; a model is split only over the devices of one node, not over nodes (not supported yet)"
+    if isinstance(dep.model, ModelConfig):
+        tail = "; nor do the nodes together hold it split over them (pipeline parallel, in a dtype format)"
+    else:  # a preset has a shape but no layers to split
+        tail = "; a model known only by its preset is split only over the devices of one node, not over nodes"
     return f"{head}: " + ("; ".join(why_not) if why_not else "no nodes") + tail
+
+
+def _split_placement(replica: int, dep: DeploymentSpec, split: dict, nodes: list[NodeSpec]) -> Placement:
+    first = next(n for n in nodes if n.name == split["stages"][0].node)
+    assert isinstance(dep.model, ModelConfig)
+    return Placement(
+        replica=replica,
+        node=first.name,
+        chip=first.chip,
+        format=split["format"],
+        devices=1,
+        weights_gb=split["weights_gb"],
+        kv_gb=sum(s.gb for s in split["stages"]) - split["weights_gb"],
+        max_sequences=split["batch"],
+        predicted_goodput_tok_s=split["goodput"],
+        predicted_ttft_ms=split["ttft_ms"],
+        predicted_tpot_ms=split["tpot_ms"],
+        reason=split["reason"],
+        max_model_len=min(dep.model.max_position_embeddings, split["kv_blocks"] * BLOCK_SIZE),
+        kv_block_size=BLOCK_SIZE,
+        stages=split["stages"],
+        kv_blocks=split["kv_blocks"],
+    )
 
 
 def _placement(replica: int, o: _Option, reason: str) -> Placement:

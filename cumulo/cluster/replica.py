@@ -45,8 +45,9 @@ class ReplicaActor:
             if model in catalog.CATALOG and not pull.is_pulled(model):
                 pull.ensure(model, progress=False)  # a catalog model this node has not fetched yet
             stage_nodes = options.pop("stage_nodes", None)  # a split model: one Ray node id per stage
+            stage_devices = options.pop("stage_devices", None)  # and, over one node's devices, which one
             if stage_nodes:
-                engine, meta = _split_engine(model, EngineConfig(**options), stage_nodes, meta)
+                engine, meta = _split_engine(model, EngineConfig(**options), stage_nodes, stage_devices, meta)
             else:
                 engine = create_engine(model, EngineConfig(**options))
         else:
@@ -107,9 +108,13 @@ class ReplicaActor:
             stages.stop()
 
 
-def _split_engine(model: str, config: Any, stage_nodes: list[str], meta: dict[str, Any]) -> tuple[Any, dict]:
+def _split_engine(
+    model: str, config: Any, stage_nodes: list[str], stage_devices: list[str] | None, meta: dict[str, Any]
+) -> tuple[Any, dict]:
     """The engine of a model split over Ray stage actors, one per node of `stage_nodes` (this actor drives
-    them), and `meta` with where each stage's layers went."""
+    them; `stage_devices`: each stage's device there), and `meta` with where each stage's layers went."""
+    import dataclasses
+
     from cumulo.cluster.stage import RayStages
     from cumulo.engine.pipeline_factory import create_split_engine
 
@@ -117,6 +122,8 @@ def _split_engine(model: str, config: Any, stage_nodes: list[str], meta: dict[st
     holder: list[RayStages] = []
 
     def start(specs):
+        if stage_devices:
+            specs = [dataclasses.replace(s, device=d) for s, d in zip(specs, stage_devices, strict=True)]
         holder.append(RayStages.start(specs, stage_nodes))
         return holder[0]
 

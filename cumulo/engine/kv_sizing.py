@@ -43,13 +43,17 @@ def plan_kv_cache(
     for that many of its layers (a pipeline stage; every stage gets the same block count, sized for the
     stage with the most layers).
 
-    - bytes: `config.kv_cache_gib`, else `config.kv_cache_fraction` of free memory, else the platform's
-      default (see `cumulo.platform.budget`).
+    - bytes: `config.kv_cache_blocks` whole blocks when set, else `config.kv_cache_gib`, else
+      `config.kv_cache_fraction` of free memory, else the platform's default (see `cumulo.platform.budget`).
     - the rest is `size_kv_cache` on those bytes (dtype, blocks, max_model_len).
     """
     if config.block_size < 1:
         raise InvalidRequest(f"block_size must be at least 1 token, not {config.block_size}")
-    budget = kv_cache_budget_bytes(platform, config.kv_cache_gib, config.kv_cache_fraction)
+    if config.kv_cache_blocks:  # a count decided elsewhere (placement, for every stage of a split)
+        per_block = kv_elements_per_token(model, num_layers) * config.block_size * cache_dtype(dtype).itemsize
+        budget = config.kv_cache_blocks * per_block
+    else:
+        budget = kv_cache_budget_bytes(platform, config.kv_cache_gib, config.kv_cache_fraction)
     return size_kv_cache(budget, model, dtype, config.block_size, config.max_model_len, num_layers)
 
 

@@ -47,6 +47,7 @@ class EngineConfig:
     # stage_weights (each stage's relative speed; equal when None). Each stage's cache holds its layers only.
     pipeline_stages: int = 1
     stage_weights: tuple[float, ...] | None = None
+    kv_cache_blocks: int | None = None  # exactly this many KV blocks (placement's for a split), not a budget
 
 
 class LLMEngine:

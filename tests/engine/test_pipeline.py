@@ -117,3 +117,16 @@ def test_create_engine_splits_a_checkpoint_and_each_stage_loads_only_its_tensors
     ]
     assert names[0] == {"0", "model.embed_tokens.weight"}
     assert names[1] == {"1", "2", "3", "model.norm.weight", "lm_head.weight"}
+
+
+def test_a_stage_cache_sized_for_its_layers_or_given_in_blocks():
+    cfg = tiny_config("llama", num_hidden_layers=LAYERS)
+    budget = EngineConfig(device="cpu", kv_cache_gib=0.001)
+    whole = plan_kv_cache(cfg, torch.float32, budget, CpuPlatform())
+    half = plan_kv_cache(cfg, torch.float32, budget, CpuPlatform(), num_layers=LAYERS // 2)
+    assert half.num_blocks in (
+        2 * whole.num_blocks,
+        2 * whole.num_blocks + 1,
+    )  # the same bytes, half the layers
+    exact = EngineConfig(device="cpu", kv_cache_blocks=37)
+    assert plan_kv_cache(cfg, torch.float32, exact, CpuPlatform(), num_layers=2).num_blocks == 37
