@@ -66,3 +66,19 @@ def test_the_fleet_shows_a_device_its_results_live_and_a_rollout(
     device = page.locator("tr:has(td:text-is('cam-1'))").first.inner_text()
     assert 'count {"count":7}' in device
     shot(page, "edge")
+
+
+def test_a_device_enrolled_from_the_page_gets_a_one_time_token_that_works(
+    page, console_server, org_key, signed_in
+):
+    signed_in(page, org_key("edge-org-2"))
+    open_page(page, console_server, "edge", "Edge fleet")
+    assert page.inner_text("p.empty >> nth=0") == "No device yet: enrol one below."
+    form = page.locator("form[aria-label='enrol a device']")
+    form.locator("input[name=device_id]").fill("door-2")
+    form.locator("input[name=name]").fill("Back door")
+    form.locator("button[type=submit]").click()
+    token = page.inner_text("[data-test=enrolment] code")
+    assert "pending" in page.locator("tr:has(td:text-is('door-2'))").inner_text()
+    answer = httpx.post(f"{console_server.url}/v1/edge/enroll", json={"token": token})
+    assert answer.status_code == 200 and answer.json()["device_id"] == "door-2"

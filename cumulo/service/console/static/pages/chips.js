@@ -41,26 +41,29 @@ export default function Chips() {
     },
     { key: "fits", label: "fits", render: (c) => (c.prediction ? (c.prediction.fits ? "yes" : "no") : c.error) },
   ];
-  const labels = predicted.map((c) => c.id);
+  // Racks (many chips counted as one entry) would flatten every single chip's bar: they stay in the table.
+  const charted = predicted.filter((c) => c.kind !== "rack");
+  const labels = charted.map((c) => c.id);
   const options = (list, chosen) =>
     (list.includes(chosen) ? list : [chosen].concat(list)).map((v) => html`<option value=${v}>${v}</option>`);
   return html`<${Page} title="Chips" loading=${answer === null && !error} error=${error}
     empty=${answer && rows.length === 0 ? answer.note || "The catalog is empty." : null}>
     <form class="inline" onSubmit=${submit} aria-label="workload to predict">
-      <label>Model <select name="model">${options((answer && answer.models) || [], query.model)}</select></label>
-      <label>Format <select name="format">${options((answer && answer.formats) || [], query.format)}</select></label>
+      <label>Model <select name="model" value=${query.model}>${options((answer && answer.models) || [], query.model)}</select></label>
+      <label>Format <select name="format" value=${query.format}>${options((answer && answer.formats) || [], query.format)}</select></label>
       <label>Batch <input name="batch" type="number" min="1" max="4096" value=${query.batch} /></label>
       <label>Context <input name="context" type="number" min="1" value=${query.context} /></label>
       <button type="submit">Predict</button>
     </form>
     <div class="grid2">
       <figure>
-        <figcaption>Predicted decode tokens/s (${query.model}, ${query.format}, batch ${query.batch})</figcaption>
-        <${BarChart} labels=${labels} datasets=${[{ label: "tokens/s", data: predicted.map((c) => c.prediction.decode_tok_s) }]} />
+        <figcaption>${`Predicted decode tokens/s per chip (${query.model}, ${query.format}, batch ${query.batch}, ` +
+          `context ${query.context}; racks in the table only)`}</figcaption>
+        <${BarChart} labels=${labels} datasets=${[{ label: "tokens/s", data: charted.map((c) => c.prediction.decode_tok_s) }]} />
       </figure>
       <figure>
         <figcaption>Predicted USD per million tokens</figcaption>
-        <${BarChart} labels=${labels} datasets=${[{ label: "USD / M tokens", data: predicted.map((c) => c.prediction.usd_per_million_tokens) }]} />
+        <${BarChart} labels=${labels} datasets=${[{ label: "USD / M tokens", data: charted.map((c) => c.prediction.usd_per_million_tokens) }]} />
       </figure>
     </div>
     <${Table} columns=${columns} rows=${rows} />

@@ -2,7 +2,7 @@
 // stream /v1/edge/results/stream), and rollouts with their state.
 import { html, useEffect, useRef, useState } from "../vendor/preact-htm.js";
 import { api } from "../api.js";
-import { Page, Table, fmtTime } from "../ui.js";
+import { Page, Table, copyButton, fmtTime } from "../ui.js";
 import { sseEvents } from "./common.js";
 
 const SHOWN = 50; // results kept on screen
@@ -46,6 +46,37 @@ function useResultStream(onResult, onState) {
       clearTimeout(timer);
     };
   }, []);
+}
+
+// Adds a device; the one-time token its agent needs (`cumulo edge agent --server URL --token T`) is shown once.
+function Enrol({ onEnrolled }) {
+  const [made, setMade] = useState(null);
+  const [error, setError] = useState(null);
+  const submit = async (event) => {
+    event.preventDefault();
+    const f = event.target.elements;
+    const body = { name: f.name.value.trim() };
+    if (f.device_id.value.trim()) body.device_id = f.device_id.value.trim();
+    setError(null);
+    try {
+      const device = await api("/v1/edge/devices", { method: "POST", body });
+      setMade(device);
+      onEnrolled(device);
+      event.target.reset();
+    } catch (e) {
+      setError(e.message);
+    }
+  };
+  return html`<form class="card" onSubmit=${submit} aria-label="enrol a device">
+    <h3>Enrol a device</h3>
+    <label>Device id <input name="device_id" maxlength="64" placeholder="generated" /></label>
+    <label>Name <input name="name" maxlength="128" /></label>
+    <button type="submit">Create</button>
+    ${error && html`<p class="error" role="alert">${error}</p>`}
+    ${made &&
+    html`<p class="ok" data-test="enrolment">Token for ${made.device_id} (shown once, valid until
+      ${fmtTime(made.token_expires_at)}): <code>${made.enrollment_token}</code> ${copyButton(made.enrollment_token)}</p>`}
+  </form>`;
 }
 
 export default function Edge() {
@@ -102,16 +133,11 @@ export default function Edge() {
     { key: "canaries", label: "canaries", render: (o) => o.canaries.join(", ") || "-" },
     { key: "updated_at", label: "updated", render: (o) => fmtTime(o.updated_at) },
   ];
-  return html`<${Page}
-    title="Edge fleet"
-    loading=${devices === null && !error}
-    error=${error}
-    empty=${devices && devices.length === 0
-      ? "No device yet: enrol one with `cumulo edge devices create` or POST /v1/edge/devices."
-      : null}
-  >
+  return html`<${Page} title="Edge fleet" loading=${devices === null && !error} error=${error}>
     <h3>Devices</h3>
-    <${Table} columns=${deviceColumns} rows=${devices || []} />
+    ${devices && devices.length === 0
+      ? html`<p class="empty">No device yet: enrol one below.</p>`
+      : html`<${Table} columns=${deviceColumns} rows=${devices || []} />`}
     <h3>Results <small data-test="stream-state">${stream}</small></h3>
     ${results.length === 0
       ? html`<p class="empty">No result yet; new ones appear here as devices send them.</p>`
@@ -120,6 +146,7 @@ export default function Edge() {
     ${rollouts.length === 0
       ? html`<p class="empty">No rollout.</p>`
       : html`<${Table} columns=${rolloutColumns} rows=${rollouts} />`}
+    <${Enrol} onEnrolled=${(d) => setDevices((now) => (now || []).concat([d]))} />
   <//>`;
 }
 
