@@ -154,3 +154,10 @@ def test_static_files_have_the_csp_and_stay_in_their_folder(console_server):
     for path in ("../routes.py", "%2e%2e/routes.py", "..%2froutes.py", "sessions.py", "static/../../app.py"):
         assert httpx.get(f"{console_server.url}/console/{path}").status_code == 404, path
     assert httpx.get(f"{console_server.url}/console", follow_redirects=False).status_code == 308
+    etag = index.headers["etag"]
+    again = httpx.get(f"{console_server.url}/console/", headers={"If-None-Match": etag})
+    assert (
+        again.status_code == 304
+        and again.content == b""
+        and "script-src" in again.headers["content-security-policy"]
+    )

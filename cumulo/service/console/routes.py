@@ -118,14 +118,19 @@ async def console_root() -> RedirectResponse:
 
 
 @router.get("/console/{path:path}", include_in_schema=False)
-async def static_file(path: str) -> FileResponse:
-    """index.html for the bare path, else a file under static/ of a known type; nothing outside static/."""
+async def static_file(path: str, request: Request) -> Response:
+    """index.html for the bare path, else a file under static/ of a known type; nothing outside static/.
+    The browser revalidates every load (no-cache) and an unchanged file answers 304 without its body."""
     root = STATIC.resolve()
     target = (root / (path or "index.html")).resolve()
     media = TYPES.get(target.suffix)
     if not target.is_relative_to(root) or not target.is_file() or media is None:
         raise NotFound(f"no console file {path!r}")
-    return FileResponse(target, media_type=media, headers={"cache-control": "no-cache"})
+    stat = target.stat()
+    headers = {"cache-control": "no-cache", "etag": f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'}
+    if request.headers.get("if-none-match") == headers["etag"]:
+        return Response(status_code=304, headers=headers)
+    return FileResponse(target, media_type=media, headers=headers)
 
 
 class ConsoleHeaders:
