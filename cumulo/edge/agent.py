@@ -124,7 +124,6 @@ class Agent:
         self.started = time.monotonic()
         self.frames = 0
         self._last_frame: torch.Tensor | None = None
-        self._answered: set[str] = set()  # request ids answered: QoS 1 may deliver a request twice
         self._reported_drops = self.outbox.stats().dropped
         self._next_heartbeat = self._next_poll = 0.0
 
@@ -330,23 +329,31 @@ class Agent:
         return path
 
     def answer(self, request: DeviceRequest) -> None:
-        """Send the latest frame as JPEG parts: the only way an image leaves the device."""
-        if request.id in self._answered:
-            return
-        self._answered.add(request.id)
+        """Send the latest frame as JPEG parts: the only way an image leaves the device. Each request id is
+        answered once, across restarts too (the outbox keeps the ids): QoS 1, or the service sending a missed
+        request again, may deliver it twice. A request that comes before the first frame (just after a restart)
+        takes a frame of its own."""
         if self._last_frame is None:
-            self.outbox.add(KIND_STATUS, {"ok": True, "type": "no_frame", "request_id": request.id})
-            return
+            try:
+                self._last_frame = self.source.next()
+            except CumuloError:
+                body = {"ok": True, "type": "no_frame", "request_id": request.id}
+                self.outbox.answer(request.id, [(KIND_STATUS, body)])
+                return
         try:
             from PIL import Image
         except ImportError:
-            self.outbox.add(KIND_STATUS, {"ok": True, "type": "no_jpeg", "request_id": request.id})
+            self.outbox.answer(
+                request.id, [(KIND_STATUS, {"ok": True, "type": "no_jpeg", "request_id": request.id})]
+            )
             return
         buffer = io.BytesIO()
         Image.fromarray(self._last_frame.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=85)
         data = base64.b64encode(buffer.getvalue()).decode()
         step = MAX_ENVELOPE_BYTES // 2  # room for the envelope around each part
         parts = [data[i : i + step] for i in range(0, len(data), step)]
-        for index, part in enumerate(parts):
-            body = {"request_id": request.id, "part": index, "parts": len(parts), "jpeg_b64": part}
-            self.outbox.add(KIND_IMAGE, body, self.model_ref)
+        bodies = [
+            {"request_id": request.id, "part": index, "parts": len(parts), "jpeg_b64": part}
+            for index, part in enumerate(parts)
+        ]
+        self.outbox.answer(request.id, [(KIND_IMAGE, body) for body in bodies], self.model_ref)

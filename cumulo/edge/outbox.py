@@ -33,7 +33,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_summary ON outbox (summary, seq);
+CREATE TABLE IF NOT EXISTS answered (request_id TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 """
+KEEP_ANSWERED = 10_000  # request ids remembered (the service gives up on a request after a day)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,35 @@ class Outbox:
                 self._db.execute("ROLLBACK")
                 raise
             return seq
+
+    def answer(
+        self, request_id: str, results: list[tuple[str, dict[str, Any]]], model: dict[str, Any] | None = None
+    ) -> bool:
+        """Store the answer to a request from the service (its results, in order) and remember the request id, in
+        one transaction; False, storing nothing, when this id was answered before (a request sent again)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if self._db.execute("SELECT 1 FROM answered WHERE request_id = ?", (request_id,)).fetchone():
+                    self._db.execute("ROLLBACK")
+                    return False
+                seq = self._meta("next_seq")
+                for offset, (kind, body) in enumerate(results):
+                    record = json.dumps({"time": now().isoformat(), "model": model, "body": body})
+                    self._db.execute("INSERT INTO outbox VALUES (?, ?, 0, ?)", (seq + offset, kind, record))
+                self._db.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (seq + len(results),))
+                self._db.execute("INSERT INTO answered VALUES (?, ?)", (request_id, seq))
+                self._db.execute(
+                    "DELETE FROM answered WHERE seq < (SELECT min(seq) FROM "
+                    "(SELECT seq FROM answered ORDER BY seq DESC LIMIT ?))",
+                    (KEEP_ANSWERED,),
+                )
+                self._enforce_cap()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return True
 
     def _enforce_cap(self) -> None:
         """Drop the oldest summaries, then the oldest events, until the cap holds; count what went."""

@@ -29,8 +29,14 @@ from tests.service.support import Service
 
 
 @pytest.fixture
-def service(tmp_path: Path, topic_root: str) -> Iterator[tuple[str, str]]:
+def service(gateway: tuple[str, str, Any]) -> tuple[str, str]:
     """(URL, an API key of org 'acme') of a running gateway that bridges the broker under `topic_root`."""
+    return gateway[:2]
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, topic_root: str) -> Iterator[tuple[str, str, Any]]:
+    """(URL, an API key of org 'acme', the app) of a running gateway that bridges the broker."""
     config = Settings(  # type: ignore[call-arg]
         data_dir=tmp_path / "service",
         database_url=f"sqlite:///{tmp_path / 'service.db'}",
@@ -49,7 +55,8 @@ def service(tmp_path: Path, topic_root: str) -> Iterator[tuple[str, str]]:
     thread.start()
     wait_for(lambda: server.started, what="the gateway")
     assert app.state.edge_bridge.connected.wait(20)
-    yield f"http://127.0.0.1:{port}", Service(None, app.state.service).key("acme")  # type: ignore[arg-type]
+    key = Service(None, app.state.service).key("acme")  # type: ignore[arg-type]
+    yield f"http://127.0.0.1:{port}", key, app
     server.should_exit = True
     thread.join(30)
 

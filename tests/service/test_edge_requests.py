@@ -10,7 +10,7 @@ import json
 import pytest
 
 from tests.service.support import auth
-from tests.service.test_edge import enrol, envelope
+from tests.service.test_edge import Clock, beat, enrol, envelope
 
 JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 40 + b"\xff\xd9"
 
@@ -75,3 +75,42 @@ def test_an_image_request_is_published_once_and_its_answer_is_the_organisations_
     ).status_code == 404
     bad = service.client.post("/v1/edge/devices/cam-i/requests", json={"kind": "video"}, headers=auth(key))
     assert bad.status_code == 400 and "\n" not in bad.json()["error"]["message"]
+
+
+def test_a_request_the_device_missed_is_sent_again_once_it_is_heard_from_until_answered(published):
+    service, sent = published
+    clock = Clock()
+    edge = service.client.app.state.edge
+    edge.clock = clock
+    key = service.key("acme")
+    credential = enrol(service, key, "cam-o")
+    asked = service.client.post("/v1/edge/devices/cam-o/requests", json={"kind": "image"}, headers=auth(key))
+    request_id = asked.json()["id"]
+
+    def sends() -> int:
+        return len([s for s in sent if s[0].endswith("/cam-o/down/requests")])
+
+    assert sends() == 1
+    clock.now += 100
+    edge.tick()
+    assert sends() == 1  # offline: not heard from since, so not sent into the void again
+    beat(service, "cam-o", credential, 1)  # back
+    edge.tick()
+    assert sends() == 2  # heard from after the publish, 100 s later: it missed it
+    clock.now += 5
+    beat(service, "cam-o", credential, 2)
+    edge.tick()
+    assert sends() == 2  # within resend_seconds of the last send: give the device time to answer
+    clock.now += 30
+    beat(service, "cam-o", credential, 3)
+    edge.tick()
+    assert sends() == 3
+    for part in image_parts("cam-o", credential, request_id, 10, 2):
+        assert service.client.post("/v1/edge/results", json=part, headers=auth(credential)).status_code == 200
+    assert (
+        service.client.get(f"/v1/edge/requests/{request_id}", headers=auth(key)).json()["state"] == "answered"
+    )
+    clock.now += 100
+    beat(service, "cam-o", credential, 20)
+    edge.tick()
+    assert sends() == 3  # answered: never again

@@ -65,6 +65,7 @@ class EdgeFleet:
         self.rejected: Counter[str] = Counter()
         self.metrics = metrics
         self.webhooks_due = threading.Event()  # set when a stored result owes a webhook delivery
+        self.request_resend_seconds = requests.RESEND_SECONDS  # an unanswered request missed: sent again
         self.background_deliveries = True  # the gateway's delivery thread runs rounds (tests turn it off)
         self._refused_by_device: Counter[tuple[str, str]] = Counter()  # written to edge_devices each pass
         self._logged: set[tuple[str, str]] = set()
@@ -227,9 +228,9 @@ class EdgeFleet:
                 )
                 device.published_revision = device.desired_revision
             now = self.clock()
-            asks = requests.unpublished(session, now)
+            asks = requests.due(session, now, self.request_resend_seconds)
             for row, device_id, message in asks:
                 topic = topic_for(device_id, DOWN_REQUESTS, self.topic_root)
-                publisher(topic, message.model_dump_json().encode(), False)  # once: never retained
+                publisher(topic, message.model_dump_json().encode(), False)  # never retained
                 row.published_at = now
         return len(pending) + len(asks)

@@ -1,6 +1,11 @@
 """One-off requests to a device, today an image of what its camera sees: the only way an image leaves a
 device (docs/edge.md). A request is a row first; the next pass publishes it on the device's `down/requests`
-topic (QoS 1, not retained: a retained request would be answered again on every reconnect). The device answers
+topic (QoS 1, not retained: a retained request would be answered again on every reconnect). A device that was
+offline then (its agent keeps a clean MQTT session, so the broker does not hold the message for it) gets it
+again: a pass re-publishes an unanswered request once the device has been heard from since the last publish
+and `resend_seconds` have passed, until it is answered or `REQUEST_TTL` old. The agent answers each request id
+once (it keeps the ids it answered in its outbox database, in the transaction that stores the answer), so a
+request sent twice is still answered once. The device answers
 with `image` results (JPEG in base64 parts, each under the envelope limit) that are stored like any result;
 when the last part arrives the whole JPEG is kept on the request, for its organisation to download.
 """
@@ -12,14 +17,17 @@ import binascii
 import secrets
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from cumulo.contracts.edge import KIND_IMAGE, DeviceRequest, Envelope
 from cumulo.errors import InvalidRequest, NotFound
 from cumulo.service.edge.tables import EdgeDevice, EdgeRequest, EdgeResult
 
-PUBLISH_WITHIN = 600.0  # a request not published this long after it was made (no broker) is not sent late
+REQUEST_TTL = 86_400.0  # an unanswered request is (re)sent for a day, then given up
+RESEND_SECONDS = (
+    30.0  # an unanswered request is sent again this long after the last time, if the device is back
+)
 
 
 def create(session: Session, device: EdgeDevice, kind: str, reason: str | None, now: float) -> EdgeRequest:
@@ -38,12 +46,23 @@ def create(session: Session, device: EdgeDevice, kind: str, reason: str | None, 
     return request
 
 
-def unpublished(session: Session, now: float) -> list[tuple[EdgeRequest, str, DeviceRequest]]:
-    """Requests to publish now, with the device id (the topic) and the message itself."""
+def due(
+    session: Session, now: float, resend_seconds: float = RESEND_SECONDS
+) -> list[tuple[EdgeRequest, str, DeviceRequest]]:
+    """Requests to publish now (never published, or unanswered and missed: the device was heard from after the
+    last publish, `resend_seconds` ago or more), with the device id (the topic) and the message itself."""
+    missed = and_(
+        EdgeDevice.last_seen > EdgeRequest.published_at, EdgeRequest.published_at <= now - resend_seconds
+    )
     rows = session.execute(
         select(EdgeRequest, EdgeDevice.device_id)
         .join(EdgeDevice, EdgeDevice.id == EdgeRequest.device)
-        .where(EdgeRequest.published_at.is_(None), EdgeRequest.created_at >= now - PUBLISH_WITHIN)
+        .where(
+            EdgeRequest.answered_at.is_(None),
+            EdgeRequest.created_at >= now - REQUEST_TTL,
+            EdgeDevice.revoked_at.is_(None),
+            or_(EdgeRequest.published_at.is_(None), missed),
+        )
         .order_by(EdgeRequest.id)
     )
     return [
