@@ -161,3 +161,48 @@ def test_static_files_have_the_csp_and_stay_in_their_folder(console_server):
         and again.content == b""
         and "script-src" in again.headers["content-security-policy"]
     )
+
+
+def test_usage_puts_each_request_on_its_utc_day(console_server, org_key):
+    """Rows written straight into the gateway's database at both sides of midnight UTC, with costs."""
+    import datetime as dt
+
+    from sqlalchemy.orm import Session
+
+    from cumulo.service.db import Usage, open_database
+
+    key = org_key("days-org")
+    headers = {"Authorization": f"Bearer {key}"}
+    me = httpx.get(f"{console_server.url}/console/api/keys", headers=headers).json()["data"][0]
+    org_id = httpx.post(f"{console_server.url}/console/session", json={"api_key": key}).json()["org_id"]
+    midnight = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    rows = [  # (started_at, model, tokens, cost in nano-dollars, status)
+        (midnight - 0.5, "m-a", 10, 1_000, "completed"),  # yesterday, half a second before midnight
+        (midnight, "m-a", 20, 2_000, "completed"),  # today, at midnight exactly
+        (midnight + 1, "m-b", 40, 4_000, "error"),  # today; failed requests still count what they used
+        (midnight + 2, "m-b", 99, 9_000, "rejected"),  # refused before it ran: not usage
+        (midnight - 3 * 86400, "m-a", 80, 8_000, "completed"),  # three days ago: outside days=2
+    ]
+    database = open_database(f"sqlite:///{console_server.data_dir / 'cumulo.db'}")
+    with Session(database) as session, session.begin():
+        for i, (started, model, tokens, nanos, status) in enumerate(rows):
+            session.add(
+                Usage(
+                    request_id=f"days-{i}", key_id=me["id"], org_id=org_id, endpoint="chat", model=model,
+                    month="", status=status, prompt_tokens=tokens, completion_tokens=0, cost_nanos=nanos,
+                    started_at=started,
+                )
+            )  # fmt: skip
+    database.dispose()
+    two = httpx.get(f"{console_server.url}/console/api/usage?days=2", headers=headers).json()
+    assert [(d["requests"], d["tokens"]) for d in two["days"]] == [(1, 10), (2, 60)]
+    assert [round(d["cost"] * 1e9) for d in two["days"]] == [1_000, 6_000]
+    assert two["tokens_by_model"] == {"m-a": [10, 20], "m-b": [0, 40]}
+    assert [(m["model"], m["requests"], m["tokens"]) for m in two["models"]] == [
+        ("m-b", 1, 40),
+        ("m-a", 2, 30),
+    ]
+    one = httpx.get(f"{console_server.url}/console/api/usage?days=1", headers=headers).json()
+    assert [(d["requests"], d["tokens"]) for d in one["days"]] == [(2, 60)]
+    five = httpx.get(f"{console_server.url}/console/api/usage?days=5", headers=headers).json()
+    assert [d["tokens"] for d in five["days"]] == [0, 80, 0, 10, 60]

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import case, func, literal, literal_column, select
 from starlette.concurrency import run_in_threadpool
 
 from cumulo.errors import NotFound
@@ -46,37 +46,42 @@ async def usage(state: State, caller: Caller, days: int = Query(default=14, ge=1
     since = today.timestamp() - (days - 1) * DAY
     labels = [day_of(since + i * DAY) for i in range(days)]
 
+    # The day of each row as a CASE over the day boundaries: exact and the same in SQLite and PostgreSQL,
+    # so the database sums and only days x models rows come back.
+    bounds = [(Usage.started_at < since + (i + 1) * DAY, i) for i in range(days - 1)]
+    day = case(*bounds, else_=days - 1) if bounds else literal(0)
+    query = (
+        select(
+            day.label("day"),
+            Usage.model,
+            func.count(Usage.id),
+            func.sum(Usage.prompt_tokens + Usage.completion_tokens),
+            func.sum(Usage.cost_nanos),
+        )
+        .where(Usage.org_id == caller.org_id, Usage.started_at >= since, Usage.status != "rejected")
+        .group_by(literal_column("day"), Usage.model)
+    )
+
     def read() -> dict[str, Any]:
         with state.sessions() as session:
-            rows = session.execute(
-                select(
-                    Usage.started_at,
-                    Usage.model,
-                    Usage.prompt_tokens,
-                    Usage.completion_tokens,
-                    Usage.cost_nanos,
-                ).where(Usage.org_id == caller.org_id, Usage.started_at >= since, Usage.status != "rejected")
-            ).all()
+            rows = session.execute(query).all()
             quota = _quota(session, caller)
-        per_day = {d: {"day": d, "requests": 0, "tokens": 0, "cost": 0.0} for d in labels}
+        per_day = [{"day": d, "requests": 0, "tokens": 0, "cost": 0.0} for d in labels]
         per_model: dict[str, dict[str, Any]] = {}
-        day_model: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(labels, 0))
-        for started, model, prompt, completion, nanos in rows:
-            day, tokens = day_of(started), prompt + completion
-            if day not in per_day:
-                continue  # started after midnight UTC of a day beyond today: a clock step, not worth a column
+        tokens_by_model: dict[str, list[int]] = defaultdict(lambda: [0] * days)
+        for index, model, requests, tokens, nanos in rows:
             for bucket in (
-                per_day[day],
+                per_day[index],
                 per_model.setdefault(model, {"model": model, "requests": 0, "tokens": 0, "cost": 0.0}),
             ):
-                bucket["requests"] += 1
-                bucket["tokens"] += tokens
-                bucket["cost"] += nanos / 1e9
-            day_model[model][day] += tokens
+                bucket["requests"] += requests
+                bucket["tokens"] += int(tokens)
+                bucket["cost"] += int(nanos) / 1e9
+            tokens_by_model[model][index] += int(tokens)
         return {
-            "days": list(per_day.values()),
+            "days": per_day,
             "models": sorted(per_model.values(), key=lambda m: -m["tokens"]),
-            "tokens_by_model": {m: [v[d] for d in labels] for m, v in sorted(day_model.items())},
+            "tokens_by_model": dict(sorted(tokens_by_model.items())),
             "quota": quota,
         }
 
