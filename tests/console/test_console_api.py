@@ -163,7 +163,31 @@ def test_static_files_have_the_csp_and_stay_in_their_folder(console_server):
     )
 
 
-def test_usage_puts_each_request_on_its_utc_day(console_server, org_key):
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def server_and_url(request, console_server, org_key):
+    """(server, its database URL, org_key) on SQLite (the module's gateway) or on a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield console_server, f"sqlite:///{console_server.data_dir / 'cumulo.db'}", org_key
+        return
+    from tests.service.conftest import fresh_pg_schema
+    from tests.service.live import LiveServer
+
+    url = fresh_pg_schema(request.getfixturevalue("pg_database"))
+    server = LiveServer(request.getfixturevalue("tmp_path") / "pg", database_url=url).start()
+
+    def make(org: str) -> str:
+        response = httpx.post(
+            f"{server.url}/admin/keys",
+            json={"org": org},
+            headers={"Authorization": f"Bearer {server.admin_key()}"},
+        )
+        return response.raise_for_status().json()["key"]
+
+    yield server, url, make
+    server.stop()
+
+
+def test_usage_puts_each_request_on_its_utc_day(server_and_url):
     """Rows written straight into the gateway's database at both sides of midnight UTC, with costs."""
     import datetime as dt
 
@@ -171,6 +195,7 @@ def test_usage_puts_each_request_on_its_utc_day(console_server, org_key):
 
     from cumulo.service.db import Usage, open_database
 
+    console_server, url, org_key = server_and_url
     key = org_key("days-org")
     headers = {"Authorization": f"Bearer {key}"}
     me = httpx.get(f"{console_server.url}/console/api/keys", headers=headers).json()["data"][0]
@@ -183,7 +208,7 @@ def test_usage_puts_each_request_on_its_utc_day(console_server, org_key):
         (midnight + 2, "m-b", 99, 9_000, "rejected"),  # refused before it ran: not usage
         (midnight - 3 * 86400, "m-a", 80, 8_000, "completed"),  # three days ago: outside days=2
     ]
-    database = open_database(f"sqlite:///{console_server.data_dir / 'cumulo.db'}")
+    database = open_database(url)
     with Session(database) as session, session.begin():
         for i, (started, model, tokens, nanos, status) in enumerate(rows):
             session.add(
