@@ -74,6 +74,7 @@ def test_the_usage_chart_changes_after_a_request(page, console_server, org_key, 
 
 def test_the_request_log_filters_and_exports_csv(page, console_server, org_key, signed_in, shot):
     key = org_key("log-org")
+    org_key("log-org", name="other-key")
     ids = [chat(console_server, key, f"question {i}")["id"] for i in range(3)]
     signed_in(page, key)
     open_page(page, console_server, "requests")
@@ -91,6 +92,11 @@ def test_the_request_log_filters_and_exports_csv(page, console_server, org_key, 
     page.fill("input[name=model]", console_server.model)
     page.press("input[name=model]", "Enter")
     page.wait_for_selector("tbody tr")
+    page.select_option("select[name=key]", label="other-key")  # a key of the same organisation, unused
+    page.wait_for_selector("text=No requests match.")
+    page.select_option("select[name=key]", label="console-test")
+    page.wait_for_selector("tbody tr")
+    assert page.locator("tbody tr").count() == 3
     with page.expect_download() as download:
         page.click("button:text('Export CSV')")
     assert download.value.suggested_filename == "cumulo-requests.csv"

@@ -26,12 +26,14 @@ function query(filters) {
   const params = new URLSearchParams({ limit: '1000' });
   if (filters.status) params.set('status', filters.status);
   if (filters.model) params.set('model', filters.model);
+  if (filters.key) params.set('key_id', filters.key);
   if (filters.since) params.set('start_time', String(Date.parse(`${filters.since}T00:00:00Z`) / 1000));
   return `/console/api/requests?${params}`;
 }
 
 export default function RequestsPage() {
-  const [filters, setFilters] = useState({ status: '', model: '', since: '' });
+  const [filters, setFilters] = useState({ status: '', model: '', key: '', since: '' });
+  const keys = useLoad(() => api('/console/api/keys'));
   const { loading, error, data, reload } = useLoad(() => api(query(filters)), [JSON.stringify(filters)]);
   const set = (name) => (e) => setFilters({ ...filters, [name]: e.target.value });
   const rows = data ? data.data : [];
@@ -43,6 +45,10 @@ export default function RequestsPage() {
       <label>Status <select name="status" value=${filters.status} onChange=${set('status')}>
         ${STATUSES.map((s) => html`<option value=${s}>${s || 'any'}</option>`)}</select></label>
       <label>Model <input name="model" value=${filters.model} onChange=${set('model')} placeholder="any" /></label>
+      <label>Key <select name="key" value=${filters.key} onChange=${set('key')}>
+        <option value="">any</option>
+        ${(keys.data ? keys.data.data : []).map((k) => html`<option value=${k.id}>${k.name || k.prefix}</option>`)}
+      </select></label>
       <label>Since (UTC day) <input name="since" type="date" value=${filters.since} onChange=${set('since')} /></label>
     </form>
     ${loading
