@@ -161,7 +161,7 @@ function JobDetail({ job, onChange }) {
     <h3>${job.id} <span class=${"status " + job.status} data-test="job-status">${job.status}</span></h3>
     ${error && html`<p class="error" role="alert">${error}</p>`}
     ${job.fine_tuned_model &&
-    html`<p>Model <code>${job.fine_tuned_model}</code>
+    html`<p>Model <code>${job.fine_tuned_model}</code>${" "}
       <a href=${"#/playground?model=" + encodeURIComponent(job.fine_tuned_model)} data-test="try">Try in playground</a></p>`}
     ${job.error && job.error.message && html`<p class="error">${job.error.message}</p>`}
     ${!FINAL.includes(job.status) && html`<button type="button" onClick=${cancel}>Cancel job</button>`}
