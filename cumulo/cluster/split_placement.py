@@ -112,7 +112,7 @@ def _describe(dep, group, fmt, basis, weights, stages, preds, weights_gb, seq_to
     where = ", ".join(f"{s.node} layers {s.layers[0]}-{s.layers[1] - 1}" for s in placed)
     reason = (
         f"{fmt}; split over {len(group)} nodes (pipeline parallel): no single node holds weights "
-        f"{weights_gb:.2f} GB and one {seq_tokens}-token sequence's cache; {where}, in proportion to "
+        f"{weights_gb:.3g} GB and one {seq_tokens}-token sequence's cache; {where}, in proportion to "
         f"{basis}; every stage keeps {blocks} KV blocks of its own layers"
     )
     return dict(

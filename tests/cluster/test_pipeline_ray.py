@@ -1,17 +1,19 @@
-"""A model split over two nodes of a real local Ray cluster: each node's memory is capped below what the whole
-model needs, each stage actor loads only its own layers on its own node, and greedy output equals the unsplit
-engine's token for token."""
+"""A model split over two nodes of a real local Ray cluster whose memory is capped below what the whole model
+needs: each stage actor loads only its own layers on its own node, and greedy output equals the unsplit
+engine's token for token, whether the split replica is started by hand or by the controller from placement."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+import time
 import uuid
-from pathlib import Path
 
 import pytest
 import ray
 
+from cumulo.cluster.controller import Controller, Wanted, live_nodes
 from cumulo.cluster.replica import RayReplica
 from cumulo.cluster.stage import stage_memory_bytes
 from cumulo.contracts import SamplingParams
@@ -23,62 +25,91 @@ from cumulo.engine.stage_load import StageSpec
 from tests.support.pipeline import write_llama_dir
 from tests.support.ray_pool import Node, _start, node_with, shared_pool
 
-CHIP = "cpu-avx2-8core"  # a chip of these nodes' own, so no other module's replica lands here
-OPTIONS = dict(device="cpu", dtype="float32", kv_cache_gib=0.0005, decode_graphs=False)
+CHIP = "cpu-avx2-2core"
+NODES = ("pp-a", "pp-b")  # only these nodes are offered to this module's controller
+CAP = 1_070_000  # bytes of memory each node offers Ray: a stage fits, the whole model does not
+OPTIONS = dict(device="cpu", dtype="float32", kv_cache_gib=0.00037, decode_graphs=False)
 PROMPTS = [[5, 9, 13, 40, 22], [7] * 3 + list(range(10, 47)), list(range(3, 60))]
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
-def capped_node(name: str, memory_bytes: int) -> str:
-    """Node `name` in the shared test pool, offering Ray only `memory_bytes` of memory; its Ray node id."""
+def capped_node(name: str) -> str:
+    """Node `name` in the shared test pool, offering Ray only CAP bytes of memory; its Ray node id."""
     pool = shared_pool()
     labels = {"cumulo-name": name, "cumulo-kind": "cpu", "cumulo-chip": CHIP}
     pool.nodes[name] = Node(name, _start([
-        f"--address={pool.address}", "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--memory={memory_bytes}",
+        f"--address={pool.address}", "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--memory={CAP}",
         "--labels", json.dumps(labels), "--resources", json.dumps({f"chip:{CHIP}": 1}),
     ]))  # fmt: skip
     return node_with(name)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_llama_dir(tmp_path_factory.mktemp("models") / "llama4", layers=4)
+def split_pool(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str], list[list[int]]]:
+    """(model path, the two capped nodes' ids, the unsplit engine's greedy answers to PROMPTS)."""
+    path = str(write_llama_dir(tmp_path_factory.mktemp("models") / "llama4", layers=4))
+    reference = LLM(create_engine(path, EngineConfig(**OPTIONS))).generate(PROMPTS, GREEDY)  # type: ignore[arg-type]
+    return path, [capped_node(n) for n in NODES], [r.token_ids for r in reference]
 
 
-def test_split_over_two_memory_capped_nodes_answers_as_the_unsplit_engine(model_dir: Path) -> None:
-    path = str(model_dir)
+async def answers(client) -> list[list[int]]:
+    async def one(prompt: list[int]) -> list[int]:
+        out: list[int] = []
+        async for delta in client.generate(prompt, GREEDY):
+            out.extend(delta.new_token_ids)
+        return out
+
+    return list(await asyncio.gather(*(one(p) for p in PROMPTS)))
+
+
+def test_split_over_two_memory_capped_nodes_answers_as_the_unsplit_engine(split_pool) -> None:
+    path, nodes, reference = split_pool
     specs, plan = stage_specs(path, EngineConfig(pipeline_stages=2, **OPTIONS))  # type: ignore[arg-type]
-    stage_need = max(stage_memory_bytes(s) for s in specs)
     whole = StageSpec(path, range(4), True, True, plan.num_blocks, plan.block_size, plan.dtype)
-    whole_need = stage_memory_bytes(whole)
-    cap = (stage_need + whole_need) // 2  # each node holds one stage, none the whole model
-    assert stage_need <= cap < whole_need
-    nodes = [capped_node(name, cap) for name in ("pp-a", "pp-b")]
+    assert max(stage_memory_bytes(s) for s in specs) <= CAP < stage_memory_bytes(whole)
     offered = {n["NodeID"]: n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]}
-    assert all(offered[n] < whole_need for n in nodes)
+    assert all(offered[n] == CAP for n in nodes)
 
     replica = RayReplica.start(
-        path, name=f"pp#{uuid.uuid4().hex[:6]}", node_id=nodes[0], num_cpus=0.5, stage_nodes=nodes, **OPTIONS
+        path, name=f"pp#{uuid.uuid4().hex[:6]}", node_id=nodes[0], num_cpus=0, stage_nodes=nodes, **OPTIONS
     )
     try:
-        status = asyncio.run(replica.status())
-        stages = status["stages"]
+        stages = asyncio.run(replica.status())["stages"]
         assert [s["node_id"] for s in stages] == nodes  # one stage on each node
         assert [s["layers"] for s in stages] == [[0, 2], [2, 4]]
-        assert sum(s["weights_bytes"] for s in stages) < 2 * max(s["weights_bytes"] for s in stages)
-
-        params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-
-        async def answer(prompt: list[int]) -> list[int]:
-            out: list[int] = []
-            async for delta in replica.generate(prompt, params):
-                out.extend(delta.new_token_ids)
-            return out
-
-        async def every() -> list[list[int]]:
-            return list(await asyncio.gather(*(answer(p) for p in PROMPTS)))
-
-        got = asyncio.run(every())
+        got = asyncio.run(answers(replica))
     finally:
         replica.shutdown()
-    reference = LLM(create_engine(path, EngineConfig(**OPTIONS))).generate(PROMPTS, params)  # type: ignore[arg-type]
-    assert got == [r.token_ids for r in reference]
+    assert got == reference
+
+
+def test_the_controller_places_a_model_no_node_holds_split_over_two_nodes(split_pool) -> None:
+    path, nodes, reference = split_pool
+
+    class Served:
+        engines: dict = {}
+
+    served = Served()
+    wanted = [Wanted("llama4", path, 1, format="fp32", chip=CHIP)]
+    controller = Controller(
+        lambda: wanted,
+        lambda engines: setattr(served, "engines", engines),
+        period_s=0.5,
+        retry_s=1.0,
+        engine_options={"decode_graphs": False},
+        list_nodes=lambda: [n for n in live_nodes() if n.name in NODES],
+    )
+    controller.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not [r for r in controller.replicas("llama4") if r["state"] == "ready"]:
+            assert time.monotonic() < deadline, controller.replicas("llama4")
+            time.sleep(0.3)
+        (row,) = controller.replicas("llama4")
+        assert "split over 2 nodes" in row["reason"]
+        assert re.search(r"(pp-a|pp-b) layers 0-1, (?!\1)(pp-a|pp-b) layers 2-3", row["reason"]), row[
+            "reason"
+        ]
+        assert asyncio.run(answers(served.engines["llama4"])) == reference
+    finally:
+        controller.stop(stop_replicas=True)
