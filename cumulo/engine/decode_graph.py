@@ -6,6 +6,11 @@ records one decode step at a fixed batch size over fixed buffers; it returns Non
 Qwen3, linears without a recorded form), and the engine keeps its eager path. `run()` fills the step's inputs
 into the buffers, replays the graph and returns the final normalised hidden states. The recorder is the
 platform's (`Platform.graph_recorder`), so the engine names no device here.
+
+Recorded with `lora=True`, each multi-LoRA linear (cumulo.engine.lora) is followed by the recorder's LoRA op:
+per row, `(x @ A^T) @ Bt` of that row's adapter, read in place from the adapter's own tensors through a table of
+addresses that `run()` refills from the step's adapters (zeros for base rows). Nothing about the adapters is
+recorded, so any mix of adapters, and adapters loaded or evicted between steps, replays the same graph.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cumulo.engine.lora import LoadedAdapter, MultiLoRALinear
 from cumulo.models.attention import KVCache
 from cumulo.models.layers import Attention, GatedMLP, RMSNorm
 from cumulo.models.llama import LlamaModel
@@ -41,16 +47,24 @@ def _plain_layer(layer: nn.Module) -> bool:
 
 
 class DecodeGraph:
-    def __init__(self, graph: Any, buffers: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, graph: Any, buffers: dict[str, torch.Tensor], lora_names: tuple[str, ...] = ()
+    ) -> None:
         self.graph = graph  # the platform recorder's graph, holding the ops
         self.buffers = buffers
+        self.lora_names = (
+            lora_names  # the multi-LoRA linears with a LoRA op, in the order of the table's rows
+        )
+        self.dtype = buffers["x"].dtype
 
     @classmethod
     def record(
-        cls, model: nn.Module, kv_cache: KVCache, batch: int, recorder: type, max_blocks: int | None = None
-    ) -> DecodeGraph | None:
+        cls, model: nn.Module, kv_cache: KVCache, batch: int, recorder: type, max_blocks: int | None = None,
+        lora: bool = False,
+    ) -> DecodeGraph | None:  # fmt: skip
         """The graph of one decode step of `batch` sequences, or None where this model cannot be recorded.
-        `max_blocks`: the most KV blocks a sequence can hold (the block tables' width; default: the cache's)."""
+        `max_blocks`: the most KV blocks a sequence can hold (the block tables' width; default: the cache's).
+        `lora`: add each multi-LoRA linear's LoRA op (None if the model has none or the recorder lacks it)."""
         body = getattr(model, "model", None)
         layers = getattr(body, "layers", None)
         embed = getattr(body, "embed_tokens", None)
@@ -68,6 +82,7 @@ class DecodeGraph:
                 body, LlamaModel
             )  # embeddings in, final norm out, nothing else around the layers
             or not all(_plain_layer(layer) for layer in layers)
+            or (lora and not hasattr(recorder, "lora"))
         ):
             return None
         dtype = embed.weight.dtype
@@ -92,6 +107,14 @@ class DecodeGraph:
             "q": buf(batch, heads, dim), "attn": buf(batch, heads, dim), "o": buf(batch, hidden),
             "gu": buf(batch, 2 * inter), "act": buf(batch, inter), "d": buf(batch, hidden),
         }  # fmt: skip
+        lora_names = tuple(
+            m.name for layer in layers for m in layer.modules() if lora and isinstance(m, MultiLoRALinear)
+        )
+        if lora and not lora_names:
+            return None
+        b["lora"] = buf(
+            len(lora_names), batch, 3, dt=torch.int64
+        )  # per linear, per row: (A, Bt, R) (lora.py)
         g = recorder()
         threads = torch.get_num_threads()
 
@@ -101,6 +124,8 @@ class DecodeGraph:
             if recorded is not None:
                 g.keep(module, x, y)
                 g.add(recorded)
+                if lora and isinstance(module, MultiLoRALinear):
+                    g.lora(x, y, b["lora"][lora_names.index(module.name)], threads)
             return recorded is not None
 
         def add_norm(r: torch.Tensor, n: RMSNorm) -> None:  # x += r; h = n(x)
@@ -133,7 +158,25 @@ class DecodeGraph:
                 return None
             add_norm(b["d"], layers[i + 1].input_layernorm if i + 1 < len(layers) else final_norm)
         b["embed"] = embed.weight
-        return cls(g, b)
+        return cls(g, b, lora_names)
+
+    def set_adapters(self, adapters: list[LoadedAdapter | None]) -> bool:
+        """Point the LoRA ops at this step's adapters, one per row (None: a base row); False (nothing changed)
+        if one's tensors are not in the graph's dtype and layout, and the step must run eagerly."""
+        rows = []
+        for adapter in adapters:
+            if adapter is None:
+                rows.append(None)
+                continue
+            table = adapter.graph_rows(self.lora_names) if adapter.dtype == self.dtype else None
+            if table is None:
+                return False
+            rows.append(table)
+        zeros = torch.zeros(len(self.lora_names), 3, dtype=torch.int64)
+        self.buffers["lora"].copy_(
+            torch.stack([zeros if r is None else r for r in rows], dim=1)
+        )  # [L, batch, 3]
+        return True
 
     def run(
         self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],

@@ -85,11 +85,35 @@ def read_peft(directory: Path | str) -> PeftAdapter:
 @dataclass
 class LoadedAdapter:
     """One adapter's weights per Cumulo linear (module name -> (A [R, in], B [out, R] * scale)), on the model's
-    device and in its dtype."""
+    device and in its dtype. A is contiguous and B is the transposed view of a contiguous Bt [R, out]: the two
+    row-major matrices a decode graph's LoRA op reads in place."""
 
     ref: AdapterRef
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     nbytes: int = 0
+    _graph_rows: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def graph_rows(self, names: tuple[str, ...]) -> torch.Tensor | None:
+        """[len(names), 3] int64: per linear, (address of A, address of Bt, R), or zeros where this adapter has no
+        product for it; what a decode graph's LoRA ops read for this adapter's rows (None if a tensor is not laid
+        out as they read it). Kept with the adapter, so the addresses live as long as the tensors they name."""
+        if names not in self._graph_rows:
+            table, laid_out = [], True
+            for name in names:
+                ab = self.weights.get(name)
+                if ab is None:
+                    table.append((0, 0, 0))
+                    continue
+                a, b = ab
+                laid_out &= a.is_contiguous() and b.t().is_contiguous() and a.device.type == "cpu"
+                table.append((a.data_ptr(), b.data_ptr(), a.shape[0]))
+            rows = torch.tensor(table, dtype=torch.int64).reshape(len(names), 3)
+            self._graph_rows[names] = rows if laid_out else None
+        return self._graph_rows[names]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.weights.values()))[0].dtype
 
     @property
     def salt(self) -> bytes:
@@ -159,7 +183,9 @@ def load_adapter(model: nn.Module, ref: AdapterRef, base_seal: str) -> LoadedAda
             a_rows.append(a.float())
             b[start : start + size, i * peft.rank : (i + 1) * peft.rank] = b_part.float() * peft.scale
         a_cat = torch.cat(a_rows).to(param.device, param.dtype).contiguous()  # [R, in]
-        b_cat = b.to(param.device, param.dtype).contiguous()  # [out, R]
+        b_cat = (
+            b.t().to(param.device, param.dtype).contiguous().t()
+        )  # [out, R], a view of a contiguous [R, out]
         weights[name] = (a_cat, b_cat)
         nbytes += a_cat.nbytes + b_cat.nbytes
     if not weights:

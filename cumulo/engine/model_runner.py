@@ -32,6 +32,7 @@ class ModelRunner:
         # Recorded graphs know only dense K/V layers: a latent (MLA) cache always runs eagerly.
         self.graph_recorder = None if kv_cache.latent else graph_recorder
         self._graphs: dict[int, DecodeGraph | None] = {}
+        self._lora_graphs: dict[int, DecodeGraph | None] = {}  # the same with a LoRA op after each linear
         self.max_blocks_per_seq = max_blocks_per_seq or kv_cache.num_blocks  # block-table width of a graph
         self.paged_decode_attention = None if kv_cache.latent else paged_decode_attention  # dense GQA only
         self.kv_cache = kv_cache
@@ -71,13 +72,17 @@ class ModelRunner:
         n = len(batch.decodes)
         if self.graph_recorder is None or batch.prefills or not n:
             return None
-        if self.lora is not None and any(s.adapter is not None for s in batch.decodes):
-            return None  # graphs record the base linears only: steps with adapters run eagerly
-        if n not in self._graphs:
-            self._graphs[n] = DecodeGraph.record(
-                self.model, self.kv_cache, n, self.graph_recorder, self.max_blocks_per_seq
+        # steps with adapters replay a second graph, with a LoRA op after each linear; base-only steps the plain one
+        lora = self.lora is not None and any(s.adapter is not None for s in batch.decodes)
+        graphs = self._lora_graphs if lora else self._graphs
+        if n not in graphs:
+            graphs[n] = DecodeGraph.record(
+                self.model, self.kv_cache, n, self.graph_recorder, self.max_blocks_per_seq, lora
             )
-        return self._graphs[n]
+        graph = graphs[n]
+        if lora and graph is not None and not graph.set_adapters([s.adapter for s in batch.decodes]):
+            return None
+        return graph
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:

@@ -58,3 +58,73 @@ CUMULO_KERNEL(cumulo_silu_mul, CUMULO_SILU_MUL) {
     else silu_mul((const float*)a.gate_up, (float*)a.act, a.rows, a.inter);
     return 0;
 }
+
+// Multi-LoRA over a decode step's rows (cumulo.engine.lora): y[r] += (x[r] @ A^T) @ Bt for each row r whose
+// adapter has a product for this linear. table [rows, 3] int64, refilled every step: (address of A [R, in],
+// address of Bt [R, out], R), or (0, 0, 0) for a base row; A and Bt are the adapter's own contiguous tensors, so
+// no weight is copied or gathered. The shrink result is rounded to T, as the eager `x @ A^T` in T rounds it;
+// the expand accumulates in fp32 and rounds once, as torch's addmm does.
+namespace {
+
+constexpr int64_t LORA_CHUNK = 256;  // output columns per accumulator block (1 KiB of fp32, kept in registers/L1)
+
+template <typename T>
+void lora_rows(const T* x, T* y, const int64_t* table, int64_t rows, int64_t in, int64_t out, int nthreads) {
+    int64_t max_rank = 0, work = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        max_rank = table[3 * r + 2] > max_rank ? table[3 * r + 2] : max_rank;
+        work += table[3 * r + 2] * (in + out);
+    }
+    if (!max_rank) return;
+    float* t = new float[rows * max_rank];
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (work >= 262144)
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* a = (const T*)table[3 * r];
+        const int64_t rank = table[3 * r + 2];
+        const T* xr = x + r * in;
+        for (int64_t k = 0; k < rank; ++k) {
+            const T* ak = a + k * in;
+            float part[16] = {0};  // independent partial sums: vectorised as is
+            int64_t i = 0;
+            for (; i + 16 <= in; i += 16)
+                for (int j = 0; j < 16; ++j) part[j] += load(ak, i + j) * load(xr, i + j);
+            float s = 0.0f;
+            for (; i < in; ++i) s += load(ak, i) * load(xr, i);
+            for (int j = 0; j < 16; ++j) s += part[j];
+            T rounded[1];
+            store(rounded, 0, s);
+            t[r * max_rank + k] = load(rounded, 0);
+        }
+    }
+    const int64_t chunks = (out + LORA_CHUNK - 1) / LORA_CHUNK;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (work >= 262144)
+    for (int64_t rc = 0; rc < rows * chunks; ++rc) {
+        const int64_t r = rc / chunks, o0 = (rc % chunks) * LORA_CHUNK;
+        const int64_t rank = table[3 * r + 2];
+        if (!rank) continue;
+        const T* bt = (const T*)table[3 * r + 1];
+        const int64_t n = out - o0 < LORA_CHUNK ? out - o0 : LORA_CHUNK;
+        float acc[LORA_CHUNK] = {0};
+        for (int64_t k = 0; k < rank; ++k) {
+            const float tk = t[r * max_rank + k];
+            const T* bk = bt + k * out + o0;
+            for (int64_t j = 0; j < n; ++j) acc[j] += tk * load(bk, j);
+        }
+        T* yr = y + r * out + o0;
+        for (int64_t j = 0; j < n; ++j) store(yr, j, load(yr, j) + acc[j]);
+    }
+    delete[] t;
+}
+
+}  // namespace
+
+// y [rows, out] += per row (x [rows, in] @ A^T) @ Bt, A and Bt as table [rows, 3] names them (above); bf16 = 1:
+// x, y and the weights are bf16 bits, else fp32.
+#define CUMULO_LORA(X)                                                                                       \
+    X(const void*, x) X(void*, y) X(const int64_t*, table) X(int64_t, rows) X(int64_t, in) X(int64_t, out) \
+        X(int, bf16) X(int, threads)
+CUMULO_KERNEL(cumulo_lora, CUMULO_LORA) {
+    if (a.bf16) lora_rows((const uint16_t*)a.x, (uint16_t*)a.y, a.table, a.rows, a.in, a.out, a.threads);
+    else lora_rows((const float*)a.x, (float*)a.y, a.table, a.rows, a.in, a.out, a.threads);
+    return 0;
+}

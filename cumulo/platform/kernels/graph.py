@@ -24,7 +24,7 @@ DTYPES = (torch.bfloat16, torch.float32)  # the engine's dtypes on CPUs; every r
 _kernel = KernelLibrary(
     SOURCE,
     "CPU decode graph",
-    ["cumulo_graph_run", "cumulo_silu_mul"],
+    ["cumulo_graph_run", "cumulo_silu_mul", "cumulo_lora"],
     fallback="running decode steps eagerly",
 )
 
@@ -99,6 +99,18 @@ class Graph:
         op = lib.cumulo_silu_mul.op(
             gate_up=gate_up, act=act, rows=act.shape[0], inter=act.shape[1], bf16=act.dtype == torch.bfloat16
         )
+        self.add(op)
+
+    def lora(self, x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, threads: int) -> None:
+        """y += per row (x @ A^T) @ Bt, each row's A [R, in] and Bt [R, out] named by `table` [rows, 3] int64
+        (addresses and rank; zeros: no product), which the caller refills before every run."""
+        self.keep(x, y, table)
+        lib = library()
+        assert lib is not None
+        op = lib.cumulo_lora.op(
+            x=x, y=y, table=table, rows=x.shape[0], **{"in": x.shape[1]}, out=y.shape[1],
+            bf16=x.dtype == torch.bfloat16, threads=threads,
+        )  # fmt: skip
         self.add(op)
 
     def rope_and_cache(
