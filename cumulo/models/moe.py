@@ -4,6 +4,8 @@ A router picks `k` experts per token; `Experts` then runs each selected expert o
 to it, grouped across the whole batch, so a token reads only its experts' weights and an unselected expert is
 never touched. Each expert is a plain `GatedMLP` submodule (`experts.{e}.gate_up_proj` / `.down_proj`), so a
 packed checkpoint swaps in a `PackedLinear` per expert by name, exactly as for a dense model's linears.
+On the CPU, up to `moe.MAX_ROWS` rows of SiLU experts in FP8, bf16 or fp32 go through one native call per layer
+(`cumulo.formats.kernels.moe`); other devices, formats and prefill take the per-expert path below.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cumulo.formats.kernels.moe import GroupedExperts, bind_experts
 from cumulo.models.layers import GatedMLP
+
+_UNBOUND = object()
 
 
 def softmax_topk(
@@ -41,6 +46,9 @@ class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str = "silu") -> None:
         super().__init__()
         self.num_experts = num_experts
+        self.act = act
+        self.grouped = True  # False: always the per-expert path (tests compare the two)
+        self._kernel: GroupedExperts | None | object = _UNBOUND
         for e in range(num_experts):
             self.add_module(str(e), GatedMLP(hidden, intermediate, act))
 
@@ -50,7 +58,30 @@ class Experts(nn.Module):
     def __len__(self) -> int:
         return self.num_experts
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        self._kernel = _UNBOUND  # weights may have moved: gather their addresses again
+        return super()._apply(fn, recurse)
+
+    def grouped_kernel(self) -> GroupedExperts | None:
+        """The one-call kernel over these experts, bound on first use (after the checkpoint's linears are in
+        place), or None where it cannot take them."""
+        if self._kernel is _UNBOUND:
+            kernel = None
+            if self.act == "silu":
+                mlps = [self[e] for e in range(self.num_experts)]
+                kernel = bind_experts([m.gate_up_proj for m in mlps], [m.down_proj for m in mlps])
+            self._kernel = kernel
+        return self._kernel  # type: ignore[return-value]
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.grouped and x.is_cpu:
+            kernel = self.grouped_kernel()
+            y = kernel(x, weights, ids) if kernel is not None else None
+            if y is not None:
+                return y
+        return self.per_expert(x, weights, ids)
+
+    def per_expert(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights [T, k] (any float dtype), ids [T, k] -> sum over k of weight * expert(x), [T, H].
 
         The k outputs of each token are gathered back into token order and summed in one weighted reduction,

@@ -1,0 +1,137 @@
+"""The grouped expert kernel (cumulo/platform/kernels/moe.cpp): a sparse layer's selected experts, SiLU-gated,
+weighted and summed, in one native call per layer.
+
+`bind_experts(gate_up, down)` takes every expert's two linears (a `PackedLinear` in an FP8 format, or a plain
+linear with a bf16 or fp32 `weight`), checks they share one layout, and returns a `GroupedExperts`, or None
+where the kernel cannot take them (another format or device, mixed layouts, no kernel library); the caller then
+keeps its per-expert path. Per-expert addresses are gathered once, into two int64 tables; the tensors behind
+them are kept alive by the binding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cumulo.formats.kernels import cpu
+from cumulo.formats.kernels.cpu import FP8_FORMATS, kernel_threads
+from cumulo.formats.linear import PackedLinear
+from cumulo.platform.kernels.abi import Kernels
+from cumulo.platform.kernels.build import SOURCE_DIR, KernelLibrary, requires_avx2
+
+FP8, BF16, FP32 = 0, 1, 2
+KINDS = {torch.bfloat16: BF16, torch.float32: FP32}
+# Above this many rows (prefill) the per-expert path's dequantize + GEMM is the better tool: the kernel
+# multiplies each weight row with at most 4 rows at a time, without a GEMM's cache blocking.
+MAX_ROWS = 64
+
+_kernel = KernelLibrary(
+    SOURCE_DIR / "moe.cpp",
+    "grouped MoE expert kernel",
+    ["cumulo_moe_experts"],
+    requires=requires_avx2,
+    fallback="running experts one by one",
+)
+
+
+def library() -> Kernels | None:
+    return _kernel.get()
+
+
+@dataclass
+class _Table:
+    """One projection across experts: addresses of each expert's weight and block scales, their block shape."""
+
+    weights: torch.Tensor  # [E] int64 addresses
+    scales: torch.Tensor  # [E] int64 addresses (zeros for 16/32-bit weights)
+    block: tuple[int, int]
+    kind: int
+    e8m0: bool
+    keep: list[torch.Tensor]
+
+
+def _table(linears: Sequence[nn.Module]) -> _Table | None:
+    first = linears[0]
+    weights, scales, keep, layouts = [], [], [], set()
+    for linear in linears:
+        if isinstance(linear, PackedLinear):
+            if linear.format not in FP8_FORMATS or linear.bias is not None or linear.scales is None:
+                return None
+            packed = linear.packed
+            n, k = packed.shape
+            br, bc = packed.block
+            e8m0 = packed.scheme.scale.startswith("e8m0")
+            codes = linear.codes.contiguous()
+            sc = linear.scales.contiguous() if e8m0 else linear.scales.to(torch.float32).contiguous()
+            layouts.add((FP8, e8m0, packed.shape, (br or n, bc or k), codes.device.type, sc.dtype))
+            keep += [codes, sc]
+            weights.append(codes.data_ptr())
+            scales.append(sc.data_ptr())
+        else:
+            w = getattr(linear, "weight", None)
+            if (
+                not isinstance(w, torch.Tensor)
+                or w.dtype not in KINDS
+                or getattr(linear, "bias", None) is not None
+            ):
+                return None
+            w = w.detach().contiguous()
+            layouts.add((KINDS[w.dtype], False, tuple(w.shape), (1, w.shape[1]), w.device.type, w.dtype))
+            keep.append(w)
+            weights.append(w.data_ptr())
+            scales.append(0)
+    if len(layouts) != 1:
+        return None
+    kind, e8m0, _, block, device, _ = layouts.pop()
+    if device != "cpu" or (kind == FP8 and block[1] != first.in_features and block[1] % 16):
+        return None
+    return _Table(torch.tensor(weights, dtype=torch.int64), torch.tensor(scales, dtype=torch.int64), block, kind,
+                  e8m0, keep)  # fmt: skip
+
+
+class GroupedExperts:
+    """The bound kernel of one sparse layer's experts: `(x [T, H], weights [T, k], ids [T, k]) -> [T, H]`, or
+    None for inputs it does not take (another dtype or device, more than MAX_ROWS rows)."""
+
+    def __init__(self, lib: Kernels, gate_up: _Table, down: _Table, hidden: int, intermediate: int) -> None:
+        self.num_experts = gate_up.weights.numel()
+        self.hidden, self.intermediate = hidden, intermediate
+        self.gate_up, self.down = gate_up, down
+        self._call = lib.cumulo_moe_experts.partial(
+            H=hidden, I=intermediate, E=self.num_experts, kind=gate_up.kind, e8m0=gate_up.e8m0,
+            gate_up=gate_up.weights, gate_up_scales=gate_up.scales, gate_up_bn=gate_up.block[0],
+            gate_up_bk=gate_up.block[1], down=down.weights, down_scales=down.scales, down_bn=down.block[0],
+            down_bk=down.block[1],
+        )  # fmt: skip
+
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        if not x.is_cpu or x.dtype not in KINDS or x.shape[0] > MAX_ROWS or x.shape[-1] != self.hidden:
+            return None
+        x = x.contiguous()
+        ids = ids.to(torch.int64).contiguous()
+        weights = weights.to(torch.float32).contiguous()
+        y = torch.empty_like(x)
+        code = self._call(
+            x=x, T=x.shape[0], k=ids.shape[1], ids=ids, weights=weights, y=y, bf16=x.dtype == torch.bfloat16,
+            threads=kernel_threads(), wide_ok=cpu.USE_AVX512,
+        )  # fmt: skip
+        if code != 0:
+            raise IndexError(f"expert id out of range [0, {self.num_experts}) in {ids.tolist()}")
+        return y
+
+
+def bind_experts(gate_up: Sequence[nn.Module], down: Sequence[nn.Module]) -> GroupedExperts | None:
+    """The grouped kernel over these experts' linears (gate_up [2I, H] and down [H, I] per expert), or None."""
+    lib = library()
+    if lib is None or not gate_up or len(gate_up) != len(down):
+        return None
+    gu, dn = _table(gate_up), _table(down)
+    if gu is None or dn is None or gu.kind != dn.kind or gu.e8m0 != dn.e8m0:
+        return None
+    hidden, intermediate = gate_up[0].in_features, down[0].in_features
+    if gate_up[0].out_features != 2 * intermediate or down[0].out_features != hidden:
+        return None
+    return GroupedExperts(lib, gu, dn, hidden, intermediate)
