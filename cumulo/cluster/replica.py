@@ -108,6 +108,16 @@ class ReplicaActor:
             stages.stop()
 
 
+def _exit_lost(why: str) -> None:
+    """A split replica whose stage died cannot serve: it ends its own actor, so that the pool and the controller
+    see a lost replica (streams move on, the replica is placed again), as when its node dies."""
+    import logging
+    import os
+
+    logging.getLogger(__name__).error("%s; this replica exits", why)
+    os._exit(1)
+
+
 def _split_engine(
     model: str, config: Any, stage_nodes: list[str], stage_devices: list[str] | None, meta: dict[str, Any]
 ) -> tuple[Any, dict]:
@@ -125,6 +135,7 @@ def _split_engine(
         if stage_devices:
             specs = [dataclasses.replace(s, device=d) for s, d in zip(specs, stage_devices, strict=True)]
         holder.append(RayStages.start(specs, stage_nodes))
+        holder[0].on_lost = _exit_lost
         return holder[0]
 
     engine = create_split_engine(model, config, start)

@@ -11,6 +11,7 @@ a stage dies, the next step fails and the replica reports itself lost, as a repl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,7 @@ class RayStages:
 
     def __init__(self, actors: list[Any], infos: list[StageInfo]) -> None:
         self.actors, self.infos = actors, infos
+        self.on_lost: Callable[[str], None] | None = None  # called once a stage is found dead
 
     @classmethod
     def start(
@@ -126,7 +128,13 @@ class RayStages:
         x: Any = input_ids
         for actor in self.actors:
             x = actor.run.remote(x, *shared)
-        return ray.get(x)
+        try:
+            return ray.get(x)
+        except ray.exceptions.RayActorError as exc:
+            why = f"a pipeline stage is lost: {type(exc).__name__}"
+            if self.on_lost is not None:
+                self.on_lost(why)
+            raise EngineUnavailable(why) from None
 
     def stop(self) -> None:
         import ray

@@ -22,6 +22,7 @@ from cumulo.engine.llm import LLM
 from cumulo.engine.llm_engine import EngineConfig
 from cumulo.engine.pipeline_factory import stage_specs
 from cumulo.engine.stage_load import StageSpec
+from cumulo.errors import EngineUnavailable
 from tests.support.pipeline import write_llama_dir
 from tests.support.ray_pool import Node, _start, node_with, shared_pool
 
@@ -78,9 +79,15 @@ def test_split_over_two_memory_capped_nodes_answers_as_the_unsplit_engine(split_
         assert [s["node_id"] for s in stages] == nodes  # one stage on each node
         assert [s["layers"] for s in stages] == [[0, 2], [2, 4]]
         got = asyncio.run(answers(replica))
+        assert got == reference
+        # A machine holding a stage dies: the replica ends itself, so the pool sees it lost, as any other.
+        shared_pool().nodes[NODES[1]].kill()
+        with pytest.raises(EngineUnavailable):
+            asyncio.run(answers(replica))
+        assert not asyncio.run(replica.health()).ok
     finally:
         replica.shutdown()
-    assert got == reference
+        capped_node(NODES[1])  # the machine comes back for the next test
 
 
 def test_the_controller_places_a_model_no_node_holds_split_over_two_nodes(split_pool) -> None:

@@ -60,3 +60,15 @@ def test_the_controller_starts_a_split_replica_over_the_placed_nodes(tmp_path) -
         assert options["stage_weights"] == (2.0, 2.0) and options["kv_cache_blocks"] >= 1
     finally:
         rig.launcher.stop_all()
+
+
+def test_a_placement_over_devices_of_one_node_starts_one_stage_per_device() -> None:
+    from dataclasses import replace as with_fields
+
+    from cumulo.cluster.controller import LiveNode, split_options
+
+    (one,) = place(DEP, [NodeSpec("gpu", "h100-sxm", 1, 80.0)])
+    gpu = LiveNode("id-gpu", "gpu", "h100-sxm", 4, 80.0, 32, 32.0, {"cumulo-kind": "cuda"})
+    assert split_options(one, [gpu]) == {}  # one device: an ordinary replica
+    options = split_options(with_fields(one, devices=2), [gpu])
+    assert options == {"stage_nodes": ["id-gpu", "id-gpu"], "stage_devices": ["cuda:0", "cuda:1"]}
