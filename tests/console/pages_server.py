@@ -1,6 +1,7 @@
 """Test support: `cumulo serve` for the page tests, with two fake engines whatever `--model` says:
-`fake-model` (tests/service/fakes.py's phrase, a few milliseconds per token, so a chat streams) and `xss-model`,
-which answers markup meant to run script if a page ever rendered model output as HTML.
+`fake-model` (tests/service/fakes.py's phrase, a few milliseconds per token, so a chat streams), `slow-model`
+(the same at 0.2 s per token, for stopping a stream) and `xss-model`, which answers markup meant to run script
+if a page ever rendered model output as HTML.
 
     python tests/console/pages_server.py --data-dir D serve --port P --model fake-model
 """
@@ -42,7 +43,11 @@ def scripted(text: str) -> type:
 def engines(refs: list[str], *args: object, **kwargs: object) -> dict:
     from tests.service.fakes import FakeEngine
 
-    return {"fake-model": FakeEngine("fake-model", delay=0.01), "xss-model": scripted(XSS)("xss-model")}
+    return {
+        "fake-model": FakeEngine("fake-model", delay=0.01),
+        "xss-model": scripted(XSS)("xss-model"),
+        "slow-model": FakeEngine("slow-model", delay=0.2),  # for Stop: 200 tokens would take 40 s
+    }
 
 
 def main() -> int:

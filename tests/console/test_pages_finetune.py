@@ -35,6 +35,7 @@ def test_a_bad_file_is_refused_with_each_bad_line_named(page, console_server, or
     open_page(page, console_server, "finetune", "Fine-tuning")
     no_answer = {"messages": [{"role": "user", "content": "Hi"}]}
     upload(page, "bad.jsonl", [json.dumps(GOOD), "{not json", "[1, 2]", json.dumps(no_answer)])
+    page.wait_for_selector("[data-test=file-errors]")
     errors = page.locator("[data-test=file-errors] li").all_inner_texts()
     assert errors == [
         "line 2: not valid JSON",
@@ -78,6 +79,7 @@ def test_a_job_is_started_followed_live_and_its_model_opens_in_the_playground(
     model = queue.succeed(sessions, claimed, adapter_dir="unused", trained_tokens=30, steps=3)
 
     page.wait_for_selector("[data-test=job-status]:text-is('succeeded')")  # the page polls the job
+    page.wait_for_selector("[data-test=events] li:has-text('successfully completed')")
     events = page.locator("[data-test=events] li").all_inner_texts()
     assert any("Step 3/3, train loss 1.2500" in e for e in events)
     assert any(f"New fine-tuned model created: {model}" in e for e in events)

@@ -91,3 +91,26 @@ def test_ctrl_enter_sends_from_the_keyboard_and_the_page_fits_a_phone(
     assert page.locator(".turn.assistant pre").last.inner_text() == PHRASE[:5]
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     shot(page, "playground-phone")
+
+
+def test_stop_ends_a_stream_at_once_and_keeps_what_came(page, console_server, org_key, signed_in):
+    signed_in(page, org_key("play-org"))
+    open_page(page, console_server, "playground", "Playground")
+    page.select_option("select[name=model]", "slow-model")
+    page.fill("input[name=max_tokens]", "200")
+    page.fill("textarea[name=message]", "Talk")
+    page.click("form.ask button[type=submit]")
+    page.wait_for_function(
+        "() => (document.querySelector('[data-test=streaming]')?.textContent.length || 0) >= 2"
+    )
+    page.click("button:text-is('Stop')")
+    assert page.inner_text("[data-test=finish]").startswith("finish: stopped")
+    kept = page.locator(".turn.assistant pre").last.inner_text()
+    assert 2 <= len(kept) < 200 and (PHRASE * 5).startswith(kept)
+    logged = "() => fetch('/console/api/requests?model=slow-model').then(r => r.json()).then(b => b.data[0])"
+    for _ in range(100):  # the gateway settles the request once it sees the connection close
+        row = page.evaluate(logged)
+        if row["status"] != "in_progress":
+            break
+        page.wait_for_timeout(100)
+    assert row["status"] == "aborted" and row["completion_tokens"] < 200

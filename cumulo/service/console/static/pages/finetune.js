@@ -1,11 +1,11 @@
 // Fine-tuning: upload a JSONL training file (every bad line named before it leaves the browser; the server's own
 // check names the first), start a job, list jobs, follow one job's events live and draw its loss curve.
-import { html, useEffect, useState } from "../vendor/preact-htm.js";
-import { api } from "../api.js";
-import { LineChart, Page, Table, fmtTime } from "../ui.js";
-import { jsonlErrors, numberOr } from "./common.js";
+import { html, useEffect, useState } from '../vendor/preact-htm.js';
+import { api } from '../api.js';
+import { LineChart, Page, Table, fmtTime } from '../ui.js';
+import { jsonlErrors, numberOr } from './common.js';
 
-const FINAL = ["succeeded", "failed", "cancelled"];
+const FINAL = ['succeeded', 'failed', 'cancelled'];
 const POLL_MS = 2000;
 
 // Every event of a job, oldest first (the API pages newest first, `after` the last id seen).
@@ -13,7 +13,7 @@ async function allEvents(jobId) {
   const out = [];
   let after = null;
   for (let page = 0; page < 20; page++) {
-    const query = `limit=1000${after ? `&after=${encodeURIComponent(after)}` : ""}`;
+    const query = `limit=1000${after ? `&after=${encodeURIComponent(after)}` : ''}`;
     const list = await api(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}/events?${query}`);
     out.push(...list.data);
     if (!list.has_more || !list.data.length) break;
@@ -23,20 +23,20 @@ async function allEvents(jobId) {
 }
 
 function idNumber(id) {
-  return Number(String(id).replace(/\D/g, "")) || 0;
+  return Number(String(id).replace(/\D/g, '')) || 0;
 }
 
 // Loss per step from the `metrics` events: {labels: [step...], datasets: [{label, data}]}.
 export function lossCurve(events) {
   const steps = new Map();
   for (const e of events) {
-    if (e.type !== "metrics" || !e.data || e.data.step === undefined) continue;
+    if (e.type !== 'metrics' || !e.data || e.data.step === undefined) continue;
     steps.set(e.data.step, e.data);
   }
   const rows = [...steps.values()].sort((a, b) => a.step - b.step);
-  const datasets = [{ label: "train loss", data: rows.map((r) => r.train_loss ?? null) }];
+  const datasets = [{ label: 'train loss', data: rows.map((r) => r.train_loss ?? null) }];
   if (rows.some((r) => r.valid_loss !== undefined)) {
-    datasets.push({ label: "validation loss", data: rows.map((r) => r.valid_loss ?? null) });
+    datasets.push({ label: 'validation loss', data: rows.map((r) => r.valid_loss ?? null) });
   }
   return { labels: rows.map((r) => r.step), datasets, points: rows.length };
 }
@@ -49,16 +49,16 @@ function Upload({ onUploaded }) {
     event.preventDefault();
     const file = event.target.elements.file.files[0];
     setDone(null);
-    if (!file) return setErrors(["choose a .jsonl file first"]);
+    if (!file) return setErrors(['choose a .jsonl file first']);
     const found = jsonlErrors(await file.text());
     setErrors(found);
     if (found.length) return;
     const form = new FormData();
-    form.append("purpose", "fine-tune");
-    form.append("file", file, file.name);
+    form.append('purpose', 'fine-tune');
+    form.append('file', file, file.name);
     setBusy(true);
     try {
-      const stored = await api("/v1/files", { method: "POST", body: form });
+      const stored = await api('/v1/files', { method: 'POST', body: form });
       setDone(stored);
       onUploaded(stored);
     } catch (e) {
@@ -72,8 +72,10 @@ function Upload({ onUploaded }) {
     <p class="hint">JSONL: one <code>{"messages": [...]}</code> conversation per line.</p>
     <input type="file" name="file" accept=".jsonl,.json,application/jsonl" />
     <button type="submit" disabled=${busy}>Upload</button>
-    ${errors.length > 0 &&
-    html`<ul class="error" role="alert" data-test="file-errors">${errors.map((e) => html`<li>${e}</li>`)}</ul>`}
+    ${
+      errors.length > 0 &&
+      html`<ul class="error" role="alert" data-test="file-errors">${errors.map((e) => html`<li>${e}</li>`)}</ul>`
+    }
     ${done && html`<p class="ok" data-test="uploaded">Uploaded ${done.filename} as ${done.id}</p>`}
   </form>`;
 }
@@ -84,7 +86,7 @@ function Create({ models, files, onCreated }) {
     event.preventDefault();
     const f = event.target.elements;
     const hyper = {};
-    for (const key of ["n_epochs", "batch_size", "learning_rate_multiplier"]) {
+    for (const key of ['n_epochs', 'batch_size', 'learning_rate_multiplier']) {
       const value = numberOr(f[key].value);
       if (value !== undefined) hyper[key] = value;
     }
@@ -92,10 +94,10 @@ function Create({ models, files, onCreated }) {
     if (f.suffix.value) body.suffix = f.suffix.value;
     if (f.validation_file.value) body.validation_file = f.validation_file.value;
     if (numberOr(f.seed.value) !== undefined) body.seed = numberOr(f.seed.value);
-    body.method = { type: "supervised", supervised: { hyperparameters: hyper } };
+    body.method = { type: 'supervised', supervised: { hyperparameters: hyper } };
     setError(null);
     try {
-      onCreated(await api("/v1/fine_tuning/jobs", { method: "POST", body }));
+      onCreated(await api('/v1/fine_tuning/jobs', { method: 'POST', body }));
     } catch (e) {
       setError(e.message);
     }
@@ -152,22 +154,26 @@ function JobDetail({ job, onChange }) {
   const curve = lossCurve(events);
   const cancel = async () => {
     try {
-      onChange(await api(`/v1/fine_tuning/jobs/${encodeURIComponent(job.id)}/cancel`, { method: "POST" }));
+      onChange(await api(`/v1/fine_tuning/jobs/${encodeURIComponent(job.id)}/cancel`, { method: 'POST' }));
     } catch (e) {
       setError(e.message);
     }
   };
-  return html`<section class="card" aria-label=${"job " + job.id} data-test="job-detail">
-    <h3>${job.id} <span class=${"status " + job.status} data-test="job-status">${job.status}</span></h3>
+  return html`<section class="card" aria-label=${'job ' + job.id} data-test="job-detail">
+    <h3>${job.id} <span class=${'status ' + job.status} data-test="job-status">${job.status}</span></h3>
     ${error && html`<p class="error" role="alert">${error}</p>`}
-    ${job.fine_tuned_model &&
-    html`<p>Model <code>${job.fine_tuned_model}</code>${" "}
-      <a href=${"#/playground?model=" + encodeURIComponent(job.fine_tuned_model)} data-test="try">Try in playground</a></p>`}
+    ${
+      job.fine_tuned_model &&
+      html`<p>Model <code>${job.fine_tuned_model}</code>${' '}
+      <a href=${'#/playground?model=' + encodeURIComponent(job.fine_tuned_model)} data-test="try">Try in playground</a></p>`
+    }
     ${job.error && job.error.message && html`<p class="error">${job.error.message}</p>`}
     ${!FINAL.includes(job.status) && html`<button type="button" onClick=${cancel}>Cancel job</button>`}
-    ${curve.points > 0
-      ? html`<${LineChart} labels=${curve.labels} datasets=${curve.datasets} />`
-      : html`<p class="hint">The loss curve appears with the first training step.</p>`}
+    ${
+      curve.points > 0
+        ? html`<${LineChart} labels=${curve.labels} datasets=${curve.datasets} />`
+        : html`<p class="hint">The loss curve appears with the first training step.</p>`
+    }
     <h4>Events</h4>
     <ol class="events" data-test="events">
       ${events.map(
@@ -187,9 +193,9 @@ export default function FineTune() {
   const load = async () => {
     try {
       const [j, f, m] = await Promise.all([
-        api("/v1/fine_tuning/jobs?limit=100"),
-        api("/v1/files?purpose=fine-tune"),
-        api("/v1/models"),
+        api('/v1/fine_tuning/jobs?limit=100'),
+        api('/v1/files?purpose=fine-tune'),
+        api('/v1/models'),
       ]);
       setJobs(j.data);
       setFiles(f.data);
@@ -207,14 +213,14 @@ export default function FineTune() {
   };
   const columns = [
     {
-      key: "id",
-      label: "job",
+      key: 'id',
+      label: 'job',
       render: (j) => html`<button type="button" class="link" onClick=${() => setOpen(j)}>${j.id}</button>`,
     },
-    { key: "model", label: "base model" },
-    { key: "status", label: "status" },
-    { key: "fine_tuned_model", label: "fine-tuned model", render: (j) => j.fine_tuned_model || "-" },
-    { key: "created_at", label: "created", render: (j) => fmtTime(j.created_at) },
+    { key: 'model', label: 'base model' },
+    { key: 'status', label: 'status' },
+    { key: 'fine_tuned_model', label: 'fine-tuned model', render: (j) => j.fine_tuned_model || '-' },
+    { key: 'created_at', label: 'created', render: (j) => fmtTime(j.created_at) },
   ];
   return html`<${Page} title="Fine-tuning" loading=${jobs === null && !error} error=${error}>
     <div class="grid2">
@@ -225,9 +231,11 @@ export default function FineTune() {
       }} />
     </div>
     <h3>Jobs</h3>
-    ${jobs && jobs.length === 0
-      ? html`<p class="empty">No fine-tuning job yet: upload a file and start one.</p>`
-      : html`<${Table} columns=${columns} rows=${jobs || []} />`}
+    ${
+      jobs && jobs.length === 0
+        ? html`<p class="empty">No fine-tuning job yet: upload a file and start one.</p>`
+        : html`<${Table} columns=${columns} rows=${jobs || []} />`
+    }
     ${open && html`<${JobDetail} key=${open.id} job=${open} onChange=${replace} />`}
   <//>`;
 }

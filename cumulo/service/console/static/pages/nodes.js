@@ -1,10 +1,10 @@
 // Nodes and deployments (admins only): the machines with their chips, the engines this gateway serves with their
 // health and load, the stored deployments with each replica's node, state, load and why placement chose it; a
 // form to deploy (or change) a model and a button to undeploy one.
-import { html, useEffect, useState } from "../vendor/preact-htm.js";
-import { api } from "../api.js";
-import { Page, Table, fmtTime } from "../ui.js";
-import { numberOr } from "./common.js";
+import { html, useEffect, useState } from '../vendor/preact-htm.js';
+import { api } from '../api.js';
+import { Page, Table, fmtTime } from '../ui.js';
+import { numberOr } from './common.js';
 
 const REFRESH_MS = 5000;
 
@@ -14,7 +14,7 @@ function DeployForm({ onDone }) {
     event.preventDefault();
     const f = event.target.elements;
     const body = { model: f.model.value.trim() };
-    for (const key of ["source", "format", "chip"]) if (f[key].value.trim()) body[key] = f[key].value.trim();
+    for (const key of ['source', 'format', 'chip']) if (f[key].value.trim()) body[key] = f[key].value.trim();
     const low = numberOr(f.min_replicas.value);
     const high = numberOr(f.max_replicas.value);
     if (low !== undefined || high !== undefined) {
@@ -23,12 +23,12 @@ function DeployForm({ onDone }) {
     } else if (numberOr(f.replicas.value) !== undefined) {
       body.replicas = numberOr(f.replicas.value);
     }
-    for (const key of ["ttft_slo_ms", "tpot_slo_ms"]) {
+    for (const key of ['ttft_slo_ms', 'tpot_slo_ms']) {
       if (numberOr(f[key].value) !== undefined) body[key] = numberOr(f[key].value);
     }
     setError(null);
     try {
-      await api("/admin/deployments", { method: "POST", body });
+      await api('/admin/deployments', { method: 'POST', body });
       onDone();
     } catch (e) {
       setError(e.message);
@@ -56,7 +56,7 @@ export default function Nodes() {
   const [error, setError] = useState(null);
   const [notice, setNotice] = useState(null);
   const load = () =>
-    Promise.all([api("/console/api/ops/nodes"), api("/admin/deployments")])
+    Promise.all([api('/console/api/ops/nodes'), api('/admin/deployments')])
       .then(([o, d]) => {
         setOps(o);
         setDeployments(d.data);
@@ -71,7 +71,7 @@ export default function Nodes() {
   const undeploy = async (model) => {
     if (!window.confirm(`Undeploy ${model}? Its replicas stop.`)) return;
     try {
-      await api(`/admin/deployments/${encodeURIComponent(model)}`, { method: "DELETE" });
+      await api(`/admin/deployments/${encodeURIComponent(model)}`, { method: 'DELETE' });
       setNotice(`${model} undeployed`);
       load();
     } catch (e) {
@@ -79,45 +79,45 @@ export default function Nodes() {
     }
   };
   const nodeColumns = [
-    { key: "name", label: "node" },
-    { key: "alive", label: "health", render: (n) => (n.alive === false ? "dead" : "alive") },
-    { key: "device", label: "device", render: (n) => `${n.kind || "?"}: ${n.device || ""}` },
-    { key: "chip", label: "chip" },
-    { key: "devices", label: "devices" },
-    { key: "cpus", label: "CPUs" },
-    { key: "memory_gb", label: "memory GB" },
-    { key: "replicas", label: "replicas", render: (n) => (n.replicas || []).join(", ") || "-" },
+    { key: 'name', label: 'node' },
+    { key: 'alive', label: 'health', render: (n) => (n.alive === false ? 'dead' : 'alive') },
+    { key: 'device', label: 'device', render: (n) => `${n.kind || '?'}: ${n.device || ''}` },
+    { key: 'chip', label: 'chip' },
+    { key: 'devices', label: 'devices' },
+    { key: 'cpus', label: 'CPUs' },
+    { key: 'memory_gb', label: 'memory GB' },
+    { key: 'replicas', label: 'replicas', render: (n) => (n.replicas || []).join(', ') || '-' },
   ];
   const engineColumns = [
-    { key: "model", label: "model" },
-    { key: "device", label: "device" },
-    { key: "ok", label: "health", render: (e) => (e.ok ? "ok" : `down: ${e.detail}`) },
-    { key: "load", label: "running / waiting", render: (e) => `${e.running} / ${e.waiting}` },
-    { key: "seal", label: "seal", render: (e) => html`<code>${(e.seal || "").slice(0, 19)}</code>` },
+    { key: 'model', label: 'model' },
+    { key: 'device', label: 'device' },
+    { key: 'ok', label: 'health', render: (e) => (e.ok ? 'ok' : `down: ${e.detail}`) },
+    { key: 'load', label: 'running / waiting', render: (e) => `${e.running} / ${e.waiting}` },
+    { key: 'seal', label: 'seal', render: (e) => html`<code>${(e.seal || '').slice(0, 19)}</code>` },
   ];
   const replicaRows = deployments.flatMap((d) => d.replicas_status || []);
   const deploymentColumns = [
-    { key: "model", label: "model" },
-    { key: "source", label: "source" },
-    { key: "replicas", label: "replicas", render: (d) => `${d.replicas} (${d.min_replicas}-${d.max_replicas})` },
-    { key: "format", label: "format", render: (d) => d.format || "auto" },
-    { key: "chip", label: "chip", render: (d) => d.chip || "auto" },
-    { key: "live", label: "live replicas", render: (d) => (d.replicas_status || []).length },
+    { key: 'model', label: 'model' },
+    { key: 'source', label: 'source' },
+    { key: 'replicas', label: 'replicas', render: (d) => `${d.replicas} (${d.min_replicas}-${d.max_replicas})` },
+    { key: 'format', label: 'format', render: (d) => d.format || 'auto' },
+    { key: 'chip', label: 'chip', render: (d) => d.chip || 'auto' },
+    { key: 'live', label: 'live replicas', render: (d) => (d.replicas_status || []).length },
     {
-      key: "undeploy",
-      label: "",
+      key: 'undeploy',
+      label: '',
       render: (d) => html`<button type="button" onClick=${() => undeploy(d.model)}>Undeploy</button>`,
     },
   ];
   const replicaColumns = [
-    { key: "replica", label: "replica" },
-    { key: "model", label: "model" },
-    { key: "node", label: "node" },
-    { key: "state", label: "state" },
-    { key: "chip", label: "chip / format", render: (r) => `${r.chip || "-"} / ${r.format || "-"}` },
-    { key: "in_flight", label: "in flight", render: (r) => `${r.in_flight ?? 0} (served ${r.served ?? 0})` },
-    { key: "reason", label: "placement reason", render: (r) => r.reason || "-" },
-    { key: "since", label: "since", render: (r) => (r.since ? fmtTime(r.since) : "-") },
+    { key: 'replica', label: 'replica' },
+    { key: 'model', label: 'model' },
+    { key: 'node', label: 'node' },
+    { key: 'state', label: 'state' },
+    { key: 'chip', label: 'chip / format', render: (r) => `${r.chip || '-'} / ${r.format || '-'}` },
+    { key: 'in_flight', label: 'in flight', render: (r) => `${r.in_flight ?? 0} (served ${r.served ?? 0})` },
+    { key: 'reason', label: 'placement reason', render: (r) => r.reason || '-' },
+    { key: 'since', label: 'since', render: (r) => (r.since ? fmtTime(r.since) : '-') },
   ];
   return html`<${Page} title="Nodes and deployments" loading=${ops === null && !error} error=${ops ? null : error}>
     ${notice && html`<p class="notice" role="status">${notice}</p>`}
@@ -125,13 +125,17 @@ export default function Nodes() {
     ${ops && ops.note && html`<p class="hint">${ops.note}</p>`}
     ${ops && ops.data.length > 0 && html`<${Table} columns=${nodeColumns} rows=${ops.data} />`}
     <h3>Engines served by this gateway</h3>
-    ${ops && ops.engines.length === 0
-      ? html`<p class="empty">None in this process (a pool serves the deployments below).</p>`
-      : html`<${Table} columns=${engineColumns} rows=${(ops && ops.engines) || []} />`}
+    ${
+      ops && ops.engines.length === 0
+        ? html`<p class="empty">None in this process (a pool serves the deployments below).</p>`
+        : html`<${Table} columns=${engineColumns} rows=${(ops && ops.engines) || []} />`
+    }
     <h3>Deployments</h3>
-    ${deployments.length === 0
-      ? html`<p class="empty">No deployment stored.</p>`
-      : html`<${Table} columns=${deploymentColumns} rows=${deployments} />`}
+    ${
+      deployments.length === 0
+        ? html`<p class="empty">No deployment stored.</p>`
+        : html`<${Table} columns=${deploymentColumns} rows=${deployments} />`
+    }
     ${replicaRows.length > 0 && html`<h3>Replicas</h3><${Table} columns=${replicaColumns} rows=${replicaRows} />`}
     <${DeployForm} onDone=${load} />
   <//>`;
