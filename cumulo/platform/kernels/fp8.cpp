@@ -21,6 +21,7 @@
 #include "elements.h"
 #include "kernel.h"
 #include "simd.h"
+#include "tile.h"
 
 namespace {
 
@@ -33,6 +34,9 @@ using cumulo_simd::Scratch;
 constexpr int MB = 4;  // rows of x handled per pass over a weight row
 constexpr int NR = 4;  // weight rows per pass in the single-row (M = 1) bf16 decode kernels
 constexpr int kAhead = 16384;  // bytes of codes prefetched ahead of the loads (into L2)
+// From this many rows of bf16 x, E4M3 weights are decoded into bf16 once per call, a few rows at a time, for the
+// dense tile (cumulo_tile::decode_tiles); below it the row kernels decode in registers as they multiply.
+constexpr int64_t kDecodeOnceRows = 8;
 
 // scale of block (row block rb, column block kb): fp32 table or E8M0 byte table.
 struct Scales {
@@ -191,6 +195,7 @@ void permute_x(const uint16_t* x, int64_t K, uint16_t* out) {
 }
 
 #define CUMULO_BF16_VBMI __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512bf16")))
+#define CUMULO_DEQUANT_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 // 64 codes at p (the first `left` of them where fewer remain) -> 2 x 32 bf16.
 CUMULO_BF16_VBMI inline void table8_64(const uint8_t* p, int64_t left, const Table8Bf16& t, __m512i& w0,
@@ -307,6 +312,99 @@ CUMULO_BF16_VBMI void fp8_rows_bf16_mx(const uint16_t* xp, int64_t K, const uint
     for (int r = 0; r < NR; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+// Dequantizing into bf16, for prefill through torch's bf16 GEMM (several times its fp32 GEMM on CPUs with
+// AVX512-BF16), and a few rows at a time for batches (fp8_linear_bf16 past kDecodeOnceRows). 16 values per step,
+// as fp32, times their block scale (one rounding), then rounded to bf16 (cumulo_bf16::store16, torch's rounding).
+// So the weights are bit-equal to the reference's bf16 dequantization, and exact wherever the scale is a power
+// of two (E8M0), as E4M3 values are exact in bf16. One weight row (row block rb) into out [K]:
+CUMULO_DEQUANT_BF16 void fp8_dequant_row_bf16(const uint8_t* row, int64_t K, const Scales& sc, int64_t rb,
+                                              int64_t bk, uint16_t* out) {
+    for (int64_t k0 = 0, kb = 0; k0 < K; k0 += bk, ++kb) {  // bk is K or a multiple of 16
+        // 2^120 goes into the scale, one multiply, unless that overflows a finite scale (256 or more): then
+        // onto the values first. Either way the product is the value times the scale, rounded once.
+        const float s = sc.at(rb, kb), folded = s * 0x1p120f;
+        const bool fold = __builtin_isfinite(folded) || !__builtin_isfinite(s);
+        const __m512 first = _mm512_set1_ps(fold ? folded : 0x1p120f);
+        const int64_t k1 = k0 + bk < K ? k0 + bk : K;
+        for (int64_t k = k0; k < k1; k += 16) {
+            const __mmask16 m = k1 - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k1 - k)) - 1u);
+            __m512 v = _mm512_mul_ps(e4m3x16_f32_nan(row + k, m), first);
+            if (!fold) v = _mm512_mul_ps(v, _mm512_set1_ps(s));
+            cumulo_bf16::store16(out + k, v, m);
+        }
+    }
+}
+
+CUMULO_DEQUANT_BF16 void fp8_dequant_bf16(const uint8_t* codes, int64_t N, int64_t K, const Scales& sc, int64_t bn,
+                                          int64_t bk, uint16_t* out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) fp8_dequant_row_bf16(codes + n * K, K, sc, n / bn, bk, out + n * K);
+}
+
+// The exponent of a power-of-two scale, if value x scale stays a normal bf16 for every E4M3 magnitude
+// (2^-9 .. 448 < 2^9): then scaling a bf16 is adding to its exponent field, which is exact.
+inline bool pow2_exponent(float s, int& e) {
+    uint32_t u;
+    memcpy(&u, &s, 4);
+    const int field = (int)((u >> 23) & 0xFF);
+    e = field - 127;
+    return (u & 0x7FFFFF) == 0 && field != 0 && e >= -117 && e <= 118;
+}
+
+// Whether every block scale passes pow2_exponent, so fp8_decode_row_bf16 scales exactly (one pass over the scale
+// table per call: a few thousand entries at most for fp32 scales, N x K / 32 bytes for MX's E8M0 ones).
+bool scales_pow2(const Scales& sc, int64_t row_blocks) {
+    const int64_t n = row_blocks * sc.cols;
+    if (sc.e8m0) {  // E8M0 code c is 2^(c - 127): in range for codes 10 .. 245 (255, NaN, is out of it)
+        uint8_t lo = 255, hi = 0;
+        for (int64_t i = 0; i < n; ++i) {
+            lo = sc.e8m0[i] < lo ? sc.e8m0[i] : lo;
+            hi = sc.e8m0[i] > hi ? sc.e8m0[i] : hi;
+        }
+        return lo >= 10 && hi <= 245;
+    }
+    int e = 0;
+    for (int64_t i = 0; i < n; ++i)
+        if (!pow2_exponent(sc.f32[i], e)) return false;
+    return true;
+}
+
+// One row of E4M3 codes -> bf16 in the lane order of table8_bf16_64 (x permuted by permute_x), K rounded up to
+// 64 (zeros past K), each value times its block scale, which must pass pow2_exponent (scales_pow2).
+CUMULO_BF16_VBMI void fp8_decode_row_bf16(const uint8_t* row, int64_t K, const Scales& sc, int64_t rb, int64_t bk,
+                                          const Table8Bf16& t, uint16_t* out) {
+    const __m512i mag = _mm512_set1_epi16(0x7FFF);  // zeros (and the padding) stay zero
+    const auto put = [&](int64_t k, __m512i shift) CUMULO_BF16_VBMI {
+        __m512i w0, w1;
+        table8_64(row + k, K - k, t, w0, w1);
+        w0 = _mm512_mask_add_epi16(w0, _mm512_test_epi16_mask(w0, mag), w0, shift);
+        w1 = _mm512_mask_add_epi16(w1, _mm512_test_epi16_mask(w1, mag), w1, shift);
+        _mm512_storeu_si512(out + k, w0);
+        _mm512_storeu_si512(out + k + 32, w1);
+    };
+    int e = 0;
+    if (bk % 64 == 0 || bk >= K) {  // one scale per block of whole 64-code chunks: e << 7 added to every bf16
+        for (int64_t k0 = 0, kb = 0; k0 < K; k0 += bk, ++kb) {
+            pow2_exponent(sc.at(rb, kb), e);
+            const __m512i shift = _mm512_set1_epi16((short)(e * 128));
+            for (int64_t k = k0; k < k0 + bk && k < K; k += 64) put(k, shift);
+        }
+        return;
+    }
+    // MX's blocks of 16 or 32: a scale per 128-bit lane l, which holds codes 16l .. 16l + 7 in w0 and 16l + 8 ..
+    // 16l + 15 in w1.
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    for (int64_t k = 0; k < K; k += 64) {
+        alignas(16) int32_t add[4];
+        for (int l = 0; l < 4; ++l) {
+            e = 0;
+            if (k + 16 * l < K) pow2_exponent(sc.at(rb, (k + 16 * l) / bk), e);
+            add[l] = (int32_t)(((uint32_t)(e * 128) & 0xFFFF) * 0x10001u);
+        }
+        put(k, _mm512_permutexvar_epi32(spread, _mm512_castsi128_si512(_mm_load_si128((__m128i*)add))));
+    }
+}
+
 // Whether fp8_linear_bf16 takes this K and column block.
 bool bf16_takes(int64_t K, int64_t bk) { return bk % 64 == 0 || bk >= K || ((bk == 16 || bk == 32) && K % bk == 0); }
 
@@ -322,6 +420,14 @@ bool fp8_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* cod
     const int64_t xs = (K + 63) / 64 * 64;
     Scratch<uint16_t> xp(M * xs);
     for (int64_t m = 0; m < M; ++m) permute_x(x + m * K, K, xp.data() + m * xs);
+    if (!mags && M >= kDecodeOnceRows && scales_pow2(sc, (N + bn - 1) / bn)) {
+        const auto decode = [&](int64_t n0, int64_t nr, uint16_t* w) {
+            for (int64_t r = 0; r < nr; ++r)
+                fp8_decode_row_bf16(codes + (n0 + r) * K, K, sc, (n0 + r) / bn, bk, tables, w + r * xs);
+        };
+        cumulo_tile::decode_tiles(xp.data(), M, xs, N, decode, y, nthreads);
+        return true;
+    }
     const bool mx = bk == 32 && K % 32 == 0 && K > 32;
     if (M == 1 && (bk % 64 == 0 || bk >= K || mx)) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -356,34 +462,6 @@ bool fp8_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* cod
         }
     }
     return true;
-}
-
-// Dequantizing into bf16, for prefill through torch's bf16 GEMM (several times its fp32 GEMM on CPUs with
-// AVX512-BF16). 16 values per step, as fp32, times their block scale (one rounding), then rounded to bf16
-// (cumulo_bf16::store16, torch's rounding). So the weights are bit-equal to the reference's bf16
-// dequantization, and exact wherever the scale is a power of two (E8M0), as E4M3 values are exact in bf16.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void fp8_dequant_bf16(
-    const uint8_t* codes, int64_t N, int64_t K, const Scales& sc, int64_t bn, int64_t bk, uint16_t* out,
-    int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-        const uint8_t* row = codes + n * K;
-        const int64_t rb = n / bn;
-        for (int64_t k0 = 0, kb = 0; k0 < K; k0 += bk, ++kb) {  // bk is K or a multiple of 16
-            // 2^120 goes into the scale, one multiply, unless that overflows a finite scale (256 or more): then
-            // onto the values first. Either way the product is the value times the scale, rounded once.
-            const float s = sc.at(rb, kb), folded = s * 0x1p120f;
-            const bool fold = __builtin_isfinite(folded) || !__builtin_isfinite(s);
-            const __m512 first = _mm512_set1_ps(fold ? folded : 0x1p120f);
-            const int64_t k1 = k0 + bk < K ? k0 + bk : K;
-            for (int64_t k = k0; k < k1; k += 16) {
-                const __mmask16 m = k1 - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (k1 - k)) - 1u);
-                __m512 v = _mm512_mul_ps(e4m3x16_f32_nan(row + k, m), first);
-                if (!fold) v = _mm512_mul_ps(v, _mm512_set1_ps(s));
-                cumulo_bf16::store16(out + n * K + k, v, m);
-            }
-        }
-    }
 }
 
 }  // namespace

@@ -24,14 +24,19 @@
 #include "cpu_features.h"
 #include "kernel.h"
 #include "simd.h"
+#include "tile.h"
 
 namespace {
 
 using cumulo_simd::hsum;
 
-constexpr int kRows = 4;  // rows of x per pass over the weights (accumulators stay in registers)
-constexpr int kTileN = 4;  // weight rows per AVX-512 tile: 4 x 4 accumulators, 4 weight vectors and one of x
-constexpr int kAhead = 32768;  // bytes of weights prefetched ahead of the loads (into L2: _MM_HINT_T1)
+using cumulo_tile::Bf16Ops;
+using cumulo_tile::emit;
+using cumulo_tile::F32Ops;
+using cumulo_tile::kAhead;
+using cumulo_tile::kRows;
+using cumulo_tile::kTileN;
+using cumulo_tile::tile_rows;
 
 inline __m256 widen8(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
@@ -58,104 +63,6 @@ void row_avx2(const T* x, int64_t xs, int64_t K, const T* w, float* out) {
     for (; k < K; ++k)
         for (int i = 0; i < R; ++i) tail[i] += cumulo_bf16::load(w, k) * cumulo_bf16::load(x, i * xs + k);
     for (int i = 0; i < R; ++i) out[i] = hsum(_mm256_add_ps(a0[i], a1[i])) + tail[i];
-}
-
-#define CUMULO_AVX512 __attribute__((target("avx512f,avx512bw,avx512bf16")))
-
-// What the AVX-512 tile needs of a storage type: one 512-bit load, a masked load of the last `left` elements,
-// and the multiply-accumulate into 16 fp32 sums. (The fp32 instantiation is compiled under the same target but
-// uses AVX-512F only: GCC emits no BF16 instruction for fp32 code, checked in its disassembly. Its path is taken
-// on CPUs with AVX-512F and BW, with or without AVX512-BF16.)
-struct Bf16Ops {
-    using T = uint16_t;
-    using V = __m512i;
-    static constexpr int kStep = 32;
-    CUMULO_AVX512 static inline V load(const T* p) { return _mm512_loadu_si512(p); }
-    CUMULO_AVX512 static inline V load_tail(const T* p, int64_t left) {
-        return _mm512_maskz_loadu_epi16(left >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << left) - 1u), p);
-    }
-    CUMULO_AVX512 static inline __m512 dot(__m512 acc, V w, V x) {
-        return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
-    }
-};
-
-struct F32Ops {
-    using T = float;
-    using V = __m512;
-    static constexpr int kStep = 16;
-    CUMULO_AVX512 static inline V load(const T* p) { return _mm512_loadu_ps(p); }
-    CUMULO_AVX512 static inline V load_tail(const T* p, int64_t left) {
-        return _mm512_maskz_loadu_ps(left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u), p);
-    }
-    CUMULO_AVX512 static inline __m512 dot(__m512 acc, V w, V x) { return _mm512_fmadd_ps(w, x, acc); }
-};
-
-// out[i * NR + j] = x row i . w row j, for NR weight rows (stride ws) and MR rows of x (stride xs). A single
-// weight row (NR = 1) runs two steps per iteration into two sets of sums, so that one row of x is not held to
-// one multiply-accumulate per instruction latency.
-template <typename Ops, int NR, int MR>
-CUMULO_AVX512 void tile(const typename Ops::T* x, int64_t xs, int64_t K, const typename Ops::T* w, int64_t ws,
-                        float* out) {
-    using V = typename Ops::V;
-    constexpr int U = NR == 1 ? 2 : 1;
-    constexpr int64_t step = Ops::kStep;
-    __m512 acc[U][MR][NR];
-    for (int u = 0; u < U; ++u)
-        for (int i = 0; i < MR; ++i)
-            for (int j = 0; j < NR; ++j) acc[u][i][j] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + U * step <= K; k += U * step) {
-        for (int u = 0; u < U; ++u) {
-            V wv[NR];
-            for (int j = 0; j < NR; ++j) {
-                // A thread's rows are contiguous: fetch ahead across row ends, where the hardware prefetcher
-                // would otherwise stall.
-                _mm_prefetch((const char*)(w + j * ws + k + u * step) + kAhead, _MM_HINT_T1);
-                wv[j] = Ops::load(w + j * ws + k + u * step);
-            }
-            for (int i = 0; i < MR; ++i) {
-                const V xv = Ops::load(x + i * xs + k + u * step);
-                for (int j = 0; j < NR; ++j) acc[u][i][j] = Ops::dot(acc[u][i][j], wv[j], xv);
-            }
-        }
-    }
-    for (; k < K; k += step) {  // what is left: whole steps, then a masked one
-        V wv[NR];
-        for (int j = 0; j < NR; ++j) wv[j] = Ops::load_tail(w + j * ws + k, K - k);
-        for (int i = 0; i < MR; ++i) {
-            const V xv = Ops::load_tail(x + i * xs + k, K - k);
-            for (int j = 0; j < NR; ++j) acc[0][i][j] = Ops::dot(acc[0][i][j], wv[j], xv);
-        }
-    }
-    for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) {
-            __m512 sum = acc[0][i][j];
-            for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][i][j]);
-            out[i * NR + j] = _mm512_reduce_add_ps(sum);
-        }
-}
-
-template <typename Ops, int NR>
-void tile_rows(int64_t mb, const typename Ops::T* x, int64_t xs, int64_t K, const typename Ops::T* w, int64_t ws,
-               float* out) {
-    switch (mb) {
-        case 1: tile<Ops, NR, 1>(x, xs, K, w, ws, out); break;
-        case 2: tile<Ops, NR, 2>(x, xs, K, w, ws, out); break;
-        case 3: tile<Ops, NR, 3>(x, xs, K, w, ws, out); break;
-        default: tile<Ops, NR, 4>(x, xs, K, w, ws, out); break;
-    }
-}
-
-// y [m0 + i, n0 + j] = out[i * nr + j] + bias, as fp32 or rounded to the storage type.
-template <typename T>
-inline void emit(const float* out, int64_t mb, int64_t nr, int64_t m0, int64_t n0, int64_t N, const T* bias,
-                 void* y, bool y_fp32) {
-    for (int64_t i = 0; i < mb; ++i)
-        for (int64_t j = 0; j < nr; ++j) {
-            const float v = out[i * nr + j] + (bias ? cumulo_bf16::load(bias, n0 + j) : 0.0f);
-            if (y_fp32) ((float*)y)[(m0 + i) * N + n0 + j] = v;
-            else cumulo_bf16::store((T*)y, (m0 + i) * N + n0 + j, v);
-        }
 }
 
 // The AVX-512 path: OpenMP over tiles of `nt` weight rows (a last partial tile row by row). Up to kTileRowsAt rows
