@@ -4,7 +4,8 @@ measurement behind changes to cumulo/models/moe.py (run it before and after a ch
     python -m bench.moe.experts --model bench/.anchors/models/<file>.gguf [--threads 2] [--format ue8m0-fp8]
 
 Prints the best and median microseconds per call for 1, 8 and 16 tokens (best of N: the least disturbed call on
-a shared machine), and the same call's active expert bytes over the machine's read bandwidth for reference.
+a shared machine), for the grouped kernel (one native call, cumulo.formats.kernels.moe) and the per-expert path,
+interleaved call by call so both see the same load; their ratio is the figure to read.
 """
 
 from __future__ import annotations
@@ -41,16 +42,25 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.randn(tokens, loaded.config.hidden_size, generator=gen).to(dtype)
         logits = torch.randn(tokens, experts.num_experts, generator=gen)
         weights, ids = softmax_topk(logits, k, True)
+        paths = {"grouped": experts.forward, "per-expert": experts.per_expert}
+        times: dict[str, list[float]] = {name: [] for name in paths}
         with torch.inference_mode():
-            experts(x, weights, ids)
-            times = []
+            for fn in paths.values():
+                fn(x, weights, ids)
             for _ in range(args.calls):
-                start = time.perf_counter()
-                experts(x, weights, ids)
-                times.append(time.perf_counter() - start)
+                for name, fn in paths.items():
+                    start = time.perf_counter()
+                    fn(x, weights, ids)
+                    times[name].append(time.perf_counter() - start)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        line = ", ".join(
+            f"{name} best {min(t) * 1e6:7.0f} us median {med[name] * 1e6:7.0f} us"
+            for name, t in times.items()
+        )
         print(
-            f"tokens {tokens:3d}: best {min(times) * 1e6:8.0f} us, median {statistics.median(times) * 1e6:8.0f} us"
-            f" ({ids.unique().numel()} distinct experts, dtype {dtype}, threads {args.threads})"
+            f"tokens {tokens:3d}: {line}; per-expert / grouped (median) {med['per-expert'] / med['grouped']:.2f}x"
+            f" ({ids.unique().numel()} distinct experts, dtype {dtype}, threads {args.threads},"
+            f" kernel {'on' if experts.grouped_kernel() is not None else 'OFF'})"
         )
 
 
