@@ -52,9 +52,12 @@ def test_an_admin_sees_nodes_and_engines_and_deploys_and_undeploys(
     page.fill("form[aria-label='deploy a model'] input[name=min_replicas]", "1")
     page.fill("form[aria-label='deploy a model'] input[name=max_replicas]", "3")
     page.click("form[aria-label='deploy a model'] button[type=submit]")
-    row = page.locator("tr:has(td:text-is('tiny-chat'))")
+    row = page.locator("tr:has(td:first-child:text-is('tiny-chat'))")  # the replica row names it too
     row.wait_for()
     assert "1 (1-3)" in row.inner_text()
+    replica = page.locator("tr:has(td:text-is('tiny-chat-r0'))").inner_text()
+    for shown in ("node-a", "running", "cpu-avx2-2core / q8_0", "1 (served 12)", "meets the 50 ms SLO"):
+        assert shown in replica
     shot(page, "nodes")
 
     page.once("dialog", lambda dialog: dialog.accept())

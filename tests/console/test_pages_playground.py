@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from tests.console.conftest import PHONE
@@ -114,3 +115,19 @@ def test_stop_ends_a_stream_at_once_and_keeps_what_came(page, console_server, or
             break
         page.wait_for_timeout(100)
     assert row["status"] == "aborted" and row["completion_tokens"] < 200
+
+
+def test_a_key_whose_plan_has_no_served_model_sees_the_empty_state(
+    page, console_server, admin_key, signed_in
+):
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    plan = {"name": "nothing-served", "models": ["not-served-here"]}
+    assert httpx.post(f"{console_server.url}/admin/plans", json=plan, headers=headers).status_code == 201
+    made = httpx.post(
+        f"{console_server.url}/admin/keys",
+        json={"org": "empty-org", "plan": "nothing-served"},
+        headers=headers,
+    )
+    signed_in(page, made.json()["key"])
+    open_page(page, console_server, "playground", "Playground")
+    assert page.inner_text("section.page p.state.empty") == "No model is available to this key."
