@@ -16,6 +16,7 @@
 #include "elements.h"
 #include "kernel.h"
 #include "simd.h"
+#include "tile.h"
 
 namespace {
 
@@ -29,6 +30,9 @@ constexpr int MB = 4;  // rows of x handled per pass over a weight row
 constexpr int MB_BF16 = 8;  // the same for the bf16 kernel, whose nibble decode costs more than the products:
                             // decoded once per 8 rows, not 4 (faster at 12-16 sequences: docs/benchmarks.md)
 constexpr int NR = 4;  // weight rows per pass in the single-row (M = 1) bf16 decode kernel
+// From this many rows of bf16 x, the codes are decoded into bf16 once per call, a few weight rows at a time, for
+// the dense tile (cumulo_tile::decode_tiles); below it mxfp4_row_bf16 decodes in registers as it multiplies.
+constexpr int64_t kDecodeOnceRows = 8;
 constexpr int kAhead = 16384;  // bytes of codes prefetched ahead of the loads (into L2)
 
 // One weight row against R rows of x; four accumulators per row, one per 8 codes.
@@ -91,6 +95,7 @@ void permute_x_fp4(const uint16_t* x, int64_t K, uint16_t* out) {
 }
 
 #define CUMULO_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#define CUMULO_DEQUANT_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 template <int R>
 CUMULO_BF16 void mxfp4_row_bf16(const uint16_t* xp, int64_t xs, int64_t K, const uint8_t* row,
@@ -169,12 +174,87 @@ CUMULO_BF16 void mxfp4_rows_bf16(const uint16_t* xp, int64_t K, const uint8_t* r
     for (int r = 0; r < NR; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-// bf16 x [M, K] -> bf16 y [M, N] through mxfp4_row_bf16 (mxfp4_rows_bf16 when M = 1).
+// Dequantizing into bf16 (see fp8.cpp): a block of 32 is 16 bytes, whose nibbles are looked up in a 16-entry
+// fp32 table, put back in element order, times the block's E8M0 scale and rounded by cumulo_bf16::store16. One
+// weight row (codes [K / 2], scales [K / 32]) into out [K]:
+CUMULO_DEQUANT_BF16 void mxfp4_dequant_row_bf16(const uint8_t* codes, int64_t K, const uint8_t* scales,
+                                                uint16_t* out) {
+    const __m512 table = _mm512_loadu_ps(kE2M1);
+    const __m512i even = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i odd = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (int64_t b = 0; b < K / 32; ++b) {
+        const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes + b * 16)));
+        const __m512 s = _mm512_set1_ps(e8m0_value(scales[b]));
+        const __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)), table);
+        const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), table);
+        const __m512 lo = _mm512_mul_ps(_mm512_permutex2var_ps(low, even, high), s);  // elements 0..15
+        const __m512 hi = _mm512_mul_ps(_mm512_permutex2var_ps(low, odd, high), s);  // elements 16..31
+        cumulo_bf16::store16(out + b * 32, lo, (__mmask16)0xFFFF);
+        cumulo_bf16::store16(out + b * 32 + 16, hi, (__mmask16)0xFFFF);
+    }
+}
+
+void mxfp4_dequant_bf16(const uint8_t* codes, int64_t N, int64_t K, const uint8_t* scales, uint16_t* out,
+                        int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) mxfp4_dequant_row_bf16(codes + n * (K / 2), K, scales + n * (K / 32), out + n * K);
+}
+
+// Whether every E8M0 scale keeps value x scale a normal bf16 for every E2M1 magnitude (0.5 .. 6): codes 3 .. 250
+// (255, NaN, is out of it). Then mxfp4_decode_row_bf16 scales exactly.
+bool scales_in_range(const uint8_t* scales, int64_t n) {
+    uint8_t lo = 255, hi = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        lo = scales[i] < lo ? scales[i] : lo;
+        hi = scales[i] > hi ? scales[i] : hi;
+    }
+    return lo >= 3 && hi <= 250;
+}
+
+// One row of codes [K / 2] -> bf16 in the lane order of mxfp4_row_bf16 (x permuted by permute_x_fp4), K rounded up
+// to 128 (zeros past K): the exact bf16 of each code (kE2M1Bf16), times its block's E8M0 scale 2^(c - 127) by
+// adding (c - 127) << 7 to the bf16 (exact for normal results: scales_in_range). Each 128-bit lane is one block.
+CUMULO_BF16 void mxfp4_decode_row_bf16(const uint8_t* row, int64_t K, const uint8_t* scales, uint16_t* out) {
+    const __m512i TL = _mm512_load_si512(kE2M1Bf16.lo), TH = _mm512_load_si512(kE2M1Bf16.hi);
+    const __m512i low = _mm512_set1_epi8(0x0F), mag = _mm512_set1_epi16(0x7FFF);
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const int64_t bytes = K / 2;
+    for (int64_t b = 0; b < bytes; b += 64) {
+        const int64_t left = bytes - b;
+        const __mmask64 m = left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
+        const __m512i c = _mm512_maskz_loadu_epi8(m, row + b);
+        const __m512i ne = _mm512_and_si512(c, low), no = _mm512_and_si512(_mm512_srli_epi16(c, 4), low);
+        const __m512i le = _mm512_shuffle_epi8(TL, ne), he = _mm512_shuffle_epi8(TH, ne);
+        const __m512i lo = _mm512_shuffle_epi8(TL, no), ho = _mm512_shuffle_epi8(TH, no);
+        alignas(16) int32_t add[4];
+        for (int l = 0; l < 4; ++l) {
+            const int e = 16 * l < left ? (int)scales[b / 16 + l] - 127 : 0;
+            add[l] = (int32_t)(((uint32_t)(e * 128) & 0xFFFF) * 0x10001u);
+        }
+        const __m512i shift = _mm512_permutexvar_epi32(spread, _mm512_castsi128_si512(_mm_load_si128((__m128i*)add)));
+        const __m512i w[4] = {_mm512_unpacklo_epi8(le, he), _mm512_unpackhi_epi8(le, he),
+                              _mm512_unpacklo_epi8(lo, ho), _mm512_unpackhi_epi8(lo, ho)};
+        for (int q = 0; q < 4; ++q)
+            _mm512_storeu_si512(out + 2 * b + 32 * q,
+                                _mm512_mask_add_epi16(w[q], _mm512_test_epi16_mask(w[q], mag), w[q], shift));
+    }
+}
+
+// bf16 x [M, K] -> bf16 y [M, N] through mxfp4_row_bf16 (mxfp4_rows_bf16 when M = 1); from kDecodeOnceRows rows
+// through rows decoded into bf16 for the dense tile (cumulo_tile::decode_tiles) where the scales allow.
 void mxfp4_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
                        const uint8_t* scales, uint16_t* y, int nthreads) {
     const int64_t xs = (K + 127) / 128 * 128;
     Scratch<uint16_t> xp(M * xs);
     for (int64_t m = 0; m < M; ++m) permute_x_fp4(x + m * K, K, xp.data() + m * xs);
+    if (M >= kDecodeOnceRows && scales_in_range(scales, N * (K / 32))) {
+        const auto decode = [&](int64_t n0, int64_t nr, uint16_t* w) {
+            for (int64_t r = 0; r < nr; ++r)
+                mxfp4_decode_row_bf16(codes + (n0 + r) * (K / 2), K, scales + (n0 + r) * (K / 32), w + r * xs);
+        };
+        cumulo_tile::decode_tiles(xp.data(), M, xs, N, decode, y, nthreads);
+        return;
+    }
     if (M == 1) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t g = 0; g < (N + NR - 1) / NR; ++g) {
@@ -210,27 +290,6 @@ void mxfp4_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* c
             for (int64_t i = 0; i < mb; ++i) y[(m0 + i) * N + n] = from_float(out[i]);
         }
     }
-}
-
-// Dequantizing into bf16 (see fp8.cpp): a block of 32 is 16 bytes, whose nibbles are looked up in a 16-entry
-// fp32 table, put back in element order, times the block's E8M0 scale and rounded by cumulo_bf16::store16.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void mxfp4_dequant_bf16(
-    const uint8_t* codes, int64_t N, int64_t K, const uint8_t* scales, uint16_t* out, int nthreads) {
-    const __m512 table = _mm512_loadu_ps(kE2M1);
-    const __m512i even = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const __m512i odd = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; ++n)
-        for (int64_t b = 0; b < K / 32; ++b) {
-            const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes + n * (K / 2) + b * 16)));
-            const __m512 s = _mm512_set1_ps(e8m0_value(scales[n * (K / 32) + b]));
-            const __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)), table);
-            const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), table);
-            const __m512 lo = _mm512_mul_ps(_mm512_permutex2var_ps(low, even, high), s);  // elements 0..15
-            const __m512 hi = _mm512_mul_ps(_mm512_permutex2var_ps(low, odd, high), s);  // elements 16..31
-            cumulo_bf16::store16(out + n * K + b * 32, lo, (__mmask16)0xFFFF);
-            cumulo_bf16::store16(out + n * K + b * 32 + 16, hi, (__mmask16)0xFFFF);
-        }
 }
 
 }  // namespace
