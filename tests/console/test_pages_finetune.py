@@ -92,3 +92,21 @@ def test_a_job_is_started_followed_live_and_its_model_opens_in_the_playground(
     page.wait_for_selector("section.page[aria-busy=false] h1:text-is('Playground')")
     assert page.eval_on_selector("select[name=model]", "s => s.value") == model
     assert model.startswith("ft:fake-model:tune-org:bot:")
+
+
+def test_a_job_cancelled_from_the_page_stays_cancelled(page, console_server, org_key, signed_in):
+    signed_in(page, org_key("tune-org-2"))
+    open_page(page, console_server, "finetune", "Fine-tuning")
+    upload(page, "good.jsonl", [json.dumps(GOOD)] * 2)
+    page.wait_for_selector("[data-test=uploaded]")
+    page.click("form[aria-label='start a fine-tuning job'] button[type=submit]")
+    page.click("button:text-is('Cancel job')")
+    page.wait_for_selector("[data-test=job-status]:text-is('cancelled')")
+    assert page.locator("button:text-is('Cancel job')").count() == 0
+    job_id = page.inner_text("[data-test=job-detail] h3").split()[0]
+    job = page.evaluate(f"() => fetch('/v1/fine_tuning/jobs/{job_id}').then(r => r.json())")
+    assert job["status"] == "cancelled"
+    # the worker finds nothing to do: a cancelled job is never claimed
+    sessions = session_factory(open_database(default_database_url(console_server.data_dir)))
+    claimed = queue.claim_next(sessions, queue.new_claim())
+    assert claimed is None or claimed.job_id != job_id

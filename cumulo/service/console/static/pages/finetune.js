@@ -168,7 +168,7 @@ function JobDetail({ job, onChange }) {
       <a href=${'#/playground?model=' + encodeURIComponent(job.fine_tuned_model)} data-test="try">Try in playground</a></p>`
     }
     ${job.error && job.error.message && html`<p class="error">${job.error.message}</p>`}
-    ${!FINAL.includes(job.status) && html`<button type="button" onClick=${cancel}>Cancel job</button>`}
+    ${!FINAL.includes(job.status) && html`<button type="button" class="danger" onClick=${cancel}>Cancel job</button>`}
     ${
       curve.points > 0
         ? html`<${LineChart} labels=${curve.labels} datasets=${curve.datasets} />`

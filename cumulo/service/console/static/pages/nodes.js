@@ -106,7 +106,7 @@ export default function Nodes() {
     {
       key: 'undeploy',
       label: '',
-      render: (d) => html`<button type="button" onClick=${() => undeploy(d.model)}>Undeploy</button>`,
+      render: (d) => html`<button type="button" class="danger" onClick=${() => undeploy(d.model)}>Undeploy</button>`,
     },
   ];
   const replicaColumns = [
