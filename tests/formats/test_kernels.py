@@ -72,6 +72,39 @@ def test_bf16_activations_give_bf16_results_of_the_same_product(
     assert bool(((y.double() - ref).abs() <= spacing + 1e-5 * ref.abs().amax()).all())
 
 
+@pytest.mark.parametrize("fmt", ["ue8m0-fp8", "mxfp8", "mxfp4"])
+@pytest.mark.parametrize("rows", [8, 13, 16])  # batches: weights decoded once into bf16 for the dense tile
+@pytest.mark.parametrize("exponents", ["spread", "out-of-range"])
+def test_bf16_batches_multiply_the_bf16_weights_scaled_by_powers_of_two(
+    fmt: str, rows: int, exponents: str
+) -> None:
+    """A batch of bf16 x against power-of-two block scales: the bf16 weights times 2^e (exact in bf16 while the
+    result stays normal) and x, summed in fp32, rounded once: like with like against torch on the same bf16
+    values. Scales from 2^-100 to 2^100 stay in range; one scale that would leave bf16's normal range sends the
+    call to the row kernels, which give the same product."""
+    g = torch.Generator().manual_seed(rows)
+    n, k = 70, 576
+    p = quantize(torch.randn(n, k, generator=g), fmt)
+    if fmt == "ue8m0-fp8":  # fp32 powers of two, one per 128 x 128 block
+        p.scales.copy_(
+            torch.ldexp(torch.ones_like(p.scales), torch.randint(-100, 100, p.scales.shape, generator=g))
+        )
+        if exponents == "out-of-range":
+            p.scales[0, 0] = 2.0**-125
+    else:  # E8M0 codes, one per 32 along K
+        p.scales.copy_(torch.randint(27, 227, p.scales.shape, generator=g).to(torch.uint8))
+        if exponents == "out-of-range":
+            p.scales[0, 0] = 1
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    y = find_kernel("cpu", fmt)(p)(x)
+    assert y is not None and y.dtype == torch.bfloat16
+    w = p.dequantize(torch.bfloat16)
+    assert torch.equal(w.double(), p.dequantize().double()) or exponents == "out-of-range"  # exact in bf16
+    ref = F.linear(x.double(), p.dequantize().double())
+    spacing = torch.ldexp(torch.ones_like(ref), torch.frexp(ref.abs().clamp(min=1e-300))[1] - 8)
+    assert bool(((y.double() - ref).abs() <= spacing + 1e-6 * ref.abs().amax(dim=1, keepdim=True)).all())
+
+
 @pytest.mark.parametrize("fmt", cpu.FP8_FORMATS + cpu.MXFP4_FORMATS)
 @pytest.mark.parametrize("k", [320, 576, 300])
 @pytest.mark.parametrize("rows", [cpu.FUSED_MAX_ROWS_BF16 + 1, cpu.FUSED_MAX_ROWS + 3])
