@@ -19,7 +19,7 @@ import torch
 from cumulo.chips.catalog import Chip, get_chip
 from cumulo.chips.predict import Prediction, predict
 from cumulo.chips.presets import PRESETS, ModelShape, resolve_model
-from cumulo.cluster.split_placement import StagePlacement, place_over_nodes
+from cumulo.cluster.split_placement import SplitPlan, StagePlacement, place_over_nodes
 from cumulo.engine.kv_sizing import KVPlan, kv_elements_per_token, size_kv_cache, size_kv_cache_for
 from cumulo.engine.llm_engine import EngineConfig
 from cumulo.errors import InvalidRequest
@@ -182,7 +182,7 @@ def place(
             if split is None:
                 raise PlacementError(_no_fit(dep, replica, why_not))
             out.append(_split_placement(replica, dep, split, nodes))
-            for stage in split["stages"]:
+            for stage in split.stages:
                 free[stage.node][0] -= (
                     stage.gb
                 )  # a stage takes the node's roomiest device (CPU nodes have one)
@@ -475,26 +475,26 @@ def _no_fit(dep: DeploymentSpec, replica: int, why_not: list[str]) -> str:
     return f"{head}: " + ("; ".join(why_not) if why_not else "no nodes") + tail
 
 
-def _split_placement(replica: int, dep: DeploymentSpec, split: dict, nodes: list[NodeSpec]) -> Placement:
-    first = next(n for n in nodes if n.name == split["stages"][0].node)
+def _split_placement(replica: int, dep: DeploymentSpec, split: SplitPlan, nodes: list[NodeSpec]) -> Placement:
+    first = next(n for n in nodes if n.name == split.stages[0].node)
     assert isinstance(dep.model, ModelConfig)
     return Placement(
         replica=replica,
         node=first.name,
         chip=first.chip,
-        format=split["format"],
+        format=split.format,
         devices=1,
-        weights_gb=split["weights_gb"],
-        kv_gb=sum(s.gb for s in split["stages"]) - split["weights_gb"],
-        max_sequences=split["batch"],
-        predicted_goodput_tok_s=split["goodput"],
-        predicted_ttft_ms=split["ttft_ms"],
-        predicted_tpot_ms=split["tpot_ms"],
-        reason=split["reason"],
-        max_model_len=min(dep.model.max_position_embeddings, split["kv_blocks"] * BLOCK_SIZE),
+        weights_gb=split.weights_gb,
+        kv_gb=sum(s.gb for s in split.stages) - split.weights_gb,
+        max_sequences=split.batch,
+        predicted_goodput_tok_s=split.goodput,
+        predicted_ttft_ms=split.ttft_ms,
+        predicted_tpot_ms=split.tpot_ms,
+        reason=split.reason,
+        max_model_len=min(dep.model.max_position_embeddings, split.kv_blocks * BLOCK_SIZE),
         kv_block_size=BLOCK_SIZE,
-        stages=split["stages"],
-        kv_blocks=split["kv_blocks"],
+        stages=split.stages,
+        kv_blocks=split.kv_blocks,
     )
 
 

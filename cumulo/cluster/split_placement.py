@@ -10,7 +10,10 @@ fp16): the engine splits plain weights only. Pure functions, like `placement`.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,61 +22,95 @@ from cumulo.engine.llm_engine import EngineConfig
 from cumulo.engine.pipeline import split_layers
 from cumulo.models.config import ModelConfig
 
+if TYPE_CHECKING:
+    from cumulo.chips.predict import Prediction
+    from cumulo.cluster.placement import DeploymentSpec, NodeSpec
+
 SPLIT_FORMATS = ("bf16", "fp16", "fp32")  # best first; the engine's split loads plain weights only
 BLOCK_SIZE = EngineConfig().block_size  # the engine's defaults, as placement uses them
 MAX_NUM_SEQS = EngineConfig().max_num_seqs
+
+Predict = Callable[
+    [ModelConfig, str, str, int, int, int], "Prediction"
+]  # (model, fmt, chip, batch, context, n)
 
 
 @dataclass(frozen=True)
 class StagePlacement:
     node: str
     layers: tuple[int, int]  # [first, end)
-    weight: float  # the relative speed the split used
+    weight: float  # the relative speed (or free memory) the layers were split by
     gb: float  # weights and cache this stage holds
 
 
-def _format(dep, chips: list[str], chip_of) -> str:
-    if dep.format:
-        return dep.format
-    return next((f for f in SPLIT_FORMATS if all(f in chip_of(c).native for c in chips)), "fp32")
+@dataclass(frozen=True)
+class SplitPlan:
+    """A replica split over several nodes, as placement turns it into a `Placement`."""
+
+    stages: tuple[StagePlacement, ...]
+    format: str
+    weights_gb: float  # the whole model's
+    kv_blocks: int  # every stage's
+    batch: int
+    ttft_ms: float
+    tpot_ms: float
+    goodput: float
+    reason: str
 
 
-def place_over_nodes(dep, nodes: list, free: dict[str, list[float]], factor, predict, kv_budget, chip_of):
-    """(Placement fields, [StagePlacement]) for the fewest nodes that hold `dep` split, or None.
+def place_over_nodes(
+    dep: DeploymentSpec,
+    nodes: list[NodeSpec],
+    free: dict[str, list[float]],
+    factor: Callable[[str, str], float],
+    predict: Predict,
+    kv_budget: Callable[[str, float], int],
+    chip_of: Callable[[str], Any],
+) -> SplitPlan | None:
+    """The split over the fewest nodes that hold `dep`, or None (a preset without a config, a compact
+    format, or not enough memory even together). `free`: GB free per device of each node.
 
-    `predict(model, fmt, chip, batch, context, n)`, `kv_budget(chip, left_gb)`, `chip_of(chip)`: placement's own
-    (passed in, so this module does not import it back)."""
+    `predict`, `kv_budget(chip, left_gb)` and `chip_of(chip)` are placement's own (passed in, so this module
+    does not import it back)."""
     model = dep.model
     if not isinstance(model, ModelConfig) or model.num_hidden_layers < 2:
         return None
     if dep.format and dep.format not in SPLIT_FORMATS:
         return None
     seq_tokens = dep.prompt_tokens + dep.output_tokens
-    roomiest = sorted((n for n in nodes if free[n.name]), key=lambda n: -max(free[n.name]))
-    layers_total = model.num_hidden_layers
-    for k in range(2, min(len(roomiest), layers_total) + 1):
+    usable = [n for n in nodes if free[n.name] and (dep.chip is None or n.chip == dep.chip)]
+    roomiest = sorted(usable, key=lambda n: -max(free[n.name]))
+    for k in range(2, min(len(roomiest), model.num_hidden_layers) + 1):
         group = roomiest[:k]
-        fmt = _format(dep, [n.chip for n in group], chip_of)
+        fmt = dep.format or next(
+            (f for f in SPLIT_FORMATS if all(f in chip_of(n.chip).native for n in group)), "fp32"
+        )
         preds = [predict(model, fmt, n.chip, 1, seq_tokens, 1) for n in group]
-        weights_gb = preds[0].weights_gb
         speed = [factor(n.chip, fmt) / p.tpot_s for n, p in zip(group, preds, strict=True)]
         room = [max(free[n.name]) for n in group]
         for basis, weights in (("predicted speed", speed), ("free memory", room)):
-            stages = _fit(model, group, fmt, weights, weights_gb, room, seq_tokens, kv_budget)
-            if stages is not None:
-                return _describe(
-                    dep, group, fmt, basis, weights, stages, preds, weights_gb, seq_tokens, predict
-                )
+            fit = _fit(model, group, fmt, weights, preds[0].weights_gb, room, seq_tokens, kv_budget)
+            if fit is not None:
+                return _plan(dep, model, group, fmt, basis, weights, fit, preds, predict)
     return None
 
 
-def _fit(model, group, fmt, weights, weights_gb, room, seq_tokens, kv_budget):
+def _fit(
+    model: ModelConfig,
+    group: list[NodeSpec],
+    fmt: str,
+    weights: list[float],
+    weights_gb: float,
+    room: list[float],
+    seq_tokens: int,
+    kv_budget: Callable[[str, float], int],
+) -> tuple[list[range], int, list[float]] | None:
     """(layer ranges, KV blocks per stage, GB per stage) if every stage's share of the weights and the common
     cache fit its node, else None. A stage's share of the weights is taken as its share of the layers."""
     ranges = split_layers(model.num_hidden_layers, weights)
     dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
     share = [weights_gb * len(r) / model.num_hidden_layers for r in ranges]
-    blocks = None
+    blocks: int | None = None
     for node, r, s, left in zip(group, ranges, share, room, strict=True):
         if left - s <= 0:
             return None
@@ -89,40 +126,38 @@ def _fit(model, group, fmt, weights, weights_gb, room, seq_tokens, kv_budget):
     return ranges, blocks, gb
 
 
-def _describe(dep, group, fmt, basis, weights, stages, preds, weights_gb, seq_tokens, predict):
-    ranges, blocks, gb = stages
-    total = dep.model.num_hidden_layers
-    # each stage decodes its share of the layers in turn: the step takes the sum of the shares' times
+def _plan(
+    dep: DeploymentSpec,
+    model: ModelConfig,
+    group: list[NodeSpec],
+    fmt: str,
+    basis: str,
+    weights: list[float],
+    fit: tuple[list[range], int, list[float]],
+    preds: list[Prediction],
+    predict: Predict,
+) -> SplitPlan:
+    ranges, blocks, gb = fit
+    total = model.num_hidden_layers
+    # the stages run their shares of the layers one after another: a step takes the sum of the shares' times
     tpot_ms = sum(p.tpot_s * len(r) / total for p, r in zip(preds, ranges, strict=True)) * 1e3
-    ttft_ms = (
-        sum(
-            predict(dep.model, fmt, n.chip, 1, dep.prompt_tokens, 1).ttft_s * len(r) / total
-            for n, r in zip(group, ranges, strict=True)
-        )
-        * 1e3
-    )
-    batch = max(1, min(blocks * BLOCK_SIZE // seq_tokens, MAX_NUM_SEQS))
+    prefill = [predict(model, fmt, n.chip, 1, dep.prompt_tokens, 1) for n in group]
+    ttft_ms = sum(p.ttft_s * len(r) / total for p, r in zip(prefill, ranges, strict=True)) * 1e3
+    seq_tokens = dep.prompt_tokens + dep.output_tokens
+    batch = max(1, min(blocks // math.ceil(seq_tokens / BLOCK_SIZE), MAX_NUM_SEQS))
     meets = (dep.ttft_slo_ms is None or ttft_ms <= dep.ttft_slo_ms) and (
         dep.tpot_slo_ms is None or tpot_ms <= dep.tpot_slo_ms
     )
-    placed = [
+    stages = tuple(
         StagePlacement(n.name, (r.start, r.stop), round(w, 6), g)
         for n, r, w, g in zip(group, ranges, weights, gb, strict=True)
-    ]
-    where = ", ".join(f"{s.node} layers {s.layers[0]}-{s.layers[1] - 1}" for s in placed)
+    )
+    where = ", ".join(f"{s.node} layers {s.layers[0]}-{s.layers[1] - 1}" for s in stages)
+    weights_gb = preds[0].weights_gb
     reason = (
         f"{fmt}; split over {len(group)} nodes (pipeline parallel): no single node holds weights "
         f"{weights_gb:.3g} GB and one {seq_tokens}-token sequence's cache; {where}, in proportion to "
         f"{basis}; every stage keeps {blocks} KV blocks of its own layers"
     )
-    return dict(
-        format=fmt,
-        weights_gb=weights_gb,
-        kv_blocks=blocks,
-        batch=batch,
-        tpot_ms=tpot_ms,
-        ttft_ms=ttft_ms,
-        goodput=batch / tpot_ms * 1e3 if meets else 0.0,
-        reason=reason,
-        stages=tuple(placed),
-    )
+    goodput = batch / tpot_ms * 1e3 if meets else 0.0
+    return SplitPlan(stages, fmt, weights_gb, blocks, batch, ttft_ms, tpot_ms, goodput, reason)

@@ -57,12 +57,12 @@ def stage_memory_bytes(spec: StageSpec) -> int:
     plus its KV cache. Asked of Ray as the actor's `memory`, so a stage goes only where it fits."""
     from safetensors import safe_open
 
-    from cumulo.engine.stage_load import _checkpoint_dir, _wanted, stage_config
+    from cumulo.engine.stage_load import checkpoint_dir, stage_config, stage_tensors
     from cumulo.models import hf
 
-    path = _checkpoint_dir(spec.model)
+    path = checkpoint_dir(spec.model)
     config = stage_config(spec.model)
-    wanted = _wanted(config, spec.layers, spec.first, spec.last)
+    wanted = stage_tensors(config, spec.layers, spec.first, spec.last)
     itemsize = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
     elements = 0
     for file in hf.weight_files(path):

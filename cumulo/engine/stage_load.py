@@ -8,7 +8,9 @@ the engine's own process (`engine/pipeline_factory.py`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,7 +38,8 @@ class StageSpec:
     threads: int | None = None
 
 
-def _checkpoint_dir(model: str):
+def checkpoint_dir(model: str) -> Path:
+    """The model's Hugging Face directory; InvalidModel for what a split cannot load."""
     from cumulo.models.loader import _kind, resolve
 
     path, _ = resolve(model)
@@ -49,7 +52,7 @@ def _checkpoint_dir(model: str):
 
 
 def stage_config(model: str) -> ModelConfig:
-    path = _checkpoint_dir(model)
+    path = checkpoint_dir(model)
     return hf.config_from_json(hf.read_config_json(path), path)
 
 
@@ -68,7 +71,7 @@ def load_meta(model: str) -> ModelMeta:
     from cumulo.models.seal import files_seal
     from cumulo.models.tokenizer import from_directory
 
-    path = _checkpoint_dir(model)
+    path = checkpoint_dir(model)
     _, name = resolve(model)
     raw = hf.read_config_json(path)
     config = hf.config_from_json(raw, path)
@@ -79,7 +82,8 @@ def load_meta(model: str) -> ModelMeta:
     return ModelMeta(config, tokenizer, name, files_seal(path, hf.sealed_files(path)))
 
 
-def _wanted(config: ModelConfig, layers: range, first: bool, last: bool):
+def stage_tensors(config: ModelConfig, layers: range, first: bool, last: bool) -> Callable[[str], bool]:
+    """Whether a checkpoint tensor name belongs to the stage running `layers` (first: embeds; last: norm, head)."""
     prefixes = tuple(f"model.layers.{i}." for i in layers)
     if first or (last and config.tie_word_embeddings):
         prefixes += ("model.embed_tokens.",)
@@ -98,9 +102,9 @@ def load_stage_model(spec: StageSpec, dtype: torch.dtype, device: torch.device) 
     norm and head where this stage does not run them, replaced by an empty `nn.Identity`."""
     from cumulo.formats.checkpoint import iter_safetensors
 
-    path = _checkpoint_dir(spec.model)
+    path = checkpoint_dir(spec.model)
     config = hf.config_from_json(hf.read_config_json(path), path)
-    wanted = _wanted(config, spec.layers, spec.first, spec.last)
+    wanted = stage_tensors(config, spec.layers, spec.first, spec.last)
     state: dict[str, torch.Tensor] = {}
     for file in hf.weight_files(path):
         for name, tensor in iter_safetensors(file, wanted=wanted):
