@@ -3,6 +3,7 @@
     python -m bench.finetune            # SmolLM2-135M (fp32 HF copy of the catalog GGUF), all three parts
     python -m bench.finetune --quick    # fewer rounds and steps: a smoke run
     python -m bench.finetune --only serving|training|latency
+    python -m bench.finetune --only serving --max-tokens 16 --rounds 3   # shorter rounds on a loaded machine
 
 1. serving: output tok/s of one batch spread over 8 adapters vs the base alone (target >= 0.7x);
 2. latency: seconds from a job's success to the first answered request for its ft: model (gateway, worker);
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["serving", "training", "latency"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16, help="serving: requests in the batch")
+    parser.add_argument("--max-tokens", type=int, help="serving: tokens per request (default 48, quick 16)")
+    parser.add_argument("--rounds", type=int, help="serving: interleaved rounds (default 3, quick 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from bench.finetune import latency, serving, training  # noqa: PLC0415
@@ -48,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                 8,
                 8,
                 32,
-                16 if args.quick else 48,
-                1 if args.quick else 3,
+                args.max_tokens or (16 if args.quick else 48),
+                args.rounds or (1 if args.quick else 3),
             )
         words = 40
         data = training.training_file(work / "train.jsonl", 64, words)

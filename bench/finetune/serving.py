@@ -1,6 +1,8 @@
 """Output tokens/s of one batch spread over 8 LoRA adapters against the same batch on the base alone, in one
-engine and one run (rounds interleaved, best of each kept), plus the base with decode graphs off: steps that
-carry adapters run eagerly, so that column says how much of the gap is the graphs rather than the adapters."""
+engine and one run (rounds interleaved, best of each kept). Decode steps with adapters replay graphs with LoRA
+ops (cumulo.engine.decode_graph); two more columns, same run: `adapters_eager_lora`, a second engine whose
+adapter steps run eagerly as they did before those graphs (its LoRA graphs marked unrecordable), and
+`base_eager`, the base with decode graphs off."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 
 from bench.common import log, prompt_token_ids
 from cumulo.contracts import AdapterRef, SamplingParams
+from cumulo.engine.decode_graph import MAX_BATCH
 from cumulo.engine.factory import create_engine
 from cumulo.engine.llm_engine import EngineConfig, LLMEngine
 from cumulo.engine.lora import TARGETS
@@ -70,6 +73,8 @@ def measure(base: Path, work: Path, batch: int, n_adapters: int, rank: int, prom
     options = dict(device="cpu", enable_prefix_caching=False, max_num_seqs=batch, kv_cache_gib=1.0)
     engine = create_engine(str(base), EngineConfig(**options))  # type: ignore[arg-type]
     eager = create_engine(str(base), EngineConfig(decode_graphs=False, **options))  # type: ignore[arg-type]
+    eager_lora = create_engine(str(base), EngineConfig(**options))  # type: ignore[arg-type]
+    eager_lora.runner._lora_graphs.update(dict.fromkeys(range(1, MAX_BATCH + 1)))  # None: tried, run eagerly
     spread = [refs[i % n_adapters] for i in range(batch)]
     t0 = time.perf_counter()
     for ref in refs:
@@ -77,20 +82,25 @@ def measure(base: Path, work: Path, batch: int, n_adapters: int, rank: int, prom
     load_s = (time.perf_counter() - t0) / n_adapters
     _run(engine, [None] * batch, prompt_len, 4, 99)  # warm: graphs recorded, kernels built
     _run(engine, spread, prompt_len, 4, 98)
-    best = {"base": 0.0, "adapters": 0.0, "base_eager": 0.0}
+    _run(eager_lora, spread, prompt_len, 4, 98)
+    best = {"base": 0.0, "adapters": 0.0, "adapters_eager_lora": 0.0, "base_eager": 0.0}
     per_round = []  # adapters / base within one round: what a shared machine's changing load disturbs least
     for r in range(rounds):
         now = {
             "base": _run(engine, [None] * batch, prompt_len, max_tokens, r),
             "adapters": _run(engine, spread, prompt_len, max_tokens, r),
+            "adapters_eager_lora": _run(eager_lora, spread, prompt_len, max_tokens, r),
             "base_eager": _run(eager, [None] * batch, prompt_len, max_tokens, r),
         }
         best = {k: max(best[k], v) for k, v in now.items()}
-        per_round.append(now["adapters"] / now["base"])
+        per_round.append((now["adapters"] / now["base"], now["adapters_eager_lora"] / now["base"]))
         log(f"  round {r + 1}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in now.items()))
     return {
         "batch": batch, "adapters": n_adapters, "rank": rank, "prompt_len": prompt_len, "max_tokens": max_tokens,
         "tok_s": best, "ratio": best["adapters"] / best["base"],
-        "ratio_per_round": per_round, "ratio_median": sorted(per_round)[len(per_round) // 2],
+        "ratio_eager_lora": best["adapters_eager_lora"] / best["base"],
+        "ratio_per_round": [r[0] for r in per_round], "ratio_eager_lora_per_round": [r[1] for r in per_round],
+        "ratio_median": sorted(r[0] for r in per_round)[len(per_round) // 2],
+        "ratio_eager_lora_median": sorted(r[1] for r in per_round)[len(per_round) // 2],
         "ratio_vs_eager_base": best["adapters"] / best["base_eager"], "adapter_load_s": load_s,
     }  # fmt: skip
