@@ -612,7 +612,12 @@ def split_options(p: Placement, nodes: list[LiveNode]) -> dict[str, Any]:
         node = next(n for n in nodes if n.name == p.node)
         kind = node.labels.get("cumulo-kind", "cpu")
         devices = [kind if kind == "cpu" else f"{kind}:{i}" for i in range(p.devices)]
-        return {"stage_nodes": [node.node_id] * p.devices, "stage_devices": devices}
+        # every stage keeps the blocks placement sized for the whole replica, each for its own layers only
+        return {
+            "stage_nodes": [node.node_id] * p.devices,
+            "stage_devices": devices,
+            "kv_cache_blocks": p.kv_blocks,
+        }
     return {}
 
 

@@ -93,7 +93,7 @@ class Placement:
     kv_block_size: int = BLOCK_SIZE
     kv_cache_bytes: int = 0  # exactly kv_gb: the engine given kv_cache_gib allocates these bytes
     # A model no single node holds, split over several (`split_placement`): one entry per stage, in order;
-    # `node` is then the first stage's node, and every stage's engine keeps `kv_blocks` blocks.
+    # `node` is then the first stage's node. `kv_blocks`: the cache's blocks (of every stage, when split).
     stages: tuple[StagePlacement, ...] = ()
     kv_blocks: int = 0
 
@@ -516,4 +516,5 @@ def _placement(replica: int, o: _Option, reason: str) -> Placement:
         max_model_len=o.kv.max_model_len,
         kv_block_size=o.kv.block_size,
         kv_cache_bytes=o.kv_bytes,
+        kv_blocks=o.kv.num_blocks,
     )

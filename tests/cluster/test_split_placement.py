@@ -71,4 +71,6 @@ def test_a_placement_over_devices_of_one_node_starts_one_stage_per_device() -> N
     gpu = LiveNode("id-gpu", "gpu", "h100-sxm", 4, 80.0, 32, 32.0, {"cumulo-kind": "cuda"})
     assert split_options(one, [gpu]) == {}  # one device: an ordinary replica
     options = split_options(with_fields(one, devices=2), [gpu])
-    assert options == {"stage_nodes": ["id-gpu", "id-gpu"], "stage_devices": ["cuda:0", "cuda:1"]}
+    assert options == {"stage_nodes": ["id-gpu", "id-gpu"], "stage_devices": ["cuda:0", "cuda:1"],
+                       "kv_cache_blocks": one.kv_blocks}  # fmt: skip
+    assert one.kv_blocks * 16 * 2 * 12 * CFG.num_key_value_heads * CFG.head_dim * 4 == one.kv_cache_bytes
