@@ -73,6 +73,18 @@ class Experts(nn.Module):
             self._kernel = kernel
         return self._kernel  # type: ignore[return-value]
 
+    def softmax_routed(
+        self, x: torch.Tensor, router_logits: torch.Tensor, k: int, norm_topk_prob: bool
+    ) -> torch.Tensor:
+        """`self(x, *softmax_topk(router_logits, k, norm_topk_prob))`: on the kernel's path routing and experts
+        are one call (four fewer torch operators per layer)."""
+        if self.grouped and x.is_cpu:
+            kernel = self.grouped_kernel()
+            y = kernel.softmax_topk(x, router_logits, k, norm_topk_prob) if kernel is not None else None
+            if y is not None:
+                return y
+        return self(x, *softmax_topk(router_logits, k, norm_topk_prob))
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.grouped and x.is_cpu:
             kernel = self.grouped_kernel()

@@ -15,7 +15,7 @@ from torch import nn
 from cumulo.models.config import ModelConfig
 from cumulo.models.layers import CausalLM
 from cumulo.models.llama import LlamaDecoderLayer, LlamaModel
-from cumulo.models.moe import Experts, softmax_topk
+from cumulo.models.moe import Experts
 
 
 def is_sparse_layer(config: ModelConfig, layer_idx: int) -> bool:
@@ -36,8 +36,7 @@ class Qwen3MoeSparseBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = softmax_topk(self.gate(x), self.top_k, self.norm_topk_prob)  # [T, k] each
-        return self.experts(x, weights, ids)  # [T, H]
+        return self.experts.softmax_routed(x, self.gate(x), self.top_k, self.norm_topk_prob)  # [T, H]
 
 
 class Qwen3MoeDecoderLayer(LlamaDecoderLayer):

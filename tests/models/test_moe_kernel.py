@@ -93,6 +93,20 @@ def test_an_expert_no_row_selects_is_never_read(fmt):
     assert torch.isfinite(out[[0, 1, 2, 4, 5]]).all()
 
 
+@pytest.mark.parametrize(("fmt", "dtype"), [("ue8m0-fp8", torch.bfloat16), (None, torch.float32)])
+@pytest.mark.parametrize("norm", [True, False])
+def test_routing_in_the_kernel_matches_softmax_topk_then_the_experts(fmt, dtype, norm):
+    experts = _experts(fmt, dtype)
+    gen = torch.Generator().manual_seed(3)
+    for tokens in (1, 9):
+        x = torch.randn(tokens, H, generator=gen).to(dtype)
+        logits = (3 * torch.randn(tokens, E, generator=gen)).to(dtype)
+        got = experts.softmax_routed(x, logits, K, norm)
+        _close(got, experts.per_expert(x, *softmax_topk(logits, K, norm)))
+    experts.grouped = False  # the per-expert path routes with torch: same answer
+    _close(got, experts.softmax_routed(x, logits, K, norm))
+
+
 def test_an_expert_id_out_of_range_is_refused():
     experts = _experts(None, torch.float32)
     with pytest.raises(IndexError, match="expert id out of range"):

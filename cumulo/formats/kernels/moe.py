@@ -107,16 +107,46 @@ class GroupedExperts:
             down_bk=down.block[1],
         )  # fmt: skip
 
+    def takes(self, x: torch.Tensor) -> bool:
+        return (
+            x.is_cpu
+            and x.dim() == 2
+            and x.dtype in KINDS
+            and x.shape[0] <= MAX_ROWS
+            and x.shape[1] == self.hidden
+        )
+
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
-        if not x.is_cpu or x.dtype not in KINDS or x.shape[0] > MAX_ROWS or x.shape[-1] != self.hidden:
+        if not self.takes(x):
             return None
-        x = x.contiguous()
         ids = ids.to(torch.int64).contiguous()
         weights = weights.to(torch.float32).contiguous()
+        return self._run(x.contiguous(), weights, ids, None, False)
+
+    def softmax_topk(
+        self, x: torch.Tensor, router_logits: torch.Tensor, k: int, norm_topk_prob: bool
+    ) -> torch.Tensor | None:
+        """Route (as `models.moe.softmax_topk`) and run the experts in the same call; router_logits [T, E] in
+        x's dtype."""
+        if not self.takes(x) or router_logits.dtype != x.dtype or router_logits.shape[-1] != self.num_experts:
+            return None
+        T = x.shape[0]
+        ids = torch.empty((T, k), dtype=torch.int64)
+        weights = torch.empty((T, k), dtype=torch.float32)
+        return self._run(x.contiguous(), weights, ids, router_logits.contiguous(), norm_topk_prob)
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        ids: torch.Tensor,
+        logits: torch.Tensor | None,
+        norm: bool,
+    ) -> torch.Tensor:
         y = torch.empty_like(x)
         code = self._call(
-            x=x, T=x.shape[0], k=ids.shape[1], ids=ids, weights=weights, y=y, bf16=x.dtype == torch.bfloat16,
-            threads=kernel_threads(), wide_ok=cpu.USE_AVX512,
+            x=x, T=x.shape[0], k=ids.shape[1], ids=ids, weights=weights, logits=logits, norm_topk=norm, y=y,
+            bf16=x.dtype == torch.bfloat16, threads=kernel_threads(), wide_ok=cpu.USE_AVX512,
         )  # fmt: skip
         if code != 0:
             raise IndexError(f"expert id out of range [0, {self.num_experts}) in {ids.tolist()}")

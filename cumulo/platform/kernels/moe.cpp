@@ -192,21 +192,50 @@ Path choose(int kind, int64_t K, int64_t bk, bool bf16, bool wide) {
 
 inline float round_as(float v, bool bf16) { return bf16 ? to_float(from_float(v)) : v; }
 
+void softmax_topk(const void* logits, bool bf16, int64_t T, int64_t E, int64_t k, bool norm, int64_t* ids,
+                  float* weights) {
+    std::vector<float> p(E);
+    for (int64_t t = 0; t < T; ++t) {
+        float m = -INFINITY, sum = 0.0f;
+        for (int64_t e = 0; e < E; ++e) {
+            p[e] = bf16 ? to_float(((const uint16_t*)logits)[t * E + e]) : ((const float*)logits)[t * E + e];
+            m = p[e] > m ? p[e] : m;
+        }
+        for (int64_t e = 0; e < E; ++e) sum += p[e] = expf(p[e] - m);
+        float kept = 0.0f;
+        for (int64_t j = 0; j < k; ++j) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; ++e)
+                if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+            ids[t * k + j] = best;
+            weights[t * k + j] = p[best] / sum;
+            kept += weights[t * k + j];
+            p[best] = -1.0f;  // taken
+        }
+        if (norm)
+            for (int64_t j = 0; j < k; ++j) weights[t * k + j] /= kept;
+    }
+}
+
 }  // namespace
 
 // y [T, H] = the routed experts' weighted output for x [T, H]; ids [T, k] (int64, each in [0, E)) and weights
-// [T, k] (fp32). gate_up / down: E addresses each (see the header); *_scales: E addresses of fp8 block scales
+// [T, k] (fp32). With router logits [T, E] (x's dtype; else null) the routing is done here first and written
+// to ids and weights: softmax over all experts in fp32, the k most probable (the lower id first on a tie),
+// rescaled to sum to 1 when norm_topk = 1, as Qwen3-MoE and Mixtral route (moe.softmax_topk). gate_up / down: E addresses each (see the header); *_scales: E addresses of fp8 block scales
 // (kind 0; e8m0 = 1: E8M0 bytes, else fp32), blocks of bn x bk. Returns 1 (nothing written) for an id out of
 // range. wide_ok = 0 keeps the AVX2 path (tests use it).
-#define CUMULO_MOE_EXPERTS(X)                                                                                      \
-    X(const void*, x) X(int64_t, T) X(int64_t, H) X(int64_t, I) X(int64_t, k) X(int64_t, E) X(const int64_t*, ids) \
-        X(const float*, weights) X(int, kind) X(int, e8m0) X(const int64_t*, gate_up)                              \
+#define CUMULO_MOE_EXPERTS(X)                                                                                \
+    X(const void*, x) X(int64_t, T) X(int64_t, H) X(int64_t, I) X(int64_t, k) X(int64_t, E) X(int64_t*, ids)  \
+        X(float*, weights) X(const void*, logits) X(int, norm_topk) X(int, kind) X(int, e8m0)                \
+            X(const int64_t*, gate_up)                                                                       \
             X(const int64_t*, gate_up_scales) X(int64_t, gate_up_bn) X(int64_t, gate_up_bk)                        \
                 X(const int64_t*, down) X(const int64_t*, down_scales) X(int64_t, down_bn) X(int64_t, down_bk)     \
                     X(void*, y) X(int, bf16) X(int, threads) X(int, wide_ok)
 CUMULO_KERNEL(cumulo_moe_experts, CUMULO_MOE_EXPERTS) {
     const int64_t T = a.T, H = a.H, I = a.I, k = a.k, E = a.E, S = T * a.k;
     const bool bf16 = a.bf16 != 0, wide = a.wide_ok != 0;
+    if (a.logits) softmax_topk(a.logits, bf16, T, E, k, a.norm_topk != 0, a.ids, a.weights);
     for (int64_t s = 0; s < S; ++s)
         if (a.ids[s] < 0 || a.ids[s] >= E) return 1;
     // Slots grouped by expert (counting sort, token order within an expert): used[u] is the u-th expert in use,
