@@ -6,6 +6,12 @@ has committed it, and keeps a persistent session (MQTT 5, `clean_start=False`, a
 that arrive while the gateway restarts wait on the broker; whatever is delivered twice is deduplicated by
 (device, seq). Several gateways share the work through one shared subscription (`$share/...`).
 
+The device deletes a result on the broker's PUBACK, so the broker must not drop it on the way to the bridge.
+Mosquitto queues at most `max_queued_messages` (1000) per subscriber beyond those in flight and drops the rest
+silently: a backlog drained after an outage lost a third of its results that way (bench/edge/fleet.py). The
+bridge therefore asks for MQTT 5's largest Receive Maximum (65535 in flight, held in its queue until committed);
+a fleet whose backlogs together can exceed that needs the broker's `max_queued_messages` raised (docs/edge.md).
+
 paho runs its network loop in a thread of its own; messages go through a queue to one worker thread that does
 the database work, so a slow database never stalls keep-alives.
 """
@@ -27,6 +33,7 @@ from cumulo.service.edge.fleet import EdgeFleet
 
 log = logging.getLogger("cumulo.service.edge")
 SHARE_GROUP = "cumulo-gateways"
+RECEIVE_MAXIMUM = 65535  # QoS 1 messages the broker may have in flight to the bridge (the most MQTT allows)
 
 
 def broker_address(url: str) -> tuple[str, int]:
@@ -58,6 +65,7 @@ class MqttBridge:
     def start(self) -> None:
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = self.session_expiry
+        properties.ReceiveMaximum = RECEIVE_MAXIMUM
         self._worker.start()
         self._client.connect_async(
             self.host, self.port, keepalive=30, clean_start=False, properties=properties
