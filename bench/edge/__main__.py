@@ -2,8 +2,8 @@
 agreement on the photo set, and bytes per frame sent as a result envelope against the same frame as a JPEG.
 
 Timing interleaves the formats round by round and keeps each one's best round, so a neighbour's burst of load
-hits them alike; the load average is recorded with the figures. Not yet here: backlog drain rate and frame ->
-event latency through Mosquitto (docs/edge.md, "Not yet").
+hits them alike; the load average is recorded with the figures. Backlog drain rate and frame -> database
+latency through Mosquitto: `python -m bench.edge.fleet`.
 """
 
 from __future__ import annotations
