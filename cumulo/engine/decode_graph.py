@@ -125,7 +125,9 @@ class DecodeGraph:
                 g.keep(module, x, y)
                 g.add(recorded)
                 if lora and isinstance(module, MultiLoRALinear):
-                    g.lora(x, y, b["lora"][lora_names.index(module.name)], threads)
+                    # one thread: a LoRA op is small, and on a loaded 2-core machine its fork/join cost more
+                    # than it saved (bench.finetune.profile: replay ratio 0.66 with 2 threads, 0.81 with 1)
+                    g.lora(x, y, b["lora"][lora_names.index(module.name)], 1)
             return recorded is not None
 
         def add_norm(r: torch.Tensor, n: RMSNorm) -> None:  # x += r; h = n(x)
