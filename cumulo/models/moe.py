@@ -17,6 +17,12 @@ from cumulo.formats.kernels.moe import GroupedExperts, bind_experts
 from cumulo.models.layers import GatedMLP
 
 _UNBOUND = object()
+# Prefill GEMMs of more than BUCKET_ABOVE rows take a whole number of ROW_BUCKET rows. oneDNN (torch's bf16 GEMM
+# on CPUs) keeps a primitive, with its scratch, per distinct shape; every expert's row count is a new shape, and
+# after a few prefill batches those primitives held 130 MiB for a 690 MiB model (bench.moe.memory). Rounding the
+# count up bounds the shapes; the extra rows are the next slots' (or zeros), computed and dropped.
+BUCKET_ABOVE = 16
+ROW_BUCKET = 32
 
 
 def softmax_topk(
@@ -105,13 +111,18 @@ class Experts(nn.Module):
         flat_ids = ids.reshape(-1)  # [T*k], slot i belongs to token i // k
         order = flat_ids.argsort(stable=True)  # slots grouped by expert, in token order within an expert
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()  # one host sync per layer
-        rows = x.index_select(0, order // k)  # [T*k, H] each token's row once per expert it chose
+        # [T*k (+ ROW_BUCKET - 1 zero rows), H]: each token's row once per expert it chose
+        rows = x.new_zeros(T * k + (ROW_BUCKET - 1 if T * k > BUCKET_ABOVE else 0), x.shape[1])
+        torch.index_select(x, 0, order // k, out=rows[: T * k])
         outputs = []
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            outputs.append(self[e](rows[start : start + n]))  # [n, H]
+            m = (
+                n if n <= BUCKET_ABOVE else -(-n // ROW_BUCKET) * ROW_BUCKET
+            )  # the next rows: other slots or 0
+            outputs.append(self[e](rows[start : start + m])[:n])  # [n, H]
             start += n
         by_slot = torch.cat(outputs).index_select(0, order.argsort())  # [T*k, H] back in (token, j) order
         slot_weights = weights.to(x.dtype).unsqueeze(-1)  # [T, k, 1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cumulo.models.moe import Experts, softmax_topk
+from cumulo.models.moe import ROW_BUCKET, Experts, softmax_topk
 
 E, H, INTER, K = 6, 16, 24, 2
 
@@ -77,3 +77,27 @@ def test_a_selected_expert_with_nan_weights_poisons_only_its_own_tokens():
     ids = torch.tensor([[0, 1], [3, 2], [2, 1]])
     out = experts(x, torch.full((3, K), 0.5), ids)
     assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+
+
+def test_experts_over_many_rows_take_whole_buckets_and_drop_the_extra_rows():
+    experts = _experts()
+    experts.grouped = False
+    seen: dict[int, list[int]] = {}
+    for e in range(E):
+        experts[e].register_forward_hook(
+            lambda mod, args, out, e=e: seen.setdefault(e, []).append(args[0].shape[0])
+        )
+    torch.manual_seed(3)
+    x = torch.randn(40, H)
+    ids = torch.stack(
+        [torch.zeros(40, dtype=torch.long), torch.arange(40) % 3 + 1], dim=1
+    )  # expert 0: 40 rows
+    weights = torch.rand(40, K)
+    out = experts(x, weights, ids)
+    assert seen == {
+        0: [ROW_BUCKET],
+        1: [14],
+        2: [13],
+        3: [13],
+    }  # 40 rows take a bucket; 16 or fewer as they are
+    torch.testing.assert_close(out, _per_token(experts, x, weights, ids))
