@@ -4,6 +4,7 @@
     python -m bench.pool scaling     # served tok/s with 1, 2 and 4 replicas: the 2x and 4x ratios
     python -m bench.pool failover    # a real local Ray pool, a node SIGKILLed under load (vs one bare replica)
     python -m bench.pool real        # served tok/s with 1 vs 2 real replicas on 1-core nodes (vs one 2-core)
+    python -m bench.pool pipeline    # a model split in 2 and 3 pipeline stages against the unsplit engine
 
 Each prints a table and the ratios measured in the same run, and writes JSON to bench/results/.
 """
@@ -19,6 +20,7 @@ COMMANDS = {
     "placement": "bench.pool.placement",
     "failover": "bench.pool.failover",
     "real": "bench.pool.real",
+    "pipeline": "bench.pool.pipeline",
 }
 
 

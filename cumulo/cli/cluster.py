@@ -170,6 +170,7 @@ def run_gateway(args: argparse.Namespace, settings: Any, refs: list[str] | None)
         controller.start()
         print(f"Pool head at {address}. Add a machine with:  cumulo join {address}", flush=True)
         print(f"Serving the pool's deployments at http://{settings.host}:{settings.port}/v1", flush=True)
+        print(f"Console: http://{settings.host}:{settings.port}/console/ (sign in with a key)", flush=True)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
     except (_Stop, KeyboardInterrupt):
         pass

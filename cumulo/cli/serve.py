@@ -173,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"Created the admin key; it is in {created} (readable by you only) and is not shown again.")
         names = ", ".join(f"{name} ({e.info.seal[:19]}, {e.info.device})" for name, e in engines.items())
         print(f"Serving {names} at http://{settings.host}:{settings.port}/v1", flush=True)
+        print(f"Console: http://{settings.host}:{settings.port}/console/ (sign in with a key)", flush=True)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
     except (_Stop, KeyboardInterrupt):
         pass
