@@ -6,11 +6,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, exists, select
+from sqlalchemy.orm import Session, sessionmaker
 
-from cumulo.errors import AuthenticationError
-from cumulo.service.db import ApiKey, Organization, Plan
+from cumulo.errors import AuthenticationError, NotFound
+from cumulo.service import crud
+from cumulo.service.db import ApiKey, ConsoleSignout, Organization, Plan
 from cumulo.service.security import KEY_PREFIX, KeyHasher
 
 
@@ -48,28 +49,56 @@ def authenticate(
     return _principal(session, ApiKey.key_hash == (key_hash or hasher.hash(secret)))
 
 
-def authenticate_key_id(session: Session, key_id: int) -> Principal:
+def authenticate_key_id(session: Session, key_id: int, nonce: str | None = None) -> Principal:
     """The principal of a console session, which names its key by id: revocation and expiry are checked here,
-    on every request, so revoking the key ends every session opened with it."""
-    return _principal(session, ApiKey.id == key_id)
+    on every request, so revoking the key ends every session opened with it. With the session's `nonce`, the
+    same query also refuses a session ended by signing out (a copied cookie value included)."""
+    signed_out = None
+    if nonce is not None:
+        signed_out = exists().where(ConsoleSignout.nonce == nonce).label("signed_out")
+    return _principal(session, ApiKey.id == key_id, signed_out)
 
 
-def _principal(session: Session, which: ColumnElement[bool]) -> Principal:
+def _principal(
+    session: Session, which: ColumnElement[bool], signed_out: ColumnElement[bool] | None = None
+) -> Principal:
+    columns: list[object] = [ApiKey, Organization.name, Plan]
+    if signed_out is not None:
+        columns.append(signed_out)
     row = session.execute(
-        select(ApiKey, Organization.name, Plan)
+        select(*columns)  # type: ignore[call-overload]
         .join(Organization, Organization.id == ApiKey.org_id)
         .join(Plan, Plan.id == ApiKey.plan_id)
         .where(which)
     ).first()
     if row is None:
         raise AuthenticationError("invalid API key")
-    key, org_name, plan = row
+    key, org_name, plan = row[:3]
+    if signed_out is not None and row[3]:
+        raise AuthenticationError("console session has ended (signed out); sign in again")
     if key.revoked_at is not None:
         raise AuthenticationError("this API key has been revoked")
     if key.expires_at is not None and key.expires_at <= time.time():
         raise AuthenticationError("this API key has expired")
     terms = PlanTerms(plan.name, tuple(plan.models) if plan.models is not None else None, plan.explicit_label)
     return Principal(key.id, key.org_id, org_name, key.is_admin, terms)
+
+
+def revoke_key(
+    sessions: sessionmaker, principals: PrincipalCache, key_id: int, org_id: int | None = None
+) -> dict[str, object]:
+    """Revokes a key (of organisation `org_id` only, when given: another's answers 404 like a missing one) and
+    drops it from this gateway's principal cache once the revocation is committed, so this gateway refuses it
+    at once; other gateways wait out the cache's `ttl`. Both revoke routes (admin API, console) use this."""
+    with sessions() as session, session.begin():
+        key = session.get(ApiKey, key_id)
+        if key is None or (org_id is not None and key.org_id != org_id):
+            raise NotFound(f"no key with id {key_id}")
+        key = crud.revoke_key(session, key_id)
+        answer: dict[str, object] = {"id": key.id, "revoked_at": key.revoked_at}
+        key_hash = key.key_hash
+    principals.forget(key_hash)
+    return answer
 
 
 class PrincipalCache:

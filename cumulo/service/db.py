@@ -92,6 +92,16 @@ class ApiKey(Base):
     month_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class ConsoleSignout(Base):
+    """A console session ended by signing out, so a copied cookie value is refused too. Kept until the session
+    would have expired anyway (`expires_at`), then pruned."""
+
+    __tablename__ = "console_signouts"
+    nonce: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+
+
 class Usage(Base):
     """One row per request. Inserted at admission as 'in_progress' (its `billed_tokens` is the reservation),
     rewritten with the final counts in the transaction that settles the quota."""

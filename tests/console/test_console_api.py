@@ -231,3 +231,29 @@ def test_usage_puts_each_request_on_its_utc_day(server_and_url):
     assert [(d["requests"], d["tokens"]) for d in one["days"]] == [(2, 60)]
     five = httpx.get(f"{console_server.url}/console/api/usage?days=5", headers=headers).json()
     assert [d["tokens"] for d in five["days"]] == [0, 80, 0, 10, 60]
+
+
+def test_a_cookie_copied_before_sign_out_is_refused_after_it(server_and_url):
+    server, _, make_key = server_and_url
+    client, _ = signed_client(server, make_key("signout-org"))
+    copied = client.cookies[sessions.COOKIE]
+    other, _ = signed_client(server, make_key("signout-org"))  # another session, not signed out
+    assert client.delete("/console/session").json() == {"signed_out": True}
+    for path in ("/console/session", "/console/api/keys", "/v1/models"):
+        answer = httpx.get(f"{server.url}{path}", cookies={sessions.COOKIE: copied})
+        assert answer.status_code == 401, path
+        assert answer.json()["error"]["message"] == "console session has ended (signed out); sign in again"
+    assert other.get("/console/api/keys").status_code == 200
+
+
+def test_the_admin_revoke_refuses_the_key_at_once_on_this_gateway(console_server, org_key, admin_key):
+    key = org_key("admin-revoke-org")
+    headers = {"Authorization": f"Bearer {key}"}
+    assert httpx.get(f"{console_server.url}/v1/models", headers=headers).status_code == 200  # now cached
+    key_id = httpx.get(f"{console_server.url}/console/api/keys", headers=headers).json()["data"][0]["id"]
+    revoked = httpx.post(
+        f"{console_server.url}/admin/keys/{key_id}/revoke", headers={"Authorization": f"Bearer {admin_key}"}
+    )
+    assert revoked.status_code == 200 and revoked.json()["id"] == key_id
+    after = httpx.get(f"{console_server.url}/v1/models", headers=headers)
+    assert after.status_code == 401 and "revoked" in after.json()["error"]["message"]

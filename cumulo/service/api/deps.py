@@ -63,9 +63,10 @@ async def _session_principal(request: Request, state: ServiceState, token: str) 
 
     def lookup() -> Principal:
         with state.sessions() as session:
-            return authenticate_key_id(session, key_id)
+            return authenticate_key_id(session, key_id, sessions.nonce_of(token))
 
-    return await run_in_threadpool(lookup)  # no cache: a revoked key ends its sessions at once
+    # No cache: a revoked key, or a signed-out session, ends at once (one query reads both).
+    return await run_in_threadpool(lookup)
 
 
 Caller = Annotated[Principal, Depends(get_principal)]

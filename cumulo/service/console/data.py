@@ -16,8 +16,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import case, func, literal, literal_column, select
 from starlette.concurrency import run_in_threadpool
 
-from cumulo.errors import NotFound
-from cumulo.service import crud
+from cumulo.service import auth, crud
 from cumulo.service.api import views
 from cumulo.service.api.deps import After, Caller, EndTime, StartTime, State, only_query
 from cumulo.service.api.schemas import INT32_MAX
@@ -199,13 +198,4 @@ async def create_key(body: KeyCreate, state: State, caller: Caller) -> dict[str,
 async def revoke_key(
     key_id: Annotated[int, Path(ge=1, le=INT32_MAX)], state: State, caller: Caller
 ) -> dict[str, Any]:
-    def write() -> dict[str, Any]:
-        with state.sessions() as session, session.begin():
-            key = session.get(ApiKey, key_id)
-            if key is None or key.org_id != caller.org_id:
-                raise NotFound(f"no key with id {key_id}")
-            row = crud.revoke_key(session, key_id)
-        state.principals.forget(row.key_hash)
-        return {"id": row.id, "revoked_at": row.revoked_at}
-
-    return await run_in_threadpool(write)
+    return await run_in_threadpool(auth.revoke_key, state.sessions, state.principals, key_id, caller.org_id)

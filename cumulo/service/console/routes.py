@@ -48,7 +48,7 @@ class SignIn(BaseModel):
 
 def _who(state: ServiceState, key_id: int, token: str) -> dict[str, Any]:
     with state.sessions() as session:
-        principal = authenticate_key_id(session, key_id)
+        principal = authenticate_key_id(session, key_id, sessions.nonce_of(token))
         key = session.get(ApiKey, key_id)
     return {
         "org": principal.org_name,
@@ -103,7 +103,11 @@ async def current_session(request: Request, state: State) -> dict[str, Any]:
 
 
 @router.delete("/console/session")
-async def sign_out(response: Response) -> dict[str, Any]:
+async def sign_out(request: Request, response: Response, state: State) -> dict[str, Any]:
+    """Deletes the cookie and ends the session server-side, so a copy of the cookie value is refused too."""
+    token = request.cookies.get(sessions.COOKIE)
+    if token:
+        await run_in_threadpool(sessions.end, state.hasher, state.sessions, token)
     response.delete_cookie(sessions.COOKIE, path="/", httponly=True, samesite="strict")
     return {"signed_out": True}
 

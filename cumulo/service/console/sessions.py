@@ -2,7 +2,9 @@
 rest under a key derived from the service secret. The API key itself never enters the cookie.
 
 Every request re-reads the key by id (`auth.authenticate_key_id`), so revoking or expiring the key ends every
-session opened with it. The CSRF token is a second HMAC of the cookie value: the page gets it from
+session opened with it. Signing out (`end`) writes the session's nonce to `console_signouts`, which the same
+query checks, so a copied cookie value is refused after sign-out too; the row is pruned once the session would
+have expired anyway. The CSRF token is a second HMAC of the cookie value: the page gets it from
 GET /console/session (same-origin only) and sends it as `X-CSRF-Token` on every write.
 """
 
@@ -13,7 +15,12 @@ import hmac
 import secrets
 import time
 
+from sqlalchemy import delete
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import sessionmaker
+
 from cumulo.errors import AuthenticationError, PermissionDenied
+from cumulo.service.db import ConsoleSignout
 from cumulo.service.security import KeyHasher
 
 COOKIE = "cumulo_session"
@@ -54,6 +61,31 @@ def key_id_of(hasher: KeyHasher, token: str, now: float | None = None) -> int:
 
 def expires_of(token: str) -> int:
     return int(token.split(".")[1])
+
+
+def nonce_of(token: str) -> str:
+    return token.split(".")[2]
+
+
+def end(hasher: KeyHasher, sessions: sessionmaker, token: str, now: float | None = None) -> bool:
+    """Ends a session for good: its nonce is stored until the session's own expiry, and the rows of sessions
+    past theirs are pruned. False (and nothing stored) for a token that is not a valid, live session."""
+    now = time.time() if now is None else now
+    try:
+        key_id = key_id_of(hasher, token, now)
+    except AuthenticationError:
+        return False
+    with sessions() as session:
+        with session.begin():
+            session.execute(delete(ConsoleSignout).where(ConsoleSignout.expires_at <= now))
+        try:
+            with session.begin():
+                session.add(
+                    ConsoleSignout(nonce=nonce_of(token), key_id=key_id, expires_at=expires_of(token))
+                )
+        except IntegrityError:
+            pass  # already signed out (two tabs, or a repeated click)
+    return True
 
 
 def csrf_of(hasher: KeyHasher, token: str) -> str:

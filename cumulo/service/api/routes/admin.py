@@ -9,7 +9,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from cumulo.errors import NotFound
-from cumulo.service import crud
+from cumulo.service import auth, crud
 from cumulo.service.api import views
 from cumulo.service.api.deps import Admin, After, EndTime, StartTime, State, only_query
 from cumulo.service.api.schemas import INT32_MAX, KeyCreate, OrgName, PlanCreate
@@ -77,12 +77,8 @@ async def create_key(body: KeyCreate, state: State, _: Admin) -> dict[str, Any]:
 async def revoke_key(
     key_id: Annotated[int, Path(ge=1, le=INT32_MAX)], state: State, _: Admin
 ) -> dict[str, Any]:
-    def write() -> dict[str, Any]:
-        with state.sessions() as session, session.begin():
-            row = crud.revoke_key(session, key_id)
-            return {"id": row.id, "revoked_at": row.revoked_at}
-
-    return await run_in_threadpool(write)
+    # The same function as the console's revoke: it also drops the key from this gateway's principal cache.
+    return await run_in_threadpool(auth.revoke_key, state.sessions, state.principals, key_id)
 
 
 @router.get("/usage", dependencies=[only_query("org", "start_time", "end_time", "limit", "after")])
