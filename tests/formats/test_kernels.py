@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cumulo.formats import codec
+from cumulo.formats.element import E4M3FN
 from cumulo.formats.kernels import BoundKernel, cpu, find_kernel, register_kernel, registered
 from cumulo.formats.packed import PackedWeight, concat_rows
 from cumulo.formats.quantize import quantize
@@ -255,3 +257,100 @@ def test_thread_count_changes_speed_only_not_results() -> None:
     finally:
         cpu.set_kernel_threads(None)
     assert one is not None and two is not None and torch.equal(one, two)
+
+
+def _bf16_decoded_runs() -> bool:
+    features = cpu.cpu_features()
+    return cpu.library() is not None and features.avx512_bf16 and features.avx512_vbmi
+
+
+def _within_one_rounding(y: torch.Tensor, ref: torch.Tensor) -> None:
+    """y (bf16) is ref (float64) summed in fp32 in some order and rounded once to bf16: within one bf16 spacing
+    of ref, plus fp32 summation error relative to the row's largest output."""
+    spacing = torch.ldexp(torch.ones_like(ref), torch.frexp(ref.abs().clamp(min=1e-300))[1] - 8)
+    slack = 1e-6 * ref.abs().amax(dim=1, keepdim=True)
+    assert bool(((y.double() - ref).abs() <= spacing + slack).all())
+
+
+def _decoded_call(p: PackedWeight, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """The NVFP4 or MXFP6 bf16 kernel called directly: (return code, y)."""
+    lib = cpu.library()
+    assert lib is not None
+    n, k = p.shape
+    y = torch.zeros(x.shape[0], n, dtype=torch.bfloat16)
+    common = dict(x=x, M=x.shape[0], K=k, codes=p.codes, N=n, scales=p.scales, y=y, threads=2)
+    if p.scheme.scale == "nvfp4":
+        scale_lut = codec.decode(E4M3FN, torch.arange(256)).float().contiguous()
+        rc = lib.cumulo_nvfp4_linear_bf16(**common, scale_lut=scale_lut, tensor_scale=float(p.tensor_scale))
+    else:
+        values = codec.decode(p.scheme.element, torch.arange(64)).float().contiguous()
+        rc = lib.cumulo_mxfp6_linear_bf16(**common, values=values)
+    return rc, y
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp6", "mxfp6-e3m2"])
+@pytest.mark.parametrize("rows", list(range(1, 17)))
+def test_nvfp4_and_mxfp6_bf16_kernels_multiply_the_exact_bf16_weights(fmt: str, rows: int) -> None:
+    """bf16 x against NVFP4 (E2M1 x E4M3 block scale, then the fp32 tensor scale) or MXFP6 (E2M3 / E3M2 x E8M0):
+    each scaled weight is exact in bf16, so the kernel's answer is x times the reference's weights, summed in fp32,
+    rounded once. Scales span their extremes: E4M3 subnormal to 448 and a tensor scale of 2^-90 or 2^90; E8M0
+    codes up to the edges of bf16's normal range. Rows 1..16 take the row kernels (below 8) and the batch path;
+    the layer picks the same kernel (bit-equal answers)."""
+    if not _bf16_decoded_runs():
+        pytest.skip("this CPU has no AVX512-BF16 + VBMI")
+    g = torch.Generator().manual_seed(rows)
+    n, k = 37, 640  # n odd: a partial group of weight rows
+    w = torch.randn(n, k, generator=g)
+    w[0, :32] = 0.0  # row 0, block 0: one weight, which the largest E8M0 code below takes near bf16's largest
+    w[0, 5] = 1.0
+    p = quantize(w, fmt)
+    if fmt == "nvfp4":
+        codes = torch.randint(1, 0x7F, p.scales.shape, generator=g)  # E4M3 0x01 (2^-9) .. 0x7E (448)
+        codes[0, :2] = torch.tensor([0x01, 0x7E])
+        p.scales.copy_(codes.to(torch.uint8))
+        p.tensor_scale.fill_(2.0 ** (-90 if rows % 2 else 90))
+    else:
+        lo, hi = (4, 252) if fmt == "mxfp6" else (5, 250)  # the E8M0 codes that keep every value normal bf16
+        codes = torch.randint(27, 228, p.scales.shape, generator=g)  # 2^-100 .. 2^100
+        codes[0, :2] = torch.tensor([hi, lo])
+        codes[1, -1] = lo
+        p.scales.copy_(codes.to(torch.uint8))
+    x = torch.randn(rows, k, generator=g).clamp(-1, 1).bfloat16()  # |x| <= 1: row 0's sums stay finite
+    w = p.dequantize()
+    assert fmt == "nvfp4" or w[0, :32].abs().max() >= 2.0**126  # the largest code does reach the top
+    if fmt == "nvfp4":  # value x block scale is exact in bf16 (the tensor scale goes on the sums)
+        unscaled = w.double() / float(p.tensor_scale)
+        assert torch.equal(unscaled.bfloat16().double(), unscaled)
+    else:
+        assert torch.equal(w.bfloat16().double(), w.double())
+    rc, y = _decoded_call(p, x)
+    assert rc == 0
+    ref = F.linear(x.double(), w.double())
+    assert bool(torch.isfinite(ref).all()) and ref.abs().max() > 0
+    _within_one_rounding(y, ref)
+    layer = find_kernel("cpu", fmt)(p)(x)
+    assert layer is not None and torch.equal(layer, y)
+
+
+@pytest.mark.parametrize("fmt,code", [("mxfp6", 3), ("mxfp6", 253), ("mxfp6-e3m2", 4), ("mxfp6-e3m2", 251)])
+@pytest.mark.parametrize("rows", [1, 5, 12])
+def test_mxfp6_scales_out_of_bf16_range_fall_back_to_the_table_kernel(fmt: str, code: int, rows: int) -> None:
+    """One E8M0 scale that would take a scaled value out of bf16's normal range (below 2^-126 or past its
+    largest number): the layer does not bind the bf16 kernel and answers through the table kernel, like with like
+    against the reference on the same bf16 x."""
+    if not _bf16_decoded_runs():
+        pytest.skip("this CPU has no AVX512-BF16 + VBMI")
+    lib = cpu.library()
+    g = torch.Generator().manual_seed(code + rows)
+    p = quantize(torch.randn(9, 96, generator=g), fmt)
+    values = codec.decode(p.scheme.element, torch.arange(64)).float().contiguous()
+    assert lib.cumulo_mxfp6_takes(scales=p.scales, count=p.scales.numel(), values=values) == 1
+    p.scales[3, 1] = code
+    assert lib.cumulo_mxfp6_takes(scales=p.scales, count=p.scales.numel(), values=values) == 0
+    if code > 200:  # keep the reference finite: the block's largest values would overflow
+        p.codes[3].zero_()
+    x = torch.randn(rows, 96, generator=g).bfloat16()
+    y = find_kernel("cpu", fmt)(p)(x)
+    assert y is not None and y.dtype == torch.bfloat16
+    ref = F.linear(x.double(), p.dequantize().double())
+    _within_one_rounding(y, ref)

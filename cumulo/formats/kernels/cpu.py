@@ -28,7 +28,7 @@ from cumulo.formats.scales import e8m0_to_float
 from cumulo.platform.kernels.abi import Kernels, Op
 from cumulo.platform.kernels.build import SOURCE_DIR, KernelLibrary, cpu_features, requires_avx2
 
-SOURCES = [SOURCE_DIR / "fp8.cpp", SOURCE_DIR / "fp4.cpp", SOURCE_DIR / "lut.cpp"]
+SOURCES = [SOURCE_DIR / "fp8.cpp", SOURCE_DIR / "fp4.cpp", SOURCE_DIR / "fp6.cpp", SOURCE_DIR / "lut.cpp"]
 # The kernels take their AVX-512 paths where the CPU has them (tests turn this off to cover the AVX2 paths).
 USE_AVX512 = True
 # Above this many rows of x, dequantize once and let torch's GEMM do the compute-bound work. The fused kernels
@@ -61,6 +61,7 @@ def kernel_threads() -> int:
 KERNELS = [
     "cumulo_fp8_linear", "cumulo_fp8_dequant", "cumulo_table8_linear_bf16", "cumulo_table8_takes",
     "cumulo_mxfp4_linear", "cumulo_mxfp4_dequant", "cumulo_lut_linear",
+    "cumulo_nvfp4_linear_bf16", "cumulo_mxfp6_linear_bf16", "cumulo_mxfp6_takes",
 ]  # fmt: skip
 # Built and cached like the platform's kernels (cumulo.platform.kernels.build); each kernel's arguments are the
 # ones its C source declares (cumulo.platform.kernels.abi), passed by name below.
@@ -230,6 +231,35 @@ def _bf16_table(lut: torch.Tensor, twos: bool) -> bool:
     return bool(torch.equal(negative, -mags[1:]) and torch.equal(mags.bfloat16().float(), mags))
 
 
+def _decoded_kernel(lib: Kernels, w: PackedWeight, lut: torch.Tensor, scale_lut: torch.Tensor | None):
+    """The bf16-x kernel of NVFP4 (fp4.cpp) or MXFP6 (fp6.cpp) bound to w's weights, or None where it does not
+    run: another format, a CPU without AVX512-BF16 + VBMI, K not a multiple of 32, blocks other than the
+    format's, or (MXFP6) a scale that would take a scaled value out of bf16's normal range."""
+    n, k = w.shape
+    scheme, elem = w.scheme, w.scheme.element
+    features = cpu_features()
+    if elem is None or k % 32 or not (features.avx512_bf16 and features.avx512_vbmi):
+        return None
+    assert w.scales is not None
+    weight = dict(K=k, codes=w.codes.contiguous(), N=n, scales=w.scales.contiguous())
+    if scheme.scale == "nvfp4" and elem.bits == 4 and tuple(w.block) == (1, 16):
+        assert w.tensor_scale is not None and scale_lut is not None
+        return lib.cumulo_nvfp4_linear_bf16.partial(
+            **weight, scale_lut=scale_lut.contiguous(), tensor_scale=float(w.tensor_scale)
+        )
+    if scheme.scale.startswith("e8m0") and elem.bits == 6 and tuple(w.block) == (1, 32):
+        values = lut[:64].contiguous()
+        if not torch.equal(values.bfloat16().float(), values):
+            return None
+        if (
+            lib.cumulo_mxfp6_takes(scales=weight["scales"], count=weight["scales"].numel(), values=values)
+            != 1
+        ):
+            return None
+        return lib.cumulo_mxfp6_linear_bf16.partial(**weight, values=values)
+    return None
+
+
 def bind_lut(w: PackedWeight) -> BoundKernel | None:
     """Any 8- or 4-bit element type through a value table (HiF8, MX INT8, NVFP4). Prefill uses the reference
     dequantize, as these formats have no C++ dequantizer."""
@@ -280,11 +310,17 @@ def bind_lut(w: PackedWeight) -> BoundKernel | None:
             **weight, scales_f32=scale_f32, scales_e8m0=e8m0, mags=mags, twos=twos
         )
     table_takes = table_linear is not None and lib.cumulo_table8_takes(K=k, bk=bk) == 1
+    # NVFP4 and MXFP6 with bf16 x: their own bf16 kernels (fp4.cpp, fp6.cpp), where K and the blocks fit and,
+    # for MXFP6, every scale keeps the scaled values normal bf16 (cumulo_mxfp6_takes).
+    decoded_linear = _decoded_kernel(lib, w, lut, scale_lut)
 
     def lut_args(x: torch.Tensor, y: torch.Tensor) -> dict:
         return dict(_rows(x, y), bf16=x.dtype == torch.bfloat16, wide_ok=USE_AVX512)
 
     def fused(x: torch.Tensor, y: torch.Tensor) -> None:
+        if decoded_linear is not None and x.dtype == torch.bfloat16 and USE_AVX512:
+            if decoded_linear.call(_rows(x, y)) == 0:
+                return
         if table_linear is not None and x.dtype == torch.bfloat16 and USE_AVX512:
             if table_linear.call(_rows(x, y)) == 0:
                 return
@@ -294,6 +330,8 @@ def bind_lut(w: PackedWeight) -> BoundKernel | None:
         return _call(x, n, fused, None, None)
 
     def record(x: torch.Tensor, y: torch.Tensor) -> Op:
+        if decoded_linear is not None and x.dtype == torch.bfloat16 and USE_AVX512:
+            return decoded_linear.op(**_rows(x, y))
         if table_linear is not None and table_takes and x.dtype == torch.bfloat16 and USE_AVX512:
             return table_linear.op(**_rows(x, y))
         return lut_linear.op(**lut_args(x, y))

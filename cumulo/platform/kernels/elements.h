@@ -13,6 +13,9 @@
 // The fused product kernels never see NaN codes (weights hold none) and do not honour them; the dequantizers do.
 // E2M1 (FP4): kE2M1 (values), e2m1x32_f32 (AVX2, 2 x value via pshufb), kE2M1Bf16 (bf16 bytes for vpshufb).
 // E8M0 (MX block scales): e8m0_value, the code placed in fp32's exponent field.
+// NVFP4 and MXFP6 with bf16 x (AVX512-BF16 + VBMI), 32 elements in element order as exact bf16 per call:
+//   nvfp4x32_bf16         16 bytes of E2M1 times their two E4M3 block scales (at most 5 significant bits)
+//   fp6x32_bf16           24 bytes of 6-bit codes (E2M3 or E3M2, four per 24-bit word) through Fp6Bf16's table
 // Built with -mavx2 -mfma -mf16c (x86 only); the AVX-512 functions carry their own target attributes and run
 // only where cumulo_cpu (cpu_features.h) says the CPU has them.
 #pragma once
@@ -154,5 +157,49 @@ struct E2M1Bf16Bytes {
     }
 };
 const E2M1Bf16Bytes kE2M1Bf16;
+
+#define CUMULO_ELEMENTS_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")))
+
+// NVFP4: 16 bytes of packed E2M1 (32 codes, element 0 in the low nibble) -> 32 bf16 of value x block scale, s0
+// for elements 0..15 and s1 for 16..31 (E4M3 values). E2M1 has at most 2 significant bits and E4M3 4, so the
+// fp32 product has at most 5 and lies in 2^-10 .. 2688: exact in bf16, a normal number or zero.
+CUMULO_ELEMENTS_BF16 inline __m512i nvfp4x32_bf16(const uint8_t* p, float s0, float s1) {
+    const __m512 table = _mm512_loadu_ps(kE2M1);
+    const __m512i even = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i odd = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+    const __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)), table);
+    const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), table);
+    const __m512 lo = _mm512_mul_ps(_mm512_permutex2var_ps(low, even, high), _mm512_set1_ps(s0));
+    const __m512 hi = _mm512_mul_ps(_mm512_permutex2var_ps(low, odd, high), _mm512_set1_ps(s1));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // lo in the low half
+}
+
+// The bf16 of each of a 6-bit element's 64 codes (values exact in bf16: E2M3, E3M2), for vpermi2w.
+struct Fp6Bf16 {
+    __m512i t0, t1;
+};
+CUMULO_ELEMENTS_BF16 inline Fp6Bf16 make_fp6_bf16(const float* values) {
+    alignas(64) uint16_t h[64];
+    for (int c = 0; c < 64; ++c) {
+        uint32_t u;
+        memcpy(&u, &values[c], 4);
+        h[c] = (uint16_t)(u >> 16);
+    }
+    return {_mm512_load_si512(h), _mm512_load_si512(h + 32)};
+}
+
+// 24 bytes of 6-bit codes (code j of each 24-bit little-endian word at bits 6j) -> 32 bf16 in element order:
+// vpermb spreads each 3-byte word into a dword, vpmultishiftqb picks the four 6-bit fields of each dword, and
+// vpermi2w looks the codes up in the 64-entry table.
+CUMULO_ELEMENTS_BF16 inline __m512i fp6x32_bf16(const uint8_t* p, const Fp6Bf16& t) {
+    const __m256i bytes = _mm256_maskz_loadu_epi8((__mmask32)0xFFFFFF, p);
+    const __m256i spread = _mm256_setr_epi8(0, 1, 2, 2, 3, 4, 5, 5, 6, 7, 8, 8, 9, 10, 11, 11, 12, 13, 14, 14, 15, 16,
+                                            17, 17, 18, 19, 20, 20, 21, 22, 23, 23);
+    const __m256i words = _mm256_permutexvar_epi8(spread, bytes);
+    const __m256i fields = _mm256_set1_epi64x(0x322C2620120C0600LL);  // bit offsets 0, 6, 12, 18, 32, ..., 50
+    const __m256i codes = _mm256_and_si256(_mm256_multishift_epi64_epi8(fields, words), _mm256_set1_epi8(0x3F));
+    return _mm512_permutex2var_epi16(t.t0, _mm512_cvtepu8_epi16(codes), t.t1);
+}
 
 }  // namespace cumulo_elements

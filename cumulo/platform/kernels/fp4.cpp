@@ -1,6 +1,7 @@
 // MXFP4 kernels for x86-64 CPUs with AVX2, FMA and F16C (cumulo.formats.kernels.cpu): packed E2M1 codes [N, K / 2]
 // (element 0 in the low nibble) with one E8M0 scale per 32 codes [N, K / 32], K % 32 == 0. The fused product
-// y = x W^T for few rows of x, and dequantization of W for prefill.
+// y = x W^T for few rows of x, and dequantization of W for prefill. Also NVFP4 with bf16 x (the same codes, an
+// E4M3 scale per 16, an fp32 tensor scale): cumulo_nvfp4_linear_bf16 at the end, through decoded.h.
 //
 // Each weight byte (two codes) is read once and decoded in registers (elements.h): on AVX2 through a 16-entry
 // byte table of 2 x value with pshufb, the 1/2 folded into the E8M0 block scale; with bf16 x on AVX512-BF16
@@ -13,6 +14,7 @@
 
 #include "bf16.h"
 #include "cpu_features.h"
+#include "decoded.h"
 #include "elements.h"
 #include "kernel.h"
 #include "simd.h"
@@ -331,5 +333,35 @@ CUMULO_KERNEL(cumulo_mxfp4_dequant, CUMULO_MXFP4_DEQUANT) {
             const uint8_t byte = codes[n * (K / 2) + k / 2];
             out[n * K + k] = kE2M1[k & 1 ? byte >> 4 : byte & 0xF] * e8m0_value(scales[n * (K / 32) + k / 32]);
         }
+    return 0;
+}
+
+namespace {
+
+// NVFP4 row n's elements 32g .. 32g + 31 as exact bf16 (elements.h: nvfp4x32_bf16); E4M3 scale codes through
+// their 256 values.
+struct Nvfp4Dec {
+    const uint8_t* codes;
+    const uint8_t* scales;
+    const float* scale_values;
+    int64_t K;
+    CUMULO_DECODED inline __m512i operator()(int64_t n, int64_t g) const {
+        const uint8_t* s = scales + n * (K / 16) + 2 * g;
+        return nvfp4x32_bf16(codes + n * (K / 2) + 16 * g, scale_values[s[0]], scale_values[s[1]]);
+    }
+};
+
+}  // namespace
+
+// NVFP4 with bf16 x [M, K] -> bf16 y [M, N]: codes [N, K / 2] (element 0 low), E4M3 scale codes [N, K / 16]
+// decoded through scale_lut (256 floats), tensor_scale applied to the fp32 sums. Returns 1 (nothing written)
+// without AVX512-BF16 + VBMI or when K % 32 != 0.
+#define CUMULO_NVFP4_LINEAR_BF16(X)                                                                        \
+    X(const void*, x) X(int64_t, M) X(int64_t, K) X(const uint8_t*, codes) X(int64_t, N) X(const uint8_t*, scales) \
+        X(const float*, scale_lut) X(float, tensor_scale) X(void*, y) X(int, threads)
+CUMULO_KERNEL(cumulo_nvfp4_linear_bf16, CUMULO_NVFP4_LINEAR_BF16) {
+    if (!cumulo_cpu::avx512_bf16_vbmi() || a.K % 32) return 1;
+    const Nvfp4Dec dec{a.codes, a.scales, a.scale_lut, a.K};
+    cumulo_decoded::linear((const uint16_t*)a.x, a.M, a.K, a.N, dec, a.tensor_scale, (uint16_t*)a.y, a.threads);
     return 0;
 }
