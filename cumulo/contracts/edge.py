@@ -14,6 +14,13 @@ Exactly once. A device numbers its messages with `seq`, strictly increasing acro
 persists the counter), and re-sends until acknowledged; the service keeps one result per (device_id, seq) and
 acknowledges a re-sent one without storing it again. Only `up/results` is deduplicated: heartbeats and
 reported state are the latest wins.
+
+Which model made a result. Heartbeats and reported state carry the full `model` (name, version, sha256); a
+result carries only `mid`, the first `MODEL_ID_CHARS` hex digits of that sha256 (the full reference was 115 of
+a result's 327 bytes), except the first result of each model on a connection, which carries the full `model`
+(reported state travels on another topic, unordered with the results). The service stores each result with the full reference of the device's model whose
+sha256 begins with `mid` (reported, desired or last good), or `{"mid": ...}` when it knows none yet. A result
+with a full `model` (older agents) is stored as before. Fields that are None are left out of the JSON.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ KIND_REPORTED = "reported"  # on up/reported; body: {"state": "running"|"downloa
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # no '/', '+', '#': it is a topic level
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+MODEL_ID_CHARS = 12  # a result's `mid`: 48 bits of the sha256, unique among the few models a fleet runs
+MODEL_ID_PATTERN = r"^[0-9a-f]{8,64}$"
 KIND_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 
 
@@ -81,6 +90,7 @@ class Envelope(BaseModel):
     time: datetime  # RFC 3339 with an offset, when the device made it
     kind: str = Field(max_length=32, pattern=KIND_PATTERN)
     model: ModelRef | None = None
+    mid: str | None = Field(default=None, pattern=MODEL_ID_PATTERN)  # a result's model: sha256 prefix
     body: dict[str, Any] = Field(default_factory=dict)
     auth: str = Field(min_length=1, max_length=256)  # the device credential, as the HTTP Bearer
 
@@ -92,7 +102,16 @@ class Envelope(BaseModel):
         return value
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
+        return self.model_dump_json(exclude_none=True).encode()
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON object sent over HTTP: the same fields as `to_bytes`."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def model_id(sha256: str) -> str:
+    """The short model id a result carries (`Envelope.mid`) for a model with this sha256."""
+    return sha256[:MODEL_ID_CHARS]
 
 
 class DesiredState(BaseModel):

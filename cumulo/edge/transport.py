@@ -37,6 +37,7 @@ from cumulo.contracts.edge import (
     EnrollResponse,
     Envelope,
     ModelRef,
+    model_id,
     parse_topic,
     topic_for,
 )
@@ -44,15 +45,22 @@ from cumulo.edge.outbox import Outbox, Pending
 from cumulo.errors import AuthenticationError, CumuloError, InvalidRequest
 
 
-def envelope(item: Pending, device_id: str, credential: str) -> Envelope:
-    """The wire form of a stored result; the credential is added at send time so a re-issued one applies."""
-    model = ModelRef(**item.model) if item.model else None
+def envelope(item: Pending, device_id: str, credential: str, announced: set[str] | None = None) -> Envelope:
+    """The wire form of a stored result; the credential is added at send time so a re-issued one applies.
+    A result names its model by `mid` only, except the first one of each model on a link (`announced` holds
+    the sha256s already sent in full on it): the service then knows the model even before the device's
+    reported state arrives (another topic, not ordered with the results)."""
+    sha256 = (item.model or {}).get("sha256")
+    full = sha256 is not None and announced is not None and sha256 not in announced
+    if full:
+        announced.add(sha256)
     return Envelope(
         device_id=device_id,
         seq=item.seq,
         time=item.time,
         kind=item.kind,
-        model=model,
+        model=ModelRef(**item.model) if full else None,
+        mid=model_id(sha256) if sha256 and not full else None,
         body=item.body,
         auth=credential,
     )
@@ -105,13 +113,11 @@ class HttpLink:
         return DesiredState.model_validate(data) if data else None
 
     def post_results(self, envelopes: list[Envelope], credential: str) -> None:
-        self._call("POST", "/v1/edge/results", [e.model_dump(mode="json") for e in envelopes], credential)
+        self._call("POST", "/v1/edge/results", [e.wire() for e in envelopes], credential)
 
     def post_latest(self, leaf: str, message: Envelope, credential: str) -> None:
         """A heartbeat or reported state (`up/heartbeat` -> POST /v1/edge/heartbeat)."""
-        self._call(
-            "POST", f"/v1/edge/{leaf.removeprefix('up/')}", [message.model_dump(mode="json")], credential
-        )
+        self._call("POST", f"/v1/edge/{leaf.removeprefix('up/')}", [message.wire()], credential)
 
 
 @dataclass
@@ -130,6 +136,7 @@ class MqttLink:
     _connected: bool = False
     _inflight: dict[int, int] = field(default_factory=dict)  # paho mid -> seq, for the current connection
     _sent_upto: int = 0
+    _announced: set[str] = field(default_factory=set)  # models sent in full on the current connection
     _events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
     _next_try: float = 0.0
     down_since: float = field(default_factory=time.monotonic)
@@ -174,6 +181,7 @@ class MqttLink:
         self._connected = False
         self._inflight.clear()
         self._sent_upto = 0
+        self._announced.clear()
         self.error = why
         self._next_try = time.monotonic() + self.retry_s
 
@@ -216,7 +224,7 @@ class MqttLink:
         if room > 0:
             topic = topic_for(self.device_id, UP_RESULTS, self.topic_root)
             for item in self.outbox.pending(after=self._sent_upto, limit=room):
-                payload = envelope(item, self.device_id, self.credential).to_bytes()
+                payload = envelope(item, self.device_id, self.credential, self._announced).to_bytes()
                 info = self._client.publish(topic, payload, qos=1)
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:
                     self._drop(f"publish failed: {mqtt.error_string(info.rc)}")
@@ -267,6 +275,7 @@ class Sender:
         )
         self.fallback_after, self.retry_s = fallback_after, retry_s
         self._http_next = 0.0
+        self._http_announced: set[str] = set()  # models sent in full over HTTP since the start
         self.http_error: str | None = None
 
     def _use_http(self) -> bool:
@@ -281,15 +290,18 @@ class Sender:
         if self._use_http():
             items = self.outbox.pending(limit=MAX_BATCH)
             if items:
+                announced = set(self._http_announced)  # kept only when the batch is acknowledged
                 try:
                     self.http.post_results(
-                        [envelope(i, self.device_id, self.credential) for i in items], self.credential
+                        [envelope(i, self.device_id, self.credential, announced) for i in items],
+                        self.credential,
                     )
                 except CumuloError as error:
                     self.http_error = str(error)
                     self._http_next = time.monotonic() + self.retry_s
                 else:
                     self.http_error = None
+                    self._http_announced = announced
                     self.outbox.ack(*(i.seq for i in items))
                     sent += len(items)
         return sent

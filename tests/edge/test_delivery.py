@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cumulo.contracts.edge import Envelope
+from cumulo.contracts.edge import Envelope, model_id
 from cumulo.edge.agent import Agent, AgentSettings, Identity
 from cumulo.edge.scenes import ShelfScene
 from cumulo.edge.sources import SceneSource
@@ -24,11 +24,19 @@ def _made(agent: Agent) -> int:
     return agent.outbox.stats().next_seq - 1
 
 
+def _model_of(e: Envelope) -> str | None:
+    return model_id(e.model.sha256) if e.model is not None else e.mid
+
+
 def _once_each(received: list[Envelope], made: int) -> None:
     by_seq: dict[int, Envelope] = {}
     for e in received:
-        if e.seq in by_seq:  # a re-send: must be the very same result
-            assert e.model_dump() == by_seq[e.seq].model_dump()
+        if (
+            e.seq in by_seq
+        ):  # a re-send: the very same result (its model in full or by id, as the link had it)
+            before = by_seq[e.seq]
+            assert e.model_dump(exclude={"model", "mid"}) == before.model_dump(exclude={"model", "mid"})
+            assert _model_of(e) == _model_of(before)
         by_seq[e.seq] = e
     assert sorted(by_seq) == list(range(1, made + 1))
 
@@ -46,6 +54,8 @@ def test_agent_publishes_results_that_arrive_in_seq_order(
     assert subscriber.seqs() == list(range(1, made + 1))
     first = subscriber.received[0]
     assert first.device_id == "dev-1" and first.auth == "cred-dev-1" and first.model is not None
+    second = subscriber.received[1]  # the model went in full once on this connection: then its short id
+    assert second.model is None and second.mid == model_id(first.model.sha256)
     texts = [e.body.get("text") for e in subscriber.received if e.kind == "event"]
     assert any(t and t.endswith("empty") for t in texts)
     agent.close()

@@ -104,7 +104,7 @@ class EdgeFleet:
                 if new:
                     self._after_store(session, device, envelope, result_id, now)
                 org_id = device.org_id
-                item = self._item(envelope, now) if new else None
+                item = self._item(envelope, results.model_of(device, envelope), now) if new else None
         except AuthenticationError as error:
             self._reject("unauthorized", source, error, topic_device or envelope.device_id)
             raise
@@ -141,7 +141,7 @@ class EdgeFleet:
         return True
 
     @staticmethod
-    def _item(envelope: Any, now: float) -> dict[str, Any]:
+    def _item(envelope: Any, model: dict[str, Any] | None, now: float) -> dict[str, Any]:
         return {
             "object": "edge.result",
             "device_id": envelope.device_id,
@@ -149,7 +149,7 @@ class EdgeFleet:
             "kind": envelope.kind,
             "time": envelope.time.timestamp(),
             "received_at": now,
-            "model": envelope.model.model_dump() if envelope.model else None,
+            "model": model,
             "body": envelope.body,
         }
 

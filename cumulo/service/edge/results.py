@@ -27,6 +27,21 @@ def _insert(session: Session, table: Any) -> Any:
     return dialect.insert(table)
 
 
+def model_of(device: EdgeDevice, envelope: Envelope) -> dict[str, Any] | None:
+    """The full model reference a result is stored with: its own `model` (older agents), else the device's
+    model whose sha256 begins with the result's `mid` (the one it reports, the one it was told to run, or its
+    last good one), else `{"mid": ...}` (a result that arrived before any word of its model)."""
+    if envelope.model is not None:
+        return envelope.model.model_dump()
+    if envelope.mid is None:
+        return None
+    reported = (device.reported or {}).get("model")
+    for known in (reported, device.desired_model, device.good_model):
+        if known and str(known.get("sha256", "")).startswith(envelope.mid):
+            return {key: known[key] for key in ("name", "version", "sha256") if key in known}
+    return {"mid": envelope.mid}
+
+
 def store(session: Session, device: EdgeDevice, envelope: Envelope, size: int, now: float) -> int | None:
     """The new row's id when the result is new (stored and metered), None for a re-send of a stored one."""
     insert = _insert(session, EdgeResult).values(
@@ -36,7 +51,7 @@ def store(session: Session, device: EdgeDevice, envelope: Envelope, size: int, n
         kind=envelope.kind,
         time=envelope.time.timestamp(),
         received_at=now,
-        model=envelope.model.model_dump() if envelope.model else None,
+        model=model_of(device, envelope),
         body=envelope.body,
         size=size,
     )
