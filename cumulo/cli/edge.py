@@ -211,19 +211,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def _check_device_class(args: argparse.Namespace, sha256: str) -> None:
-    """The fit check of `deploy --device-class`, here in the command line because the service may not import the
-    chip layer: the package the devices would download (its sha256 checked) against the target's memory,
-    formats and operators. Raises a one-line InvalidRequest (DoesNotFit) before anything is written."""
-    import hashlib
+    """The fit check of `deploy --device-class` (`cumulo.cli.edge_fit`): the package the devices would download
+    against the target's memory, formats and operators. A one-line InvalidRequest before anything is written."""
     from pathlib import Path
     from urllib.parse import unquote, urlsplit
 
-    from cumulo.chips.catalog import get_chip
-    from cumulo.chips.edge import check_deploy
-    from cumulo.edge.footprint import package_workload
+    from cumulo.cli.edge_fit import check_package
     from cumulo.errors import InvalidRequest
 
-    chip = get_chip(args.device_class)
     local = args.model_file
     if local is None and urlsplit(args.url).scheme == "file":
         local = unquote(urlsplit(args.url).path)
@@ -231,16 +226,7 @@ def _check_device_class(args: argparse.Namespace, sha256: str) -> None:
         raise InvalidRequest(
             "--device-class needs the model to check: give --model-file PATH or a file:// --url"
         )
-    path = Path(local)
-    if not path.is_file():
-        raise InvalidRequest(f"no model file at {path}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != sha256:
-        raise InvalidRequest(
-            f"{path.name} has sha256 {digest[:12]}..., not the --sha256 given ({sha256[:12]}...)"
-        )
-    workload, named = package_workload(path)
-    check_deploy(workload, chip, args.format or named)
+    check_package(Path(local), sha256, args.device_class, args.format)
 
 
 def cmd_rollouts(args: argparse.Namespace) -> int:

@@ -143,7 +143,7 @@ def _raise_stop(signum: int, frame: object) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cumulo.cli import console_ops
+    from cumulo.cli import console_ops, edge_fit
     from cumulo.service.app import create_app
     from cumulo.service.bootstrap import ensure_admin_key
     from cumulo.service.settings import Settings
@@ -168,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         )
         app = create_app(settings, engines)
         console_ops.install(app)
+        edge_fit.install(app)  # POST /v1/edge/rollouts checks packages against device classes
         created = ensure_admin_key(app.state.service)
         if created is not None:
             print(f"Created the admin key; it is in {created} (readable by you only) and is not shown again.")

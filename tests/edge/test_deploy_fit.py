@@ -102,3 +102,49 @@ def test_the_check_names_memory_and_operators(shelf_package: Path) -> None:
     big = VisionWorkload("resnet-50", 25_557_032, 4_100_000_000, 1_605_632, 54, frozenset({"conv2d"}))
     with pytest.raises(DoesNotFit, match=r"resnet-50 in int8 needs 27\.2 MB .* imx500 has 8\.0 MB"):
         check_deploy(big, "imx500", "int8")
+
+
+def _api_fleet(data_dir: Path, client: TestClient, classes: dict[str, str | None]) -> dict[str, str]:
+    """Devices of organisation acme created over the API with their classes, and enrolled; the admin key."""
+    from cumulo.service import crud
+
+    state = client.app.state.service
+    with state.sessions() as session, session.begin():
+        _, secret = crud.create_key(session, state.hasher, org_name="acme", plan_name="default")
+    key = {"Authorization": f"Bearer {secret}"}
+    for device_id, device_class in classes.items():
+        body = {"device_id": device_id, "device_class": device_class}
+        created = client.post("/v1/edge/devices", json=body, headers=key)
+        assert created.status_code == 201 and created.json()["device_class"] == device_class, created.text
+        token = created.json()["enrollment_token"]
+        assert client.post("/v1/edge/enroll", json={"token": token}).status_code == 200
+    return key
+
+
+def test_the_rollouts_api_refuses_a_package_that_a_targeted_device_class_cannot_run(
+    data_dir: Path, shelf_package: Path
+) -> None:
+    from cumulo.cli import edge_fit
+    from cumulo.edge.model import save_package, train_shelf_net
+
+    fp8 = save_package(train_shelf_net(seed=0), shelf_package.parent / "shelf-fp8.safetensors", "fp8")
+    with TestClient(create_app(Settings(data_dir=data_dir), {})) as client:
+        edge_fit.install(client.app)  # as `cumulo serve` does
+        key = _api_fleet(data_dir, client, {"cam-s": "imx500", "cam-p": "rpi5", "cam-x": None})
+
+        def rollout(package: Path) -> object:
+            sha = hashlib.sha256(package.read_bytes()).hexdigest()
+            body = {"name": "shelf", "version": "2", "sha256": sha, "url": package.as_uri()}
+            return client.post("/v1/edge/rollouts", json=body, headers=key)
+
+        refused = rollout(fp8)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["type"] == "invalid_request_error"
+        assert (
+            error["message"]
+            == "imx500 runs int8 only; cumulo-shelf-cnn-v1 (shelf-fp8.safetensors) is packaged in fp8"
+        )
+        assert client.get("/v1/edge/rollouts", headers=key).json()["data"] == []  # nothing written
+
+        assert rollout(shelf_package).status_code == 201  # mxint8: the sensor runs it as int8, the CPU too

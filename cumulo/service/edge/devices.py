@@ -33,8 +33,18 @@ def _check_device_id(device_id: str) -> str:
     return device_id
 
 
+DEVICE_CLASS_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"  # a chip id of the catalog
+
+
 def create(
-    session: Session, hasher: KeyHasher, org_id: int, device_id: str | None, name: str, now: float, ttl: float
+    session: Session,
+    hasher: KeyHasher,
+    org_id: int,
+    device_id: str | None,
+    name: str,
+    now: float,
+    ttl: float,
+    device_class: str | None = None,
 ) -> tuple[EdgeDevice, str]:
     """A new device and its one-time enrolment token (returned once, stored as a keyed hash)."""
     device_id = _check_device_id(device_id) if device_id else "dev-" + secrets.token_hex(6)
@@ -45,6 +55,7 @@ def create(
         org_id=org_id,
         device_id=device_id,
         name=name[:128],
+        device_class=device_class,
         created_at=now,
         desired_revision=0,
         published_revision=0,
@@ -122,6 +133,11 @@ def list_for(session: Session, org_id: int) -> list[EdgeDevice]:
     )
 
 
+def targets(session: Session, org_id: int) -> list[EdgeDevice]:
+    """The devices a rollout goes to: enrolled and not revoked."""
+    return [d for d in list_for(session, org_id) if d.credential_hash is not None and d.revoked_at is None]
+
+
 def revoke(device: EdgeDevice, now: float) -> None:
     if device.revoked_at is None:
         device.revoked_at = now
@@ -138,6 +154,10 @@ def note_seen(device: EdgeDevice, envelope: Envelope, now: float) -> None:
 
 
 def note_reported(device: EdgeDevice, envelope: Envelope, now: float) -> None:
+    """The device's reported state; a `device_class` in it (a chip id) replaces the one it was created with."""
+    named = envelope.body.get("device_class")
+    if isinstance(named, str) and re.fullmatch(DEVICE_CLASS_PATTERN, named):
+        device.device_class = named
     device.reported = {
         "model": envelope.model.model_dump() if envelope.model else None,
         "body": envelope.body,
@@ -173,6 +193,7 @@ def view(device: EdgeDevice, now: float, online_seconds: float) -> dict[str, Any
         "object": "edge.device",
         "device_id": device.device_id,
         "name": device.name,
+        "device_class": device.device_class,
         "state": state,
         "online": online,
         "created_at": device.created_at,

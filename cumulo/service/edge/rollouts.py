@@ -50,9 +50,7 @@ def start(
     )
     if running is not None:
         raise Conflict(f"rollout {running} is still in its canary stage; wait for it or let it roll back")
-    fleet = [
-        d for d in devices.list_for(session, org_id) if d.credential_hash is not None and d.revoked_at is None
-    ]
+    fleet = devices.targets(session, org_id)
     if not fleet:
         raise InvalidRequest("this organisation has no enrolled devices to roll out to")
     fleet.sort(key=lambda d: d.device_id)

@@ -53,6 +53,9 @@ class EdgeDevice(Base):
     # rollout sends it back to. Per device, because devices enrolled at different times ran different models.
     good_model: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     refused: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)  # refused messages by reason
+    # A chip id of the catalog (imx500, rpi5, ...): given at creation or in the device's reported state; a
+    # rollout's package is checked against every class it targets (`app.state.edge_fit_check`).
+    device_class: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class EdgeResult(Base):

@@ -30,6 +30,7 @@ class DeviceCreate(BaseModel):
 
     device_id: str | None = Field(default=None, max_length=64, pattern=DEVICE_ID_PATTERN)
     name: str = Field(default="", max_length=128)
+    device_class: str | None = Field(default=None, max_length=64, pattern=devices.DEVICE_CLASS_PATTERN)
 
 
 class RolloutCreate(DesiredModel):
@@ -46,7 +47,14 @@ async def create_device(body: DeviceCreate, request: Request, principal: Caller)
         now = fleet.clock()
         with fleet.sessions() as session, session.begin():
             device, token = devices.create(
-                session, fleet.hasher, principal.org_id, body.device_id, body.name, now, fleet.token_ttl
+                session,
+                fleet.hasher,
+                principal.org_id,
+                body.device_id,
+                body.name,
+                now,
+                fleet.token_ttl,
+                body.device_class,
             )
             return {
                 **devices.view(device, now, fleet.online_seconds),
@@ -194,6 +202,16 @@ async def stream_results(
 async def create_rollout(body: RolloutCreate, request: Request, principal: Caller) -> dict[str, Any]:
     fleet = fleet_of(request)
     model = DesiredModel(name=body.name, version=body.version, sha256=body.sha256, url=body.url)
+    # `app.state.edge_fit_check(model, device_class)`, installed by `cumulo serve` from the command line layer
+    # (the service may not import the chip catalog): raises a one-line InvalidRequest when the package does not
+    # fit a class of device the rollout targets. Without it (tests, embedded use) nothing is checked.
+    fit_check = getattr(request.app.state, "edge_fit_check", None)
+
+    def check_fit() -> None:
+        with fleet.sessions() as session:
+            classes = {d.device_class for d in devices.targets(session, principal.org_id) if d.device_class}
+        for device_class in sorted(classes):
+            fit_check(model, device_class)
 
     def write() -> dict[str, Any]:
         with fleet.sessions() as session, session.begin():
@@ -208,6 +226,8 @@ async def create_rollout(body: RolloutCreate, request: Request, principal: Calle
             )
             return rollouts.view(session, rollout)
 
+    if fit_check is not None:
+        await run_in_threadpool(check_fit)  # downloads and measures the package: before any row is written
     answer = await run_in_threadpool(write)
     await run_in_threadpool(fleet.publish_pending)
     return answer
