@@ -54,6 +54,10 @@ def cmd_join(args: argparse.Namespace) -> int:
     if args.node_ip:
         command.append(f"--node-ip-address={args.node_ip}")
     print(f"Joining the pool at {args.address}; Ctrl-C to leave.", flush=True)
+    # Ctrl-C and SIGTERM (a service manager's stop) both leave cleanly, also when started from a script's
+    # background job, which starts with SIGINT ignored and so without Python's KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _, err = process.communicate()
@@ -118,7 +122,7 @@ def run_gateway(args: argparse.Namespace, settings: Any, refs: list[str] | None)
     the deployments' replicas with a controller, and serves each model through its pool."""
     import uvicorn
 
-    from cumulo.cli import console_ops
+    from cumulo.cli import console_ops, edge_fit
     from cumulo.cli.deploy import _source_and_name, check_spec
     from cumulo.cli.serve import _raise_stop, _Stop
     from cumulo.cluster.controller import Controller, Wanted
@@ -167,6 +171,7 @@ def run_gateway(args: argparse.Namespace, settings: Any, refs: list[str] | None)
         app.state.deployment_check = check_spec
         app.state.deployment_status = controller.replicas
         console_ops.install(app, nodes=lambda: pool_nodes(address))
+        edge_fit.install(app)  # POST /v1/edge/rollouts checks packages against device classes
         controller.start()
         print(f"Pool head at {address}. Add a machine with:  cumulo join {address}", flush=True)
         print(f"Serving the pool's deployments at http://{settings.host}:{settings.port}/v1", flush=True)
