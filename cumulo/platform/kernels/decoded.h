@@ -65,8 +65,8 @@ void rows_of_x_any(int64_t mb, const uint16_t* x, int64_t K, const Dec& dec, int
     }
 }
 
-// bf16 x [M, K] -> bf16 y [M, N] = mul * x W^T. With mul == 1 the batch path is cumulo_tile::decode_tiles;
-// otherwise (NVFP4's fp32 tensor scale) the same loop, the scale applied to the fp32 sums before rounding.
+// bf16 x [M, K] -> bf16 y [M, N] = mul * x W^T (mul: NVFP4's fp32 tensor scale, 1 for MXFP6). From
+// kDecodeOnceRows rows of x the batch path is cumulo_tile::decode_tiles.
 template <class Dec>
 void linear(const uint16_t* x, int64_t M, int64_t K, int64_t N, const Dec& dec, float mul, uint16_t* y,
             int nthreads) {
@@ -75,31 +75,7 @@ void linear(const uint16_t* x, int64_t M, int64_t K, int64_t N, const Dec& dec, 
         const auto decode = [&](int64_t n0, int64_t nr, uint16_t* w) {
             for (int64_t r = 0; r < nr; ++r) decode_row(dec, n0 + r, K, w + r * K);
         };
-        if (mul == 1.0f) {
-            cumulo_tile::decode_tiles(x, M, K, N, decode, y, nthreads);
-            return;
-        }
-        using cumulo_tile::kRows;
-        using cumulo_tile::kTileN;
-        const int64_t tiles = (N + kTileN - 1) / kTileN;
-#pragma omp parallel num_threads(nthreads)
-        {
-            cumulo_simd::Scratch<uint16_t> w(kTileN * K);
-            float out[kRows * kTileN];
-#pragma omp for schedule(static)
-            for (int64_t t = 0; t < tiles; ++t) {
-                const int64_t n0 = t * kTileN, nr = N - n0 < kTileN ? N - n0 : kTileN;
-                decode(n0, nr, w.data());
-                for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-                    const int64_t mb = M - m0 < kRows ? M - m0 : kRows;
-                    for (int64_t j = 0; j < nr; ++j) {
-                        cumulo_tile::tile_rows<cumulo_tile::Bf16Ops, 1>(mb, x + m0 * K, K, K, w.data() + j * K, K,
-                                                                        out);
-                        for (int64_t i = 0; i < mb; ++i) y[(m0 + i) * N + n0 + j] = from_float(out[i] * mul);
-                    }
-                }
-            }
-        }
+        cumulo_tile::decode_tiles(x, M, K, N, decode, y, nthreads, mul);
         return;
     }
     if (M == 1) {

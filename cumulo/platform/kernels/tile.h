@@ -120,10 +120,11 @@ inline void emit(const float* out, int64_t mb, int64_t nr, int64_t m0, int64_t n
 // not once per few rows of x, and the products run at the dense bf16 kernel's speed. The fused row kernels
 // decode once per 4-8 rows of x; for a batch of 16 their decoding costs more than the products.
 // The result is x times the bf16 dequantization of W (one rounding of value x scale), as the prefill path's
-// dequantize + bf16 GEMM; exact where the scales are powers of two (E8M0, UE8M0).
+// dequantize + bf16 GEMM; exact where the scales are powers of two (E8M0, UE8M0). `mul` (NVFP4's fp32 tensor
+// scale) multiplies the fp32 sums before the one rounding to bf16.
 template <typename Decode>
 void decode_tiles(const uint16_t* x, int64_t M, int64_t K, int64_t N, const Decode& decode, uint16_t* y,
-                  int nthreads) {
+                  int nthreads, float mul = 1.0f) {
     const int64_t tiles = (N + kTileN - 1) / kTileN;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -137,11 +138,15 @@ void decode_tiles(const uint16_t* x, int64_t M, int64_t K, int64_t N, const Deco
                 const int64_t mb = M - m0 < kRows ? M - m0 : kRows;
                 if (nr == kTileN) {
                     tile_rows<Bf16Ops, kTileN>(mb, x + m0 * K, K, K, w.data(), K, out);
+                    if (mul != 1.0f)
+                        for (int64_t i = 0; i < mb * kTileN; ++i) out[i] *= mul;
                     emit<uint16_t>(out, mb, kTileN, m0, n0, N, nullptr, y, false);
                     continue;
                 }
                 for (int64_t j = 0; j < nr; ++j) {
                     tile_rows<Bf16Ops, 1>(mb, x + m0 * K, K, K, w.data() + j * K, K, out);
+                    if (mul != 1.0f)
+                        for (int64_t i = 0; i < mb; ++i) out[i] *= mul;
                     emit<uint16_t>(out, mb, 1, m0, n0 + j, N, nullptr, y, false);
                 }
             }
