@@ -67,18 +67,12 @@ class ModelMeta:
 
 
 def load_meta(model: str) -> ModelMeta:
-    from cumulo.models.loader import resolve
+    from cumulo.models.loader import hf_config_and_tokenizer, resolve
     from cumulo.models.seal import files_seal
-    from cumulo.models.tokenizer import from_directory
 
     path = checkpoint_dir(model)
     _, name = resolve(model)
-    raw = hf.read_config_json(path)
-    config = hf.config_from_json(raw, path)
-    tokenizer = from_directory(path, raw)
-    config.eos_token_ids = sorted(set(config.eos_token_ids) | tokenizer.eos_token_ids)
-    if config.bos_token_id is None:
-        config.bos_token_id = tokenizer.bos_token_id
+    _, config, tokenizer = hf_config_and_tokenizer(path)
     return ModelMeta(config, tokenizer, name, files_seal(path, hf.sealed_files(path)))
 
 

@@ -121,7 +121,9 @@ def _load_gguf(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
     return LoadedModel(config, contents.weights, tokenizer, file_seal(path), path, name, contents.format)
 
 
-def _load_hf(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
+def hf_config_and_tokenizer(path: Path) -> tuple[dict, ModelConfig, Tokenizer]:
+    """A Hugging Face directory's raw config.json, its ModelConfig and its tokenizer, the config's end and
+    start tokens completed from the tokenizer's."""
     from cumulo.models.tokenizer import from_directory
 
     raw = hf.read_config_json(path)
@@ -130,6 +132,11 @@ def _load_hf(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
     config.eos_token_ids = sorted(set(config.eos_token_ids) | tokenizer.eos_token_ids)
     if config.bos_token_id is None:
         config.bos_token_id = tokenizer.bos_token_id
+    return raw, config, tokenizer
+
+
+def _load_hf(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
+    raw, config, tokenizer = hf_config_and_tokenizer(path)
     if raw.get("quantization_config"):
         # A compact-format checkpoint (cumulo convert, or DeepSeek's block FP8): packed weights stay packed.
         from cumulo.formats.checkpoint import load_packed_state_dict
