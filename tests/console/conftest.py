@@ -35,8 +35,10 @@ LAPTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
+    """One Chromium per module. Not per session: Playwright's sync API keeps an asyncio loop running in the main
+    thread until it stops, and every later test that calls asyncio.run() would fail."""
     if not Path(CHROMIUM).exists() and not shutil.which(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: run `scripts/setup.sh test` (it installs Debian's chromium)")
     if not (VENDOR / "preact-htm.js").exists():

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from cumulo.service import auth, crud
 from cumulo.service.api import views
 from cumulo.service.api.deps import After, Caller, EndTime, StartTime, State, only_query
-from cumulo.service.api.schemas import INT32_MAX
+from cumulo.service.api.schemas import INT32_MAX, KeyName
 from cumulo.service.auth import Principal
 from cumulo.service.db import ApiKey, Plan, Usage
 from cumulo.service.limits import month_of
@@ -114,8 +114,8 @@ def _quota(session: Any, caller: Principal) -> dict[str, Any]:
 async def requests(
     state: State,
     caller: Caller,
-    status: Annotated[str | None, Query(pattern="^(" + "|".join(STATUSES) + ")$")] = None,
-    model: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
+    status: Annotated[str | None, Query(max_length=32, pattern="^(" + "|".join(STATUSES) + ")$")] = None,
+    model: Annotated[str | None, Query(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")] = None,
     key_id: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None,
     start_time: StartTime = None,
     end_time: EndTime = None,
@@ -156,7 +156,7 @@ def _request_row(row: Usage) -> dict[str, Any]:
 
 
 class KeyCreate(BaseModel):
-    name: str = Field(default="", max_length=128)
+    name: KeyName = ""
     expires_in_days: int | None = Field(default=None, ge=1, le=3650)
 
 
