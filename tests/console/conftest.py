@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.service.conftest import pg_database  # noqa: F401  (the same PostgreSQL fixture as tests/service)
 from tests.service.live import LiveServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,22 +109,3 @@ def take_shot(page: object, name: str) -> None:
 @pytest.fixture
 def shot() -> Callable[[object, str], None]:
     return take_shot
-
-
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    """A PostgreSQL database for the tests here marked `postgres` (as tests/service/conftest.py makes one)."""
-    import uuid
-
-    from sqlalchemy import create_engine, text
-
-    from tests.service.conftest import PG_SERVER
-
-    name = f"cumulo_console_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(f"{PG_SERVER}/test", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield f"{PG_SERVER}/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()

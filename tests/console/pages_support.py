@@ -3,35 +3,21 @@ shortcuts every page test takes (open a page and wait for it to finish loading).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from tests.service.live import LiveServer, free_port
+from tests.service.live import LiveServer
 
 SCRIPT = Path(__file__).with_name("pages_server.py")
 
 
+@dataclass
 class PagesServer(LiveServer):
-    def launch(self) -> PagesServer:
-        self.port = free_port()
-        args = [
-            sys.executable,
-            str(SCRIPT),
-            "--data-dir",
-            str(self.data_dir),
-            "serve",
-            "--port",
-            str(self.port),
-        ]
-        args += ["--model", "fake-model", "--log-level", "warning"]
-        env = {**os.environ, "CUMULO_FINETUNE_WORKERS": "0"}
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log = self.data_dir / f"server-{self.port}.log"
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-        return self
+    """The console's test gateway: tests/console/pages_server.py with its own fake models."""
+
+    script: Path = SCRIPT
+    model: str = "fake-model"
+    fake: bool = True
 
 
 def open_page(page: object, server: LiveServer, route: str, title: str) -> None:

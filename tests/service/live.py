@@ -38,6 +38,7 @@ class LiveServer:
     log: Path | None = None
     model: str = MODEL  # what `--model` names
     fake: bool = FAKE  # serve with the fake engine (tests/service/fakes.py) instead of real engine processes
+    script: Path = SCRIPT  # the gateway script the process runs
 
     @property
     def url(self) -> str:
@@ -51,7 +52,7 @@ class LiveServer:
         self.port = free_port()
         args = [
             sys.executable,
-            str(SCRIPT),
+            str(self.script),
             "--data-dir",
             str(self.data_dir),
             "serve",
