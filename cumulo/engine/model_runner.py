@@ -16,6 +16,50 @@ from cumulo.engine.sequence import Sequence
 from cumulo.models.attention import AttentionContext, KVCache, PrefillChunk
 
 
+def slots_of(seq: Sequence, start: int, end: int, block_size: int) -> list[int]:
+    """The cache slots of positions start .. end - 1 of `seq`, through its block table."""
+    table = seq.block_table
+    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+def decode_rows(batch: ScheduledBatch, block_size: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Input ids, positions, cache slots and sampled rows of a step's decodes: one row each, all sampled."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    for seq in batch.decodes:
+        pos = seq.num_computed_tokens
+        input_ids.append(seq.token_ids[pos])
+        positions.append(pos)
+        slots.extend(slots_of(seq, pos, pos + 1, block_size))
+    return input_ids, positions, slots, list(range(len(input_ids)))
+
+
+def add_prefill_rows(
+    batch: ScheduledBatch,
+    block_size: int,
+    device: torch.device,
+    input_ids: list[int],
+    positions: list[int],
+    slots: list[int],
+    sample_rows: list[int],
+) -> list[PrefillChunk]:
+    """Appends the step's prefill chunks after its decode rows; a chunk that completes its prompt is sampled."""
+    chunks: list[PrefillChunk] = []
+    for seq, n in batch.prefills:
+        start = seq.num_computed_tokens
+        table = torch.tensor(seq.block_table, dtype=torch.long, device=device)
+        chunks.append(
+            PrefillChunk(start=len(input_ids), num_tokens=n, context_len=start + n, block_table=table)
+        )
+        input_ids.extend(seq.token_ids[start : start + n])
+        positions.extend(range(start, start + n))
+        slots.extend(slots_of(seq, start, start + n, block_size))
+        if start + n == seq.num_tokens:
+            sample_rows.append(len(input_ids) - 1)
+    return chunks
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -63,10 +107,6 @@ class ModelRunner:
             row += n
         return groups
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs, table = self.block_size, seq.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
-
     def _graph(self, batch: ScheduledBatch) -> DecodeGraph | None:
         """The recorded graph for this step, if it is decode-only and a graph of its size can be had."""
         n = len(batch.decodes)
@@ -88,18 +128,7 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Runs one step; returns float32 logits, one row per sequence whose step completes its known tokens
         (decodes, and prefills whose last chunk this is), in batch order: decodes then prefills."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[int] = []
-
-        for seq in batch.decodes:
-            pos = seq.num_computed_tokens
-            input_ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            slots.extend(self._slots(seq, pos, pos + 1))
-            sample_rows.append(len(input_ids) - 1)
-
+        input_ids, positions, slots, sample_rows = decode_rows(batch, self.block_size)
         graph = self._graph(batch)
         if graph is not None:
             decodes = batch.decodes
@@ -109,22 +138,9 @@ class ModelRunner:
             )  # fmt: skip
             return self.model.compute_logits(hidden)
 
-        chunks: list[PrefillChunk] = []
-        for seq, n in batch.prefills:
-            start = seq.num_computed_tokens
-            chunks.append(
-                PrefillChunk(
-                    start=len(input_ids),
-                    num_tokens=n,
-                    context_len=start + n,
-                    block_table=torch.tensor(seq.block_table, dtype=torch.long, device=self.device),
-                )
-            )
-            input_ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            slots.extend(self._slots(seq, start, start + n))
-            if start + n == seq.num_tokens:
-                sample_rows.append(len(input_ids) - 1)
+        chunks = add_prefill_rows(
+            batch, self.block_size, self.device, input_ids, positions, slots, sample_rows
+        )
 
         dev = self.device
         ctx = AttentionContext(

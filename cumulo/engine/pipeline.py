@@ -18,8 +18,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from cumulo.engine.model_runner import add_prefill_rows, decode_rows
 from cumulo.engine.scheduler import ScheduledBatch
-from cumulo.engine.sequence import Sequence
 from cumulo.errors import InvalidRequest
 from cumulo.models.attention import AttentionContext, KVCache, PrefillChunk
 from cumulo.models.config import ModelConfig
@@ -166,11 +166,6 @@ class LocalStages:
         return x.cpu()
 
 
-def _slots(seq: Sequence, start: int, end: int, block_size: int) -> list[int]:
-    table = seq.block_table
-    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
-
-
 class PipelineRunner:
     """The engine's runner for a split model: turns a `ScheduledBatch` into the step's inputs (as
     `ModelRunner.execute` does) and sends them through `stages`. No decode graphs and no LoRA."""
@@ -187,27 +182,10 @@ class PipelineRunner:
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Float32 logits, one row per sequence whose step completes its known tokens, decodes then prefills."""
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[int] = []
-        for seq in batch.decodes:
-            pos = seq.num_computed_tokens
-            input_ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            slots.extend(_slots(seq, pos, pos + 1, bs))
-            sample_rows.append(len(input_ids) - 1)
-        chunks: list[PrefillChunk] = []
-        for seq, n in batch.prefills:
-            start = seq.num_computed_tokens
-            table = torch.tensor(seq.block_table, dtype=torch.long)
-            chunks.append(PrefillChunk(len(input_ids), n, start + n, table))
-            input_ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            slots.extend(_slots(seq, start, start + n, bs))
-            if start + n == seq.num_tokens:
-                sample_rows.append(len(input_ids) - 1)
+        input_ids, positions, slots, sample_rows = decode_rows(batch, self.block_size)
+        chunks = add_prefill_rows(
+            batch, self.block_size, torch.device("cpu"), input_ids, positions, slots, sample_rows
+        )
         tables = lens = None
         if batch.decodes:
             width = max(len(s.block_table) for s in batch.decodes)
