@@ -29,6 +29,12 @@ MAX_AUTO_BATCH = 256
 # the middle auto value (0.1) gives 2e-4, the usual LoRA rate. Auto multiplier: 0.05 / 0.1 / 0.2 by batch size
 # ("larger learning rates tend to perform better with larger batch sizes").
 BASE_LEARNING_RATE = 2e-3
+# DPO's beta (OpenAI: "auto" or a number between 0 and 2; the "auto" value is not published): "auto" is the DPO
+# paper's default, 0.1.
+AUTO_BETA = 0.1
+MAX_BETA = 2.0
+Method = Literal["supervised", "dpo"]
+METHODS: tuple[str, ...] = ("supervised", "dpo")
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class Hyperparameters:
     n_epochs: int
     batch_size: int
     learning_rate: float  # the absolute rate = BASE_LEARNING_RATE * learning_rate_multiplier
+    beta: float | None = None  # DPO only: the strength of the pull towards the reference (the base)
 
     @property
     def learning_rate_multiplier(self) -> float:
@@ -75,11 +82,14 @@ def _number(raw: dict[str, Any], name: str, kind: type, low: float, high: float)
     return kind(value)
 
 
-def resolve_hyperparameters(raw: dict[str, Any], n_examples: int) -> Hyperparameters:
-    """Turn OpenAI's `{"n_epochs", "batch_size", "learning_rate_multiplier"}` (each "auto" or a number, any
-    of them missing) into numbers for a training file of `n_examples` lines. Raises InvalidRequest with one line
-    for an out-of-range or non-numeric value, or an unknown key."""
-    unknown = set(raw) - {"n_epochs", "batch_size", "learning_rate_multiplier"}
+def resolve_hyperparameters(
+    raw: dict[str, Any], n_examples: int, method: Method = "supervised"
+) -> Hyperparameters:
+    """Turn OpenAI's `{"n_epochs", "batch_size", "learning_rate_multiplier"}` (and `beta` for DPO; each "auto"
+    or a number, any of them missing) into numbers for a training file of `n_examples` lines (DPO: pairs).
+    Raises InvalidRequest with one line for an out-of-range or non-numeric value, or an unknown key."""
+    known = {"n_epochs", "batch_size", "learning_rate_multiplier"} | ({"beta"} if method == "dpo" else set())
+    unknown = set(raw) - known
     if unknown:
         raise InvalidRequest(f"unknown hyperparameter {sorted(unknown)[0]!r}")
     n_epochs = _number(raw, "n_epochs", int, 1, 50)
@@ -88,8 +98,12 @@ def resolve_hyperparameters(raw: dict[str, Any], n_examples: int) -> Hyperparame
     n_epochs = auto_epochs(n_examples) if n_epochs is None else n_epochs
     batch_size = auto_batch_size(n_examples) if batch_size is None else batch_size
     multiplier = auto_multiplier(batch_size) if multiplier is None else multiplier
+    beta = None
+    if method == "dpo":
+        beta = _number(raw, "beta", float, 1e-6, MAX_BETA)
+        beta = AUTO_BETA if beta is None else beta
     return Hyperparameters(
-        n_epochs=n_epochs, batch_size=batch_size, learning_rate=BASE_LEARNING_RATE * multiplier
+        n_epochs=n_epochs, batch_size=batch_size, learning_rate=BASE_LEARNING_RATE * multiplier, beta=beta
     )
 
 
@@ -100,7 +114,7 @@ class ValidationReport:
 
     n_examples: int
     n_tokens: int
-    n_train_tokens: int  # assistant tokens with weight 1: what a job is billed per epoch
+    n_train_tokens: int  # tokens in the loss (SFT: weight-1 assistant tokens; DPO: both outputs')
     errors: list[tuple[int, str]] = field(default_factory=list)
 
     @property
@@ -116,11 +130,17 @@ class ValidationReport:
         return f"line {line}: {problem}{more}"
 
 
-def validate_training_file(path: Path, model: str | Path, max_seq_len: int | None = None) -> ValidationReport:
-    """Check every line of a JSONL chat file against `model`'s tokenizer and chat template. Never raises for
-    bad content (it reports lines); raises ModelNotFound / InvalidModel when the model itself cannot load,
-    InvalidRequest when the file cannot be read. `max_seq_len` defaults to the model's context length."""
-    from cumulo.finetune.data import validate_file
+def validate_training_file(
+    path: Path, model: str | Path, max_seq_len: int | None = None, method: Method = "supervised"
+) -> ValidationReport:
+    """Check every line of a JSONL file against `model`'s tokenizer and chat template: chat lines for
+    `supervised`, preference lines (`input`, `preferred_output`, `non_preferred_output`) for `dpo`. Never
+    raises for bad content (it reports lines); raises ModelNotFound / InvalidModel when the model itself cannot
+    load, InvalidRequest when the file cannot be read. `max_seq_len` defaults to the model's context length."""
+    if method == "dpo":
+        from cumulo.finetune.preference import validate_file
+    else:
+        from cumulo.finetune.data import validate_file
 
     return validate_file(Path(path), model, max_seq_len)
 
@@ -139,6 +159,7 @@ class TrainSpec:
     resume: bool = True
     max_seq_len: int | None = None  # packed sequence length; None = min(model context, 1024)
     job_id: str | None = None  # recorded in cumulo_adapter.json
+    method: Method = "supervised"  # dpo: preference pairs, DPO loss with beta = hyper.beta
     target_modules: tuple[str, ...] = (
         "q_proj",
         "k_proj",
@@ -156,12 +177,16 @@ class TrainEvent:
     step: int
     total_steps: int
     # tokens of the examples processed so far, prompts and answers, every epoch: OpenAI's `trained_tokens`,
-    # what is billed (a whole run bills ValidationReport.n_tokens * n_epochs)
+    # what is billed (a whole run bills ValidationReport.n_tokens * n_epochs; a DPO pair counts its prompt
+    # once and both outputs)
     trained_tokens: int
     train_loss: float | None = None
     valid_loss: float | None = None
     checkpoint_dir: Path | None = None
     message: str = ""
+    # more of the step's numbers, by OpenAI's metric names (DPO: train_reward_margin, train_reward_accuracy,
+    # and valid_* at checkpoints)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -177,7 +202,7 @@ class TrainResult:
 def train(
     spec: TrainSpec, on_event: Callable[[TrainEvent], None], should_stop: Callable[[], bool]
 ) -> TrainResult:
-    """LoRA supervised fine-tuning of `spec.model` on `spec.training_file`. Calls `on_event` after every
+    """LoRA fine-tuning of `spec.model` on `spec.training_file` (supervised, or DPO). Calls `on_event` after every
     optimizer step, checkpoint and notable message; checks `should_stop` between steps (a cancel: it saves the
     adapter as it is and returns with `stopped=True`). With `resume`, continues from the newest checkpoint in
     `output_dir`. Raises cumulo.errors types with one-line messages (a bad file: InvalidRequest naming the line)."""

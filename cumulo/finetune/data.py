@@ -11,6 +11,7 @@ and its end-of-turn token, so the model learns to stop. A bad line is reported w
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,44 +115,59 @@ def tokenize(tokenizer: Tokenizer, messages: list[dict[str, Any]], line: int) ->
     return Example(line, ids, mask)
 
 
-def read_examples(
-    path: Path, tokenizer: Tokenizer, max_seq_len: int
-) -> tuple[list[Example], list[tuple[int, str]]]:
-    """Every good example of the file and (line, problem) for every bad one (at most MAX_REPORTED_ERRORS)."""
+def read_lines(
+    path: Path, parse: Callable[[Any, int], tuple[Any, str | None]]
+) -> tuple[list[Any], list[tuple[int, str]]]:
+    """Every line of a JSONL file through `parse(record, line) -> (item, problem)`: the items of the good
+    lines and (line, problem) for every bad one (at most MAX_REPORTED_ERRORS). Empty lines and bad JSON are
+    problems too; no line is skipped."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError:
         return [], [(1, "the file is not UTF-8 text")]
     except OSError as exc:
         raise InvalidRequest(f"cannot read training file {path}: {exc.strerror}") from None
-    examples, errors = [], []
+    items, errors = [], []
     for number, raw in enumerate(text.splitlines(), start=1):
-        problem = None
+        item, problem = None, None
         if not raw.strip():
             problem = "empty line"
         else:
             try:
                 record = json.loads(raw)
             except json.JSONDecodeError as exc:
-                record, problem = None, f"not valid JSON ({exc.msg} at column {exc.colno})"
-            problem = problem or check_messages(record)
-        if problem is None:
-            try:
-                example = tokenize(tokenizer, record["messages"], number)
-            except InvalidRequest as exc:
-                problem = str(exc)
+                problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
             else:
-                if len(example) > max_seq_len:
-                    problem = f"too long: {len(example)} tokens, the limit is {max_seq_len}"
-                elif sum(example.loss_mask) == 0:
-                    problem = "no assistant tokens left after tokenization"
-                else:
-                    examples.append(example)
-        if problem is not None and len(errors) < MAX_REPORTED_ERRORS:
+                item, problem = parse(record, number)
+        if problem is None:
+            items.append(item)
+        elif len(errors) < MAX_REPORTED_ERRORS:
             errors.append((number, problem))
-    if not examples and not errors:
+    if not items and not errors:
         errors.append((1, "the file has no examples"))
-    return examples, errors
+    return items, errors
+
+
+def read_examples(
+    path: Path, tokenizer: Tokenizer, max_seq_len: int
+) -> tuple[list[Example], list[tuple[int, str]]]:
+    """Every good example of the file and (line, problem) for every bad one (at most MAX_REPORTED_ERRORS)."""
+
+    def parse(record: Any, number: int) -> tuple[Example | None, str | None]:
+        problem = check_messages(record)
+        if problem is not None:
+            return None, problem
+        try:
+            example = tokenize(tokenizer, record["messages"], number)
+        except InvalidRequest as exc:
+            return None, str(exc)
+        if len(example) > max_seq_len:
+            return None, f"too long: {len(example)} tokens, the limit is {max_seq_len}"
+        if sum(example.loss_mask) == 0:
+            return None, "no assistant tokens left after tokenization"
+        return example, None
+
+    return read_lines(path, parse)
 
 
 def validate_file(path: Path, model: str | Path, max_seq_len: int | None = None) -> ValidationReport:
@@ -177,23 +193,32 @@ class PackedSequence:
     n_tokens: int
 
 
-def pack(examples: list[Example], max_seq_len: int) -> list[PackedSequence]:
-    """First-fit in the given order: each example goes to the first sequence with room, else a new one."""
-    bins: list[list[Example]] = []
+def assign(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit in the given order: bins of item indices, each item in the first bin with room, else a new
+    one (an item longer than `capacity` gets a bin of its own)."""
+    bins: list[list[int]] = []
     room: list[int] = []
-    for example in examples:
+    for index, length in enumerate(lengths):
         for i, free in enumerate(room):
-            if len(example) <= free:
-                bins[i].append(example)
-                room[i] -= len(example)
+            if length <= free:
+                bins[i].append(index)
+                room[i] -= length
                 break
         else:
-            bins.append([example])
-            room.append(max_seq_len - len(example))
-    return [_packed(b) for b in bins]
+            bins.append([index])
+            room.append(capacity - length)
+    return bins
 
 
-def _packed(examples: list[Example]) -> PackedSequence:
+def pack(examples: list[Example], max_seq_len: int) -> list[PackedSequence]:
+    """First-fit in the given order: each example goes to the first sequence with room, else a new one."""
+    return [
+        packed_sequence([examples[i] for i in b]) for b in assign([len(e) for e in examples], max_seq_len)
+    ]
+
+
+def packed_sequence(examples: list[Example]) -> PackedSequence:
+    """The examples end to end as one sequence; segment s is examples[s]."""
     ids, positions, segments, labels = [], [], [], []
     for s, e in enumerate(examples):
         ids += e.input_ids

@@ -11,6 +11,8 @@ y = base(x) + (alpha / r) * x A^T B^T per slice, A [r, in] (Kaiming-uniform, as 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +62,7 @@ class LoRALinear(nn.Module):
             {s.name: nn.Parameter(torch.zeros(s.size, rank, dtype=dtype)) for s in slices}
         )
         self.merged = False
+        self.enabled = True  # False: the base alone (DPO's reference model, see adapters_off)
 
     def reset(self, generator: torch.Generator) -> None:
         """PEFT's default init: A Kaiming-uniform with a = sqrt(5) (bound 1/sqrt(in)), B zero."""
@@ -85,7 +88,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = base_forward(self.base, x)
-        if self.merged or not self.slices:
+        if self.merged or not self.slices or not self.enabled:
             return y
         return y + self.delta(x)
 
@@ -151,6 +154,18 @@ def apply_lora(
     if not any(w.slices for w in wrapped.values()):
         raise InvalidRequest(f"no linear of this model matches the LoRA targets {list(targets)}")
     return wrapped
+
+
+@contextmanager
+def adapters_off(wrapped: dict[str, LoRALinear]) -> Iterator[None]:
+    """The frozen base model, for as long as the block runs: every (unmerged) adapter is skipped."""
+    for w in wrapped.values():
+        w.enabled = False
+    try:
+        yield
+    finally:
+        for w in wrapped.values():
+            w.enabled = True
 
 
 def lora_parameters(wrapped: dict[str, LoRALinear]) -> list[nn.Parameter]:

@@ -4,8 +4,9 @@ linear decay, gradient clipping, packed examples, checkpoints that a killed work
 Reproducible: the adapter's initial A comes from a torch.Generator seeded with the job's seed, and each epoch's
 example order from a generator seeded with (seed, epoch), so a resumed run sees the same batches; a checkpoint
 holds the adapter, AdamW's moments, the step and the tokens trained, so the resumed run's arithmetic is the
-uninterrupted run's. Loss is the mean over the batch's trained tokens (weight-1 assistant tokens), whatever
-sequences packing put them in.
+uninterrupted run's. The loop is the same for each method; what a batch is and its loss is the method's
+objective: supervised (here), the mean over the batch's trained tokens (weight-1 assistant tokens), whatever
+sequences packing put them in; DPO (`dpo.PreferenceObjective`), the mean over the batch's preference pairs.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import math
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from cumulo.errors import InvalidRequest
-from cumulo.finetune.api import TrainEvent, TrainResult, TrainSpec
+from cumulo.finetune.api import AUTO_BETA, TrainEvent, TrainResult, TrainSpec
 from cumulo.finetune.data import Example, PackedSequence, pack, read_examples
+from cumulo.finetune.dpo import PreferenceObjective
 from cumulo.finetune.lora import LoRALinear, apply_lora, lora_parameters
 from cumulo.finetune.peft_io import AdapterInfo, load_into, save_adapter
 from cumulo.models.attention import AttentionContext
@@ -65,8 +69,36 @@ def mean_loss(model: torch.nn.Module, examples: list[Example], max_seq_len: int)
     return total / max(count, 1)
 
 
-def _read(path: Path, tokenizer, max_seq_len: int, what: str) -> list[Example]:
-    examples, errors = read_examples(path, tokenizer, max_seq_len)
+@dataclass
+class SupervisedObjective:
+    """The trainer's objective for `method.type = "supervised"`: batches of Example."""
+
+    model: torch.nn.Module
+    max_seq_len: int
+
+    def tokens(self, example: Example) -> int:
+        return len(example)
+
+    def step(self, batch: list[Example]) -> tuple[float, dict[str, float]]:
+        n_target = sum(sum(e.loss_mask) for e in batch)
+        total_loss = 0.0
+        for seq in pack(batch, self.max_seq_len):
+            s, _ = loss_sum(self.model, seq)
+            (s / n_target).backward()  # gradients of the batch mean, one packed sequence at a time
+            total_loss += float(s.detach())
+        return total_loss / n_target, {}
+
+    def evaluate(self, examples: list[Example]) -> tuple[float | None, dict[str, float]]:
+        return mean_loss(self.model, examples, self.max_seq_len), {}
+
+
+def _read(path: Path, tokenizer, max_seq_len: int, what: str, method: str) -> list[Any]:
+    if method == "dpo":
+        from cumulo.finetune.preference import read_pairs
+
+        examples, errors = read_pairs(path, tokenizer, max_seq_len)
+    else:
+        examples, errors = read_examples(path, tokenizer, max_seq_len)
     if errors:
         line, problem = errors[0]
         raise InvalidRequest(f"{what} file, line {line}: {problem}")
@@ -99,9 +131,9 @@ def run_training(
     hyper = spec.hyper
     loaded = load(spec.model, dtype=torch.float32)
     max_seq_len = min(spec.max_seq_len or DEFAULT_MAX_SEQ_LEN, loaded.config.max_position_embeddings)
-    train_set = _read(spec.training_file, loaded.tokenizer, max_seq_len, "training")
+    train_set = _read(spec.training_file, loaded.tokenizer, max_seq_len, "training", spec.method)
     valid_set = (
-        _read(spec.validation_file, loaded.tokenizer, max_seq_len, "validation")
+        _read(spec.validation_file, loaded.tokenizer, max_seq_len, "validation", spec.method)
         if spec.validation_file
         else []
     )
@@ -109,6 +141,12 @@ def run_training(
     wrapped: dict[str, LoRALinear] = apply_lora(
         model, spec.lora_rank, spec.lora_alpha, spec.target_modules, torch.Generator().manual_seed(spec.seed)
     )
+    objective: SupervisedObjective | PreferenceObjective
+    if spec.method == "dpo":
+        beta = AUTO_BETA if hyper.beta is None else hyper.beta
+        objective = PreferenceObjective(model, wrapped, beta, max_seq_len)
+    else:
+        objective = SupervisedObjective(model, max_seq_len)
     params = lora_parameters(wrapped)
     optimizer = torch.optim.AdamW(params, lr=hyper.learning_rate, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train_set) / hyper.batch_size)
@@ -117,6 +155,8 @@ def run_training(
     output_dir = Path(spec.output_dir)
     identity = {"seed": spec.seed, "hyper": (hyper.n_epochs, hyper.batch_size, hyper.learning_rate),
                 "rank": spec.lora_rank, "n_examples": len(train_set), "base_seal": loaded.seal}  # fmt: skip
+    if spec.method == "dpo":
+        identity["dpo_beta"] = objective.beta  # type: ignore[union-attr]
 
     def info(tokens: int) -> AdapterInfo:
         return AdapterInfo(str(spec.model), loaded.seal, tokens, spec.job_id, spec.lora_rank, spec.lora_alpha)
@@ -147,28 +187,28 @@ def run_training(
         if index == 0 or not order:
             order = epoch_order(len(train_set), spec.seed, epoch)
         batch = [train_set[i] for i in order[index * hyper.batch_size : (index + 1) * hyper.batch_size]]
-        n_target = sum(sum(e.loss_mask) for e in batch)
         optimizer.zero_grad(set_to_none=True)
-        total_loss = 0.0
-        for seq in pack(batch, max_seq_len):
-            s, _ = loss_sum(model, seq)
-            (s / n_target).backward()  # gradients of the batch mean, one packed sequence at a time
-            total_loss += float(s.detach())
+        train_loss, train_metrics = objective.step(batch)
+        metrics = {f"train_{k}": v for k, v in train_metrics.items()}
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, hyper.learning_rate)
         optimizer.step()
         step += 1
-        trained_tokens += sum(len(e) for e in batch)
-        train_loss = total_loss / n_target
-        on_event(TrainEvent("step", step, total, trained_tokens, train_loss=train_loss))
+        trained_tokens += sum(objective.tokens(e) for e in batch)
+        on_event(TrainEvent("step", step, total, trained_tokens, train_loss=train_loss, metrics=metrics))
         if step % every == 0 or step == total:
             model.eval()
-            valid_loss = mean_loss(model, valid_set, max_seq_len)
+            valid_loss, valid_metrics = objective.evaluate(valid_set)
             model.train()
+            metrics.update({f"valid_{k}": v for k, v in valid_metrics.items()})
             extra = {"trained_tokens": trained_tokens, "identity": identity}
             where = _save_checkpoint(output_dir, step, wrapped, optimizer, info(trained_tokens), extra)
-            on_event(TrainEvent("checkpoint", step, total, trained_tokens, train_loss, valid_loss, where))
+            on_event(
+                TrainEvent(
+                    "checkpoint", step, total, trained_tokens, train_loss, valid_loss, where, metrics=metrics
+                )
+            )
     if (
         stopped
         and step > 0
