@@ -9,6 +9,11 @@ GEMM as the fp32 model; a weight-only format then costs time instead of saving i
 fp32 sgemm on AVX2. So both operands are int8: the weight per output channel (symmetric, amax / 127) and the
 activation per pixel, quantized on the fly (amax / 127 of each row), and y = acc * s_pixel * s_channel + bias.
 
+Where Cumulo's int8 GEMM kernel builds (`cumulo.platform.kernels.int8_gemm`: AVX512-VNNI, else portable C++),
+each 1x1 conv is that one kernel: the activation quantize in its prologue, the dequantize, bias, the residual add
+and the ReLU6 that follow in its epilogue (`Int8InvertedResidual` hands it the block's input and the depthwise's
+unclamped output), with the same int8 codes and int32 sums as the torch path, which stays as the fallback.
+
 `mxint8` weights are quantized with Cumulo's MXINT8 codec first (block 32 along K, E8M0 scales: what the
 package holds and the fleet ships) and the int8 GEMM runs on that weight re-expressed per output channel, a
 second rounding that the agreement test covers; `int8` quantizes the fp32 weight per channel directly.
@@ -23,6 +28,7 @@ from torch import nn
 from cumulo.errors import FormatError
 from cumulo.formats import get_scheme, quantize
 from cumulo.formats.linear import PackedLinear
+from cumulo.platform.kernels import int8_gemm
 
 INT8_MAX = 127.0
 
@@ -58,7 +64,9 @@ class Int8Pointwise(nn.Module):
     """A 1x1 conv (or a linear layer: one pixel) as an int8 x int8 GEMM over pixels.
 
     Takes NCHW activations, fastest in channels_last memory (the rows [pixels, channels] are then a view);
-    answers in channels_last."""
+    answers in channels_last. `relu6_input`: the inputs are quantized as relu6(x) at the fixed step 6/127 (so
+    the ReLU6 before the conv may be left to it); `relu6_output`: the ReLU6 after the conv is applied here;
+    `forward(x, residual)` adds a residual (NCHW, the output's shape) before that."""
 
     def __init__(
         self,
@@ -68,10 +76,12 @@ class Int8Pointwise(nn.Module):
         name: str,
         relu6_input: bool = False,
         input_mean: torch.Tensor | None = None,
+        relu6_output: bool = False,
     ) -> None:
         super().__init__()
         self.format = format
         self.relu6_input = relu6_input  # inputs are ReLU6 outputs (or their mean): known range [0, 6]
+        self.relu6_output = relu6_output
         self.out_channels, self.in_channels = weight.shape[0], weight.shape[1]
         codes, scale = int8_weight(weight.detach().flatten(1), format, name)
         self.register_buffer("codes", codes)  # [N, K]; the GEMM reads its transpose [K, N] as a view
@@ -79,31 +89,81 @@ class Int8Pointwise(nn.Module):
         bias = bias.detach().float().clone() if bias is not None else torch.zeros(self.out_channels)
         rounded = codes.float() * scale[:, None]  # [N, K], the weight the GEMM multiplies by
         self.register_buffer("bias", corrected_bias(bias, rounded, weight.detach().flatten(1), input_mean))
+        self._packed: tuple[tuple[int, int], int8_gemm.PackedInt8] | None = None
 
-    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """[M, K] float -> [M, N] float."""
-        if self.relu6_input:  # x in [0, 6]: one fixed scale, no pass to find it
-            q = torch.mul(x2, INT8_MAX / 6.0).round_().to(torch.int8)  # [M, K]
-            return torch.addcmul(self.bias, self._int_mm(q).float(), self.scale * (6.0 / INT8_MAX))
+    def packed(self) -> int8_gemm.PackedInt8:
+        """`codes` in the native kernel's layout, packed again whenever the codes change: swapped for another
+        tensor, or changed in place (inference tensors keep no version: swap them, or call `repack`)."""
+        key = (self.codes.data_ptr(), -1 if self.codes.is_inference() else self.codes._version)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, int8_gemm.pack(self.codes))
+        return self._packed[1]
+
+    def repack(self) -> None:
+        """Forget the packed copy (after changing inference-mode `codes` in place)."""
+        self._packed = None
+
+    def quantize(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[M, K] float -> (int8 codes [M, K], the per-row step [M, 1], or None for the fixed step 6/127)."""
+        if self.relu6_input:  # relu6(x) in [0, 6]: one fixed scale, no pass to find it
+            return torch.mul(x2, INT8_MAX / 6.0).round_().clamp_(0.0, INT8_MAX).to(torch.int8), None
         low, high = torch.aminmax(x2, dim=1, keepdim=True)  # [M, 1] each: one pass for the per-pixel range
         sx = torch.maximum(high, -low).clamp_min_(1e-12).div_(INT8_MAX)  # [M, 1] per-pixel scale
-        q = torch.div(x2, sx).round_().to(torch.int8)  # [M, K]
-        return torch.addcmul(self.bias, self._int_mm(q).float().mul_(sx), self.scale)  # [M, N]
+        return torch.div(x2, sx).round_().to(torch.int8), sx  # [M, K]
+
+    def matmul(self, x2: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """[M, K] float (+ [M, N] residual) -> [M, N] float: the native kernel where it runs, else torch."""
+        if x2.dtype == torch.float32:
+            x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+            y = int8_gemm.int8_gemm(
+                x2, self.packed(), self.scale, self.bias, relu6_input=self.relu6_input,
+                relu6_output=self.relu6_output, residual=residual,
+            )  # fmt: skip
+            if y is not None:
+                return y
+        q, sx = self.quantize(x2)
+        if sx is None:
+            y = torch.addcmul(self.bias, self._int_mm(q).float(), self.scale * (6.0 / INT8_MAX))
+        else:
+            y = torch.addcmul(self.bias, self._int_mm(q).float().mul_(sx), self.scale)  # [M, N]
+        if residual is not None:
+            y += residual
+        return y.clamp_(0.0, 6.0) if self.relu6_output else y
 
     def _int_mm(self, q: torch.Tensor) -> torch.Tensor:
         """[M, K] int8 x [K, N] int8 -> [M, N] int32 (oneDNN takes more than 16 rows; fewer go exact in int32)."""
         return torch._int_mm(q, self.codes.t()) if q.shape[0] > 16 else q.int() @ self.codes.t().int()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() == 2:  # a linear layer
-            return self.matmul(x)
+            return self.matmul(x, residual)
         n, c, h, w = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # [n*h*w, cin], a view in channels_last
-        y = self.matmul(rows)  # [n*h*w, cout]
+        if residual is not None:  # [n, cout, h, w] -> [n*h*w, cout], a view in channels_last
+            residual = residual.permute(0, 2, 3, 1).reshape(n * h * w, self.out_channels)
+        y = self.matmul(rows, residual)  # [n*h*w, cout]
         return y.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)  # [n, cout, h, w], channels_last
 
     def extra_repr(self) -> str:
         return f"in={self.in_channels}, out={self.out_channels}, format={self.format}"
+
+
+class Int8InvertedResidual(nn.Module):
+    """An MBConv block (cumulo.edge.vision) whose 1x1 convs are `Int8Pointwise`, with its elementwise work moved
+    into them: the expand conv applies the ReLU6 after it, the project conv quantizes relu6 of the depthwise's
+    output (so that ReLU6 is no pass of its own) and adds the skip. Same submodule names as the block."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.expand, self.depthwise, self.project = block.expand, block.depthwise, block.project
+        self.skip = block.skip
+        if self.expand is not None:
+            self.expand.relu6_output = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.expand(x) if self.expand is not None else x  # [n, mid, h, w], ReLU6 applied
+        y = self.depthwise(y)  # [n, mid, h/s, w/s]; its ReLU6 is the project's quantize
+        return self.project(y, x if self.skip else None)  # [n, cout, h/s, w/s]
 
 
 class DensePointwise(nn.Module):
@@ -184,10 +244,17 @@ def quantize_vision_net(net: nn.Module, format: str) -> nn.Module:
     ]
     means = getattr(net, "input_means", {})  # set by cumulo.edge.vision.from_state_dict
     for name, layer in targets:
-        parent, _, child = name.rpartition(".")
-        setattr(
-            net.get_submodule(parent) if parent else net,
-            child,
-            pointwise(layer, format, name, means.get(name)),
-        )
+        _replace(net, name, pointwise(layer, format, name, means.get(name)))
+    blocks = [
+        (name, mod)
+        for name, mod in net.named_modules()
+        if isinstance(getattr(mod, "project", None), Int8Pointwise) and hasattr(mod, "depthwise")
+    ]
+    for name, block in blocks:  # int8 formats: the blocks' ReLU6s and skips go into the GEMMs
+        _replace(net, name, Int8InvertedResidual(block))
     return net.to(memory_format=torch.channels_last)
+
+
+def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, child, module)

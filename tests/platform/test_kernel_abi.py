@@ -157,3 +157,4 @@ def test_the_feature_probe_agrees_with_the_operating_system() -> None:
     assert f.avx512 == ({"avx512f", "avx512bw", "avx512vl"} <= flags)
     assert f.avx512_vbmi == ("avx512vbmi" in flags)
     assert f.avx512_bf16 == ("avx512_bf16" in flags)
+    assert f.avx512_vnni == ("avx512_vnni" in flags)

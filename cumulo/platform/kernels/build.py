@@ -186,6 +186,7 @@ class CpuFeatures:
     avx512: bool = False  # F + BW + VL
     avx512_vbmi: bool = False
     avx512_bf16: bool = False  # vdpbf16ps and vcvtneps2bf16 (with avx512)
+    avx512_vnni: bool = False  # vpdpbusd, u8 x s8 -> s32 (the int8 GEMM)
 
 
 # The probe builds with the portable flags: it must run on any CPU, before the flags for this one are known.
@@ -210,7 +211,7 @@ def cpu_features() -> CpuFeatures:
     if _features is None:
         lib = _probe.get()
         bits = lib.cumulo_cpu_features() if lib is not None else 0
-        _features = CpuFeatures(*(bool(bits & 1 << i) for i in range(4)))
+        _features = CpuFeatures(*(bool(bits & 1 << i) for i in range(5)))
     return _features
 
 

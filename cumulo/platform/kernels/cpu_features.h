@@ -6,6 +6,7 @@
 //   kAvx512  AVX-512 F + BW + VL: the 512-bit fp32 paths
 //   kVbmi    AVX512-VBMI: vpermi2b byte tables (the FP8 bf16 kernel)
 //   kBf16    AVX512-BF16: vdpbf16ps products and vcvtneps2bf16 rounding
+//   kVnni    AVX512-VNNI: vpdpbusd, u8 x s8 -> s32 dot products of 4 (the int8 GEMM)
 // Elsewhere than x86 every bit is 0 and the portable sources take their generic paths.
 #pragma once
 
@@ -13,7 +14,7 @@
 
 namespace cumulo_cpu {
 
-enum : int64_t { kAvx2 = 1, kAvx512 = 2, kVbmi = 4, kBf16 = 8 };
+enum : int64_t { kAvx2 = 1, kAvx512 = 2, kVbmi = 4, kBf16 = 8, kVnni = 16 };
 
 inline int64_t probe() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -23,6 +24,7 @@ inline int64_t probe() {
         f |= kAvx512;
     if (__builtin_cpu_supports("avx512vbmi")) f |= kVbmi;
     if (__builtin_cpu_supports("avx512bf16")) f |= kBf16;
+    if (__builtin_cpu_supports("avx512vnni")) f |= kVnni;
     return f;
 #else
     return 0;

@@ -1,0 +1,98 @@
+"""The int8 GEMM of a 1x1 conv with its quantize and dequantize inside: the ctypes binding of int8_gemm.cpp.
+
+`pack(codes)` lays an int8 weight [N, K] out for the kernel once; `int8_gemm(x, packed, scale, bias, ...)` is
+y = relu6?(q(x) codes^T * step_row * scale + bias + residual) for fp32 rows x [M, K], where q(x) is the code of
+relu6(x) at the fixed step 6/127 (`relu6_input`) or of x at a per-row symmetric step max|x| / 127, each rounded as
+torch rounds it. It returns None where the kernel does not apply (not built here, tensors not fp32 CPU rows), so
+callers keep their torch path. `available()` says whether it built; `uses_vnni()` whether it runs vpdpbusd here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cumulo.platform.kernels.abi import Kernels
+from cumulo.platform.kernels.build import KernelLibrary, cpu_features
+
+SOURCE = Path(__file__).with_name("int8_gemm.cpp")
+BLOCK_N, GROUP_K = 16, 4  # the packed layout: blocks of 16 output channels x 4 k (int8_gemm.cpp)
+
+_kernel = KernelLibrary(SOURCE, "CPU int8 GEMM kernel", ["cumulo_int8_gemm"])
+
+
+def library() -> Kernels | None:
+    """The built kernel, or None (with one warning) when it cannot be built or loaded here."""
+    return _kernel.get()
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def uses_vnni() -> bool:
+    """Whether the kernel runs its AVX512-VNNI path here (else portable C++)."""
+    features = cpu_features()
+    return available() and features.avx512 and features.avx512_vnni
+
+
+@dataclass(frozen=True)
+class PackedInt8:
+    """An int8 weight [N, K] as the kernel reads it: `blocks` [ceil(N/16), ceil(K/4), 16, 4] int8 (zero padded)
+    and `sums` [N] int32, each output channel's code sum (what the +128 offset of signed activations adds)."""
+
+    blocks: torch.Tensor
+    sums: torch.Tensor
+    out_features: int
+    in_features: int
+
+
+def pack(codes: torch.Tensor) -> PackedInt8:
+    """int8 codes [N, K] -> the kernel's layout (a copy; the codes stay as they are)."""
+    n, k = codes.shape
+    padded = F.pad(codes.to(torch.int8), (0, -k % GROUP_K, 0, -n % BLOCK_N))  # [Np, Kp]
+    blocks = padded.view(-1, BLOCK_N, padded.shape[1] // GROUP_K, GROUP_K).transpose(1, 2).contiguous()
+    return PackedInt8(blocks, codes.to(torch.int32).sum(1, dtype=torch.int32).contiguous(), n, k)
+
+
+def _rows(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 2 and t.stride(1) == 1
+
+
+def int8_gemm(
+    x: torch.Tensor,
+    packed: PackedInt8,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    relu6_input: bool,
+    relu6_output: bool = False,
+    residual: torch.Tensor | None = None,
+    accumulators: bool = False,
+    portable: bool = False,
+) -> torch.Tensor | None:
+    """x [M, K] fp32 rows -> [M, N] fp32 (see the module's docstring), or None where the kernel does not apply.
+    `residual` [M, N] is added before the output's relu6; `accumulators` returns the int32 sums [M, N] instead
+    (tests); `portable` forces the plain C++ path."""
+    lib = library()
+    m, k = x.shape if x.dim() == 2 else (0, -1)
+    n = packed.out_features
+    if (
+        lib is None
+        or not _rows(x)
+        or k != packed.in_features
+        or (residual is not None and (not _rows(residual) or residual.shape != (m, n)))
+        or not all(t.dtype == torch.float32 and t.is_contiguous() and t.numel() == n for t in (scale, bias))
+    ):
+        return None
+    y = torch.empty((m, n), dtype=torch.int32 if accumulators else torch.float32)
+    code = lib.cumulo_int8_gemm.call(
+        dict(x=x, M=m, K=k, xs=x.stride(0), w=packed.blocks, wsum=packed.sums, N=n, scale=scale, bias=bias,
+             relu6_in=relu6_input, relu6_out=relu6_output, r=residual,
+             rs=residual.stride(0) if residual is not None else 0, y=None if accumulators else y, ys=n,
+             acc=y if accumulators else None, threads=torch.get_num_threads(), path=0 if portable else -1)
+    )  # fmt: skip
+    return y if code == 0 else None

@@ -1,0 +1,122 @@
+"""The native int8 GEMM of a 1x1 conv (cumulo.platform.kernels.int8_gemm) against Int8Pointwise's torch path:
+the same int8 codes and int32 sums exactly, the same outputs to fp32 rounding, on both of its paths (AVX512-VNNI
+where this CPU has it, and portable C++), ragged K and N, both activation kinds, with the fused residual and
+ReLU6; and the vision blocks built on it answer as the torch path does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cumulo.edge import pointwise
+from cumulo.edge.pointwise import Int8InvertedResidual, Int8Pointwise
+from cumulo.edge.vision import MBConv
+from cumulo.platform.kernels import int8_gemm as ig
+
+SHAPES = [
+    (1, 1280, 1000),
+    (7, 5, 3),
+    (13, 37, 29),
+    (162, 40, 24),
+    (100, 144, 17),
+    (49, 1152, 320),
+    (6, 4, 16),
+]
+
+
+def torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Int8Pointwise without the native kernel (as where it cannot be built)."""
+    monkeypatch.setattr(pointwise.int8_gemm, "int8_gemm", lambda *args, **kwargs: None)
+
+
+def test_the_kernel_builds_here() -> None:
+    assert ig.available(), ig._kernel.reason
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("relu6_input", [True, False])
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES)
+@torch.no_grad()
+def test_sums_equal_and_outputs_match_the_torch_path(
+    monkeypatch: pytest.MonkeyPatch, m: int, k: int, n: int, relu6_input: bool, portable: bool
+) -> None:
+    gen = torch.Generator().manual_seed(m * 7919 + k * 31 + n)
+    layer = Int8Pointwise(
+        torch.randn(n, k, generator=gen), torch.randn(n, generator=gen), "int8", "w", relu6_input
+    )
+    x = torch.randn(m, k, generator=gen) * 4 + (2 if relu6_input else 0)  # relu6 inputs beyond [0, 6] too
+    args = (x, layer.packed(), layer.scale, layer.bias)
+    sums = ig.int8_gemm(*args, relu6_input=relu6_input, accumulators=True, portable=portable)
+    y = ig.int8_gemm(*args, relu6_input=relu6_input, portable=portable)
+    q, _ = layer.quantize(x)  # the torch path's codes
+    assert sums is not None and sums.dtype == torch.int32
+    assert torch.equal(sums, q.int() @ layer.codes.t().int())
+    torch_path(monkeypatch)
+    reference = layer.matmul(x)  # quantize, _int_mm, addcmul
+    assert y is not None
+    torch.testing.assert_close(y, reference, rtol=2e-6, atol=2e-6 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@torch.no_grad()
+def test_residual_and_relu6_output_in_the_epilogue(portable: bool) -> None:
+    gen = torch.Generator().manual_seed(3)
+    m, k, n = 37, 23, 45
+    layer = Int8Pointwise(torch.randn(n, k, generator=gen), torch.randn(n, generator=gen), "int8", "w")
+    x, r = torch.randn(m, k, generator=gen), torch.randn(m, 2 * n, generator=gen)[:, :n]  # a strided residual
+    plain = ig.int8_gemm(x, layer.packed(), layer.scale, layer.bias, relu6_input=False, portable=portable)
+    fused = ig.int8_gemm(x, layer.packed(), layer.scale, layer.bias, relu6_input=False, relu6_output=True,
+                         residual=r, portable=portable)  # fmt: skip
+    assert plain is not None and fused is not None
+    torch.testing.assert_close(fused, (plain + r).clamp(0, 6), rtol=2e-6, atol=2e-6)
+
+
+def test_declines_what_it_does_not_take() -> None:
+    layer = Int8Pointwise(torch.randn(8, 12), None, "int8", "w")
+    args = (layer.packed(), layer.scale, layer.bias)
+    assert ig.int8_gemm(torch.randn(4, 12).double(), *args, relu6_input=False) is None  # not fp32
+    assert ig.int8_gemm(torch.randn(4, 24)[:, ::2], *args, relu6_input=False) is None  # columns strided
+    assert ig.int8_gemm(torch.randn(4, 11), *args, relu6_input=False) is None  # K does not fit
+    assert ig.int8_gemm(torch.randn(4, 12), *args, relu6_input=False, residual=torch.randn(4, 7)) is None
+
+
+@torch.no_grad()
+def test_changed_codes_are_packed_again() -> None:
+    layer = Int8Pointwise(torch.randn(20, 9), None, "int8", "w")
+    x = torch.randn(5, 9)
+    before = layer(x)
+    layer.codes.neg_()  # another rounding of the weight (in place), as an offline rounding pass may write
+    torch.testing.assert_close(layer(x), -before + 2 * layer.bias, rtol=1e-5, atol=1e-5)
+    layer.codes = torch.zeros_like(layer.codes)  # or a new tensor
+    torch.testing.assert_close(layer(x), layer.bias.expand(5, 20))
+
+
+def _block(cin: int, cout: int, stride: int, expand: int, seed: int) -> MBConv:
+    torch.manual_seed(seed)
+    block = MBConv(cin, cout, 3, stride, expand).eval()
+    for p in block.parameters():
+        p.data.normal_(0, 0.3)
+    return block
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "stride", "expand"), [(24, 24, 1, 6), (16, 24, 2, 6), (32, 16, 1, 1)]
+)
+@torch.no_grad()
+def test_fused_block_answers_as_the_torch_path(
+    monkeypatch: pytest.MonkeyPatch, cin: int, cout: int, stride: int, expand: int
+) -> None:
+    block = _block(cin, cout, stride, expand, seed=cin + cout)
+    net = nn.Sequential(block)
+    fused = pointwise.quantize_vision_net(net, "int8")
+    assert isinstance(fused[0], Int8InvertedResidual)
+    x = (torch.randn(2, cin, 11, 11) * 2).contiguous(memory_format=torch.channels_last)
+    native = fused(x)
+    torch_path(monkeypatch)
+    reference = fused(x)  # the same modules on the torch path: quantize, _int_mm, addcmul, add, clamp
+    torch.testing.assert_close(native, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+    float_block = _block(cin, cout, stride, expand, seed=cin + cout)(
+        x
+    )  # and still the block, to int8 precision
+    assert float((native - float_block).norm() / float_block.norm()) < 0.05
