@@ -1,4 +1,5 @@
-"""`cumulo admin`: manage plans, organisations, API keys and read usage, straight on the service database.
+"""`cumulo admin`: manage plans (with their fine-tuning terms), organisations, API keys and read usage, straight on
+the service database.
 
 Uses the same database and data directory as `cumulo serve` (`--database-url`, `CUMULO_DATABASE_URL`, or the
 SQLite file in the data directory). `key create` prints the new key as its last line, and only there.
@@ -33,7 +34,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     plan = groups.add_parser("plan", help="subscription plans").add_subparsers(
         dest="admin_verb", metavar="VERB"
     )
-    create = plan.add_parser("create", parents=[common], help="add a plan")
+    training = argparse.ArgumentParser(add_help=False)
+    terms = training.add_argument_group(
+        "fine-tuning terms",
+        "What the plan's keys may train (`cumulo finetune`, /v1/fine_tuning). A plan without terms has "
+        "priority 0, no caps and free training. A cap given as 'none' is lifted.",
+    )
+    terms.add_argument(
+        "--finetune-priority",
+        default=None,
+        metavar="N",
+        help="queue priority of the plan's jobs, 0 or more: a higher one is trained first (default 0)",
+    )
+    terms.add_argument(
+        "--finetune-max-jobs",
+        default=None,
+        metavar="N|none",
+        help="jobs of one key training at once, 1 or more; later ones wait queued (default none: no cap)",
+    )
+    terms.add_argument(
+        "--monthly-training-tokens",
+        default=None,
+        metavar="N|none",
+        help="training tokens per key and calendar month (UTC); a job is refused when they are used up; "
+        "0 means the plan may not fine-tune (default none: no quota)",
+    )
+    terms.add_argument(
+        "--price-training",
+        default=None,
+        metavar="USD",
+        help="USD per million training tokens, billed in the usage ledger as jobs train (default 0)",
+    )
+    create = plan.add_parser("create", parents=[common, training], help="add a plan")
     create.add_argument("name")
     create.add_argument("--rpm", type=int, default=None, help="requests per minute per key")
     create.add_argument("--tpm", type=int, default=None, help="tokens per minute per key")
@@ -54,6 +86,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--explicit-label", action="store_true", help="append a visible AI-content notice")
     create.set_defaults(func=plan_create)
     plan.add_parser("list", parents=[common], help="list plans").set_defaults(func=plan_list)
+    finetune = plan.add_parser(
+        "finetune",
+        parents=[common, training],
+        help="show or change a plan's fine-tuning terms",
+        description="Show a plan's fine-tuning terms, after changing those given (the others keep "
+        "their values).",
+    )
+    finetune.add_argument("name", help="the plan")
+    finetune.set_defaults(func=plan_finetune)
 
     key = groups.add_parser("key", help="API keys").add_subparsers(dest="admin_verb", metavar="VERB")
     kc = key.add_parser("create", parents=[common], help="create a key (and its organisation if needed)")
@@ -125,8 +166,59 @@ def _model_prices(items: list[str] | None) -> dict[str, list[float]] | None:
     return prices
 
 
+def _whole_or_none(flag: str, text: str, none: bool = True) -> int | None:
+    if none and text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidRequest(
+            f"{flag} {text!r}: expected a whole number{' or none' if none else ''}"
+        ) from None
+
+
+FLAGS = {
+    "priority": "--finetune-priority",
+    "max_jobs": "--finetune-max-jobs",
+    "monthly_training_tokens": "--monthly-training-tokens",
+    "price_training": "--price-training",
+}
+
+
+def _training_terms(args: argparse.Namespace) -> dict[str, Any]:
+    """The fine-tuning terms given on the command line, by their names in `finetune_plans`."""
+    given: dict[str, Any] = {}
+    for name, flag in FLAGS.items():
+        text = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if text is None:
+            continue
+        if name == "price_training":
+            try:
+                given[name] = float(text)
+            except ValueError:
+                raise InvalidRequest(f"{flag} {text!r}: expected a number of USD") from None
+        else:
+            given[name] = _whole_or_none(flag, text, none=name != "priority")
+    return given
+
+
+TERMS_HEADERS = ["ft priority", "ft max jobs", "ft tokens/month", "usd/M train"]
+
+
+def _terms_cells(row: Any) -> list[object]:
+    return [
+        row.priority,
+        "none" if row.max_jobs is None else row.max_jobs,
+        "none" if row.monthly_training_tokens is None else row.monthly_training_tokens,
+        row.price_training,
+    ]
+
+
 def plan_create(args: argparse.Namespace) -> int:
     from cumulo.service import crud
+    from cumulo.service.finetune import terms
+
+    training = _training_terms(args)
 
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     with _db(args) as (sessions, _), sessions() as session, session.begin():
@@ -143,14 +235,35 @@ def plan_create(args: argparse.Namespace) -> int:
             model_prices=_model_prices(args.model_price),
             explicit_label=args.explicit_label,
         )
+        if training:
+            terms.set_terms(session, plan.id, labels=FLAGS, **training)
         print(f"Created plan {plan.name!r} (id {plan.id}).")
+    return 0
+
+
+def plan_finetune(args: argparse.Namespace) -> int:
+    from cumulo.service import crud
+    from cumulo.service.finetune import terms
+
+    training = _training_terms(args)
+    with _db(args) as (sessions, _), sessions() as session, session.begin():
+        plan = crud.get_plan(session, args.name)
+        row = (
+            terms.set_terms(session, plan.id, labels=FLAGS, **training)
+            if training
+            else terms.of_plan(session, plan.id)
+        )
+        cells = [plan.name, *_terms_cells(row)]
+    _table(["plan", *TERMS_HEADERS], [cells])
     return 0
 
 
 def plan_list(args: argparse.Namespace) -> int:
     from cumulo.service import crud
+    from cumulo.service.finetune import terms
 
     with _db(args) as (sessions, _), sessions() as session:
+        stored = terms.all_plans(session)
         rows = [
             (
                 p.name,
@@ -162,6 +275,7 @@ def plan_list(args: argparse.Namespace) -> int:
                 p.price_in,
                 p.price_out,
                 "yes" if p.explicit_label else "no",
+                *_terms_cells(stored.get(p.id) or terms.of_plan(session, p.id)),
             )
             for p in crud.list_plans(session)
         ]
@@ -176,6 +290,7 @@ def plan_list(args: argparse.Namespace) -> int:
             "usd/M in",
             "usd/M out",
             "visible label",
+            *TERMS_HEADERS,
         ],
         rows,
     )

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from cumulo.cli.finetune_worker import Worker
 from cumulo.finetune import api
 from cumulo.service.db import Plan
-from cumulo.service.finetune.tables import FinetunePlan
+from cumulo.service.finetune import terms as plan_terms
 from tests.service.support import Service, auth
 
 TOKENS_PER_STEP = 10
@@ -38,7 +38,9 @@ def chat_lines(n: int, bad_line: int | None = None) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def fake_validate(path: Path, model: str | Path, max_seq_len: int | None = None) -> api.ValidationReport:
+def fake_validate(
+    path: Path, model: str | Path, max_seq_len: int | None = None, method: str = "supervised"
+) -> api.ValidationReport:
     """Reports a line that holds "BAD" as 'no assistant message', as the real validator would word it."""
     report = api.ValidationReport(n_examples=0, n_tokens=0, n_train_tokens=0)
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
@@ -131,13 +133,7 @@ def job(service: Service, key: str, job_id: str) -> dict:
 def set_terms(service: Service, plan: str, **terms: object) -> None:
     """Fine-tuning terms (priority, max_jobs, monthly_training_tokens, price_training) of a plan."""
     with service.state.sessions() as session, session.begin():
-        plan_id = session.scalar(select(Plan.id).where(Plan.name == plan))
-        row = session.get(FinetunePlan, plan_id) or FinetunePlan(
-            plan_id=plan_id, priority=0, price_training=0.0
-        )
-        for name, value in terms.items():
-            setattr(row, name, value)
-        session.add(row)
+        plan_terms.set_terms(session, session.scalar(select(Plan.id).where(Plan.name == plan)), **terms)
 
 
 def training_usage(service: Service, key: str) -> list[dict]:

@@ -282,6 +282,19 @@ class VerifyRequest(_Body):
     label: Annotated[dict[str, Any], Field(max_length=64), RawJson]
 
 
+class PlanFinetuneTerms(_Body):
+    """A plan's fine-tuning terms; in a PATCH, a field left out keeps its value and a cap set to null is lifted."""
+
+    priority: int = Field(default=0, ge=0, le=INT32_MAX, description="higher runs first in the queue")
+    max_jobs: int | None = Field(
+        default=None, ge=1, le=INT32_MAX, description="jobs running at once per key (null: no cap)"
+    )
+    monthly_training_tokens: int | None = Field(
+        default=None, ge=0, le=INT64_MAX, description="training tokens per key and month (null: no quota)"
+    )
+    price_training: Price = Field(default=0.0, description="USD per million training tokens")
+
+
 class PlanCreate(_Body):
     name: PlanName
     rpm: int | None = Field(default=None, ge=0, le=INT32_MAX)
@@ -300,6 +313,7 @@ class PlanCreate(_Body):
         | None
     ) = None
     explicit_label: bool = False
+    fine_tuning: PlanFinetuneTerms | None = None
 
 
 class KeyCreate(_Body):

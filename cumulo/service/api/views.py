@@ -44,7 +44,7 @@ def totals(t: UsageTotals) -> dict[str, Any]:
     }
 
 
-def plan(p: Plan) -> dict[str, Any]:
+def plan(p: Plan, fine_tuning: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": p.id,
         "name": p.name,
@@ -57,6 +57,7 @@ def plan(p: Plan) -> dict[str, Any]:
         "price_out": p.price_out,
         "model_prices": p.model_prices,
         "explicit_label": p.explicit_label,
+        "fine_tuning": fine_tuning,
         "created_at": p.created_at,
     }
 

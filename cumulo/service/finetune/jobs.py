@@ -23,6 +23,7 @@ from cumulo.service.api.errors import BadParameter
 from cumulo.service.db import ApiKey
 from cumulo.service.finetune import billing, files
 from cumulo.service.finetune.tables import FinetuneCheckpoint, FinetuneEvent, FinetuneJob, FinetunePlan
+from cumulo.service.finetune.terms import of_plan
 
 ACTIVE = ("validating_files", "queued", "running")
 FINAL = ("succeeded", "failed", "cancelled")
@@ -49,13 +50,7 @@ def new_job_id() -> str:
 
 def plan_terms(session: Session, key_id: int) -> FinetunePlan:
     """The fine-tuning terms of a key's plan (defaults when the plan has none)."""
-    plan_id = session.scalar(select(ApiKey.plan_id).where(ApiKey.id == key_id))
-    terms = session.get(FinetunePlan, plan_id)
-    if terms is None:
-        return FinetunePlan(
-            plan_id=plan_id, priority=0, max_jobs=None, monthly_training_tokens=None, price_training=0.0
-        )
-    return terms
+    return of_plan(session, session.scalar(select(ApiKey.plan_id).where(ApiKey.id == key_id)))
 
 
 def create(session: Session, org_id: int, key_id: int, request: JobRequest) -> FinetuneJob:

@@ -12,18 +12,32 @@ from cumulo.errors import NotFound
 from cumulo.service import auth, crud
 from cumulo.service.api import views
 from cumulo.service.api.deps import Admin, After, EndTime, StartTime, State, only_query
-from cumulo.service.api.schemas import INT32_MAX, KeyCreate, OrgName, PlanCreate
+from cumulo.service.api.schemas import (
+    INT32_MAX,
+    KeyCreate,
+    OrgName,
+    PlanCreate,
+    PlanFinetuneTerms,
+    PlanName,
+)
 from cumulo.service.db import Organization
+from cumulo.service.finetune import terms
 
 router = APIRouter(prefix="/admin")
 OrgFilter = Annotated[OrgName | None, Query(description="organisation name")]
+PlanPath = Annotated[PlanName, Path(description="plan name")]
 
 
 @router.get("/plans")
 async def list_plans(state: State, _: Admin) -> dict[str, Any]:
     def read() -> dict[str, Any]:
         with state.sessions() as session:
-            return {"object": "list", "data": [views.plan(p) for p in crud.list_plans(session)]}
+            stored = terms.all_plans(session)
+            data = [
+                views.plan(p, terms.view(stored.get(p.id) or terms.of_plan(session, p.id)))
+                for p in crud.list_plans(session)
+            ]
+            return {"object": "list", "data": data}
 
     return await run_in_threadpool(read)
 
@@ -32,7 +46,36 @@ async def list_plans(state: State, _: Admin) -> dict[str, Any]:
 async def create_plan(body: PlanCreate, state: State, _: Admin) -> dict[str, Any]:
     def write() -> dict[str, Any]:
         with state.sessions() as session, session.begin():
-            return views.plan(crud.create_plan(session, **body.model_dump()))
+            plan = crud.create_plan(session, **body.model_dump(exclude={"fine_tuning"}))
+            if body.fine_tuning is None:
+                return views.plan(plan, terms.view(terms.of_plan(session, plan.id)))
+            row = terms.set_terms(session, plan.id, **body.fine_tuning.model_dump())
+            return views.plan(plan, terms.view(row))
+
+    return await run_in_threadpool(write)
+
+
+@router.get("/plans/{name}/fine_tuning")
+async def get_plan_fine_tuning(name: PlanPath, state: State, _: Admin) -> dict[str, Any]:
+    def read() -> dict[str, Any]:
+        with state.sessions() as session:
+            plan = crud.get_plan(session, name)
+            return {"plan": plan.name, **terms.view(terms.of_plan(session, plan.id))}
+
+    return await run_in_threadpool(read)
+
+
+@router.patch("/plans/{name}/fine_tuning")
+async def set_plan_fine_tuning(
+    name: PlanPath, body: PlanFinetuneTerms, state: State, _: Admin
+) -> dict[str, Any]:
+    """Changes the fields given; a field left out keeps its value, a cap set to null is lifted."""
+
+    def write() -> dict[str, Any]:
+        with state.sessions() as session, session.begin():
+            plan = crud.get_plan(session, name)
+            row = terms.set_terms(session, plan.id, **body.model_dump(exclude_unset=True))
+            return {"plan": plan.name, **terms.view(row)}
 
     return await run_in_threadpool(write)
 
