@@ -61,6 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="module-name pattern to leave in bf16 (repeatable; replaces the default list)",
     )
     p.add_argument("--only", action="append", metavar="PATTERN", help="quantize only modules matching these")
+    p.add_argument(
+        "--head",
+        choices=("bf16", "body"),
+        default=None,
+        help="the output head in bf16, or in the body's format ('body'; a tied embedding is then stored once, "
+        "packed, and the loader rebuilds the embedding table from it). Default per format: see docs/formats.md",
+    )
     p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
     p.add_argument(
         "--calibrate",
@@ -98,16 +105,17 @@ def run(args: argparse.Namespace) -> int:
 
     from cumulo.formats.checkpoint import save_packed_state_dict
     from cumulo.formats.gptq import gptq_quantize
-    from cumulo.formats.linear import QuantPolicy
+    from cumulo.formats.linear import QuantPolicy, default_head
     from cumulo.formats.packed import PackedWeight
     from cumulo.formats.quantize import quantize
     from cumulo.models.loader import load
 
     model = load(args.model, dtype=torch.float32)
-    policy = QuantPolicy.from_patterns(keep=args.keep, only=args.only)
+    head = args.head or default_head(scheme.name)
+    policy = QuantPolicy.from_patterns(keep=args.keep, only=args.only, head=head)
     state: dict[str, torch.Tensor | PackedWeight] = {}
     bytes_in = bytes_out = 0
-    items = list(model.weights.items())
+    items = _with_packed_head(model, policy, scheme.element is not None)
     group_amax = _fused_group_amax(model.weights)
     quantized = [
         n
@@ -144,13 +152,28 @@ def run(args: argparse.Namespace) -> int:
             value = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
             bytes_out += value.numel() * value.element_size()
         state[name] = value
+    head_note = "packed" if isinstance(state.get("lm_head.weight"), PackedWeight) else "bf16"
     out.mkdir(parents=True, exist_ok=True)
     config = _config_json(model, out)
     save_packed_state_dict(state, out, scheme.name, config=config)
     print(
-        f"wrote {out}: {scheme.name}, {bytes_out / 1e6:.1f} MB of weights (from {bytes_in / 1e6:.1f} MB fp32)"
+        f"wrote {out}: {scheme.name} (output head {head_note}), {bytes_out / 1e6:.1f} MB of weights "
+        f"(from {bytes_in / 1e6:.1f} MB fp32)"
     )
     return 0
+
+
+def _with_packed_head(model: Any, policy: Any, compact: bool) -> list[tuple[str, Any]]:
+    """The checkpoint's tensors to convert. A tied model whose head the policy quantizes gets its shared matrix
+    once, as `lm_head.weight` (packed like the body, which is what the head reads every step), and no
+    `model.embed_tokens.weight`: the loader rebuilds the embedding table from the packed head
+    (cumulo.models.registry), so the file holds one 8- or 4-bit copy where it held one 16-bit copy."""
+    weights = model.weights
+    embed = "model.embed_tokens.weight"
+    tied = "lm_head.weight" not in weights and embed in weights
+    if not (compact and tied and model.config.tie_word_embeddings and policy.quantizes("lm_head")):
+        return list(weights.items())
+    return [("lm_head.weight", weights[embed]) if n == embed else (n, t) for n, t in weights.items()]
 
 
 def _calibration_request(value: str | None, uncompressed: bool) -> int | str | None:

@@ -17,12 +17,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cumulo.errors import FormatError
 from cumulo.formats.kernels import BoundKernel, find_kernel
 from cumulo.formats.packed import PackedWeight
 from cumulo.formats.quantize import quantize
 from cumulo.platform.base import LinearFn
 
-DEFAULT_KEEP = ("*embed*", "*lm_head*", "*norm*", "*.gate", "*router*", "output")
+HEAD_PATTERNS = ("*lm_head*", "output")  # the output head: HF's lm_head, GGUF's output
+DEFAULT_KEEP = ("*embed*", *HEAD_PATTERNS, "*norm*", "*.gate", "*router*")
+HEAD_CHOICES = ("bf16", "body")
+# The output head's default per format (`--head`); see default_head.
+_HEAD_DEFAULTS: dict[str, str] = {}
+
+
+def default_head(format: str) -> str:
+    """Whether the output head stays in 16 bits ("bf16") or takes the body's format ("body") by default."""
+    return _HEAD_DEFAULTS.get(format, "bf16")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +49,19 @@ class QuantPolicy:
 
     @classmethod
     def from_patterns(
-        cls, keep: Iterable[str] | None = None, only: Iterable[str] | None = None
+        cls, keep: Iterable[str] | None = None, only: Iterable[str] | None = None, head: str = "bf16"
     ) -> QuantPolicy:
-        return cls(tuple(keep) if keep is not None else DEFAULT_KEEP, tuple(only or ()))
+        """`head` applies to the default keep list: "body" quantizes the output head with the rest."""
+        if head not in HEAD_CHOICES:
+            raise FormatError(f"unknown head policy {head!r}; choose one of {', '.join(HEAD_CHOICES)}")
+        if keep is None:
+            keep = [p for p in DEFAULT_KEEP if head == "bf16" or p not in HEAD_PATTERNS]
+        return cls(tuple(keep), tuple(only or ()))
+
+    @classmethod
+    def for_format(cls, format: str) -> QuantPolicy:
+        """The default policy with `format`'s default head."""
+        return cls.from_patterns(head=default_head(format))
 
 
 class PackedLinear(nn.Module):
@@ -98,6 +118,21 @@ class PackedLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def fp32_logits(self, x: torch.Tensor, refine: int = 8) -> torch.Tensor | None:
+        """Logits for a packed output head: fp32 inputs go through the kernel as they are (None: its outputs are
+        already fp32); for 16-bit x the kernel's rounded outputs are kept except the `refine` largest per row,
+        recomputed in fp32 from their dequantized rows, as `cumulo.models.layers.lm_logits` does for a dense
+        head (16-bit logits near 25 step by 0.125, enough to swap the top two tokens)."""
+        if x.dtype == torch.float32 or x.dim() != 2 or self.out_features <= refine:
+            return None
+        logits = self(x).float()
+        top = logits.topk(refine, dim=-1).indices  # [T, refine]
+        rows = self.packed.dequantize_rows(top.reshape(-1)).view(*top.shape, self.in_features)
+        exact = torch.bmm(rows, x.float().unsqueeze(-1)).squeeze(-1)  # [T, refine]
+        if self.bias is not None:
+            exact = exact + self.bias.float()[top]
+        return logits.scatter_(1, top, exact)
 
     def graph_op(self, x: torch.Tensor, y: torch.Tensor) -> tuple[int, list[int]] | None:
         """The recorded form of `y = self(x)` for a decode graph (cumulo.platform.kernels.graph), or None where
@@ -163,7 +198,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantize_model(model: nn.Module, format: str, policy: QuantPolicy | None = None) -> nn.Module:
     """Swap the allowed `nn.Linear`s of `model` for `PackedLinear`s in place; returns `model`."""
-    policy = policy or QuantPolicy()
+    policy = policy or QuantPolicy.for_format(format)
     targets = [
         (name, mod)
         for name, mod in model.named_modules()

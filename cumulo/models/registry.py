@@ -76,6 +76,24 @@ def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if name.endswith(FP32_PARAMS) else dtype
 
 
+def _untie_packed_head(config: ModelConfig, state: dict[str, Any], dtype: torch.dtype) -> bool:
+    """Whether the output head is packed (`cumulo convert --head`). A tied model's checkpoint then stores the
+    shared matrix once, as the packed `lm_head.weight`, and no embedding: the embedding table is made here from
+    the head's dequantized rows (exact in bf16 for the power-of-two-scaled formats), so the head reads its
+    compact bytes every step while the lookup keeps a plain table that decode graphs can record."""
+    from cumulo.formats.packed import PackedWeight
+
+    head = state.get("lm_head.weight")
+    if not isinstance(head, PackedWeight):
+        return False
+    embed = "model.embed_tokens.weight"
+    if embed not in state:
+        if not config.tie_word_embeddings:
+            raise InvalidModel("checkpoint lacks model.embed_tokens.weight and its head is not tied")
+        state[embed] = head.dequantize(torch.float32).to(param_dtype(embed, dtype))
+    return True
+
+
 def _swap_packed(
     model: nn.Module, state: dict[str, Any], dtype: torch.dtype, device: torch.device | str
 ) -> None:
@@ -165,8 +183,11 @@ def build_model(
     with torch.device("meta"), _SkipMetaInit():
         model = cls(config)
     state = fuse_weights(weights, consume=consume)
+    packed_head = _untie_packed_head(config, state, dtype)
     _swap_packed(model, state, dtype, device)
-    if config.tie_word_embeddings or "lm_head.weight" not in state:
+    if packed_head:
+        tie = False
+    elif config.tie_word_embeddings or "lm_head.weight" not in state:
         state.pop("lm_head.weight", None)
         tie = True
     else:
