@@ -78,18 +78,19 @@ class Worker:
             queue.fail(self.sessions, job, "invalid_training_file", missing, "training_file")
             return
         try:
-            report = self.validate(Path(job.training_path), job.source)  # type: ignore[arg-type]
+            method = job.method
+            report = self.validate(Path(job.training_path), job.source, method=method)  # type: ignore[arg-type]
             if not report.ok:
                 message = f"training file {report.first_error()}"
                 queue.fail(self.sessions, job, "invalid_training_file", message, "training_file")
                 return
             if job.validation_path is not None:
-                checked = self.validate(Path(job.validation_path), job.source)
+                checked = self.validate(Path(job.validation_path), job.source, method=method)
                 if not checked.ok:
                     message = f"validation file {checked.first_error()}"
                     queue.fail(self.sessions, job, "invalid_validation_file", message, "validation_file")
                     return
-            hyper = api.resolve_hyperparameters(job.hyperparameters, report.n_examples)
+            hyper = api.resolve_hyperparameters(job.hyperparameters, report.n_examples, method)
         except CumuloError as exc:
             queue.fail(self.sessions, job, exc.code or "invalid_request", str(exc), None)
             return
@@ -98,6 +99,8 @@ class Worker:
             "batch_size": hyper.batch_size,
             "learning_rate_multiplier": hyper.learning_rate_multiplier,
         }
+        if hyper.beta is not None:
+            resolved["beta"] = hyper.beta
         queue.validated(self.sessions, job, report.n_examples, report.n_train_tokens, resolved)
 
     def _train(self, job: queue.Claimed) -> None:
@@ -115,16 +118,25 @@ class Worker:
                 n_epochs=int(hp["n_epochs"]),
                 batch_size=int(hp["batch_size"]),
                 learning_rate=float(hp["learning_rate_multiplier"]) * api.BASE_LEARNING_RATE,
+                beta=float(hp["beta"]) if job.method == "dpo" else None,
             ),
             seed=job.seed,
             output_dir=output_dir,
             job_id=job.job_id,
+            method="dpo" if job.method == "dpo" else "supervised",
         )
         run = _Run(self, job)
         try:
             result = self.train(spec, run.on_event, run.should_stop)
         except CumuloError as exc:
-            queue.fail(self.sessions, job, exc.code or "training_failed", str(exc), None, run.trained_tokens)
+            if exc.code == "worker_lost" and run.stop_reason is not None:
+                queue.release(self.sessions, job)  # told to stop while it waited for a pool node
+            elif exc.code == "worker_lost":  # a pool node died under it (cluster/finetune_runner.py)
+                queue.lost(self.sessions, job, self.settings.finetune_max_attempts, str(exc))
+            else:
+                queue.fail(
+                    self.sessions, job, exc.code or "training_failed", str(exc), None, run.trained_tokens
+                )
             return
         except Exception as exc:  # a bug of ours: the job fails with one line; the traceback goes to the log
             log.exception("job %s failed", job.job_id)
@@ -167,6 +179,7 @@ class _Run:
                 trained_tokens=event.trained_tokens,
                 train_loss=event.train_loss,
                 valid_loss=event.valid_loss,
+                metrics=event.metrics,
             )
             self.stop_reason = self.stop_reason or reason
         elif event.kind == "checkpoint" and event.checkpoint_dir is not None:
@@ -175,6 +188,7 @@ class _Run:
                 metrics["train_loss"] = event.train_loss
             if event.valid_loss is not None:
                 metrics["valid_loss"] = event.valid_loss
+            metrics.update(event.metrics)
             if not queue.checkpoint(
                 sessions,
                 self.job,

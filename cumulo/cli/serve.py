@@ -72,6 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--head-cpus", type=int, default=None, help="with --cluster: CPUs the head node offers to replicas "
         "(default: all; 0 keeps replicas off the gateway's machine)",
     )  # fmt: skip
+    c.add_argument(
+        "--finetune-pool", action="store_true", default=None, help="with --cluster: train fine-tuning jobs on "
+        "the pool's nodes instead of in the gateway's worker processes (env CUMULO_FINETUNE_POOL=1)",
+    )  # fmt: skip
     p.add_argument(
         "--database-url",
         default=None,
@@ -148,13 +152,19 @@ def run(args: argparse.Namespace) -> int:
     from cumulo.service.bootstrap import ensure_admin_key
     from cumulo.service.settings import Settings
 
-    settings = Settings.from_env(host=args.host, port=args.port, database_url=args.database_url)
+    settings = Settings.from_env(
+        host=args.host, port=args.port, database_url=args.database_url, finetune_pool=args.finetune_pool
+    )
     if args.threads is not None and args.threads < 1:
         raise InvalidRequest(f"threads must be at least 1, not {args.threads}")
     # uvicorn shuts down gracefully on SIGTERM and SIGINT, then raises the signal again with the handler it
     # found: ours ends the process through the `finally` below, as Ctrl-C's KeyboardInterrupt does.
     if args.address is not None and not args.cluster:
         raise InvalidRequest("--address needs --cluster")
+    if settings.finetune_pool and not args.cluster:
+        raise InvalidRequest(
+            "fine-tuning on the pool (--finetune-pool, CUMULO_FINETUNE_POOL) needs --cluster"
+        )
     if args.cluster:
         from cumulo.cli.cluster import run_gateway
 

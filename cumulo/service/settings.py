@@ -55,6 +55,10 @@ class Settings:
     finetune_stale_seconds: float = 60.0
     finetune_max_attempts: int = 3
     finetune_models: dict[str, str] = field(default_factory=dict)
+    # Under `cumulo serve --cluster`: the workers train each job on a pool node (cluster/finetune_runner.py)
+    # instead of in their own process, taking `finetune_pool_cpus` CPUs there.
+    finetune_pool: bool = False
+    finetune_pool_cpus: int = 1
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -69,10 +73,12 @@ class Settings:
             self.finetune_workers < 0
             or self.finetune_max_attempts < 1
             or self.finetune_heartbeat_seconds <= 0
+            or self.finetune_pool_cpus < 1
         ):
             raise InvalidRequest(
-                "need finetune workers >= 0, max attempts >= 1 and heartbeat seconds > 0, got "
-                f"{self.finetune_workers}, {self.finetune_max_attempts} and {self.finetune_heartbeat_seconds}"
+                "need finetune workers >= 0, max attempts >= 1, heartbeat seconds > 0 and pool CPUs >= 1, got "
+                f"{self.finetune_workers}, {self.finetune_max_attempts}, {self.finetune_heartbeat_seconds} and "
+                f"{self.finetune_pool_cpus}"
             )
 
     @classmethod
@@ -102,6 +108,11 @@ class Settings:
         values["finetune_workers"] = _int(
             "CUMULO_FINETUNE_WORKERS", env.get("CUMULO_FINETUNE_WORKERS") or "1"
         )
+        if env.get("CUMULO_FINETUNE_POOL"):
+            flag = env["CUMULO_FINETUNE_POOL"].strip().lower()
+            values["finetune_pool"] = flag in ("1", "true", "yes", "on")
+        if env.get("CUMULO_FINETUNE_POOL_CPUS"):
+            values["finetune_pool_cpus"] = _int("CUMULO_FINETUNE_POOL_CPUS", env["CUMULO_FINETUNE_POOL_CPUS"])
         if env.get("CUMULO_FINETUNE_MODELS"):
             values["finetune_models"] = _pairs("CUMULO_FINETUNE_MODELS", env["CUMULO_FINETUNE_MODELS"])
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -24,6 +24,9 @@ Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[None]]
 
 
 def worker_command(settings: Settings) -> list[str]:
+    """`cumulo finetune worker` for this gateway; with `finetune_pool` it trains on the pool's nodes (the pool
+    this gateway serves, found in the data directory)."""
+    pool = ["--pool", "--pool-cpus", str(settings.finetune_pool_cpus)] if settings.finetune_pool else []
     return [
         sys.executable,
         "-m",
@@ -36,6 +39,7 @@ def worker_command(settings: Settings) -> list[str]:
         settings.database_url,
         "--parent-pid",
         str(os.getpid()),
+        *pool,
     ]
 
 

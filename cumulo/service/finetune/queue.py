@@ -44,6 +44,7 @@ class Claimed:
     hyperparameters: dict[str, Any]
     seed: int
     attempts: int
+    method: str = "supervised"  # supervised | dpo
 
 
 def new_claim() -> str:
@@ -117,6 +118,7 @@ def claim_next(sessions: sessionmaker, claim: str) -> Claimed | None:
             dict(job.hyperparameters),
             job.seed,
             job.attempts,
+            jobs.method_type(job),
         )
 
 
@@ -156,7 +158,7 @@ def validated(
             return False
         row.status, row.claim, row.heartbeat_at = "queued", None, None
         row.n_examples, row.n_train_tokens, row.hyperparameters = n_examples, n_train_tokens, hyper
-        row.method = {"type": "supervised", "supervised": {"hyperparameters": hyper}}
+        row.method = jobs.method_view(jobs.method_type(row), hyper)
         jobs.add_event(
             session,
             row,
@@ -175,6 +177,7 @@ def progress(
     trained_tokens: int,
     train_loss: float | None,
     valid_loss: float | None,
+    metrics: dict[str, float] | None = None,
 ) -> str | None:
     """Records a step (and a metrics event). Returns why the worker should stop, or None: 'lost' (another
     worker owns it now), 'cancelled', or 'quota' (the key's monthly training tokens would be exceeded)."""
@@ -187,13 +190,14 @@ def progress(
         row.trained_tokens = trained_tokens  # this run's count; the ledger bills only beyond its mark
         if row.status != "running":
             return row.status
-        metrics = {"step": step, "total_steps": total_steps, "trained_tokens": trained_tokens}
+        data: dict[str, Any] = {"step": step, "total_steps": total_steps, "trained_tokens": trained_tokens}
+        data.update(metrics or {})  # the method's own (DPO: train_reward_margin, train_reward_accuracy)
         if train_loss is not None:
-            metrics["train_loss"] = train_loss
+            data["train_loss"] = train_loss
         if valid_loss is not None:
-            metrics["valid_loss"] = valid_loss
+            data["valid_loss"] = valid_loss
         loss = f", train loss {train_loss:.4f}" if train_loss is not None else ""
-        jobs.add_event(session, row, f"Step {step}/{total_steps}{loss}", type="metrics", data=metrics)
+        jobs.add_event(session, row, f"Step {step}/{total_steps}{loss}", type="metrics", data=data)
         cap = jobs.plan_terms(session, row.key_id).monthly_training_tokens
         if cap is not None:
             used = billing.month_tokens(session, row.key_id, time.time())
@@ -330,3 +334,30 @@ def requeue_lost(sessions: sessionmaker, stale_seconds: float, max_attempts: int
             elif row.status in jobs.FINAL:
                 billing.bill(session, row)
         return len(lost)
+
+
+def lost(sessions: sessionmaker, job: Claimed, max_attempts: int, why: str) -> None:
+    """The trainer of a running job was lost while its worker lives (a pool node died under it): the job is
+    queued again to resume from its last checkpoint, or failed with `worker_lost` once it was started
+    `max_attempts` times, as `requeue_lost` does for a silent worker; a job cancelled meanwhile is settled."""
+    with sessions() as session, session.begin():
+        row = _mine(session, job)
+        if row is None:
+            return
+        row.claim, row.heartbeat_at = None, None
+        if row.status == "running" and row.attempts >= max_attempts:
+            row.status, row.finished_at = "failed", time.time()
+            message = f"{why}; the job was started {row.attempts} times and failed"
+            row.error = {"code": "worker_lost", "message": message, "param": None}
+            jobs.add_event(session, row, message, level="error")
+            billing.bill(session, row)
+        elif row.status == "running":
+            row.status = "queued"
+            jobs.add_event(
+                session,
+                row,
+                f"{why}; the job is queued again and resumes from its last checkpoint",
+                level="warn",
+            )
+        else:
+            billing.bill(session, row)
