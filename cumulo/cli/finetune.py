@@ -40,6 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--n-epochs", default="auto", help="'auto' or an integer")
     c.add_argument("--batch-size", default="auto", help="'auto' or an integer")
     c.add_argument("--learning-rate-multiplier", default="auto", help="'auto' or a number")
+    c.add_argument(
+        "--method",
+        choices=("supervised", "dpo"),
+        default="supervised",
+        help="supervised (chat lines) or dpo (preference lines: input, preferred_output, non_preferred_output)",
+    )
+    c.add_argument("--beta", default="auto", help="with --method dpo: 'auto' (0.1) or a number in (0, 2]")
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--follow", action="store_true", help="watch the job with a progress bar until it ends")
     c.set_defaults(func=create)
@@ -119,7 +126,7 @@ def _number(name: str, value: str) -> str | int | float:
     if value == "auto":
         return value
     try:
-        return float(value) if name == "learning_rate_multiplier" else int(value)
+        return float(value) if name in ("learning_rate_multiplier", "beta") else int(value)
     except ValueError:
         raise InvalidRequest(
             f"--{name.replace('_', '-')} must be 'auto' or a number, got {value!r}"
@@ -128,14 +135,15 @@ def _number(name: str, value: str) -> str | int | float:
 
 def create(args: argparse.Namespace, http: Any = None) -> int:
     api = Api(args, http)
-    hyper = {
-        name: _number(name, getattr(args, name))
-        for name in ("n_epochs", "batch_size", "learning_rate_multiplier")
-    }
+    method = getattr(args, "method", "supervised")
+    names = ("n_epochs", "batch_size", "learning_rate_multiplier") + (("beta",) if method == "dpo" else ())
+    if method != "dpo" and getattr(args, "beta", "auto") != "auto":
+        raise InvalidRequest("--beta is a DPO hyperparameter; add --method dpo")
+    hyper = {name: _number(name, getattr(args, name)) for name in names}
     body: dict[str, Any] = {
         "model": args.model,
         "training_file": api.file_id(args.file),
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "method": {"type": method, method: {"hyperparameters": hyper}},
     }
     if args.validation_file:
         body["validation_file"] = api.file_id(args.validation_file)

@@ -105,3 +105,26 @@ def test_mistakes_are_one_line_errors(server, client_args, tmp_path, capsys):
     assert main(["finetune", "list", *nowhere]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot reach the service" in err[0]
+
+
+def test_create_with_method_dpo_sends_the_method_and_beta(server, client_args, tmp_path, capsys):
+    data = tmp_path / "prefs.jsonl"
+    line = {
+        "input": {"messages": [{"role": "user", "content": "hi"}]},
+        "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+        "non_preferred_output": [{"role": "assistant", "content": "what"}],
+    }
+    data.write_text(json.dumps(line) + "\n")
+    create = ["finetune", "create", "--model", "tiny", "--file", str(data), *client_args]
+    assert main([*create, "--method", "dpo", "--beta", "0.3"]) == 0
+    job_id = re.search(r"Created (ftjob-\w+)", capsys.readouterr().out).group(1)
+    key = client_args[-1]
+    job = httpx.get(f"{server.url}/v1/fine_tuning/jobs/{job_id}", headers=auth(key)).json()
+    assert job["method"]["type"] == "dpo" and job["method"]["dpo"]["hyperparameters"]["beta"] == 0.3
+
+    assert main([*create, "--beta", "0.3"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--method dpo" in err[0]
+    assert main([*create, "--method", "dpo", "--beta", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "beta" in err[0]

@@ -72,7 +72,18 @@ def test_an_upload_over_the_limit_is_refused_and_leaves_nothing_behind(service):
     [
         ({"suffix": "x" * 65}, 400, "suffix", ""),
         ({"suffix": "has:colon"}, 400, "suffix", ""),
-        ({"method": {"type": "dpo", "dpo": {}}}, 400, "method.type", "dpo fine-tuning is not supported yet"),
+        (
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 2.5}}}},
+            400,
+            "method.dpo.hyperparameters.beta",
+            "",
+        ),
+        (
+            {"method": {"type": "dpo"}, "hyperparameters": {"n_epochs": 2}},
+            400,
+            "hyperparameters",
+            "method.dpo.hyperparameters",
+        ),
         ({"method": {"type": "reinforcement"}}, 400, "method.type", "not supported yet"),
         (
             {
@@ -122,6 +133,33 @@ def test_both_ways_of_giving_hyperparameters_are_taken(service):
         "batch_size": 4,
         "learning_rate_multiplier": 0.5,
     }
+
+
+def test_a_dpo_job_keeps_its_method_and_beta(service):
+    key = service.key()
+    file_id = upload(service, key, chat_lines(2))
+    dpo = create_job(
+        service,
+        key,
+        file_id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 3}}},
+    )
+    assert dpo["method"] == {
+        "type": "dpo",
+        "dpo": {
+            "hyperparameters": {
+                "n_epochs": 3,
+                "batch_size": "auto",
+                "learning_rate_multiplier": "auto",
+                "beta": 0.25,
+            }
+        },
+    }
+    assert dpo["hyperparameters"] == {"n_epochs": 3, "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    auto = create_job(service, key, file_id, method={"type": "dpo"})
+    assert auto["method"]["dpo"]["hyperparameters"]["beta"] == "auto"
+    listed = service.client.get(f"/v1/fine_tuning/jobs/{dpo['id']}", headers=auth(key)).json()
+    assert listed["method"] == dpo["method"]
 
 
 def test_jobs_are_listed_newest_first_in_pages(service):

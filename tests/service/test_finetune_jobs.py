@@ -13,6 +13,7 @@ from tests.service.finetune_support import (
     FakeTrainer,
     chat_lines,
     create_job,
+    fake_validate,
     job,
     set_terms,
     training_usage,
@@ -77,6 +78,29 @@ def test_a_job_goes_from_validation_to_a_fine_tuned_model_and_bills_its_tokens_o
     ).items()
     other = service.client.get("/v1/models", headers=auth(service.key(org="globex"))).json()["data"]
     assert done["fine_tuned_model"] not in {m["id"] for m in other}
+
+
+def test_a_dpo_job_is_validated_as_dpo_and_trained_with_its_resolved_beta(service):
+    key = service.key()
+    created = create_job(service, key, upload(service, key, chat_lines(3)), method={"type": "dpo"})
+    specs, methods = [], []
+
+    def validate(path, model, max_seq_len=None, method="supervised"):  # noqa: ANN001, ANN202
+        methods.append(method)
+        return fake_validate(path, model, max_seq_len, method)
+
+    def train(spec, on_event, should_stop):  # noqa: ANN001, ANN202
+        specs.append(spec)
+        return FakeTrainer(steps=2)(spec, on_event, should_stop)
+
+    runner = worker(service, train)
+    runner.validate = validate
+    assert runner.run(once=True) == 2
+    done = job(service, key, created["id"])
+    assert done["status"] == "succeeded", done
+    assert methods == ["dpo"] and specs[0].method == "dpo" and specs[0].hyper.beta == 0.1
+    assert done["method"]["type"] == "dpo" and done["method"]["dpo"]["hyperparameters"]["beta"] == 0.1
+    assert "beta" not in done["hyperparameters"]
 
 
 def test_a_bad_line_fails_the_job_with_the_line_and_the_problem(service):

@@ -1,11 +1,14 @@
 """Calling fine-tuned models through the official openai client against a live gateway that serves a tiny
 llama on the real engine (#14): a job trained by the gateway's worker is callable as soon as it has succeeded,
 with no restart (chat and its checkpoints), its usage is recorded under the `ft:` name, another organisation
-gets 404 for it; an adapter peft saved and `cumulo adapters import` copied in while the gateway runs is served
-under its name, with the answer a local engine gives with the same adapter."""
+gets 404 for it; a DPO job is trained, billed and served the same way; an adapter peft saved and `cumulo
+adapters import` copied in while the gateway runs is served under its name, with the answer a local engine
+gives with the same adapter."""
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from cumulo.cli.main import main
 from cumulo.contracts import AdapterRef, SamplingParams
 from cumulo.engine.factory import create_engine
 from cumulo.engine.llm_engine import EngineConfig
+from cumulo.finetune.api import validate_training_file
 from tests.service.live import LiveServer
 from tests.service.support import auth
 from tests.service.test_finetune_live import new_key, training_file, wait_final
@@ -85,6 +89,60 @@ def test_a_finished_job_is_callable_by_its_organisation_only(server: LiveServer,
         client.chat.completions.create(
             model=name.replace(":adder:", ":other:"), messages=[{"role": "user", "content": "hi"}]
         )
+
+
+def preference_file(directory: Path, n: int = 6) -> Path:
+    path = directory / "prefs.jsonl"
+    lines = [
+        {
+            "input": {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}]},
+            "preferred_output": [{"role": "assistant", "content": str(2 * i)}],
+            "non_preferred_output": [{"role": "assistant", "content": f"{i}{i}"}],
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_a_dpo_job_trains_bills_and_serves_like_a_supervised_one(
+    server: LiveServer, tiny: Path, tmp_path: Path
+) -> None:
+    key = new_key(server, "acme")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+    prefs = preference_file(tmp_path)
+    with open(prefs, "rb") as f:
+        file_id = client.files.create(file=f, purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=file_id,
+        suffix="prefer",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 2, "batch_size": 3, "beta": 0.2}}},
+    )
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    done = wait_final(client, job.id)
+    assert done.status == "succeeded", done.error
+    assert done.method.type == "dpo" and done.method.dpo.hyperparameters.n_epochs == 2
+    # trained tokens: every pair's prompt once and both outputs, each epoch; billed once
+    expected = 2 * validate_training_file(prefs, tiny, method="dpo").n_tokens
+    assert done.trained_tokens == expected
+    billed = httpx.get(f"{server.url}/v1/usage", headers=auth(key), params={"limit": 100}).json()["data"]
+    assert sum(r["prompt_tokens"] for r in billed if r["endpoint"] == "fine_tuning") == expected
+
+    metrics = [
+        e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"
+    ]
+    assert len(metrics) == 4
+    first = min(metrics, key=lambda m: m["step"])
+    assert first["train_loss"] == pytest.approx(math.log(2), abs=1e-5)  # a fresh adapter is the reference
+    assert {"train_reward_margin", "train_reward_accuracy"} <= set(first)
+
+    name = done.fine_tuned_model
+    assert name == f"ft:tiny:acme:prefer:{job.id[6:14]}"
+    answer = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "What is 2 plus 2?"}], max_tokens=4, temperature=0
+    )
+    assert answer.model == name and answer.usage.completion_tokens > 0
 
 
 def test_an_imported_peft_adapter_is_served_without_a_restart(

@@ -42,6 +42,7 @@ class JobRequest:
     suffix: str | None
     seed: int | None
     metadata: dict[str, str] | None
+    method: str = "supervised"  # supervised | dpo
 
 
 def new_job_id() -> str:
@@ -77,7 +78,7 @@ def create(session: Session, org_id: int, key_id: int, request: JobRequest) -> F
         source=request.source,
         training_file=request.training_file,
         validation_file=request.validation_file,
-        method={"type": "supervised", "supervised": {"hyperparameters": request.hyperparameters}},
+        method=method_view(request.method, request.hyperparameters),
         hyperparameters=request.hyperparameters,
         suffix=request.suffix,
         seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
@@ -193,8 +194,19 @@ def succeeded_models(session: Session, org_id: int) -> list[FinetuneJob]:
 
 
 # -- views: the shapes openai/types/fine_tuning/*.py parse --------------------------------------------------
+def method_type(job: FinetuneJob) -> str:
+    return str((job.method or {}).get("type", "supervised"))
+
+
+def method_view(method: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `method`: {"type": "dpo", "dpo": {"hyperparameters": {...}}} (or supervised)."""
+    return {"type": method, method: {"hyperparameters": dict(hyperparameters)}}
+
+
 def view(job: FinetuneJob, org_name: str) -> dict[str, Any]:
     hyper = dict(job.hyperparameters)
+    method = method_view(method_type(job), hyper)
+    hyper.pop("beta", None)  # the deprecated top-level field has supervised's names only
     return {
         "id": job.job_id,
         "object": "fine_tuning.job",
@@ -214,7 +226,7 @@ def view(job: FinetuneJob, org_name: str) -> dict[str, Any]:
         "estimated_finish": None,
         "integrations": [],
         "metadata": job.job_metadata,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "method": method,
     }
 
 

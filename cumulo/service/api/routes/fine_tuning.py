@@ -33,15 +33,27 @@ class _Hyper(BaseModel):
     learning_rate_multiplier: _Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
 
 
+class _DpoHyper(_Hyper):
+    """OpenAI's DPO hyperparameters: the supervised ones and beta ("auto" or a number in (0, 2])."""
+
+    beta: _Auto | Annotated[float, Field(gt=0, le=2)] = "auto"
+
+
 class _Supervised(BaseModel):
     model_config = ConfigDict(extra="ignore")
     hyperparameters: _Hyper | None = None
+
+
+class _Dpo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    hyperparameters: _DpoHyper | None = None
 
 
 class _Method(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: _Supervised | None = None
+    dpo: _Dpo | None = None
 
 
 _Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
@@ -68,18 +80,25 @@ class JobBody(BaseModel):
     )
 
 
-def _hyperparameters(body: JobBody) -> dict[str, Any]:
-    if body.method is not None and body.method.type != "supervised":
+def _hyperparameters(body: JobBody) -> tuple[str, dict[str, Any]]:
+    """(method type, its hyperparameters as asked). The deprecated top-level field is supervised's."""
+    method = body.method.type if body.method is not None else "supervised"
+    if method == "reinforcement":
         raise BadParameter(
-            "method.type", f"{body.method.type} fine-tuning is not supported yet; use supervised"
+            "method.type", "reinforcement fine-tuning is not supported yet; use supervised or dpo"
         )
+    if method == "dpo":
+        if body.hyperparameters is not None:
+            raise BadParameter("hyperparameters", "give DPO hyperparameters in method.dpo.hyperparameters")
+        dpo = body.method.dpo if body.method is not None else None
+        return method, (dpo and dpo.hyperparameters or _DpoHyper()).model_dump()
     from_method = body.method.supervised.hyperparameters if body.method and body.method.supervised else None
     if from_method is not None and body.hyperparameters is not None:
         raise BadParameter(
             "hyperparameters", "give hyperparameters in method.supervised or at the top, not both"
         )
     chosen = from_method or body.hyperparameters or _Hyper()
-    return chosen.model_dump()
+    return method, chosen.model_dump()
 
 
 def _source(state: ServiceState, principal: Principal, model: str) -> str:
@@ -98,12 +117,14 @@ def _source(state: ServiceState, principal: Principal, model: str) -> str:
 async def create(body: JobBody, state: State, principal: Caller) -> dict[str, Any]:
     if body.integrations:
         raise BadParameter("integrations", "integrations are not supported")
+    method, hyperparameters = _hyperparameters(body)
     request = jobs.JobRequest(
         model=body.model,
         source=_source(state, principal, body.model),
         training_file=body.training_file,
         validation_file=body.validation_file,
-        hyperparameters=_hyperparameters(body),
+        method=method,
+        hyperparameters=hyperparameters,
         suffix=body.suffix,
         seed=body.seed,
         metadata=body.metadata,
