@@ -68,6 +68,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--once", action="store_true", help="handle the jobs waiting now, then exit")
     w.add_argument("--database-url", default=None, help="the service database (default: as `cumulo serve`)")
     w.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    w.add_argument(
+        "--pool",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="train on the pool's nodes (Ray) instead of in this process; ADDRESS: the head's HOST:PORT "
+        "(default: the pool `cumulo serve --cluster` runs, from the data directory)",
+    )
+    w.add_argument("--pool-cpus", type=int, default=1, help="with --pool: CPUs a job takes on its node")
+    w.add_argument("--pool-chip", default=None, help="with --pool: only nodes of this catalog chip")
     w.set_defaults(func=worker)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
@@ -245,8 +256,17 @@ def worker(args: argparse.Namespace) -> int:
     from cumulo.service.settings import Settings
 
     settings = Settings.from_env(database_url=args.database_url)
+    options = {}
+    if args.pool is not None:  # before the signal handlers below: connecting installs Ray's own
+        from cumulo.cluster.finetune_runner import PoolTrainer
+        from cumulo.cluster.ray_cluster import connect, find_address
+
+        if args.pool_cpus < 1:
+            raise InvalidRequest(f"--pool-cpus must be at least 1, not {args.pool_cpus}")
+        connect(find_address(args.pool or None, settings.data_dir))
+        options["train"] = PoolTrainer(num_cpus=args.pool_cpus, chip=args.pool_chip)
     with service_sessions(args) as sessions:
-        runner = Worker(sessions, settings, parent_pid=args.parent_pid)
+        runner = Worker(sessions, settings, parent_pid=args.parent_pid, **options)
 
         def stop(signum: int, frame: object) -> None:
             runner.stopping.set()  # the job under way goes back to the queue at its next step
