@@ -89,19 +89,31 @@ class Int8Pointwise(nn.Module):
         bias = bias.detach().float().clone() if bias is not None else torch.zeros(self.out_channels)
         rounded = codes.float() * scale[:, None]  # [N, K], the weight the GEMM multiplies by
         self.register_buffer("bias", corrected_bias(bias, rounded, weight.detach().flatten(1), input_mean))
-        self._packed: tuple[tuple[int, int], int8_gemm.PackedInt8] | None = None
+        self._native: tuple[tuple[int, int, int, bool, int], int8_gemm.Int8Gemm | None] | None = None
+
+    def native(self) -> int8_gemm.Int8Gemm | None:
+        """The native kernel bound to this layer's codes, scale and bias (None where it cannot run here), bound
+        again whenever one of them is another tensor or the codes changed in place (inference tensors keep no
+        version: swap them, or call `rebind`). The scale and bias are read where they are on every call."""
+        codes, scale, bias = self.codes, self.scale, self.bias
+        version = -1 if codes.is_inference() else codes._version
+        key = (id(codes), id(scale), id(bias), self.relu6_output, version)
+        bound = self._native
+        if bound is None or bound[0] != key:  # the bound gemm holds the tensors, so their ids stay theirs
+            gemm = int8_gemm.bind(
+                codes, scale, bias, relu6_input=self.relu6_input, relu6_output=self.relu6_output
+            )
+            self._native = bound = (key, gemm)
+        return bound[1]
 
     def packed(self) -> int8_gemm.PackedInt8:
-        """`codes` in the native kernel's layout, packed again whenever the codes change: swapped for another
-        tensor, or changed in place (inference tensors keep no version: swap them, or call `repack`)."""
-        key = (self.codes.data_ptr(), -1 if self.codes.is_inference() else self.codes._version)
-        if self._packed is None or self._packed[0] != key:
-            self._packed = (key, int8_gemm.pack(self.codes))
-        return self._packed[1]
+        """`codes` in the native kernel's layout (tests)."""
+        native = self.native()
+        return native.packed if native is not None else int8_gemm.pack(self.codes)
 
-    def repack(self) -> None:
-        """Forget the packed copy (after changing inference-mode `codes` in place)."""
-        self._packed = None
+    def rebind(self) -> None:
+        """Forget the bound kernel (after changing inference-mode `codes` in place)."""
+        self._native = None
 
     def quantize(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[M, K] float -> (int8 codes [M, K], the per-row step [M, 1], or None for the fixed step 6/127)."""
@@ -113,14 +125,10 @@ class Int8Pointwise(nn.Module):
 
     def matmul(self, x2: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """[M, K] float (+ [M, N] residual) -> [M, N] float: the native kernel where it runs, else torch."""
-        if x2.dtype == torch.float32:
-            x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-            y = int8_gemm.int8_gemm(
-                x2, self.packed(), self.scale, self.bias, relu6_input=self.relu6_input,
-                relu6_output=self.relu6_output, residual=residual,
-            )  # fmt: skip
-            if y is not None:
-                return y
+        native = self.native()
+        y = native(x2, residual) if native is not None else None
+        if y is not None:
+            return y
         q, sx = self.quantize(x2)
         if sx is None:
             y = torch.addcmul(self.bias, self._int_mm(q).float(), self.scale * (6.0 / INT8_MAX))
@@ -137,6 +145,10 @@ class Int8Pointwise(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() == 2:  # a linear layer
             return self.matmul(x, residual)
+        native = self.native()  # pixels in channels_last straight to the kernel: no views made per call
+        y = native(x, residual) if native is not None else None
+        if y is not None:
+            return y
         n, c, h, w = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # [n*h*w, cin], a view in channels_last
         if residual is not None:  # [n, cout, h, w] -> [n*h*w, cout], a view in channels_last

@@ -169,22 +169,41 @@ CUMULO_VNNI float quantize_row_512(const float* x, int64_t K, int64_t Kp, bool r
     return step;
 }
 
-// R rows x C blocks of 16 channels: the sums stay in registers over all of K, then the epilogue.
+// The sums of R rows x C blocks of 16 channels over all of K, kept in registers, into out [R][C][16].
+// The sums of R rows x C blocks of 16 channels over all of K, in registers, written to out [R][C][16] once.
+// Every loop over R and C is unrolled by pragma: GCC 12 otherwise leaves the sums an array in memory, stored on
+// every step of k, for R >= 4 (then the GEMM ran at half the speed).
 template <int R, int C>
-CUMULO_VNNI void tile_512(const Gemm& g, int64_t m0, const uint8_t* q, const float* steps, int64_t nb0) {
+CUMULO_VNNI inline void sums_512(const Gemm& g, const uint8_t* q, int64_t nb0, int32_t* out) {
     __m512i s[R][C];
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
         for (int c = 0; c < C; ++c) s[i][c] = _mm512_setzero_si512();
     const int64_t bstride = g.Kg * kBlockN * kGroupK;  // bytes per packed block
     const int8_t* wb = g.w + nb0 * bstride;
-    for (int64_t kg = 0; kg < g.Kg; ++kg) {
+    for (int64_t kg = 0; kg < g.Kg; ++kg, wb += 64, q += kGroupK) {
         __m512i w[C];
-        for (int c = 0; c < C; ++c) w[c] = _mm512_load_si512((const void*)(wb + c * bstride + kg * 64));
+#pragma GCC unroll 4
+        for (int c = 0; c < C; ++c) w[c] = _mm512_load_si512((const void*)(wb + c * bstride));
+#pragma GCC unroll 8
         for (int i = 0; i < R; ++i) {
-            const __m512i a = _mm512_set1_epi32(*(const int32_t*)(q + i * g.Kp + kg * kGroupK));
+            const __m512i a = _mm512_set1_epi32(*(const int32_t*)(q + i * g.Kp));
+#pragma GCC unroll 4
             for (int c = 0; c < C; ++c) s[i][c] = _mm512_dpbusd_epi32(s[i][c], a, w[c]);
         }
     }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+        for (int c = 0; c < C; ++c) _mm512_store_si512((void*)(out + (i * C + c) * kBlockN), s[i][c]);
+}
+
+// R rows x C blocks: the sums (sums_512), then each leaves as its finished output.
+template <int R, int C>
+CUMULO_VNNI void tile_512(const Gemm& g, int64_t m0, const uint8_t* q, const float* steps, int64_t nb0) {
+    alignas(64) int32_t sums[R * C * kBlockN];
+    sums_512<R, C>(g, q, nb0, sums);
     const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.0f);
     const __m512 relu6_step = _mm512_set1_ps(6.0f / 127.0f);
     for (int c = 0; c < C; ++c) {
@@ -199,7 +218,7 @@ CUMULO_VNNI void tile_512(const Gemm& g, int64_t m0, const uint8_t* q, const flo
         }
         for (int i = 0; i < R; ++i) {
             const int64_t m = m0 + i;
-            const __m512i sum = _mm512_sub_epi32(s[i][c], off);
+            const __m512i sum = _mm512_sub_epi32(_mm512_load_si512((const void*)(sums + (i * C + c) * kBlockN)), off);
             if (g.acc) {
                 _mm512_mask_storeu_epi32(g.acc + m * g.ys + n0, mask, sum);
                 continue;

@@ -4,7 +4,9 @@
 y = relu6?(q(x) codes^T * step_row * scale + bias + residual) for fp32 rows x [M, K], where q(x) is the code of
 relu6(x) at the fixed step 6/127 (`relu6_input`) or of x at a per-row symmetric step max|x| / 127, each rounded as
 torch rounds it. It returns None where the kernel does not apply (not built here, tensors not fp32 CPU rows), so
-callers keep their torch path. `available()` says whether it built; `uses_vnni()` whether it runs vpdpbusd here.
+callers keep their torch path. `Int8Gemm` is the same with the weight's arguments bound once (`bind`), for the
+per-frame calls of a vision net, whose Python cost per call is a few microseconds instead of tens. `available()`
+says whether it built; `uses_vnni()` whether it runs vpdpbusd here.
 """
 
 from __future__ import annotations
@@ -96,3 +98,64 @@ def int8_gemm(
              acc=y if accumulators else None, threads=torch.get_num_threads(), path=0 if portable else -1)
     )  # fmt: skip
     return y if code == 0 else None
+
+
+class Int8Gemm:
+    """`int8_gemm` with one weight's arguments fixed (made by `bind`): `gemm(x)` for fp32 rows [M, K] or
+    channels_last NCHW pixels [n, K, h, w] (answering [n, N, h, w], channels_last); None where x (or the
+    residual, the output's shape and layout) is neither, so the caller falls back."""
+
+    def __init__(self, lib: Kernels, packed: PackedInt8, scale: torch.Tensor, bias: torch.Tensor,
+                 relu6_input: bool, relu6_output: bool) -> None:  # fmt: skip
+        self.packed, self.scale, self.bias = packed, scale, bias
+        self.relu6_output = relu6_output
+        self.n, self.k = packed.out_features, packed.in_features
+        self._call = lib.cumulo_int8_gemm.partial(
+            w=packed.blocks, wsum=packed.sums, N=self.n, K=self.k, scale=scale, bias=bias, relu6_in=relu6_input,
+            relu6_out=relu6_output, acc=None, path=-1,
+        )  # fmt: skip
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        if x.dtype != torch.float32 or x.shape[1] != self.k:
+            return None
+        if x.dim() == 2 and x.stride(1) == 1:
+            m, xs = x.shape[0], x.stride(0)
+            y = torch.empty((m, self.n))
+            ok = residual is None or (residual.shape == y.shape and residual.stride(1) == 1)
+            rs = residual.stride(0) if residual is not None else 0
+        elif x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            n, _, h, w = x.shape
+            m, xs, rs = n * h * w, self.k, self.n  # pixels are rows of channels
+            y = torch.empty((n, self.n, h, w), memory_format=torch.channels_last)
+            ok = residual is None or (
+                residual.shape == y.shape and residual.is_contiguous(memory_format=torch.channels_last)
+            )
+        else:
+            return None
+        if not ok or residual is not None and residual.dtype != torch.float32:
+            return None
+        args = dict(x=x.data_ptr(), M=m, xs=xs, r=residual.data_ptr() if residual is not None else 0, rs=rs,
+                    y=y.data_ptr(), ys=self.n, threads=torch.get_num_threads())  # fmt: skip
+        code = self._call.call(
+            args
+        )  # addresses as ints: the binding's quickest path (x and y live meanwhile)
+        return y if code == 0 else None
+
+
+def bind(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    relu6_input: bool,
+    relu6_output: bool = False,
+) -> Int8Gemm | None:
+    """The kernel bound to this weight (codes [N, K] int8, scale and bias [N] fp32 contiguous, kept by
+    reference: change them in place, or bind again after replacing them), or None where it cannot run."""
+    lib = library()
+    n = codes.shape[0]
+    if lib is None or codes.dim() != 2 or codes.dtype != torch.int8 or codes.device.type != "cpu":
+        return None
+    if not all(t.dtype == torch.float32 and t.is_contiguous() and t.numel() == n for t in (scale, bias)):
+        return None
+    return Int8Gemm(lib, pack(codes), scale, bias, relu6_input, relu6_output)
