@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--dtype", default="auto", help="Cumulo's activation dtype")
     parser.add_argument("--no-dense", action="store_true", help="skip the SmolLM2 memory rows")
+    parser.add_argument("--no-llama", action="store_true", help="skip llama.cpp (the roof rows still print)")
     parser.add_argument("--plot", default=str(Path("docs/img/moe-decode.png")))
     return parser.parse_args(argv)
 
@@ -134,14 +135,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     log(f"[cumulo moe {args.format}] ...")
     systems["cumulo"] = cumulo(model, args.format, args, args.batches, tokens)
-    log("[llama.cpp] ...")
-    try:
-        systems["llama.cpp"] = llama_server(model, batches, tokens, repeats, args.threads)
-    except SystemExit as exc:  # anchors.locate: not built
-        log(f"llama-server unavailable ({exc}); falling back to llama-cpp-python")
-        systems["llama.cpp"] = llama_binding(model, tokens, repeats, args.threads)
-    except Exception as exc:  # noqa: BLE001 - a broken anchor is a row, not a crash
-        systems["llama.cpp"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if args.no_llama:
+        systems["llama.cpp"] = {"error": "skipped (--no-llama)"}
+    else:
+        log("[llama.cpp] ...")
+        try:
+            systems["llama.cpp"] = llama_server(model, batches, tokens, repeats, args.threads)
+        except SystemExit as exc:  # anchors.locate: not built
+            log(f"llama-server unavailable ({exc}); falling back to llama-cpp-python")
+            systems["llama.cpp"] = llama_binding(model, tokens, repeats, args.threads)
+        except Exception as exc:  # noqa: BLE001 - a broken anchor is a row, not a crash
+            systems["llama.cpp"] = {"error": f"{type(exc).__name__}: {exc}"}
     if not args.no_dense:
         smol = model_path()
         for fmt in (None, "ue8m0-fp8"):

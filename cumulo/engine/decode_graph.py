@@ -24,8 +24,18 @@ from cumulo.engine.lora import LoadedAdapter, MultiLoRALinear
 from cumulo.models.attention import KVCache
 from cumulo.models.layers import Attention, GatedMLP, RMSNorm
 from cumulo.models.llama import LlamaModel
+from cumulo.models.qwen3_moe import Qwen3MoeSparseBlock
 
 MAX_BATCH = 16  # decode batches above this run eagerly (the dense decode kernels take at most 16 rows)
+
+
+def _routed(mlp: nn.Module) -> bool:
+    """Whether `mlp` is a Qwen3-MoE sparse block whose router and experts record (as two ops)."""
+    return (
+        isinstance(mlp, Qwen3MoeSparseBlock)
+        and mlp.experts.grouped
+        and mlp.experts.grouped_kernel() is not None
+    )
 
 
 def _plain_layer(layer: nn.Module) -> bool:
@@ -34,13 +44,15 @@ def _plain_layer(layer: nn.Module) -> bool:
     return (
         names == {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
         and isinstance(attn, Attention)
-        and attn.q_norm is None
+        # per-head q/k norms (Qwen3) of the plain kind: normalised in place before the rotary kernel
+        and (attn.q_norm is None) == (attn.k_norm is None)
+        and all(type(n) is RMSNorm and not n.offset for n in (attn.q_norm, attn.k_norm) if n is not None)
+        and not attn.rotary.interleaved
         # the rotary kernel reads fp32 tables; a model cast whole to 16 bits rotates eagerly with its own
         and attn.rotary.cos.dtype == torch.float32
         and attn.rotary.cos.is_contiguous()
         and attn.rotary.cos.shape[1] * 2 == attn.head_dim  # rotary over the whole head, as the kernel does
-        and isinstance(mlp, GatedMLP)
-        and mlp.act == "silu"
+        and ((isinstance(mlp, GatedMLP) and mlp.act == "silu") or _routed(mlp))
         and isinstance(layer.input_layernorm, RMSNorm)
         and isinstance(layer.post_attention_layernorm, RMSNorm)
     )
@@ -93,7 +105,15 @@ class DecodeGraph:
             attn0.num_kv_heads,
             attn0.head_dim,
         )
-        inter = layers[0].mlp.down_proj.in_features
+        dense = [layer.mlp for layer in layers if isinstance(layer.mlp, GatedMLP)]
+        sparse = [layer.mlp for layer in layers if not isinstance(layer.mlp, GatedMLP)]
+        if (
+            len({m.down_proj.in_features for m in dense}) > 1
+            or len({(m.experts.num_experts, m.top_k) for m in sparse}) > 1
+        ):
+            return None  # the buffers have one width per kind of layer
+        inter = dense[0].down_proj.in_features if dense else 1
+        experts, top_k = (sparse[0].experts.num_experts, sparse[0].top_k) if sparse else (1, 1)
         width = attn0.qkv_proj.out_features
 
         def buf(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
@@ -106,6 +126,8 @@ class DecodeGraph:
             "x": buf(batch, hidden), "h": buf(batch, hidden), "qkv": buf(batch, width),
             "q": buf(batch, heads, dim), "attn": buf(batch, heads, dim), "o": buf(batch, hidden),
             "gu": buf(batch, 2 * inter), "act": buf(batch, inter), "d": buf(batch, hidden),
+            "logits": buf(batch, experts), "expert_ids": buf(batch, top_k, dt=torch.int64),
+            "expert_weights": buf(batch, top_k, dt=torch.float32),
         }  # fmt: skip
         lora_names = tuple(
             m.name for layer in layers for m in layer.modules() if lora and isinstance(m, MultiLoRALinear)
@@ -144,6 +166,16 @@ class DecodeGraph:
                 return None
             if not linear(attn.qkv_proj, b["h"], b["qkv"]):
                 return None
+            if attn.q_norm is not None and attn.k_norm is not None:
+                # each row's q heads, then its k heads, normalised in place (as Attention.norm_qk_heads does)
+                q_size, kv_size = heads * dim, kv_heads * dim
+                for r in range(batch):
+                    row = b["qkv"][r]
+                    for n, part, count in ((attn.q_norm, row[:q_size], heads),
+                                           (attn.k_norm, row[q_size : q_size + kv_size], kv_heads)):  # fmt: skip
+                        weight = n.weight.detach().to(dtype).contiguous()
+                        g.rms_norm(x=part.view(count, dim), weight=weight, y=part.view(count, dim), eps=n.eps,
+                                   offset=0.0)  # fmt: skip
             k_cache, v_cache = kv_cache.k[attn.layer_idx], kv_cache.v[attn.layer_idx]
             g.rope_and_cache(qkv=b["qkv"], positions=b["positions"], cos=attn.rotary.cos, sin=attn.rotary.sin,
                              k_cache=k_cache, v_cache=v_cache, slots=b["slots"], q=b["q"], heads=heads,
@@ -153,11 +185,28 @@ class DecodeGraph:
             if not linear(attn.o_proj, b["attn"].view(batch, heads * dim), b["o"]):
                 return None
             add_norm(b["o"], layer.post_attention_layernorm)
-            if not linear(mlp.gate_up_proj, b["h"], b["gu"]):
-                return None
-            g.silu_mul(gate_up=b["gu"], act=b["act"])
-            if not linear(mlp.down_proj, b["act"], b["d"]):
-                return None
+            if isinstance(mlp, GatedMLP):
+                if not linear(mlp.gate_up_proj, b["h"], b["gu"]):
+                    return None
+                g.silu_mul(gate_up=b["gu"], act=b["act"])
+                if not linear(mlp.down_proj, b["act"], b["d"]):
+                    return None
+            else:  # the router's linear, then routing and the selected experts in the grouped kernel's one call
+                if not linear(mlp.gate, b["h"], b["logits"]):
+                    return None
+                recorded = mlp.experts.softmax_routed_op(
+                    b["h"],
+                    b["logits"],
+                    b["expert_ids"],
+                    b["expert_weights"],
+                    b["d"],
+                    mlp.top_k,
+                    mlp.norm_topk_prob,
+                )
+                if recorded is None:
+                    return None
+                g.keep(mlp.experts, b["logits"], b["expert_ids"], b["expert_weights"])
+                g.add(*recorded)
             add_norm(b["d"], layers[i + 1].input_layernorm if i + 1 < len(layers) else final_norm)
         b["embed"] = embed.weight
         return cls(g, b, lora_names)

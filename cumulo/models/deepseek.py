@@ -36,9 +36,17 @@ class DeepseekRouter(nn.Module):
         # a parameter, not a buffer, so the loader requires it from the checkpoint like any weight
         self.e_score_correction_bias = nn.Parameter(torch.empty(config.num_experts))
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> router logits [T, E], fp32."""
+        return F.linear(x.float(), self.weight.float())
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, k] fp32, expert ids [T, k] long)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [T, E]
+        return self.select(self.logits(x))
+
+    def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits [T, E] fp32 -> (weights [T, k] fp32, expert ids [T, k] long)."""
+        scores = logits.sigmoid()  # [T, E]
         biased = scores + self.e_score_correction_bias.float()
         T, E = biased.shape
         if self.n_group > 1:
@@ -67,8 +75,7 @@ class DeepseekMoE(nn.Module):
         self.shared_experts = GatedMLP(config.hidden_size, width, config.hidden_act) if width else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.gate(x)
-        out = self.experts(x, weights, ids)
+        out = self.experts.sigmoid_routed(x, self.gate)
         return out + self.shared_experts(x) if self.shared_experts is not None else out
 
 

@@ -251,7 +251,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)
-        if self.rope_cache is not None and ctx.kv_cache is not None and self.q_norm is None:
+        normed = False
+        if self.rope_cache is not None and ctx.kv_cache is not None and not self.rotary.interleaved:
+            if self.q_norm is not None and self.k_norm is not None:
+                qkv, normed = self.norm_qk_heads(qkv), True
             cache = ctx.kv_cache
             q = self.rope_cache(
                 qkv, positions, self.rotary.cos, self.rotary.sin, cache.k[self.layer_idx],
@@ -261,11 +264,11 @@ class Attention(nn.Module):
                 out = paged_attention(q, None, None, ctx, self.layer_idx, self.scale, self.sliding_window)
                 return self.o_proj(out.reshape(T, self.q_size))
         v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None and not normed:
             q, k, _ = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = self.rotary(positions, self.q_norm(q.view(T, self.num_heads, self.head_dim)))
             k = self.rotary(positions, self.k_norm(k.view(T, self.num_kv_heads, self.head_dim)))
-        else:
+        else:  # no per-head norms, or done above (the rotary kernel declined the step)
             # q and k heads side by side: one rotary pass over both
             qk = qkv[:, : self.q_size + self.kv_size].view(
                 T, self.num_heads + self.num_kv_heads, self.head_dim
@@ -273,6 +276,17 @@ class Attention(nn.Module):
             q, k = self.rotary(positions, qk).split([self.num_heads, self.num_kv_heads], dim=1)
         out = paged_attention(q, k, v, ctx, self.layer_idx, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(T, self.q_size))
+
+    def norm_qk_heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """[q | k | v] rows with each q and k head RMS-normalised (Qwen3, Gemma 3), as one contiguous tensor the
+        rotary kernel reads. The heads go to the norm as contiguous rows of head_dim, so a platform's norm
+        kernel takes them (a decode graph normalises the same rows in place with the same kernel)."""
+        assert self.q_norm is not None and self.k_norm is not None
+        T = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.reshape(T * self.num_heads, self.head_dim)).view(T, self.q_size)
+        k = self.k_norm(k.reshape(T * self.num_kv_heads, self.head_dim)).view(T, self.kv_size)
+        return torch.cat((q, k, v), dim=-1)
 
 
 class CausalLM(nn.Module):

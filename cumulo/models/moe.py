@@ -13,8 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cumulo.formats.kernels.cpu import kernel_threads
+from cumulo.formats.kernels.moe import ERRORS as MOE_ERRORS
 from cumulo.formats.kernels.moe import GroupedExperts, bind_experts
 from cumulo.models.layers import GatedMLP
+from cumulo.platform.kernels.abi import Op
 
 _UNBOUND = object()
 # Prefill GEMMs of more than BUCKET_ABOVE rows take a whole number of ROW_BUCKET rows. oneDNN (torch's bf16 GEMM
@@ -45,8 +48,8 @@ class Experts(nn.Module):
     so that inside a sparse block they read `experts.{e}.gate_up_proj` / `experts.{e}.down_proj`, as Hugging Face
     names them (after gate/up fusion).
 
-    The forward pass is data-dependent (which experts run, over how many rows, is decided by the router's output
-    at run time), so a recorded decode graph cannot replay it; the engine runs MoE layers eagerly.
+    Which experts run, over how many rows, is decided by the router's output at run time: a recorded decode
+    graph replays only the grouped kernel's path (`softmax_routed_op`), which takes the routing as data.
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str = "silu") -> None:
@@ -90,6 +93,37 @@ class Experts(nn.Module):
             if y is not None:
                 return y
         return self(x, *softmax_topk(router_logits, k, norm_topk_prob))
+
+    def sigmoid_routed(self, x: torch.Tensor, router: nn.Module) -> torch.Tensor:
+        """`self(x, *router(x))` for DeepSeek-V3's router (`models.deepseek.DeepseekRouter`: `logits(x)` fp32,
+        `select(logits)`, and its settings): on the kernel's path the sigmoid, the bias, the group limit, the
+        top-k and the scaling run in the experts' call."""
+        logits = router.logits(x)
+        if self.grouped and x.is_cpu:
+            kernel = self.grouped_kernel()
+            y = None
+            if kernel is not None:
+                y = kernel.sigmoid_topk(
+                    x, logits, router.e_score_correction_bias.detach().float(), router.top_k, router.n_group,
+                    router.topk_group, router.norm_topk_prob, router.routed_scaling_factor,
+                )  # fmt: skip
+            if y is not None:
+                return y
+        return self(x, *router.select(logits))
+
+    def softmax_routed_op(
+        self, x: torch.Tensor, router_logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+        y: torch.Tensor, k: int, norm_topk_prob: bool,
+    ) -> tuple[Op, dict[int, str]] | None:  # fmt: skip
+        """The recorded form of `y = self.softmax_routed(x, router_logits, k, norm_topk_prob)` for a decode graph
+        (cumulo.engine.decode_graph), with its error messages: the kernel's path, over fixed buffers (ids [T, k]
+        int64 and weights [T, k] fp32 receive the routing). None where that path does not take them: the
+        routing and the expert rows are data, not shapes, so any choice of experts replays the same op."""
+        kernel = self.grouped_kernel() if self.grouped else None
+        if kernel is None:
+            return None
+        op = kernel.graph_op(x, router_logits, ids, weights, y, k, norm_topk_prob, kernel_threads())
+        return None if op is None else (op, MOE_ERRORS)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.grouped and x.is_cpu:

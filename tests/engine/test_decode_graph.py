@@ -74,7 +74,7 @@ def test_graph_decode_matches_eager_decode(tiny_dir: Path, fmt: str | None, dtyp
 def test_models_it_cannot_record_decode_eagerly(tmp_path: Path, make_engine) -> None:
     from cumulo.engine.factory import use_platform_kernels
 
-    engine = make_engine("qwen3")  # per-head q/k norms: not a plain decoder layer
+    engine = make_engine("gemma3")  # four norms per layer and a GELU MLP: not a plain decoder layer
     model = engine.runner.model.to(torch.bfloat16)
     use_platform_kernels(model, CpuPlatform(), torch.bfloat16)
     assert DecodeGraph.record(model, engine.kv_cache, 1, graph.Graph) is None
@@ -120,6 +120,22 @@ def _tiny_engine(arch: str, dtype: torch.dtype, recorder: type | None, cast_whol
         model, CharTokenizer(), config, plan_kv_cache(cfg, dtype, config, cpu), device=torch.device("cpu"),
         paged_decode_attention=cpu.paged_decode_attention(dtype, cfg.head_dim), graph_recorder=recorder,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_qwen3_per_head_qk_norms_are_recorded(dtype: torch.dtype) -> None:
+    """Qwen3's per-head q/k RMSNorm is recorded as norm ops over the q/k projection, in place, before the rotary
+    kernel (the eager path normalises the same rows with the same kernel): the graph matches eager decode."""
+    from tests.support.tiny import VOCAB
+
+    prompts = [[p % VOCAB for p in prompt] for prompt in PROMPTS[:3]]
+    eager, replayed = _tiny_engine("qwen3", dtype, None), _tiny_engine("qwen3", dtype, graph.Graph)
+    assert replayed.runner.model.model.layers[0].self_attn.q_norm is not None
+    want, got = _run(eager, prompts), _run(replayed, prompts)
+    assert isinstance(replayed.runner._graphs.get(3), DecodeGraph)
+    for rid, (tokens, logprobs) in want.items():
+        assert got[rid][0] == tokens
+        assert torch.allclose(torch.tensor(got[rid][1]), torch.tensor(logprobs), atol=0.05)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -19,11 +19,13 @@ from torch import nn
 from cumulo.formats.kernels import cpu
 from cumulo.formats.kernels.cpu import FP8_FORMATS, kernel_threads
 from cumulo.formats.linear import PackedLinear
-from cumulo.platform.kernels.abi import Kernels
+from cumulo.platform.kernels.abi import Kernels, Op
 from cumulo.platform.kernels.build import SOURCE_DIR, KernelLibrary, requires_avx2
 
 FP8, BF16, FP32 = 0, 1, 2
 KINDS = {torch.bfloat16: BF16, torch.float32: FP32}
+ERRORS = {1: "expert id out of range"}  # the kernel's return codes
+SOFTMAX, SIGMOID = 0, 1  # the kernel's routers: Qwen3-MoE / Mixtral's, DeepSeek-V3's
 # Above this many rows (prefill) the per-expert path's dequantize + GEMM is the better tool: the kernel
 # multiplies each weight row with at most 4 rows at a time, without a GEMM's cache blocking.
 MAX_ROWS = 64
@@ -135,6 +137,67 @@ class GroupedExperts:
         weights = torch.empty((T, k), dtype=torch.float32)
         return self._run(x.contiguous(), weights, ids, router_logits.contiguous(), norm_topk_prob)
 
+    def sigmoid_topk(
+        self, x: torch.Tensor, router_logits: torch.Tensor, bias: torch.Tensor | None, k: int, n_group: int,
+        topk_group: int, norm_topk_prob: bool, scale: float, routing: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """Route as DeepSeek-V3 does (`models.deepseek.DeepseekRouter`: sigmoid scores, `bias` [E] added for the
+        selection only, group-limited top-k, normalised and scaled weights) and run the experts in the same call;
+        router_logits [T, E] fp32 whatever x's dtype (the reference's router runs in fp32). `routing`: (ids
+        [T, k] int64, weights [T, k] fp32) to receive the routing, else scratch."""
+        E = self.num_experts
+        if (
+            not self.takes(x)
+            or router_logits.dtype != torch.float32
+            or router_logits.shape != (x.shape[0], E)
+            or not 0 < k <= E
+            or (n_group > 1 and (E % n_group or E // n_group < 2 or not 0 < topk_group <= n_group))
+            or (bias is not None and (bias.dtype != torch.float32 or bias.shape != (E,) or not bias.is_cpu))
+        ):
+            return None
+        T = x.shape[0]
+        ids, weights = routing or (
+            torch.empty((T, k), dtype=torch.int64),
+            torch.empty((T, k), dtype=torch.float32),
+        )
+        if (
+            ids.shape != (T, k)
+            or ids.dtype != torch.int64
+            or weights.shape != (T, k)
+            or weights.dtype != torch.float32
+        ):
+            return None
+        bias = bias.contiguous() if bias is not None else None
+        return self._run(x.contiguous(), weights, ids, router_logits.contiguous(), norm_topk_prob,
+                         router=SIGMOID, bias=bias, n_group=n_group, topk_group=topk_group, scale=scale)  # fmt: skip
+
+    def graph_op(
+        self, x: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, y: torch.Tensor,
+        k: int, norm_topk_prob: bool, threads: int,
+    ) -> Op | None:  # fmt: skip
+        """The recorded form of `y = self.softmax_topk(x, logits, k, norm_topk_prob)` for a decode graph
+        (cumulo.platform.kernels.graph), over fixed buffers: ids [T, k] int64 and weights [T, k] fp32 receive
+        the routing. None where the kernel does not take x."""
+        T = x.shape[0]
+        if (
+            not self.takes(x)
+            or not all(t.is_contiguous() for t in (x, logits, ids, weights, y))
+            or logits.dtype != x.dtype
+            or logits.shape != (T, self.num_experts)
+            or ids.shape != (T, k)
+            or ids.dtype != torch.int64
+            or weights.shape != (T, k)
+            or weights.dtype != torch.float32
+            or y.shape != x.shape
+            or y.dtype != x.dtype
+        ):
+            return None
+        return self._call.op(
+            x=x, T=T, k=k, ids=ids, weights=weights, logits=logits, norm_topk=norm_topk_prob, y=y,
+            bf16=x.dtype == torch.bfloat16, threads=threads, wide_ok=cpu.USE_AVX512, router=SOFTMAX, bias=None,
+            n_group=1, topk_group=1, scale=1.0,
+        )  # fmt: skip
+
     def _run(
         self,
         x: torch.Tensor,
@@ -142,11 +205,17 @@ class GroupedExperts:
         ids: torch.Tensor,
         logits: torch.Tensor | None,
         norm: bool,
+        router: int = SOFTMAX,
+        bias: torch.Tensor | None = None,
+        n_group: int = 1,
+        topk_group: int = 1,
+        scale: float = 1.0,
     ) -> torch.Tensor:
         y = torch.empty_like(x)
         code = self._call(
             x=x, T=x.shape[0], k=ids.shape[1], ids=ids, weights=weights, logits=logits, norm_topk=norm, y=y,
-            bf16=x.dtype == torch.bfloat16, threads=kernel_threads(), wide_ok=cpu.USE_AVX512,
+            bf16=x.dtype == torch.bfloat16, threads=kernel_threads(), wide_ok=cpu.USE_AVX512, router=router,
+            bias=bias, n_group=n_group, topk_group=topk_group, scale=scale,
         )  # fmt: skip
         if code != 0:
             raise IndexError(f"expert id out of range [0, {self.num_experts}) in {ids.tolist()}")

@@ -20,6 +20,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <cmath>
 #include <vector>
 
 #include "bf16.h"
@@ -217,12 +218,67 @@ void softmax_topk(const void* logits, bool bf16, int64_t T, int64_t E, int64_t k
     }
 }
 
+// DeepSeek-V3's router (models.deepseek.DeepseekRouter) over fp32 logits [T, E]: scores = sigmoid(logits); the
+// selection adds bias[e] to each score; with n_group > 1 the experts fall in n_group equal groups, a group's score
+// is the sum of its two best biased scores, and only the topk_group best groups stay eligible; the k best eligible
+// biased scores are chosen (in descending order). Their unbiased scores, divided by their sum (+ 1e-20) when norm
+// is set, times scale, are the weights. Exact ties go to the lower id (or group), where torch's topk leaves the
+// order among equal values unspecified.
+void sigmoid_group_topk(const float* logits, const float* bias, int64_t T, int64_t E, int64_t n_group,
+                        int64_t topk_group, int64_t k, bool norm, float scale, int64_t* ids, float* weights) {
+    std::vector<float> score(E), biased(E), group(n_group > 1 ? n_group : 1);
+    std::vector<char> keep(n_group > 1 ? n_group : 1);
+    const int64_t width = n_group > 1 ? E / n_group : E;
+    for (int64_t t = 0; t < T; ++t) {
+        for (int64_t e = 0; e < E; ++e) {
+            score[e] = 1.0f / (1.0f + expf(-logits[t * E + e]));
+            biased[e] = score[e] + (bias ? bias[e] : 0.0f);
+        }
+        if (n_group > 1) {
+            for (int64_t gi = 0; gi < n_group; ++gi) {
+                float a = -INFINITY, b = -INFINITY;  // the group's best and second best
+                for (int64_t e = gi * width; e < (gi + 1) * width; ++e) {
+                    const float v = biased[e];
+                    if (v > a) b = a, a = v;
+                    else if (v > b) b = v;
+                }
+                group[gi] = a + b;
+                keep[gi] = 0;
+            }
+            for (int64_t j = 0; j < topk_group && j < n_group; ++j) {
+                int64_t best = -1;
+                for (int64_t gi = 0; gi < n_group; ++gi)
+                    if (!keep[gi] && (best < 0 || group[gi] > group[best])) best = gi;
+                keep[best] = 1;
+            }
+            for (int64_t e = 0; e < E; ++e)
+                if (!keep[e / width]) biased[e] = -INFINITY;
+        }
+        float kept = 0.0f;
+        for (int64_t j = 0; j < k; ++j) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; ++e)
+                if (!std::isnan(biased[e]) && (best < 0 || biased[e] > biased[best])) best = e;
+            ids[t * k + j] = best;
+            weights[t * k + j] = score[best];
+            kept += score[best];
+            biased[best] = NAN;  // taken
+        }
+        for (int64_t j = 0; j < k; ++j) {
+            if (norm) weights[t * k + j] /= kept + 1e-20f;
+            weights[t * k + j] *= scale;
+        }
+    }
+}
+
 }  // namespace
 
 // y [T, H] = the routed experts' weighted output for x [T, H]; ids [T, k] (int64, each in [0, E)) and weights
 // [T, k] (fp32). With router logits [T, E] (x's dtype; else null) the routing is done here first and written
 // to ids and weights: softmax over all experts in fp32, the k most probable (the lower id first on a tie),
-// rescaled to sum to 1 when norm_topk = 1, as Qwen3-MoE and Mixtral route (moe.softmax_topk). gate_up / down: E addresses each (see the header); *_scales: E addresses of fp8 block scales
+// rescaled to sum to 1 when norm_topk = 1, as Qwen3-MoE and Mixtral route (moe.softmax_topk). router = 1 routes
+// as DeepSeek-V3 instead (sigmoid_group_topk above): logits are then fp32 whatever x is, bias [E] fp32 (or null),
+// n_group / topk_group the group limit (n_group <= 1: none), scale the routed scaling factor. gate_up / down: E addresses each (see the header); *_scales: E addresses of fp8 block scales
 // (kind 0; e8m0 = 1: E8M0 bytes, else fp32), blocks of bn x bk. Returns 1 (nothing written) for an id out of
 // range. wide_ok = 0 keeps the AVX2 path (tests use it).
 #define CUMULO_MOE_EXPERTS(X)                                                                                \
@@ -231,11 +287,15 @@ void softmax_topk(const void* logits, bool bf16, int64_t T, int64_t E, int64_t k
             X(const int64_t*, gate_up)                                                                       \
             X(const int64_t*, gate_up_scales) X(int64_t, gate_up_bn) X(int64_t, gate_up_bk)                        \
                 X(const int64_t*, down) X(const int64_t*, down_scales) X(int64_t, down_bn) X(int64_t, down_bk)     \
-                    X(void*, y) X(int, bf16) X(int, threads) X(int, wide_ok)
+                    X(void*, y) X(int, bf16) X(int, threads) X(int, wide_ok) X(int, router)              \
+                        X(const float*, bias) X(int64_t, n_group) X(int64_t, topk_group) X(float, scale)
 CUMULO_KERNEL(cumulo_moe_experts, CUMULO_MOE_EXPERTS) {
     const int64_t T = a.T, H = a.H, I = a.I, k = a.k, E = a.E, S = T * a.k;
     const bool bf16 = a.bf16 != 0, wide = a.wide_ok != 0;
-    if (a.logits) softmax_topk(a.logits, bf16, T, E, k, a.norm_topk != 0, a.ids, a.weights);
+    if (a.logits && a.router == 1)
+        sigmoid_group_topk((const float*)a.logits, a.bias, T, E, a.n_group, a.topk_group, k, a.norm_topk != 0,
+                           a.scale, a.ids, a.weights);
+    else if (a.logits) softmax_topk(a.logits, bf16, T, E, k, a.norm_topk != 0, a.ids, a.weights);
     for (int64_t s = 0; s < S; ++s)
         if (a.ids[s] < 0 || a.ids[s] >= E) return 1;
     // Slots grouped by expert (counting sort, token order within an expert): used[u] is the u-th expert in use,
