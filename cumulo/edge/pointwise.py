@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cumulo.edge.vision import same_padding
 from cumulo.errors import FormatError
 from cumulo.formats import get_scheme, quantize
 from cumulo.formats.linear import PackedLinear
@@ -142,11 +143,17 @@ class Int8Pointwise(nn.Module):
         """[M, K] int8 x [K, N] int8 -> [M, N] int32 (oneDNN takes more than 16 rows; fewer go exact in int32)."""
         return torch._int_mm(q, self.codes.t()) if q.shape[0] > 16 else q.int() @ self.codes.t().int()
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        pad: tuple[int, int, int, int] | None = None,
+    ) -> torch.Tensor:
+        """`pad` (left, right, top, bottom): the output zero-padded as F.pad would (the next conv's padding)."""
         if x.dim() == 2:  # a linear layer
             return self.matmul(x, residual)
         native = self.native()  # pixels in channels_last straight to the kernel: no views made per call
-        y = native(x, residual) if native is not None else None
+        y = native(x, residual, pad) if native is not None else None
         if y is not None:
             return y
         n, c, h, w = x.shape
@@ -154,7 +161,8 @@ class Int8Pointwise(nn.Module):
         if residual is not None:  # [n, cout, h, w] -> [n*h*w, cout], a view in channels_last
             residual = residual.permute(0, 2, 3, 1).reshape(n * h * w, self.out_channels)
         y = self.matmul(rows, residual)  # [n*h*w, cout]
-        return y.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)  # [n, cout, h, w], channels_last
+        y = y.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)  # [n, cout, h, w], channels_last
+        return F.pad(y, pad) if pad is not None else y
 
     def extra_repr(self) -> str:
         return f"in={self.in_channels}, out={self.out_channels}, format={self.format}"
@@ -173,8 +181,13 @@ class Int8InvertedResidual(nn.Module):
             self.expand.relu6_output = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.expand(x) if self.expand is not None else x  # [n, mid, h, w], ReLU6 applied
-        y = self.depthwise(y)  # [n, mid, h/s, w/s]; its ReLU6 is the project's quantize
+        dw = self.depthwise  # a SameConv: a strided one pads first ("SAME"), its conv itself does not
+        if self.expand is not None and dw.stride > 1:  # the expand conv writes the padded map (no F.pad pass)
+            y = self.expand(x, pad=same_padding(*x.shape[-2:], dw.kernel, dw.stride))  # [n, mid, h+p, w+p]
+            y = dw.conv(y)  # [n, mid, h/s, w/s]
+        else:
+            y = self.expand(x) if self.expand is not None else x  # [n, mid, h, w], ReLU6 applied
+            y = dw(y)  # [n, mid, h/s, w/s]; its ReLU6 is the project's quantize
         return self.project(y, x if self.skip else None)  # [n, cout, h/s, w/s]
 
 

@@ -52,15 +52,19 @@ STAGES = (
 )
 
 
-def same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
-    """TensorFlow "SAME" padding: the output is ceil(size / stride) and the odd pixel of padding goes to the
-    bottom and right (for stride 2 on an even size the padding is asymmetric, which Conv2d cannot say)."""
-    h, w = x.shape[-2:]
+def same_padding(h: int, w: int, kernel: int, stride: int) -> tuple[int, int, int, int]:
+    """TensorFlow "SAME" padding of an h x w map as F.pad takes it (left, right, top, bottom): the output is
+    ceil(size / stride) and the odd pixel of padding goes to the bottom and right (for stride 2 on an even size
+    the padding is asymmetric, which Conv2d cannot say)."""
     ph = max((math.ceil(h / stride) - 1) * stride + kernel - h, 0)
     pw = max((math.ceil(w / stride) - 1) * stride + kernel - w, 0)
-    if ph == pw == 0:
-        return x
-    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+    return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
+
+
+def same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """x padded as TensorFlow's "SAME" (`same_padding`)."""
+    pad = same_padding(*x.shape[-2:], kernel, stride)
+    return F.pad(x, pad) if any(pad) else x
 
 
 class SameConv(nn.Module):

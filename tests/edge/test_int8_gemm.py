@@ -92,31 +92,34 @@ def test_changed_codes_are_packed_again() -> None:
     torch.testing.assert_close(layer(x), layer.bias.expand(5, 20))
 
 
-def _block(cin: int, cout: int, stride: int, expand: int, seed: int) -> MBConv:
+def _block(cin: int, cout: int, kernel: int, stride: int, expand: int, seed: int) -> MBConv:
     torch.manual_seed(seed)
-    block = MBConv(cin, cout, 3, stride, expand).eval()
+    block = MBConv(cin, cout, kernel, stride, expand).eval()
     for p in block.parameters():
         p.data.normal_(0, 0.3)
     return block
 
 
+@pytest.mark.parametrize("size", [11, 12])  # odd and even maps: symmetric and bottom-right "SAME" padding
 @pytest.mark.parametrize(
-    ("cin", "cout", "stride", "expand"), [(24, 24, 1, 6), (16, 24, 2, 6), (32, 16, 1, 1)]
+    ("cin", "cout", "kernel", "stride", "expand"),
+    [(24, 24, 3, 1, 6), (16, 24, 3, 2, 6), (24, 40, 5, 2, 6), (32, 16, 3, 1, 1)],
 )
 @torch.no_grad()
 def test_fused_block_answers_as_the_torch_path(
-    monkeypatch: pytest.MonkeyPatch, cin: int, cout: int, stride: int, expand: int
+    monkeypatch: pytest.MonkeyPatch, size: int, cin: int, cout: int, kernel: int, stride: int, expand: int
 ) -> None:
-    block = _block(cin, cout, stride, expand, seed=cin + cout)
-    net = nn.Sequential(block)
-    fused = pointwise.quantize_vision_net(net, "int8")
+    """The block with its ReLU6s, skip and (strided) padding in the kernel, against the same modules on the
+    torch path and against the float block."""
+    seed = cin + cout + kernel
+    fused = pointwise.quantize_vision_net(
+        nn.Sequential(_block(cin, cout, kernel, stride, expand, seed)), "int8"
+    )
     assert isinstance(fused[0], Int8InvertedResidual)
-    x = (torch.randn(2, cin, 11, 11) * 2).contiguous(memory_format=torch.channels_last)
+    x = (torch.randn(2, cin, size, size) * 2).contiguous(memory_format=torch.channels_last)
     native = fused(x)
     torch_path(monkeypatch)
-    reference = fused(x)  # the same modules on the torch path: quantize, _int_mm, addcmul, add, clamp
+    reference = fused(x)  # quantize, _int_mm, addcmul, add, clamp, F.pad
     torch.testing.assert_close(native, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
-    float_block = _block(cin, cout, stride, expand, seed=cin + cout)(
-        x
-    )  # and still the block, to int8 precision
+    float_block = _block(cin, cout, kernel, stride, expand, seed)(x)  # and still the block, to int8 precision
     assert float((native - float_block).norm() / float_block.norm()) < 0.05

@@ -51,7 +51,7 @@ struct Gemm {
     const float* r;
     int64_t rs;
     float* y;
-    int64_t ys;
+    int64_t ys, yw, yrs;  // pixel m of the output at y + (m / yw) yrs + (m % yw) ys: image rows apart
     int32_t* acc;  // not null: write the int32 sums [M, N] (stride ys) and nothing else
     bool relu6_in, relu6_out;
     int64_t Kg, Kp;  // groups of 4 along K; Kp = 4 Kg, the padded length of a quantized row
@@ -71,6 +71,10 @@ struct Codes {
 
 // The row's step: fixed for relu6 inputs, else max|x| / 127 as torch computes it (clamped at 1e-12).
 inline float row_step_amax(float amax) { return fmaxf(amax, 1e-12f) / 127.0f; }
+
+// Where output row (pixel) m starts: rows follow one another (yw = M), or images rows of yw pixels lie yrs apart,
+// as in a padded map whose border the caller zeroes.
+inline int64_t out_at(const Gemm& g, int64_t m) { return (m / g.yw) * g.yrs + (m % g.yw) * g.ys; }
 
 // --- portable ---------------------------------------------------------------------------------------------
 
@@ -123,9 +127,9 @@ void rows_portable(const Gemm& g, int64_t m0, int64_t mb, uint8_t* q, float* ste
             for (int64_t j = 0; j < nn; ++j) {
                 const int32_t s = g.relu6_in ? sums[j] : sums[j] - 128 * g.wsum[n0 + j];
                 if (g.acc)
-                    g.acc[m * g.ys + n0 + j] = s;
+                    g.acc[out_at(g, m) + n0 + j] = s;
                 else
-                    g.y[m * g.ys + n0 + j] = finish(g, m, n0 + j, s, steps[i]);
+                    g.y[out_at(g, m) + n0 + j] = finish(g, m, n0 + j, s, steps[i]);
             }
         }
     }
@@ -217,10 +221,10 @@ CUMULO_VNNI void tile_512(const Gemm& g, int64_t m0, const uint8_t* q, const flo
             if (g.relu6_in) sc = _mm512_mul_ps(sc, relu6_step);
         }
         for (int i = 0; i < R; ++i) {
-            const int64_t m = m0 + i;
+            const int64_t m = m0 + i, at = out_at(g, m) + n0;
             const __m512i sum = _mm512_sub_epi32(_mm512_load_si512((const void*)(sums + (i * C + c) * kBlockN)), off);
             if (g.acc) {
-                _mm512_mask_storeu_epi32(g.acc + m * g.ys + n0, mask, sum);
+                _mm512_mask_storeu_epi32(g.acc + at, mask, sum);
                 continue;
             }
             __m512 v = _mm512_cvtepi32_ps(sum);
@@ -228,7 +232,7 @@ CUMULO_VNNI void tile_512(const Gemm& g, int64_t m0, const uint8_t* q, const flo
             v = _mm512_fmadd_ps(v, sc, b);
             if (g.r) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, g.r + m * g.rs + n0));
             if (g.relu6_out) v = _mm512_min_ps(_mm512_max_ps(v, zero), six);
-            _mm512_mask_storeu_ps(g.y + m * g.ys + n0, mask, v);
+            _mm512_mask_storeu_ps(g.y + at, mask, v);
         }
     }
 }
@@ -271,17 +275,19 @@ bool vnni() {
 }  // namespace
 
 // x fp32 [M, K] (row stride xs); w packed int8 codes (above), wsum int32 [N] (each channel's code sum); scale,
-// bias fp32 [N]; r fp32 [M, N] (row stride rs) added before relu6_out, or null; y fp32 [M, N] (row stride ys).
-// acc not null: the int32 sums go there (row stride ys) instead of y (tests). path -1: the best this CPU runs,
+// bias fp32 [N]; r fp32 [M, N] (row stride rs) added before relu6_out, or null; y fp32 [M, N] (row stride ys),
+// or, with yw < M, image rows of yw pixels yrs floats apart (the inside of a padded map; yw = 0: rows follow
+// one another). acc not null: the int32 sums go there (laid out as y) instead of y (tests). path -1: the best this CPU runs,
 // 0: portable. Returns 1 where the packed weight cannot be read as 64-byte loads (w not 64-byte aligned).
-#define CUMULO_INT8_GEMM(X)                                                                                      \
-    X(const float*, x) X(int64_t, M) X(int64_t, K) X(int64_t, xs) X(const int8_t*, w) X(const int32_t*, wsum)      \
-        X(int64_t, N) X(const float*, scale) X(const float*, bias) X(int, relu6_in) X(int, relu6_out)              \
-            X(const float*, r) X(int64_t, rs) X(float*, y) X(int64_t, ys) X(int32_t*, acc) X(int, threads)           \
-                X(int, path)
+#define CUMULO_INT8_GEMM(X)                                                                                 \
+    X(const float*, x) X(int64_t, M) X(int64_t, K) X(int64_t, xs) X(const int8_t*, w) X(const int32_t*, wsum) \
+        X(int64_t, N) X(const float*, scale) X(const float*, bias) X(int, relu6_in) X(int, relu6_out)         \
+            X(const float*, r) X(int64_t, rs) X(float*, y) X(int64_t, ys) X(int64_t, yw) X(int64_t, yrs)       \
+                X(int32_t*, acc) X(int, threads) X(int, path)
 CUMULO_KERNEL(cumulo_int8_gemm, CUMULO_INT8_GEMM) {
     const int64_t Kg = (a.K + kGroupK - 1) / kGroupK;
-    const Gemm g{a.x, a.M, a.K, a.xs, a.w, a.wsum, a.N, a.scale, a.bias, a.r, a.rs, a.y, a.ys, a.acc,
+    const int64_t yw = a.yw > 0 ? a.yw : (a.M > 0 ? a.M : 1), yrs = a.yw > 0 ? a.yrs : yw * a.ys;
+    const Gemm g{a.x, a.M, a.K, a.xs, a.w, a.wsum, a.N, a.scale, a.bias, a.r, a.rs, a.y, a.ys, yw, yrs, a.acc,
                  a.relu6_in != 0, a.relu6_out != 0, Kg, Kg * kGroupK};
     const bool wide = a.path != 0 && vnni();
     if (wide && ((uintptr_t)a.w & 63)) return 1;

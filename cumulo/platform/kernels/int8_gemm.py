@@ -94,7 +94,7 @@ def int8_gemm(
     code = lib.cumulo_int8_gemm.call(
         dict(x=x, M=m, K=k, xs=x.stride(0), w=packed.blocks, wsum=packed.sums, N=n, scale=scale, bias=bias,
              relu6_in=relu6_input, relu6_out=relu6_output, r=residual,
-             rs=residual.stride(0) if residual is not None else 0, y=None if accumulators else y, ys=n,
+             rs=residual.stride(0) if residual is not None else 0, y=None if accumulators else y, ys=n, yw=0, yrs=0,
              acc=y if accumulators else None, threads=torch.get_num_threads(), path=0 if portable else -1)
     )  # fmt: skip
     return y if code == 0 else None
@@ -115,15 +115,24 @@ class Int8Gemm:
             relu6_out=relu6_output, acc=None, path=-1,
         )  # fmt: skip
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        pad: tuple[int, int, int, int] | None = None,
+    ) -> torch.Tensor | None:
+        """`pad` (left, right, top, bottom; pixels only): the output is the padded map, zero around the conv's
+        output, as F.pad would make it in a pass of its own (the TF "SAME" padding of a strided conv next)."""
         if x.dtype != torch.float32 or x.shape[1] != self.k:
             return None
-        if x.dim() == 2 and x.stride(1) == 1:
+        if x.dim() == 2 and x.stride(1) == 1 and pad is None:
             m, xs = x.shape[0], x.stride(0)
             y = torch.empty((m, self.n))
             ok = residual is None or (residual.shape == y.shape and residual.stride(1) == 1)
             rs = residual.stride(0) if residual is not None else 0
         elif x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            if pad is not None:
+                return self._padded(x, pad) if residual is None else None
             n, _, h, w = x.shape
             m, xs, rs = n * h * w, self.k, self.n  # pixels are rows of channels
             y = torch.empty((n, self.n, h, w), memory_format=torch.channels_last)
@@ -134,12 +143,30 @@ class Int8Gemm:
             return None
         if not ok or residual is not None and residual.dtype != torch.float32:
             return None
+        # addresses as ints: the binding's quickest path (x, y and the residual live meanwhile)
         args = dict(x=x.data_ptr(), M=m, xs=xs, r=residual.data_ptr() if residual is not None else 0, rs=rs,
-                    y=y.data_ptr(), ys=self.n, threads=torch.get_num_threads())  # fmt: skip
-        code = self._call.call(
-            args
-        )  # addresses as ints: the binding's quickest path (x and y live meanwhile)
-        return y if code == 0 else None
+                    y=y.data_ptr(), ys=self.n, yw=0, yrs=0, threads=torch.get_num_threads())  # fmt: skip
+        return y if self._call.call(args) == 0 else None
+
+    def _padded(self, x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor | None:
+        """[n, K, h, w] channels_last -> [n, N, h + top + bottom, w + left + right], the border zero: the kernel
+        writes the inside image row by image row (yw, yrs), once per image."""
+        left, right, top, bottom = pad
+        n, _, h, w = x.shape
+        hp, wp = h + top + bottom, w + left + right
+        y = torch.empty((n, self.n, hp, wp), memory_format=torch.channels_last)
+        for border in (y[:, :, :top], y[:, :, hp - bottom :], y[..., :left], y[..., wp - right :]):
+            if border.numel():
+                border.zero_()
+        image, inside = h * w * self.k * 4, ((top * wp) + left) * self.n * 4  # bytes
+        args = dict(x=x.data_ptr(), M=h * w, xs=self.k, r=0, rs=0, y=y.data_ptr() + inside, ys=self.n, yw=w,
+                    yrs=wp * self.n, threads=torch.get_num_threads())  # fmt: skip
+        for _ in range(n):  # one image at a time: between images the padded rows do not follow the pixels'
+            if self._call.call(args) != 0:
+                return None
+            args["x"] += image
+            args["y"] += hp * wp * self.n * 4
+        return y
 
 
 def bind(
