@@ -1,8 +1,8 @@
 """Fine-tuning jobs trained on the nodes of a real local Ray pool (cluster/finetune_runner.py): the gateway side's
 worker claims the job and writes everything to the database; a Ray actor on a node trains it from the file's
 bytes and sends back steps, checkpoints and the adapter. The fine-tuned model answers through the gateway, the
-adapter is byte for byte a local run's with the same seed, a killed actor's job resumes from its checkpoint on
-the other node and is billed once, and a cancel stops the actor."""
+adapter is byte for byte a local run's with the same seed, a job whose node dies (SIGKILL) resumes from its
+checkpoint on the other node and is billed once, and a cancel stops the actor."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from tests.service.finetune_support import job, training_usage, upload
 from tests.service.support import Service, auth
 from tests.support.checkpoints import save_bpe_tokenizer, write_hf_model
 from tests.support.finetune_pool import SlowTrainerActor
-from tests.support.ray_pool import node_with
+from tests.support.ray_pool import node_with, shared_pool
 
 CHIP = "ft-pool-test"  # these nodes claim a chip of their own, so only this module's jobs go there
 NODES = ("ft-a", "ft-b")
@@ -168,7 +168,7 @@ def test_a_job_trains_on_a_pool_node_and_its_model_answers(
     assert answer.json()["usage"]["completion_tokens"] > 0
 
 
-def test_a_killed_actor_resumes_from_its_checkpoint_on_the_other_node_and_bills_once(
+def test_a_job_whose_node_dies_resumes_from_its_checkpoint_on_the_other_node_and_bills_once(
     service: Service, nodes: dict[str, str], local_adapter: dict
 ) -> None:
     key = service.key(org="acme")
@@ -176,16 +176,20 @@ def test_a_killed_actor_resumes_from_its_checkpoint_on_the_other_node_and_bills_
     trainer = PoolTrainer(chip=CHIP, actor_class=SlowTrainerActor)
     killed: list[int] = []
 
-    def kill_after_first_checkpoint(spec, on_event, should_stop):  # noqa: ANN001
+    def kill_the_node_after_the_first_checkpoint(spec, on_event, should_stop):  # noqa: ANN001
         def watch(event: api.TrainEvent) -> None:
             on_event(event)
             if event.kind == "checkpoint" and not killed:
                 killed.append(event.step)
-                ray.kill(trainer.actors[job_id], no_restart=True)  # as its node dying
+                shared_pool().nodes[
+                    trainer.placed[-1][1]
+                ].kill()  # SIGKILL to the whole node, as a machine dying
 
         return trainer(spec, watch, should_stop)
 
-    assert pool_worker(service, kill_after_first_checkpoint).run(once=True) == 3  # validate, lost, resumed
+    assert (
+        pool_worker(service, kill_the_node_after_the_first_checkpoint).run(once=True) == 3
+    )  # validate, lost, resumed
     done = job(service, key, job_id)
     assert done["status"] == "succeeded", done["error"]
     assert killed == [4]
