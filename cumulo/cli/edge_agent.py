@@ -1,6 +1,7 @@
 """`cumulo edge agent`: run the device side on this machine (registered under `cumulo edge` by cli/edge.py).
 
     cumulo edge agent --server URL --token T [--mqtt URL] [--source synthetic:shelf|synthetic:line|DIR|camera]
+                      [--device-class imx500|rpi5|...]
 
 The first start trades the one-time token for a credential, kept in the agent's data directory; later starts
 need neither. SIGTERM or Ctrl-C stop it after a short drain of the outbox; what is left is sent on the next start.
@@ -33,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format", default="mxint8", help="number format to run the model in (fp32, mxint8, fp8)"
     )
+    parser.add_argument(
+        "--device-class",
+        default=None,
+        help="what this device is, a chip id of the catalog (`cumulo chips`), e.g. imx500 or rpi5: told to the "
+        "server, which checks rollouts against it, and a pushed model that does not fit it is refused here",
+    )
     parser.add_argument("--topic-root", default=None, help="MQTT topic root (default cumulo/v1/devices)")
     parser.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
     parser.add_argument(
@@ -44,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cumulo.chips.catalog import get_chip
     from cumulo.contracts.edge import TOPIC_ROOT
     from cumulo.edge.agent import Agent, AgentSettings, enroll
     from cumulo.edge.sources import open_source
@@ -52,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.mqtt:
         mqtt_address(args.mqtt)  # a bad URL is a one-line error before anything starts
+    if args.device_class is not None:
+        args.device_class = get_chip(args.device_class).id  # so is a class the catalog does not know
     home = args.data_dir or data_dir() / "edge-agent"
     home.mkdir(parents=True, exist_ok=True)
     source = open_source(args.source, args.seed, args.change_every)
@@ -65,11 +75,13 @@ def run(args: argparse.Namespace) -> int:
         fallback_after=args.fallback_after,
         format=args.format,
         max_outbox=args.max_outbox,
+        device_class=args.device_class,
     )
     agent = Agent(home, identity, source, settings, args.model)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    print(f"edge agent {identity.device_id}: {args.source}, model {agent.model_ref or '-'}", flush=True)
+    kind = f" ({args.device_class})" if args.device_class else ""
+    print(f"edge agent {identity.device_id}{kind}: {args.source}, model {agent.model_ref or '-'}", flush=True)
     try:
         agent.run(args.frames, should_stop=lambda: bool(stopping))
     except KeyboardInterrupt:

@@ -23,17 +23,15 @@ def check_package(path: Path, sha256: str, device_class: str, format: str | None
     """The package at `path` (its sha256 checked) against the device class's memory, formats and operators;
     `format` overrides the one the package names. Raises a one-line InvalidRequest (DoesNotFit)."""
     from cumulo.chips.catalog import get_chip
-    from cumulo.chips.edge import check_deploy
-    from cumulo.edge.footprint import package_workload
+    from cumulo.edge.footprint import check_package_fits
 
-    chip = get_chip(device_class)
+    get_chip(device_class)  # an unknown class is said before anything is read
     if not path.is_file():
         raise InvalidRequest(f"no model file at {path}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != sha256:
         raise InvalidRequest(f"{path.name} has sha256 {digest[:12]}..., not the one given ({sha256[:12]}...)")
-    workload, named = package_workload(path)
-    check_deploy(workload, chip, format or named)
+    check_package_fits(path, device_class, format)
 
 
 def fit_check(model: DesiredModel, device_class: str) -> None:

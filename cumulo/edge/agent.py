@@ -6,6 +6,10 @@ and model it last applied) and `models/` (packages by sha256). Desired state arr
 polling `GET /v1/edge/desired` while the broker is out of reach; a model that fails its sha256 or does not load
 is reported as an error status (a result, so it is delivered even after an outage) and the old model keeps
 running, so the fleet can roll back.
+
+A device that knows its class (`device_class`, a chip id of the catalog such as imx500 or rpi5) names it in each
+heartbeat and reported state, which sets the class the service checks rollouts against, and refuses a model
+that does not fit it (`check_package_fits`, the service's check) the way it refuses a broken one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from urllib.parse import urljoin
 
 import torch
 
+from cumulo.chips.catalog import get_chip
 from cumulo.contracts.edge import (
     KIND_HEARTBEAT,
     KIND_IMAGE,
@@ -39,6 +44,7 @@ from cumulo.contracts.edge import (
     now,
 )
 from cumulo.edge.app import LineApp, Result, ShelfApp
+from cumulo.edge.footprint import check_package_fits
 from cumulo.edge.model import ShelfModel, load_package, save_package, train_shelf_net
 from cumulo.edge.outbox import Outbox
 from cumulo.edge.scenes import shelf_crops
@@ -93,6 +99,7 @@ class AgentSettings:
     format: str = "mxint8"
     max_outbox: int = 100_000
     summary_every: int = 100
+    device_class: str | None = None  # a chip id of the catalog: what this device is, said to the service
 
 
 @dataclass
@@ -104,6 +111,14 @@ class Agent:
     model_path: Path | None = None  # a package to start with, until a rollout installs another; else built-in
 
     def __post_init__(self) -> None:
+        if self.settings.device_class is not None:
+            # An unknown class is a one-line error before anything starts; a known one is named by its chip id.
+            self.settings.device_class = get_chip(self.settings.device_class).id
+        self.state = self._read_state()
+        start = None
+        if self.source.kind == "shelf":
+            start = Path(self.state.get("model_path") or self.model_path or self._builtin_model())
+            self._check_fits(start)  # a device never starts a model its class cannot run
         self.outbox = Outbox(self.data_dir / "outbox.db", self.settings.max_outbox)
         self.sender = Sender(
             self.outbox,
@@ -115,17 +130,17 @@ class Agent:
             self.settings.topic_root,
             self.settings.fallback_after,
         )
-        self.state = self._read_state()
         self.model: ShelfModel | None = None
         self.model_ref: dict[str, Any] | None = None
-        if self.source.kind == "shelf":
-            self._load_model(Path(self.state.get("model_path") or self.model_path or self._builtin_model()))
+        if start is not None:
+            self._load_model(start)
         self.app = self._make_app()
         self.started = time.monotonic()
         self.frames = 0
         self._last_frame: torch.Tensor | None = None
         self._reported_drops = self.outbox.stats().dropped
         self._next_heartbeat = self._next_poll = 0.0
+        self._class_reported = self.settings.device_class is None
 
     # -- state that survives restarts ---------------------------------------------------------------------
     def _read_state(self) -> dict[str, Any]:
@@ -136,6 +151,12 @@ class Agent:
         tmp = self.data_dir / "state.json.tmp"
         tmp.write_text(json.dumps(self.state))
         tmp.replace(self.data_dir / "state.json")
+
+    def _check_fits(self, path: Path) -> None:
+        """A package this device's class cannot hold or run, in the format it names (the service's check) or
+        in the one the agent runs it in: a one-line DoesNotFit. Nothing to check without a class."""
+        if self.settings.device_class is not None:
+            check_package_fits(path, self.settings.device_class, None, self.settings.format)
 
     def _builtin_model(self) -> Path:
         """The shelf model trained on the generator (seeded), made once and kept in the data directory."""
@@ -204,6 +225,9 @@ class Agent:
                 "error": self.sender.error,
             }
             self._publish(UP_HEARTBEAT, KIND_HEARTBEAT, body)
+        if not self._class_reported:  # a reported state (QoS 1) once per start, tried until it goes out
+            body = {"state": "running", "revision": self.state.get("revision", -1)}
+            self._class_reported = self._publish(UP_REPORTED, KIND_REPORTED, body)
         mqtt_up = self.sender.mqtt is not None and self.sender.mqtt.connected
         if self.sender.http is not None and not mqtt_up and clock >= self._next_poll:
             self._next_poll = clock + self.settings.desired_poll_s
@@ -214,8 +238,11 @@ class Agent:
             if desired is not None:
                 self.apply_desired(desired)
 
-    def _publish(self, leaf: str, kind: str, body: dict[str, Any]) -> None:
-        """Heartbeats and reported state: latest wins, so they skip the outbox. Their seq is the last one taken."""
+    def _publish(self, leaf: str, kind: str, body: dict[str, Any]) -> bool:
+        """Heartbeats and reported state: latest wins, so they skip the outbox. Their seq is the last one taken.
+        Each names the device's class when it knows it. True when it went out."""
+        if self.settings.device_class is not None:
+            body = {**body, "device_class": self.settings.device_class}
         seq = self.outbox.stats().next_seq - 1
         message = Envelope(
             device_id=self.identity.device_id,
@@ -226,7 +253,7 @@ class Agent:
             body=body,
             auth=self.identity.credential,
         )
-        self.sender.publish(leaf, message, qos=1 if leaf == UP_REPORTED else 0)
+        return self.sender.publish(leaf, message, qos=1 if leaf == UP_REPORTED else 0)
 
     def run(self, max_frames: int | None = None, should_stop: Any = None) -> None:
         period = 1.0 / self.settings.fps if self.settings.fps > 0 else 0.0
@@ -278,6 +305,7 @@ class Agent:
             try:
                 path = self._download(desired.model.url, desired.model.sha256)
                 if self.source.kind == "shelf":
+                    self._check_fits(path)
                     self._load_model(path, ref)
                 else:
                     self.model_ref = ref

@@ -1,7 +1,8 @@
 """What a model asks of a device, in the plain numbers the chip layer's fit check takes (`VisionWorkload`):
 parameters, multiply-adds per frame, the largest live activation pair, layers run and the operators used,
-measured by running the net once on a blank input. `cumulo edge deploy --device-class` reads a package here
-and refuses, before any rollout, a model the target cannot hold or run (`cumulo.chips.edge.check_deploy`).
+measured by running the net once on a blank input. `check_package_fits` is the one fit check of a package
+against a class of device (`cumulo.chips.edge.check_deploy`): `cumulo edge deploy --device-class` and
+`POST /v1/edge/rollouts` run it before a rollout, and the agent (`--device-class`) before it installs a model.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cumulo.chips.edge import VisionWorkload
+from cumulo.chips.edge import VisionWorkload, check_deploy
 from cumulo.edge import model
 
 
@@ -45,3 +46,11 @@ def package_workload(path: str | Path) -> tuple[VisionWorkload, str]:
     net, _labels, format = model.read_package(path)
     crop = torch.zeros(1, 3, 24, 24, dtype=torch.uint8)
     return measure(net, crop, f"{model.ARCH} ({Path(path).name})", model.OPERATORS), format
+
+
+def check_package_fits(path: str | Path, device_class: str, *formats: str | None) -> float:
+    """The package at `path` against the class of device (a chip id of the catalog) in each of `formats` (None,
+    or none given: the format the package names). The largest footprint in bytes, or a one-line `DoesNotFit`
+    (or InvalidRequest: an unknown class, a format with no footprint, InvalidModel: not a package)."""
+    workload, named = package_workload(path)
+    return max(check_deploy(workload, device_class, f or named) for f in dict.fromkeys(formats or (None,)))

@@ -156,3 +156,55 @@ def test_a_model_the_device_cannot_load_rolls_the_rollout_back(
     assert "not a model package" in failed[0]["body"]["error"]
     events = [r for r in stored if r["kind"] != "status"]
     assert events and all(r["model"]["sha256"] == good_sha for r in events)  # the old model kept running
+
+
+def test_the_agent_names_its_class_and_refuses_a_pushed_model_that_does_not_fit_it(
+    tmp_path: Path, gateway: tuple[str, str, Any], topic_root: str, shelf_package: Path
+) -> None:
+    """`--device-class imx500` sets the device's class at the service (made without one); with the fit check
+    installed, the rollouts API then refuses an fp8 package for it; without the check the rollout goes out, and
+    the agent refuses the package itself, which rolls the rollout back."""
+    url, key, app = gateway
+    headers = {"Authorization": f"Bearer {key}"}
+    made = httpx.post(f"{url}/v1/edge/devices", json={"device_id": "e2e-cls"}, headers=headers).json()
+    assert made["device_class"] is None
+    device_dir = tmp_path / "device"
+    run = ("--model", str(shelf_package), "--change-every", "3", "--drain", "60", "--frames", "20")
+    run += ("--device-class", "imx500")
+    _agent(device_dir, url, topic_root, "--token", made["enrollment_token"], *run)
+
+    def device_class() -> str | None:
+        return httpx.get(f"{url}/v1/edge/devices/e2e-cls", headers=headers).json()["device_class"]
+
+    wait_for(lambda: device_class() == "imx500", what="the class the agent named")
+
+    fp8 = save_package(
+        train_shelf_net(seed=1, per_class=20, epochs=1), tmp_path / "v2-fp8.safetensors", "fp8"
+    )
+    sha = hashlib.sha256(fp8.read_bytes()).hexdigest()
+    rollout = {"name": "shelf", "version": "2", "sha256": sha, "url": fp8.as_uri(), "canary_share": 1.0}
+    from cumulo.cli import edge_fit
+
+    edge_fit.install(app)  # as `cumulo serve` does
+    try:
+        refused = httpx.post(f"{url}/v1/edge/rollouts", json=rollout, headers=headers)
+    finally:
+        del app.state.edge_fit_check
+    assert refused.status_code == 400 and "imx500 runs int8 only" in refused.json()["error"]["message"]
+
+    created = httpx.post(f"{url}/v1/edge/rollouts", json=rollout, headers=headers)  # no check: it goes out
+    assert created.status_code == 201, created.text
+    _agent(device_dir, url, topic_root, *run)
+
+    def state() -> str:
+        return httpx.get(f"{url}/v1/edge/rollouts/{created.json()['id']}", headers=headers).json()["state"]
+
+    wait_for(lambda: state() == "rolled_back", what="the rollback")
+    made_total = _made(device_dir)
+    wait_for(lambda: len(_results(url, key)) >= made_total, what="every result")
+    failed = [r for r in _results(url, key) if r["kind"] == "status" and r["body"].get("error")]
+    assert len(failed) == 1 and failed[0]["model"]["sha256"] == sha
+    assert failed[0]["body"]["error"].startswith("imx500 runs int8 only; cumulo-shelf-cnn-v1")
+    good = hashlib.sha256(shelf_package.read_bytes()).hexdigest()
+    events = [r for r in _results(url, key) if r["kind"] != "status"]
+    assert events and all(r["model"]["sha256"] == good for r in events)  # the old model kept running

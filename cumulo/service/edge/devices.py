@@ -16,7 +16,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cumulo.contracts.edge import DEVICE_ID_PATTERN, DesiredModel, DesiredState, Envelope
+from cumulo.contracts.edge import (
+    DEVICE_ID_PATTERN,
+    KIND_HEARTBEAT,
+    KIND_REPORTED,
+    DesiredModel,
+    DesiredState,
+    Envelope,
+)
 from cumulo.errors import AuthenticationError, Conflict, InvalidRequest, NotFound
 from cumulo.service.edge.tables import EdgeDevice
 from cumulo.service.security import KeyHasher
@@ -146,7 +153,13 @@ def revoke(device: EdgeDevice, now: float) -> None:
 
 
 def note_seen(device: EdgeDevice, envelope: Envelope, now: float) -> None:
+    """Any message: last seen and the model it names. A heartbeat or reported state that names a
+    `device_class` (a chip id: the agent's --device-class) replaces the class the device was created with;
+    anything but a plain lower-case id is ignored."""
     device.last_seen = max(device.last_seen or 0.0, now)
+    named = envelope.body.get("device_class") if envelope.kind in (KIND_HEARTBEAT, KIND_REPORTED) else None
+    if isinstance(named, str) and re.fullmatch(DEVICE_CLASS_PATTERN, named):
+        device.device_class = named
     if envelope.model is not None:
         reported = dict(device.reported or {})
         reported["model"] = envelope.model.model_dump()
@@ -154,10 +167,7 @@ def note_seen(device: EdgeDevice, envelope: Envelope, now: float) -> None:
 
 
 def note_reported(device: EdgeDevice, envelope: Envelope, now: float) -> None:
-    """The device's reported state; a `device_class` in it (a chip id) replaces the one it was created with."""
-    named = envelope.body.get("device_class")
-    if isinstance(named, str) and re.fullmatch(DEVICE_CLASS_PATTERN, named):
-        device.device_class = named
+    """The device's reported state (its `device_class`, if named, was taken by `note_seen`)."""
     device.reported = {
         "model": envelope.model.model_dump() if envelope.model else None,
         "body": envelope.body,
