@@ -44,7 +44,8 @@ Files = dict[str, bytes]  # path relative to a directory -> the file's bytes
 POLL_S = 0.5  # how long one poll waits for the actor's next events; a cancel reaches it within about this
 CALL_TIMEOUT_S = 60.0  # a poll that does not answer this much after its wait: the node is taken for lost
 WAIT_S = 2.0  # how often a job that no node has room for looks again
-START_TIMEOUT_S = 600.0  # creating the actor and loading (or pulling) the base model there
+PLACE_TIMEOUT_S = 120.0  # the actor's process started on its node (else another worker took the room first)
+START_TIMEOUT_S = 600.0  # pulling the base model there, or writing the files and starting the trainer
 STATE = "trainer_state.pt"  # what makes a checkpoint directory complete (cumulo/finetune/train.py)
 
 
@@ -101,6 +102,10 @@ class TrainerActor:
         self.out: queue.Queue[tuple] = queue.Queue()
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
+
+    def ready(self) -> str:
+        """Answers once the actor runs on its node: its node id."""
+        return self.node_id
 
     def has_model(self, model: str) -> str | None:
         """None when the base model can be loaded here (a catalog model is pulled now), else why not."""
@@ -285,7 +290,7 @@ class PoolTrainer:
             if should_stop():
                 raise TrainerLost("the job was stopped while it waited for a pool node")
             time.sleep(WAIT_S)
-        why = []
+        why, missing_on = [], 0
         for node in order:
             actor = (
                 ray.remote(self.actor_class)
@@ -301,6 +306,7 @@ class PoolTrainer:
                 .remote()
             )
             try:
+                ray.get(actor.ready.remote(), timeout=PLACE_TIMEOUT_S)  # not left pending on a node now full
                 missing = ray.get(actor.has_model.remote(str(spec.model)), timeout=START_TIMEOUT_S)
                 if missing is None:
                     ray.get(actor.start.remote(spec, training, validation, resume), timeout=START_TIMEOUT_S)
@@ -309,10 +315,15 @@ class PoolTrainer:
                     log.info("job %s trains on node %s", job, node.name)
                     return actor, node.node_id
                 why.append(f"{node.name}: {missing}")
+                missing_on += 1
             except (ray.exceptions.RayError, TimeoutError) as exc:
                 why.append(f"{node.name}: {_why(exc)}")
             with contextlib.suppress(Exception):
                 ray.kill(actor)
+        if missing_on == len(order):  # waiting or retrying will not bring the model: the job fails now
+            raise TrainingFailed(
+                "model_not_found", "no pool node has the base model (" + "; ".join(why) + ")"
+            )
         raise TrainerLost("no pool node could take this job (" + "; ".join(why) + ")")
 
     def _follow(

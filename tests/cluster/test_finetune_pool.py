@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,26 @@ def test_placement_prefers_free_memory_and_tries_a_node_that_lost_the_job_last()
     assert [n.name for n in choose_nodes(nodes, free, int(2e9), 1, avoid=set())] == ["b", "a"]
     assert [n.name for n in choose_nodes(nodes, free, int(2e9), 1, avoid={"b"})] == ["a", "b"]
     assert choose_nodes(nodes, free, int(7e9), 1, avoid=set()) == []
+
+
+def test_a_base_model_no_node_has_fails_the_job_with_one_line(
+    service: Service, nodes: dict[str, str]
+) -> None:
+    key = service.key(org="acme")
+    job_id = submit(service, key, "nowhere")
+    trainer = PoolTrainer(chip=CHIP)
+
+    def elsewhere(spec, on_event, should_stop):  # noqa: ANN001
+        return trainer(
+            replace(spec, model="/nowhere/tiny"), on_event, should_stop
+        )  # a path only the gateway has
+
+    assert pool_worker(service, elsewhere).run(once=True) == 2
+    done = job(service, key, job_id)
+    assert done["status"] == "failed" and done["error"]["code"] == "model_not_found"
+    message = done["error"]["message"]
+    assert (
+        message.startswith("no pool node has the base model (ft-")
+        and "/nowhere/tiny is not on this node" in message
+    )
+    assert "\n" not in message and trainer.placed == []
