@@ -9,8 +9,8 @@ GEMM as the fp32 model; a weight-only format then costs time instead of saving i
 fp32 sgemm on AVX2. So both operands are int8: the weight per output channel (symmetric, amax / 127) and the
 activation per pixel, quantized on the fly (amax / 127 of each row), and y = acc * s_pixel * s_channel + bias.
 
-Where Cumulo's int8 GEMM kernel builds (`cumulo.platform.kernels.int8_gemm`: AVX512-VNNI, else portable C++),
-each 1x1 conv is that one kernel: the activation quantize in its prologue, the dequantize, bias, the residual add
+On a CPU with AVX512-VNNI, where Cumulo's int8 GEMM kernel builds (`cumulo.platform.kernels.int8_gemm`), each
+1x1 conv is that one kernel: the activation quantize in its prologue, the dequantize, bias, the residual add
 and the ReLU6 that follow in its epilogue (`Int8InvertedResidual` hands it the block's input and the depthwise's
 unclamped output), with the same int8 codes and int32 sums as the torch path, which stays as the fallback.
 

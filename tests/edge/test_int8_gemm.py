@@ -82,6 +82,18 @@ def test_declines_what_it_does_not_take() -> None:
 
 
 @torch.no_grad()
+def test_without_vnni_the_layer_keeps_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where only the portable C++ path would run (5-20x slower than oneDNN's), the layer does not bind it."""
+    layer = Int8Pointwise(torch.randn(20, 9), torch.randn(20), "int8", "w")
+    x = torch.randn(30, 9)
+    native = layer(x)
+    monkeypatch.setattr(ig, "uses_vnni", lambda: False)
+    layer.rebind()
+    assert layer.native() is None
+    torch.testing.assert_close(layer(x), native, rtol=1e-6, atol=1e-6)
+
+
+@torch.no_grad()
 def test_changed_codes_are_packed_again() -> None:
     layer = Int8Pointwise(torch.randn(20, 9), None, "int8", "w")
     x = torch.randn(5, 9)

@@ -178,10 +178,18 @@ def bind(
     relu6_output: bool = False,
 ) -> Int8Gemm | None:
     """The kernel bound to this weight (codes [N, K] int8, scale and bias [N] fp32 contiguous, kept by
-    reference: change them in place, or bind again after replacing them), or None where it cannot run."""
+    reference: change them in place, or bind again after replacing them), or None where it does not pay: not
+    built, or a CPU without AVX512-VNNI, where the portable C++ path measured 5-20x slower per layer than torch's
+    oneDNN int8 GEMM with its eager passes (docs/edge.md), so callers keep that."""
     lib = library()
     n = codes.shape[0]
-    if lib is None or codes.dim() != 2 or codes.dtype != torch.int8 or codes.device.type != "cpu":
+    if (
+        lib is None
+        or not uses_vnni()
+        or codes.dim() != 2
+        or codes.dtype != torch.int8
+        or codes.device.type != "cpu"
+    ):
         return None
     if not all(t.dtype == torch.float32 and t.is_contiguous() and t.numel() == n for t in (scale, bias)):
         return None
