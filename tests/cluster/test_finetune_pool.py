@@ -45,8 +45,10 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def nodes() -> dict[str, str]:
-    return {name: node_with(name, 1, CHIP) for name in NODES}
+def nodes() -> Iterator[dict[str, str]]:
+    yield {name: node_with(name, 1, CHIP) for name in NODES}
+    for name in NODES:  # no other module uses them: give the machine back
+        shared_pool().nodes[name].kill()
 
 
 @pytest.fixture(scope="module")
