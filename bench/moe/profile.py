@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     for grouped in (True, False, True):
         for m in experts:
             m.grouped = grouped
+        llm.engine.runner._graphs.clear()  # re-recorded (grouped) or refused (per-expert: eager steps)
         profiler = cProfile.Profile()
         start = time.perf_counter()
         profiler.enable()
@@ -44,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
         steps = len(out.token_ids)
         stats = pstats.Stats(profiler)
         calls = sum(v[1] for v in stats.stats.values())  # type: ignore[attr-defined]
-        print(f"{'grouped kernel' if grouped else 'per-expert path'}: {wall / steps * 1e3:.1f} ms/step "
+        graph = llm.engine.runner._graphs.get(1) is not None
+        print(f"{'grouped kernel' if grouped else 'per-expert path'}{' (decode graph)' if graph else ''}: "
+              f"{wall / steps * 1e3:.1f} ms/step "
               f"(under the profiler), {calls / steps:.0f} function calls/step, tokens {out.token_ids[:6]}")  # fmt: skip
         rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[: args.top]  # type: ignore[attr-defined]
         for (file, line, name), (_, ncalls, tottime, *_rest) in rows:
