@@ -95,10 +95,10 @@ def check_preference(record: Any) -> str | None:
 
 def tokenize_pair(tokenizer: Tokenizer, record: dict[str, Any], line: int) -> PreferencePair:
     """The chosen and rejected sequences; only the output's tokens (and its end of turn) are in the mask."""
-    prompt = [{"role": m["role"], "content": m["content"], "weight": 0} for m in record["input"]["messages"]]
-    for m in prompt:
-        if m["role"] != "assistant":
-            del m["weight"]
+    prompt = [  # the prompt's own assistant turns are context, never trained
+        {"role": m["role"], "content": m["content"], **({"weight": 0} if m["role"] == "assistant" else {})}
+        for m in record["input"]["messages"]
+    ]
     chosen, rejected = (
         tokenize(tokenizer, [*prompt, {"role": "assistant", "content": record[k][0]["content"]}], line)
         for k in OUTPUTS

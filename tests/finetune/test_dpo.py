@@ -182,9 +182,17 @@ def test_a_pair_counts_its_prompt_once_and_trains_only_the_outputs(make_model) -
         add_special_tokens=False,
     )
     assert pair.chosen.input_ids[: len(prompt)] == prompt == pair.rejected.input_ids[: len(prompt)]
-    assert pair.n_tokens == len(prompt) + (len(pair.chosen) - len(prompt)) + (
-        len(pair.rejected) - len(prompt)
-    )
+    answers = (len(pair.chosen) - len(prompt)) + (len(pair.rejected) - len(prompt))
+    assert pair.n_tokens == len(prompt) + answers
+
+    turns = _line("And now?", "Fine.", "Bad.")
+    turns["input"]["messages"][:0] = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hey"},
+    ]
+    chosen = tokenize_pair(tokenizer, turns, 2).chosen
+    trained = [t for t, m in zip(chosen.input_ids, chosen.loss_mask, strict=True) if m]
+    assert tokenizer.decode(trained, skip_special_tokens=False).strip() == "Fine.<|im_end|>"  # not "Hey"
 
 
 # -- learning -------------------------------------------------------------------------------------------------
