@@ -18,7 +18,9 @@
 // ((nb * Kg + kg) * 16 + j) * 4 + t is codes[16 nb + j, 4 kg + t], zero beyond N and K (Kg = ceil(K / 4)): one
 // 64-byte load is one vpdpbusd operand (u8 x s8 -> s32, four products per lane).
 // Paths: AVX512-VNNI (vpdpbusd, 6 rows x 64 channels of sums in registers), chosen at run time; else portable
-// C++ over the same packed bytes. OpenMP over tiles of rows. The entry point as kernel.h declares it.
+// C++ over the same packed bytes (exact, but 5-20x slower than torch's oneDNN int8 path, so int8_gemm.bind offers
+// the kernel only where VNNI runs). The output may be the inside of a zero-padded map (yw, yrs: the next conv's
+// padding without a pass of its own). OpenMP over tiles of rows. The entry point as kernel.h declares it.
 
 #include <math.h>
 #include <stdint.h>
@@ -111,7 +113,8 @@ inline float finish(const Gemm& g, int64_t m, int64_t n, int32_t sum, float step
 }
 
 void rows_portable(const Gemm& g, int64_t m0, int64_t mb, uint8_t* q, float* steps) {
-    for (int64_t i = 0; i < mb; ++i) steps[i] = quantize_row(g.x + (m0 + i) * g.xs, g.K, g.Kp, g.relu6_in, q + i * g.Kp);
+    for (int64_t i = 0; i < mb; ++i)
+        steps[i] = quantize_row(g.x + (m0 + i) * g.xs, g.K, g.Kp, g.relu6_in, q + i * g.Kp);
     const int64_t blocks = (g.N + kBlockN - 1) / kBlockN;
     for (int64_t nb = 0; nb < blocks; ++nb) {
         const int8_t* wb = g.w + nb * g.Kg * kBlockN * kGroupK;
@@ -277,8 +280,9 @@ bool vnni() {
 // x fp32 [M, K] (row stride xs); w packed int8 codes (above), wsum int32 [N] (each channel's code sum); scale,
 // bias fp32 [N]; r fp32 [M, N] (row stride rs) added before relu6_out, or null; y fp32 [M, N] (row stride ys),
 // or, with yw < M, image rows of yw pixels yrs floats apart (the inside of a padded map; yw = 0: rows follow
-// one another). acc not null: the int32 sums go there (laid out as y) instead of y (tests). path -1: the best this CPU runs,
-// 0: portable. Returns 1 where the packed weight cannot be read as 64-byte loads (w not 64-byte aligned).
+// one another). acc not null: the int32 sums go there (laid out as y) instead of y (tests). path -1: the best
+// this CPU runs, 0: portable. Returns 1 where the packed weight cannot be read as 64-byte loads (w not 64-byte
+// aligned).
 #define CUMULO_INT8_GEMM(X)                                                                                 \
     X(const float*, x) X(int64_t, M) X(int64_t, K) X(int64_t, xs) X(const int8_t*, w) X(const int32_t*, wsum) \
         X(int64_t, N) X(const float*, scale) X(const float*, bias) X(int, relu6_in) X(int, relu6_out)         \
