@@ -156,7 +156,8 @@ class TrainerActor:
             log.exception("training failed")
             self.out.put(("error", "internal_error", f"training failed: {type(exc).__name__}: {exc}"))
             return
-        newest = newest_checkpoint(spec.output_dir)
+        # a stopped run saves a last checkpoint without an event: it travels with the outcome
+        newest = newest_checkpoint(spec.output_dir) if result.stopped else None
         checkpoint = (newest.name, read_tree(newest)) if newest is not None else None
         self.out.put(("done", result, read_tree(result.adapter_dir), checkpoint))
 
@@ -257,14 +258,12 @@ class PoolTrainer:
         try:
             return self._follow(actor, job, node_id, output_dir, on_event, should_stop)
         finally:
+            import ray
+
             self.actors.pop(job, None)
             with contextlib.suppress(Exception):
-                import ray
-
-                ray.get(actor.close.remote(), timeout=5)
+                ray.get(actor.close.remote(), timeout=5)  # its scratch directory
             with contextlib.suppress(Exception):
-                import ray
-
                 ray.kill(actor)
 
     def _start(

@@ -213,6 +213,7 @@ def test_a_cancel_stops_the_actor_on_its_node(service: Service, nodes: dict[str,
     trainer = PoolTrainer(chip=CHIP, actor_class=SlowTrainerActor)
     steps: list[int] = []
     actors: list = []
+    stopped_at: list[int] = []
 
     def cancel_at_step_two(spec, on_event, should_stop):  # noqa: ANN001
         def watch(event: api.TrainEvent) -> None:
@@ -226,12 +227,17 @@ def test_a_cancel_stops_the_actor_on_its_node(service: Service, nodes: dict[str,
 
         result = trainer(spec, watch, should_stop)
         assert result.stopped  # the actor stopped early, not at the end of its run
+        stopped_at.append(result.steps)
         return result
 
     assert pool_worker(service, cancel_at_step_two).run(once=True) == 2
     done = job(service, key, job_id)
     assert done["status"] == "cancelled"
     assert 2 <= max(steps) < 12
+    # the checkpoint the stopped trainer saved on the node came back, for a later start to resume from
+    [step] = stopped_at
+    checkpoint = service.state.settings.data_dir / "finetune" / job_id / "checkpoints" / f"step-{step:06d}"
+    assert (checkpoint / "trainer_state.pt").exists()
     billed = sum(r["prompt_tokens"] for r in training_usage(service, key))
     assert billed == done["trained_tokens"] > 0  # what it trained, once
     with pytest.raises(ray.exceptions.RayActorError):  # its actor is gone once the job settled
