@@ -8,6 +8,8 @@ reported over all of them and over the photos the fp32 model is confident about.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
 from cumulo.edge.vision import preprocess
@@ -35,13 +37,19 @@ def photo(name: str) -> torch.Tensor:
     return image[..., :3]
 
 
-def photo_set(crops_per_photo: int = 6, seed: int = 0) -> torch.Tensor:
-    """[len(NAMES) * crops_per_photo, 3, 224, 224] preprocessed crops (50-100% of each side), every second
-    one mirrored; the same seed gives the same set."""
+def photo_set(
+    crops_per_photo: int = 6,
+    seed: int = 0,
+    names: Sequence[str] = NAMES,
+    load: Callable[[str], torch.Tensor] = photo,
+) -> torch.Tensor:
+    """[len(names) * crops_per_photo, 3, 224, 224] preprocessed crops (50-100% of each side), every second
+    one mirrored; the same seed gives the same set. `load` turns a name into uint8 [h, w, 3] (another photo
+    collection: `cumulo.edge.calibrate.calibration_photo`)."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for name in NAMES:
-        image = photo(name)
+    for name in names:
+        image = load(name)
         h, w = image.shape[:2]
         for i in range(crops_per_photo):
             f = 0.5 + 0.5 * torch.rand(1, generator=g).item()
