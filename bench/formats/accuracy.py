@@ -98,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sequential", action="store_true", help="GPTQ calibrated layer by layer (convert --sequential)"
     )
+    parser.add_argument(
+        "--head", choices=("bf16", "body"), default=None, help="convert --head (default: the format's own)"
+    )
+    parser.add_argument(
+        "--gptq-options",
+        default="",
+        help="extra convert options for the calibrated runs, e.g. '--act-order --scale-search'",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=None, help="source GGUF (default: the catalog's SmolLM2 Q4_1)")
     parser.add_argument(
@@ -143,8 +151,15 @@ def main(argv: list[str] | None = None) -> int:
                 extra = ["--calibrate", args.calibrate] if calibrated else []
                 if calibrated and args.sequential:
                     extra.append("--sequential")
-                label = f"Cumulo {fmt}" + (
-                    " RTN" if not calibrated else " GPTQ seq" if args.sequential else " GPTQ"
+                if calibrated:
+                    extra += args.gptq_options.split()
+                if args.head:
+                    extra += ["--head", args.head]
+                label = (
+                    f"Cumulo {fmt}"
+                    + (" RTN" if not calibrated else " GPTQ seq" if args.sequential else " GPTQ")
+                    + (f" {args.gptq_options}" if calibrated and args.gptq_options else "")
+                    + (f" head {args.head}" if args.head else "")
                 )
                 log(f"converting {label} ...")
                 start = time.perf_counter()

@@ -88,6 +88,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="seed for the calibration windows' positions (default 0)"
     )
+    p.add_argument(
+        "--act-order",
+        action="store_true",
+        help="with --calibrate: quantize columns by descending input energy, block scales fixed from the "
+        "original weight (same layout)",
+    )
+    p.add_argument(
+        "--scale-search",
+        action="store_true",
+        help="with --calibrate: per block, keep whichever power-of-two scale (the rule's, half, double) rounds "
+        "with the least input-weighted error (ue8m0 and E8M0 formats; same layout)",
+    )
     p.set_defaults(func=run)
 
 
@@ -124,10 +136,12 @@ def run(args: argparse.Namespace) -> int:
     ]
     done: dict[str, PackedWeight] = {}  # weights the sequential calibration already quantized
     calibration = None
+    options = {"act_order": args.act_order, "scale_search": args.scale_search}
     if calibrate is not None:
         calibration = _calibrate(
-            model, quantized, calibrate, args.seed, scheme.name, group_amax, done if args.sequential else None
-        )
+            model, quantized, calibrate, args.seed, scheme.name, group_amax, done if args.sequential else None,
+            options,
+        )  # fmt: skip
     for name, tensor in tqdm(items, desc=f"convert to {scheme.name}", unit="tensor", mininterval=0.5):
         bytes_in += tensor.numel() * tensor.element_size()
         module = name.removesuffix(".weight")
@@ -142,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                 value = done.pop(name)
             elif hessian is not None:
                 value: torch.Tensor | PackedWeight = gptq_quantize(
-                    tensor, hessian, scheme.name, name=name, tensor_amax=group_amax.get(name)
+                    tensor, hessian, scheme.name, name=name, tensor_amax=group_amax.get(name), **options
                 )
             else:
                 value = quantize(tensor, scheme.name, name=name, tensor_amax=group_amax.get(name))
@@ -206,6 +220,7 @@ def _calibrate(
     fmt: str,
     group_amax: dict[str, float],
     done: dict[str, Any] | None,
+    options: dict[str, bool],
 ) -> Any:
     """Input statistics of every linear that will be quantized, from the engine's own fp32 module. With `done`
     (sequential mode), the decoder layers' weights are quantized here, layer by layer, into `done`."""
@@ -231,7 +246,7 @@ def _calibrate(
         calibration = collect_hessians(module, ids, spans, targets)
     else:
         params = {n for n, _ in module.named_parameters()}
-        layer = _layer_quantizer(model.weights, quantized, fmt, group_amax, params, done)
+        layer = _layer_quantizer(model.weights, quantized, fmt, group_amax, params, done, options)
         calibration = quantize_sequentially(module, ids, spans, targets, layer)
     del module
     print(f"calibrated on {calibration.tokens} tokens ({calibration.windows} windows) of {corpus.source}")
@@ -245,6 +260,7 @@ def _layer_quantizer(
     group_amax: dict[str, float],
     params: set[str],
     done: dict[str, Any],
+    options: dict[str, bool],
 ) -> Any:
     """The callback `quantize_sequentially` calls per decoder layer: GPTQ (or nearest, where no H was seen) for
     each of the layer's checkpoint weights, kept in `done`; returns their dequantized values under the engine's
@@ -260,7 +276,9 @@ def _layer_quantizer(
             hessian = hessians.get(module_for(name))
             amax = group_amax.get(name)
             if hessian is not None:
-                done[name] = gptq_quantize(weights[name], hessian, fmt, name=name, tensor_amax=amax)
+                done[name] = gptq_quantize(
+                    weights[name], hessian, fmt, name=name, tensor_amax=amax, **options
+                )
             else:
                 done[name] = quantize(weights[name], fmt, name=name, tensor_amax=amax)
             dense[name] = done[name].dequantize()

@@ -146,3 +146,17 @@ def test_convert_calibrate_bad_values_are_one_line_errors(
     err = capsys.readouterr().err.strip()
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()  # refused before anything was read or written
+
+
+def test_convert_calibrate_act_order_and_scale_search_write_the_same_layout(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    rtn, gptq = tmp_path / "rtn", tmp_path / "gptq"
+    assert main(["convert", str(tiny_llama), "-f", "mxfp8", "-o", str(rtn)]) == 0
+    args = ["--calibrate", "300", "--act-order", "--scale-search"]
+    assert main(["convert", str(tiny_llama), "-f", "mxfp8", "-o", str(gptq), *args]) == 0
+    a, b = _tensors(rtn), _tensors(gptq)
+    assert a.keys() == b.keys()
+    assert all((a[k].shape, a[k].dtype) == (b[k].shape, b[k].dtype) for k in a)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(a[q].view(torch.uint8), b[q].view(torch.uint8))

@@ -82,3 +82,35 @@ def test_gptq_refuses_mismatched_hessians_and_bad_weights() -> None:
     bad[0, 0] = float("nan")
     with pytest.raises(FormatError, match="NaN or Inf"):
         gptq_quantize(bad, x.T @ x, "mxfp4")
+
+
+@pytest.mark.parametrize("fmt", ["ue8m0-fp8", "mxfp8", "mxfp4", "nvfp4", "fp8"])
+@pytest.mark.parametrize(("act_order", "scale_search"), [(True, False), (False, True), (True, True)])
+def test_gptq_options_keep_the_layout_and_beat_round_to_nearest(
+    fmt: str, act_order: bool, scale_search: bool
+) -> None:
+    """Act-order (static scales) and the power-of-two scale search still write RTN's layout, values on the
+    grid of the stored scales, and a layer output error below round-to-nearest's."""
+    w, x = _layer()
+    rtn = quantize(w, fmt)
+    got = gptq_quantize(w, x.T @ x, fmt, act_order=act_order, scale_search=scale_search)
+    assert got.format == rtn.format and got.shape == rtn.shape and got.block == rtn.block
+    assert got.codes.shape == rtn.codes.shape and got.scales.shape == rtn.scales.shape
+    assert got.scales.dtype == rtn.scales.dtype
+    assert _output_error(got, w, x) < 0.85 * _output_error(rtn, w, x), fmt
+    if got.scheme.scale == "ue8m0":  # still powers of two, as the reader of scale_fmt ue8m0 assumes
+        mantissa, _ = torch.frexp(got.scales)
+        assert bool((mantissa == 0.5).all())
+
+
+def test_scale_search_moves_mx_floor_scales_where_the_block_maximum_clips() -> None:
+    """MX FLOOR puts a block maximum of 1.9 x 2^e at 475 x the scale, beyond E4M3's 448, where it clips; the
+    search doubles that block's scale (one E8M0 step) and leaves the blocks that do not clip alone."""
+    from cumulo.formats.gptq import searched_scales
+
+    w = torch.full((1, 64), 0.01)
+    w[0, 0] = 1.9  # block 0 clips under FLOOR (1.9 / 2^-8 = 486 > 448)
+    w[0, 32] = 1.2  # block 1 does not (1.2 / 2^-8 = 307)
+    floor = quantize(w, "mxfp8")
+    searched = searched_scales(w, floor, torch.ones(64))
+    assert searched.scales.tolist() == [[floor.scales[0, 0].item() + 1, floor.scales[0, 1].item()]]
