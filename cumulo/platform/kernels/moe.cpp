@@ -108,6 +108,35 @@ CUMULO_MOE_BF16 void dot_table(const uint16_t* const* xs, int64_t K, const uint8
     for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
+// NW fp8 weight rows (each with its own scale row rbs[i]) against ONE permuted bf16 row, in one pass over x: each
+// row's sum is formed exactly as dot_table<1> forms it (two chains per block, scaled per block).
+template <int NW>
+CUMULO_MOE_BF16 void dot_table_rows(const uint16_t* x, int64_t K, const uint8_t* const* rows, const Scales& sc,
+                                    const int64_t* rbs, int64_t bk, const Table8Bf16& t, float* out) {
+    __m512 acc[NW];
+    for (int i = 0; i < NW; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k0 = 0, kb = 0; k0 < K; k0 += bk, ++kb) {
+        const int64_t k1 = k0 + bk < K ? k0 + bk : K;
+        __m512 b0[NW], b1[NW];
+        for (int i = 0; i < NW; ++i) b0[i] = b1[i] = _mm512_setzero_ps();
+        for (int64_t k = k0; k < k1; k += 64) {
+            const int64_t left = k1 - k;
+            const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + k), x1 = (__m512bh)_mm512_loadu_si512(x + k + 32);
+            for (int i = 0; i < NW; ++i) {
+                const __m512i c = left >= 64 ? _mm512_loadu_si512(rows[i] + k)
+                                             : _mm512_maskz_loadu_epi8((((__mmask64)1 << left) - 1), rows[i] + k);
+                __m512i w0, w1;
+                table8_bf16_64(c, t, w0, w1);
+                b0[i] = _mm512_dpbf16_ps(b0[i], (__m512bh)w0, x0);
+                b1[i] = _mm512_dpbf16_ps(b1[i], (__m512bh)w1, x1);
+            }
+        }
+        for (int i = 0; i < NW; ++i)
+            acc[i] = _mm512_fmadd_ps(_mm512_add_ps(b0[i], b1[i]), _mm512_set1_ps(sc.at(rbs[i], kb)), acc[i]);
+    }
+    for (int i = 0; i < NW; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
 // bf16 weight row against R bf16 rows (zero-padded to whole 32s), 32 products per instruction.
 template <int R>
 CUMULO_MOE_BF16 void dot_bf16(const uint16_t* const* xs, int64_t K, const uint16_t* row, float* out) {
@@ -335,6 +364,18 @@ CUMULO_KERNEL(cumulo_moe_experts, CUMULO_MOE_EXPERTS) {
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < U * I; ++item) {
             const int64_t u = item / I, n = item % I, f = first[u], c = first[u + 1] - f;
+            if (c == 1 && gu.path == TABLE) {  // one row (decode): gate row n and up row n in one pass over it
+                const uint8_t* w = (const uint8_t*)(intptr_t)gu.w[used[u]];
+                const uint8_t* rows[2] = {w + n * H, w + (n + I) * H};
+                const int64_t rbs[2] = {n / gu.bn, (n + I) / gu.bn};
+                float r[2];
+                dot_table_rows<2>((const uint16_t*)(xin.data() + tok[f] * gu.stride * elem_gu), H, rows,
+                                  gu.scales_of(used[u]), rbs, gu.bk, e4m3, r);
+                const float gv = round_as(r[0], bf16), uv = round_as(r[1], bf16);
+                const float act = round_as(gv / (1.0f + expf(-gv)), bf16);
+                put(hid.data(), dn.path, dn.stride, slots[f], n, act * uv);
+                continue;
+            }
             dots_all(gu, used[u], n, xin.data(), tok.data() + f, c, e4m3, g.data());
             dots_all(gu, used[u], n + I, xin.data(), tok.data() + f, c, e4m3, up.data());
             for (int64_t i = 0; i < c; ++i) {
