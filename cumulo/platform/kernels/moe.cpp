@@ -307,9 +307,10 @@ void sigmoid_group_topk(const float* logits, const float* bias, int64_t T, int64
 // to ids and weights: softmax over all experts in fp32, the k most probable (the lower id first on a tie),
 // rescaled to sum to 1 when norm_topk = 1, as Qwen3-MoE and Mixtral route (moe.softmax_topk). router = 1 routes
 // as DeepSeek-V3 instead (sigmoid_group_topk above): logits are then fp32 whatever x is, bias [E] fp32 (or null),
-// n_group / topk_group the group limit (n_group <= 1: none), scale the routed scaling factor. gate_up / down: E addresses each (see the header); *_scales: E addresses of fp8 block scales
-// (kind 0; e8m0 = 1: E8M0 bytes, else fp32), blocks of bn x bk. Returns 1 (nothing written) for an id out of
-// range. wide_ok = 0 keeps the AVX2 path (tests use it).
+// n_group / topk_group the group limit (n_group <= 1: none), scale the routed scaling factor.
+// gate_up / down: E addresses each (see the header); *_scales: E addresses of fp8 block scales (kind 0; e8m0 = 1:
+// E8M0 bytes, else fp32), blocks of bn x bk. Returns 1 (nothing written) for an id out of range. wide_ok = 0
+// keeps the AVX2 path (tests use it).
 #define CUMULO_MOE_EXPERTS(X)                                                                                \
     X(const void*, x) X(int64_t, T) X(int64_t, H) X(int64_t, I) X(int64_t, k) X(int64_t, E) X(int64_t*, ids)  \
         X(float*, weights) X(const void*, logits) X(int, norm_topk) X(int, kind) X(int, e8m0)                \
