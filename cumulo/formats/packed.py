@@ -93,20 +93,21 @@ class PackedWeight:
 
     def dequantize_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized weight rows `rows` (int64 indices into N), [len(rows), K], without the full matrix:
-        an output head refines its top logits this way, and a tied head gives its embedding rows."""
-        scheme = self.scheme
+        an output head refines its top logits this way. Only the gathered rows' codes and scales are decoded."""
         n, k = self.shape
-        if scheme.element is None:
+        if self.scheme.element is None:
             return self.codes[rows].to(dtype)
         br, bc = self.block
-        br, bc = br or n, bc or k
-        values = codec.decode(scheme.element, packing.unpack(self.codes[rows], scheme.element.bits, k))
-        s = self.block_scales()[rows // br]  # [R, ceil(K / bc)]
-        pad_k = (-k) % bc
-        if pad_k:
-            values = F.pad(values, (0, pad_k))
-        blocked = values.reshape(values.shape[0], s.shape[1], bc) * s[:, :, None]
-        return blocked.reshape(values.shape)[:, :k].to(dtype)
+        assert self.scales is not None
+        picked = PackedWeight(
+            self.format,
+            self.codes[rows],
+            self.scales[rows // (br or n)],  # each row's own scale row: block (1, bc) from here on
+            (rows.numel(), k),
+            self.tensor_scale,
+            (1, bc),
+        )
+        return picked.dequantize(dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         scheme = self.scheme
