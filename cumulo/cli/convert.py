@@ -2,7 +2,8 @@
 
 Reads any model the loader can (GGUF file, Hugging Face directory, catalog name), quantizes the linear layers
 the keep policy allows (default: embeddings, lm_head, norms and routers stay in bf16; `--keep` / `--only` take
-fnmatch patterns on module names) and writes safetensors + config.json with `quantization_config` (block FP8 in
+fnmatch patterns on module names; `--head body` packs the output head too, a tied embedding then stored once)
+and writes safetensors + config.json with `quantization_config` (block FP8 in
 DeepSeek-V3's layout; see cumulo.formats.checkpoint), plus the tokenizer, so the directory is a model again.
 
 `--calibrate [N|FILE]` rounds with GPTQ (cumulo.formats.gptq) instead of to nearest: each linear's input
