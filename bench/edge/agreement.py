@@ -3,7 +3,9 @@ same 120 crops and metric as `python -m bench.edge` (logit error relative to fp3
 
 `--per-layer N`: the first N 1x1 convs (or the classifier) one at a time in the format, the rest fp32 (about
 30 s a layer on a loaded 2-core machine). `--keep a,b c`: the whole net in the format except the named layers
-in fp32, one line per comma-separated set.
+in fp32, one line per comma-separated set. `--gptq`: the whole net also with GPTQ rounding
+(`cumulo.edge.calibrate`, calibrated on photos that are not in the set). `--crops N --seed S`: another crop set of
+the same photos (`--crops 24 --seed 1`: 480 crops).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import copy
 import torch
 from torch import nn
 
+from cumulo.edge.calibrate import quantize_calibrated
 from cumulo.edge.photos import photo_set
 from cumulo.edge.pointwise import DensePointwise, pointwise, quantize_vision_net
 from cumulo.edge.vision import load_pretrained
@@ -29,10 +32,15 @@ def main() -> None:
     parser.add_argument("--format", default="int8")
     parser.add_argument("--per-layer", type=int, default=0, metavar="N")
     parser.add_argument("--keep", nargs="*", default=[], metavar="LAYERS")
+    parser.add_argument("--gptq", action="store_true", help="also the whole net with GPTQ rounding")
+    parser.add_argument(
+        "--crops", type=int, default=6, help="crops per photo (6 with seed 0: the bench's 120)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     base = load_pretrained()
-    images = photo_set().contiguous(memory_format=torch.channels_last)
+    images = photo_set(args.crops, args.seed).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         ref = quantize_vision_net(copy.deepcopy(base), "fp32")(images)
 
@@ -45,6 +53,8 @@ def main() -> None:
     print(
         f"{args.format} whole net: {score(quantize_vision_net(copy.deepcopy(base), args.format))}", flush=True
     )
+    if args.gptq:
+        print(f"{args.format} whole net, GPTQ: {score(quantize_calibrated(base, args.format))}", flush=True)
     names = [
         n
         for n, m in base.named_modules()
