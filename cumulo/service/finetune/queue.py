@@ -314,26 +314,31 @@ def requeue_lost(sessions: sessionmaker, stale_seconds: float, max_attempts: int
             )
         )
         for row in lost:
-            row.claim, row.heartbeat_at = None, None
-            if row.status == "running" and row.attempts >= max_attempts:
-                row.status, row.finished_at = "failed", time.time()
-                message = (
-                    f"the worker running this job stopped responding {row.attempts} times; the job failed"
-                )
-                row.error = {"code": "worker_lost", "message": message, "param": None}
-                jobs.add_event(session, row, message, level="error")
-                billing.bill(session, row)
-            elif row.status == "running":
-                row.status = "queued"
-                jobs.add_event(
-                    session,
-                    row,
-                    "The worker stopped responding; the job is queued again and resumes from its last checkpoint",
-                    level="warn",
-                )
-            elif row.status in jobs.FINAL:
-                billing.bill(session, row)
+            _settle_lost(
+                session,
+                row,
+                max_attempts,
+                failed=f"the worker running this job stopped responding {row.attempts} times; the job failed",
+                queued="The worker stopped responding; the job is queued again and resumes from its last "
+                "checkpoint",
+            )
         return len(lost)
+
+
+def _settle_lost(session: Session, row: FinetuneJob, max_attempts: int, failed: str, queued: str) -> None:
+    """A job whose trainer is gone: failed with `worker_lost` once started `max_attempts` times, else queued
+    again to resume from its last checkpoint; a job that reached a final state meanwhile is billed."""
+    row.claim, row.heartbeat_at = None, None
+    if row.status == "running" and row.attempts >= max_attempts:
+        row.status, row.finished_at = "failed", time.time()
+        row.error = {"code": "worker_lost", "message": failed, "param": None}
+        jobs.add_event(session, row, failed, level="error")
+        billing.bill(session, row)
+    elif row.status == "running":
+        row.status = "queued"
+        jobs.add_event(session, row, queued, level="warn")
+    elif row.status in jobs.FINAL:
+        billing.bill(session, row)
 
 
 def lost(sessions: sessionmaker, job: Claimed, max_attempts: int, why: str) -> None:
@@ -344,20 +349,10 @@ def lost(sessions: sessionmaker, job: Claimed, max_attempts: int, why: str) -> N
         row = _mine(session, job)
         if row is None:
             return
-        row.claim, row.heartbeat_at = None, None
-        if row.status == "running" and row.attempts >= max_attempts:
-            row.status, row.finished_at = "failed", time.time()
-            message = f"{why}; the job was started {row.attempts} times and failed"
-            row.error = {"code": "worker_lost", "message": message, "param": None}
-            jobs.add_event(session, row, message, level="error")
-            billing.bill(session, row)
-        elif row.status == "running":
-            row.status = "queued"
-            jobs.add_event(
-                session,
-                row,
-                f"{why}; the job is queued again and resumes from its last checkpoint",
-                level="warn",
-            )
-        else:
-            billing.bill(session, row)
+        _settle_lost(
+            session,
+            row,
+            max_attempts,
+            failed=f"{why}; the job was started {row.attempts} times and failed",
+            queued=f"{why}; the job is queued again and resumes from its last checkpoint",
+        )
