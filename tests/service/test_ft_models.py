@@ -194,6 +194,8 @@ def test_an_imported_peft_adapter_is_served_without_a_restart(
         tokens += [t for o in local.step() for t in o.new_token_ids]
     assert served.choices[0].text == local.tokenizer.decode(tokens)
     assert served.choices[0].text != base.choices[0].text  # the adapter changes the answer
+    listed = {m.id: m for m in client.models.list().data}
+    assert listed["helper"].model_extra["parent"] == "tiny"  # imported adapters are listed with their base
     assert [r["completion_tokens"] for r in usage_of(server, key, "helper")] == [
         served.usage.completion_tokens
     ]

@@ -123,6 +123,17 @@ def _imported(data_dir: Path, model: str) -> Tuned | None:
     return Tuned(base, str(directory)) if isinstance(base, str) and base else None
 
 
+def imported_models(data_dir: Path) -> list[tuple[str, str, float]]:
+    """(name, base model, import time) of every adapter the operator imported, in name order."""
+    root = Path(data_dir) / IMPORTED
+    found = []
+    for directory in sorted(root.iterdir()) if root.is_dir() else ():
+        tuned = _imported(Path(data_dir), directory.name)
+        if tuned is not None:
+            found.append((directory.name, tuned.base, (directory / "cumulo_adapter.json").stat().st_mtime))
+    return found
+
+
 _tuned = TunedModels()
 
 

@@ -1,5 +1,6 @@
-"""GET /v1/models: the models this key's plan may use, each with its seal, and the organisation's fine-tuned
-models (with `parent`, the base they were tuned from; called through `service/finetune/serving.py`)."""
+"""GET /v1/models: the models this key's plan may use, each with its seal, the organisation's fine-tuned
+models and the adapters the operator imported whose base the plan includes (both with `parent`, the base they
+were tuned from; called through `service/finetune/serving.py`)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from cumulo.contracts import EngineClient
 from cumulo.errors import ModelNotFound
 from cumulo.service.api.deps import Caller, State
 from cumulo.service.api.schemas import MAX_NAME
+from cumulo.service.auth import Principal
 from cumulo.service.finetune import jobs
-from cumulo.service.finetune.serving import resolve_tuned
+from cumulo.service.finetune.serving import imported_models, resolve_tuned
 from cumulo.service.state import ServiceState
 
 router = APIRouter()
@@ -49,11 +51,21 @@ async def _tuned(state: ServiceState, org_id: int) -> list[dict[str, Any]]:
     return await run_in_threadpool(read)
 
 
+async def _imported(state: ServiceState, principal: Principal) -> list[dict[str, Any]]:
+    found = await run_in_threadpool(imported_models, state.settings.data_dir)
+    return [
+        {"id": name, "object": "model", "created": int(at), "owned_by": "cumulo", "parent": base}
+        for name, base, at in found
+        if base in state.engines and principal.plan.allows(base)
+    ]
+
+
 @router.get("/v1/models")
 async def list_models(state: State, principal: Caller) -> dict[str, Any]:
     created = int(state.started_at)
     data = [_card(n, e, created) for n, e in state.engines.items() if principal.plan.allows(n)]
-    return {"object": "list", "data": data + await _tuned(state, principal.org_id)}
+    tuned = await _tuned(state, principal.org_id)
+    return {"object": "list", "data": data + tuned + await _imported(state, principal)}
 
 
 @router.get("/v1/models/{model:path}")
