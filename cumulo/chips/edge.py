@@ -88,7 +88,7 @@ def check_deploy(w: VisionWorkload, chip: Chip | str, format: str) -> float:
     then the memory (`check_fits`). The footprint in bytes, or a `DoesNotFit` with one line saying why."""
     chip = get_chip(chip)
     if chip.kind == "sensor" and COMPUTES_IN.get(format, format) not in chip.native:
-        raise DoesNotFit(f"{chip.id} runs {', '.join(chip.native)} only; {w.name} is packaged in {format}")
+        raise DoesNotFit(f"{chip.id} runs {', '.join(chip.native)} only; {w.name} would run in {format}")
     missing = sorted(w.operators - OPERATORS[chip.id]) if chip.id in OPERATORS else []
     if missing:
         raise DoesNotFit(f"{chip.id} cannot run {w.name}: no support for {', '.join(missing)}")

@@ -59,7 +59,7 @@ def test_a_model_the_sensor_can_run_is_rolled_out(
     [
         (
             ["--format", "fp8"],
-            "imx500 runs int8 only; cumulo-shelf-cnn-v1 (shelf.safetensors) is packaged in fp8",
+            "imx500 runs int8 only; cumulo-shelf-cnn-v1 (shelf.safetensors) would run in fp8",
         ),
         (["--format", "fp32"], "imx500 runs int8 only"),
         (["--url", "http://models/shelf"], "--device-class needs the model to check"),
@@ -143,7 +143,7 @@ def test_the_rollouts_api_refuses_a_package_that_a_targeted_device_class_cannot_
         assert error["type"] == "invalid_request_error"
         assert (
             error["message"]
-            == "imx500 runs int8 only; cumulo-shelf-cnn-v1 (shelf-fp8.safetensors) is packaged in fp8"
+            == "imx500 runs int8 only; cumulo-shelf-cnn-v1 (shelf-fp8.safetensors) would run in fp8"
         )
         assert client.get("/v1/edge/rollouts", headers=key).json()["data"] == []  # nothing written
 

@@ -64,7 +64,7 @@ def test_a_pushed_model_the_class_cannot_run_is_refused_and_reported_for_the_rol
         statuses = [p for p in agent.outbox.pending(limit=1000) if p.kind == "status"]
         assert len(statuses) == 1 and statuses[0].body["ok"] is False and statuses[0].body["rollout_id"] == 9
         assert statuses[0].body["error"] == (
-            f"imx500 runs int8 only; cumulo-shelf-cnn-v1 ({sha}.safetensors) is packaged in fp8"
+            f"imx500 runs int8 only; cumulo-shelf-cnn-v1 ({sha}.safetensors) would run in fp8"
         )
         assert statuses[0].model["sha256"] == sha
         leaves = [(leaf, m.body.get("state")) for leaf, m in sent]
