@@ -33,6 +33,22 @@ def test_greedy_is_argmax_and_leaves_logits_untouched():
     assert torch.equal(logits, before)
 
 
+def test_greedy_matches_torch_argmax_on_ties_nans_infinities_and_strided_logits():
+    nan, inf = float("nan"), float("inf")
+    rows = [
+        [1.0, 3.0, 3.0, 0.0],
+        [nan, 1.0, nan, 5.0],
+        [1.0, nan, 9.0, nan],
+        [-inf] * 4,
+        [-0.0, 0.0, 0.0, -1.0],
+    ]
+    logits = torch.tensor(rows)
+    strided = torch.randn(4096, 8).t()  # [8, 4096], rows not contiguous
+    for x in (logits, strided, strided.half().float()):
+        tokens, _ = sampler(x, [state(temperature=0.0) for _ in range(x.shape[0])])
+        assert tokens == x.argmax(-1).tolist()
+
+
 def test_greedy_rows_stay_argmax_in_a_batch_with_sampled_rows():
     torch.manual_seed(1)
     logits = torch.randn(6, 100)
