@@ -6,8 +6,9 @@ Why not `PackedLinear` with pixels as rows: a 1x1 conv over a 112x112 map is a m
 the fused kernels' batch-1 sweet spot (`FUSED_MAX_ROWS`), so they dequantize the weight and call the same fp32
 GEMM as the fp32 model; a weight-only format then costs time instead of saving it. What a CPU does faster in
 8 bits is the multiply itself: `torch._int_mm` (oneDNN's s8 x s8 -> s32 GEMM) runs these shapes 4-8x faster than
-fp32 sgemm on AVX2. So both operands are int8: the weight per output channel (symmetric, amax / 127) and the
-activation per pixel, quantized on the fly (amax / 127 of each row), and y = acc * s_pixel * s_channel + bias.
+fp32 sgemm on AVX2. So both operands are 8-bit: the weight per output channel (int8, symmetric, amax / 127) and
+the activation per pixel, quantized on the fly (int8, amax / 127 of each row; a ReLU6 output, which is >= 0, as
+u8 [0, 255] at the fixed step 6/255), and y = acc * s_pixel * s_channel + bias.
 
 On a CPU with AVX512-VNNI, where Cumulo's int8 GEMM kernel builds (`cumulo.platform.kernels.int8_gemm`), each
 1x1 conv is that one kernel: the activation quantize in its prologue, the dequantize, bias, the residual add
@@ -32,6 +33,8 @@ from cumulo.formats.linear import PackedLinear
 from cumulo.platform.kernels import int8_gemm
 
 INT8_MAX = 127.0
+RELU6_MAX = 255.0  # relu6 inputs: u8 codes [0, 255] (ReLU6 outputs are >= 0, so the sign bit is a level too)
+RELU6_STEP = 6.0 / RELU6_MAX  # their fixed step
 
 
 def per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,9 +68,9 @@ class Int8Pointwise(nn.Module):
     """A 1x1 conv (or a linear layer: one pixel) as an int8 x int8 GEMM over pixels.
 
     Takes NCHW activations, fastest in channels_last memory (the rows [pixels, channels] are then a view);
-    answers in channels_last. `relu6_input`: the inputs are quantized as relu6(x) at the fixed step 6/127 (so
-    the ReLU6 before the conv may be left to it); `relu6_output`: the ReLU6 after the conv is applied here;
-    `forward(x, residual)` adds a residual (NCHW, the output's shape) before that."""
+    answers in channels_last. `relu6_input`: the inputs are quantized as relu6(x), u8 codes [0, 255] at the fixed
+    step 6/255 (so the ReLU6 before the conv may be left to it); `relu6_output`: the ReLU6 after the conv is
+    applied here; `forward(x, residual)` adds a residual (NCHW, the output's shape) before that."""
 
     def __init__(
         self,
@@ -117,12 +120,18 @@ class Int8Pointwise(nn.Module):
         self._native = None
 
     def quantize(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[M, K] float -> (int8 codes [M, K], the per-row step [M, 1], or None for the fixed step 6/127)."""
-        if self.relu6_input:  # relu6(x) in [0, 6]: one fixed scale, no pass to find it
-            return torch.mul(x2, INT8_MAX / 6.0).round_().clamp_(0.0, INT8_MAX).to(torch.int8), None
+        """[M, K] float -> (codes [M, K], the per-row step [M, 1]): int8 codes at a per-row step, or for relu6
+        inputs uint8 codes [0, 255] and None for the fixed step 6/255."""
+        if self.relu6_input:
+            return self._relu6_levels(x2).to(torch.uint8), None
         low, high = torch.aminmax(x2, dim=1, keepdim=True)  # [M, 1] each: one pass for the per-pixel range
         sx = torch.maximum(high, -low).clamp_min_(1e-12).div_(INT8_MAX)  # [M, 1] per-pixel scale
         return torch.div(x2, sx).round_().to(torch.int8), sx  # [M, K]
+
+    @staticmethod
+    def _relu6_levels(x2: torch.Tensor) -> torch.Tensor:
+        """relu6(x) in [0, 6] as its codes [0, 255] (float): one fixed step, no pass to find it."""
+        return torch.mul(x2, RELU6_MAX / 6.0).round_().clamp_(0.0, RELU6_MAX)
 
     def matmul(self, x2: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """[M, K] float (+ [M, N] residual) -> [M, N] float: the native kernel where it runs, else torch."""
@@ -130,14 +139,23 @@ class Int8Pointwise(nn.Module):
         y = native(x2, residual) if native is not None else None
         if y is not None:
             return y
-        q, sx = self.quantize(x2)
+        acc, sx = self.sums(x2)  # [M, N] int32
         if sx is None:
-            y = torch.addcmul(self.bias, self._int_mm(q).float(), self.scale * (6.0 / INT8_MAX))
+            y = torch.addcmul(self.bias, acc.float(), self.scale * RELU6_STEP)
         else:
-            y = torch.addcmul(self.bias, self._int_mm(q).float().mul_(sx), self.scale)  # [M, N]
+            y = torch.addcmul(self.bias, acc.float().mul_(sx), self.scale)  # [M, N]
         if residual is not None:
             y += residual
         return y.clamp_(0.0, 6.0) if self.relu6_output else y
+
+    def sums(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[M, K] float -> (the int32 sums [M, N] of its codes times the weight's, the step as `quantize` gives
+        it): the torch path's GEMM, the sums the native kernel forms too."""
+        if self.relu6_input:  # _int_mm is s8 x s8: send code - 128, add 128 x each channel's code sum (exact)
+            q = self._relu6_levels(x2).sub_(128.0).to(torch.int8)
+            return self._int_mm(q).add_(self.codes.sum(1, dtype=torch.int32).mul_(128)), None
+        q, sx = self.quantize(x2)
+        return self._int_mm(q), sx
 
     def _int_mm(self, q: torch.Tensor) -> torch.Tensor:
         """[M, K] int8 x [K, N] int8 -> [M, N] int32 (oneDNN takes more than 16 rows; fewer go exact in int32)."""

@@ -1,7 +1,8 @@
 """The native int8 GEMM of a 1x1 conv (cumulo.platform.kernels.int8_gemm) against Int8Pointwise's torch path:
-the same int8 codes and int32 sums exactly, the same outputs to fp32 rounding, on both of its paths (AVX512-VNNI
-where this CPU has it, and portable C++), ragged K and N, both activation kinds, with the fused residual and
-ReLU6; and the vision blocks built on it answer as the torch path does."""
+the same codes and int32 sums exactly, the same outputs to fp32 rounding, on both of its paths (AVX512-VNNI
+where this CPU has it, and portable C++), ragged K and N, both activation kinds (int8 per row; u8 [0, 255] at
+6/255 for relu6 inputs), with the fused residual and ReLU6; and the vision blocks built on it answer as the torch
+path does."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from cumulo.edge import pointwise
-from cumulo.edge.pointwise import Int8InvertedResidual, Int8Pointwise
+from cumulo.edge.pointwise import RELU6_STEP, Int8InvertedResidual, Int8Pointwise
 from cumulo.edge.vision import MBConv
 from cumulo.platform.kernels import int8_gemm as ig
 
@@ -26,8 +27,8 @@ SHAPES = [
 
 
 def torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Int8Pointwise without the native kernel (as where it cannot be built)."""
-    monkeypatch.setattr(pointwise.int8_gemm, "int8_gemm", lambda *args, **kwargs: None)
+    """Int8Pointwise without the native kernel (as where it cannot be built or VNNI is missing)."""
+    monkeypatch.setattr(Int8Pointwise, "native", lambda self: None)
 
 
 def test_the_kernel_builds_here() -> None:
@@ -50,12 +51,41 @@ def test_sums_equal_and_outputs_match_the_torch_path(
     sums = ig.int8_gemm(*args, relu6_input=relu6_input, accumulators=True, portable=portable)
     y = ig.int8_gemm(*args, relu6_input=relu6_input, portable=portable)
     q, _ = layer.quantize(x)  # the torch path's codes
+    assert q.dtype == (torch.uint8 if relu6_input else torch.int8)
     assert sums is not None and sums.dtype == torch.int32
     assert torch.equal(sums, q.int() @ layer.codes.t().int())
     torch_path(monkeypatch)
+    assert torch.equal(sums, layer.sums(x)[0])  # relu6: _int_mm on codes - 128, plus 128 x the code sums
     reference = layer.matmul(x)  # quantize, _int_mm, addcmul
     assert y is not None
     torch.testing.assert_close(y, reference, rtol=2e-6, atol=2e-6 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("path", ["vnni", "portable", "torch"])
+@torch.no_grad()
+def test_relu6_inputs_use_256_levels_of_6_over_255(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """Each relu6 input comes back within half a step (6/255) of relu6(x), every code 0..255 in use: read from
+    the sums against an identity weight (each channel's code 127 on the diagonal), so the kernel's codes too."""
+    k = 37
+    layer = Int8Pointwise(torch.eye(k), None, "int8", "w", relu6_input=True)
+    x = torch.linspace(-1.0, 7.0, 40 * k).view(40, k)  # below 0, all of [0, 6], beyond 6
+    if path == "torch":
+        torch_path(monkeypatch)
+        sums, y = layer.sums(x)[0], layer.matmul(x)
+    else:
+        args = (x, layer.packed(), layer.scale, layer.bias)
+        portable = path == "portable"
+        sums = ig.int8_gemm(*args, relu6_input=True, accumulators=True, portable=portable)
+        y = ig.int8_gemm(*args, relu6_input=True, portable=portable)
+    assert sums is not None and y is not None
+    assert torch.equal(sums % 127, torch.zeros_like(sums))
+    codes = sums // 127  # [40, k]
+    assert int(codes.min()) == 0 and int(codes.max()) == 255 and codes.unique().numel() == 256
+    assert RELU6_STEP == pytest.approx(6 / 255)
+    relu6 = x.double().clamp(0.0, 6.0)
+    assert float((codes.double() * (6 / 255) - relu6).abs().max()) <= RELU6_STEP / 2 + 1e-6
+    # the dequantized output: through the identity weight, relu6(x) to half a step (and fp32 rounding)
+    assert float((y.double() - relu6).abs().max()) <= RELU6_STEP / 2 + 1e-5
 
 
 @pytest.mark.parametrize("portable", [False, True])

@@ -7,8 +7,9 @@
 // output (epilogue): x is read once and y written once.
 //
 // Activations (the two kinds Int8Pointwise has):
-// - relu6 = 1: inputs are ReLU6 outputs (or anything: the codes are clamped to [0, 127], which is quantizing
-//   relu6(x)), one fixed step 6/127: code = clamp(round(x * (127/6)), 0, 127), unsigned as they are.
+// - relu6 = 1: inputs are ReLU6 outputs (or anything: the codes are clamped to [0, 255], which is quantizing
+//   relu6(x)), one fixed step 6/255: code = clamp(round(x * (255/6)), 0, 255), unsigned (u8) as they are, all
+//   eight bits used (vpdpbusd multiplies u8 by s8, so no offset; 4 x 255 x 127 per lane, no overflow).
 // - relu6 = 0: a symmetric step per row, amax / 127: code = round(x / step) in [-127, 127], sent as code + 128
 //   (u8), and 128 x (the weight's column sum) taken off the sum afterwards.
 // Rounding is to nearest even and the divide is a true divide, as torch's path computes them, so the codes are
@@ -40,7 +41,9 @@ constexpr int kBlockN = 16;  // output channels per packed block (one zmm of int
 constexpr int kGroupK = 4;   // k per vpdpbusd lane
 constexpr int kRows = 6;     // rows of x per tile in registers
 constexpr int kBlocks = 4;   // packed blocks per tile: 6 x 4 sums + 4 weights + 1 broadcast of 32 zmm
-constexpr float kRelu6Step = 127.0f / 6.0f;  // what torch's x * (127 / 6.0) multiplies by in fp32
+constexpr int kRelu6Max = 255;  // relu6 inputs: u8 codes [0, 255]
+constexpr float kRelu6Step = 255.0f / 6.0f;  // 42.5 exactly, what torch's x * (255 / 6.0) multiplies by
+constexpr float kRelu6Dequant = 6.0f / 255.0f;  // the step a code stands for (torch's 6 / 255.0 in fp32)
 
 struct Gemm {
     const float* x;
@@ -84,10 +87,10 @@ float quantize_row(const float* x, int64_t K, int64_t Kp, bool relu6, uint8_t* o
     if (relu6) {
         for (int64_t k = 0; k < K; ++k) {
             const float q = nearbyintf(x[k] * kRelu6Step);
-            out[k] = (uint8_t)(q < 0.0f ? 0.0f : q > 127.0f ? 127.0f : q);
+            out[k] = (uint8_t)(q < 0.0f ? 0.0f : q > (float)kRelu6Max ? (float)kRelu6Max : q);
         }
         memset(out + K, 0, (size_t)(Kp - K));
-        return 6.0f / 127.0f;
+        return kRelu6Dequant;
     }
     float amax = 0.0f;
     for (int64_t k = 0; k < K; ++k) amax = fmaxf(amax, fabsf(x[k]));
@@ -104,7 +107,7 @@ float quantize_row(const float* x, int64_t K, int64_t Kp, bool relu6, uint8_t* o
 inline float finish(const Gemm& g, int64_t m, int64_t n, int32_t sum, float step) {
     float v;
     if (g.relu6_in)
-        v = (float)sum * (g.scale[n] * (6.0f / 127.0f)) + g.bias[n];
+        v = (float)sum * (g.scale[n] * kRelu6Dequant) + g.bias[n];
     else
         v = (float)sum * step * g.scale[n] + g.bias[n];
     if (g.r) v += g.r[m * g.rs + n];
@@ -151,14 +154,14 @@ CUMULO_VNNI inline __mmask16 tail16(int64_t n) {
 CUMULO_VNNI float quantize_row_512(const float* x, int64_t K, int64_t Kp, bool relu6, uint8_t* out) {
     if (relu6) {
         const __m512 s = _mm512_set1_ps(kRelu6Step);
-        const __m512i lo = _mm512_setzero_si512(), hi = _mm512_set1_epi32(127);
+        const __m512i lo = _mm512_setzero_si512(), hi = _mm512_set1_epi32(kRelu6Max);
         for (int64_t k = 0; k < K; k += 16) {
             const __mmask16 m = tail16(K - k);
             const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), s));  // to even
             _mm_mask_storeu_epi8(out + k, m, _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi)));
         }
         memset(out + K, 0, (size_t)(Kp - K));
-        return 6.0f / 127.0f;
+        return kRelu6Dequant;
     }
     __m512 amax = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16)
@@ -212,7 +215,7 @@ CUMULO_VNNI void tile_512(const Gemm& g, int64_t m0, const uint8_t* q, const flo
     alignas(64) int32_t sums[R * C * kBlockN];
     sums_512<R, C>(g, q, nb0, sums);
     const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.0f);
-    const __m512 relu6_step = _mm512_set1_ps(6.0f / 127.0f);
+    const __m512 relu6_step = _mm512_set1_ps(kRelu6Dequant);
     for (int c = 0; c < C; ++c) {
         const int64_t n0 = (nb0 + c) * kBlockN;
         const __mmask16 mask = tail16(g.N - n0);

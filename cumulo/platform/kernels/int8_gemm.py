@@ -1,9 +1,9 @@
 """The int8 GEMM of a 1x1 conv with its quantize and dequantize inside: the ctypes binding of int8_gemm.cpp.
 
 `pack(codes)` lays an int8 weight [N, K] out for the kernel once; `int8_gemm(x, packed, scale, bias, ...)` is
-y = relu6?(q(x) codes^T * step_row * scale + bias + residual) for fp32 rows x [M, K], where q(x) is the code of
-relu6(x) at the fixed step 6/127 (`relu6_input`) or of x at a per-row symmetric step max|x| / 127, each rounded as
-torch rounds it. It returns None where the kernel does not apply (not built here, tensors not fp32 CPU rows), so
+y = relu6?(q(x) codes^T * step_row * scale + bias + residual) for fp32 rows x [M, K], where q(x) is the u8 code
+[0, 255] of relu6(x) at the fixed step 6/255 (`relu6_input`) or the code of x at a per-row symmetric step
+max|x| / 127, each rounded as torch rounds it. It returns None where the kernel does not apply (not built here, tensors not fp32 CPU rows), so
 callers keep their torch path. `Int8Gemm` is the same with the weight's arguments bound once (`bind`), for the
 per-frame calls of a vision net, whose Python cost per call is a few microseconds instead of tens. `available()`
 says whether it built; `uses_vnni()` whether it runs vpdpbusd here.
