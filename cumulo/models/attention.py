@@ -179,6 +179,35 @@ def _prefill(
     return out.view(kv_heads, group, n, dim).permute(2, 0, 1, 3).reshape(n, heads, dim)
 
 
+def _packed(
+    q: torch.Tensor,  # [n, heads, dim]
+    k: torch.Tensor,  # [n, kv_heads, dim]
+    v: torch.Tensor,
+    ctx: AttentionContext,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Packed training examples: causal within each example, through torch's fused attention (it runs forward and
+    backward without the [heads, n, n] score tensors that `_attend` keeps for autograd). One mask per step and
+    window, [n, n], shared by every layer."""
+    mask = ctx.masks.get(("packed", 0, window))
+    if mask is None:
+        assert ctx.segment_ids is not None
+        n = q.shape[0]
+        mask = _prefill_mask(n, n, 1, window, q.device)[0, 0]
+        mask = mask & (ctx.segment_ids[:, None] == ctx.segment_ids[None, :])
+        ctx.masks[("packed", 0, window)] = mask
+    group = q.shape[1] // k.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1).repeat_interleave(group, 0)[None],
+        v.transpose(0, 1).repeat_interleave(group, 0)[None],
+        attn_mask=mask,
+        scale=scale,
+    )
+    return out[0].transpose(0, 1)
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, heads, dim], rotary applied
     k: torch.Tensor | None,  # [T, kv_heads, dim]; None when the caller already wrote k and v to the cache
@@ -192,8 +221,7 @@ def paged_attention(
         assert k is not None and v is not None
         if ctx.segment_ids is None:
             return _prefill(q, k.transpose(0, 1), v.transpose(0, 1), scale, window)
-        # packed examples: one mask per step and window, shared by every layer
-        return _prefill(q, k.transpose(0, 1), v.transpose(0, 1), scale, window, ctx.masks, 0, ctx.segment_ids)
+        return _packed(q, k, v, ctx, scale, window)
     if k is not None and v is not None:
         _write_cache(k, v, ctx, layer)
     nd = ctx.num_decode
