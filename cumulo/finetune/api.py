@@ -136,7 +136,8 @@ def validate_training_file(
     """Check every line of a JSONL file against `model`'s tokenizer and chat template: chat lines for
     `supervised`, preference lines (`input`, `preferred_output`, `non_preferred_output`) for `dpo`. Never
     raises for bad content (it reports lines); raises ModelNotFound / InvalidModel when the model itself cannot
-    load, InvalidRequest when the file cannot be read. `max_seq_len` defaults to the model's context length."""
+    load, InvalidRequest when the file cannot be read. `max_seq_len` defaults to what training packs:
+    min(1024, the model's context length), so a line that validates also trains."""
     if method == "dpo":
         from cumulo.finetune.preference import validate_file
     else:

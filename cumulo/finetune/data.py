@@ -24,6 +24,7 @@ from cumulo.models.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED_ERRORS = 100
+DEFAULT_MAX_SEQ_LEN = 1024  # packed sequence length when a job names none (capped by the model's context)
 
 
 @dataclass
@@ -172,7 +173,7 @@ def read_examples(
 
 def validate_file(path: Path, model: str | Path, max_seq_len: int | None = None) -> ValidationReport:
     tokenizer, context = load_tokenizer(model)
-    examples, errors = read_examples(path, tokenizer, max_seq_len or context)
+    examples, errors = read_examples(path, tokenizer, min(max_seq_len or DEFAULT_MAX_SEQ_LEN, context))
     return ValidationReport(
         n_examples=len(examples),
         n_tokens=sum(len(e) for e in examples),

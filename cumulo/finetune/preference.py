@@ -16,7 +16,7 @@ from typing import Any
 
 from cumulo.errors import InvalidRequest
 from cumulo.finetune.api import ValidationReport
-from cumulo.finetune.data import ROLES, Example, load_tokenizer, read_lines, tokenize
+from cumulo.finetune.data import DEFAULT_MAX_SEQ_LEN, ROLES, Example, load_tokenizer, read_lines, tokenize
 from cumulo.models.tokenizer import Tokenizer
 
 OUTPUTS = ("preferred_output", "non_preferred_output")
@@ -132,7 +132,7 @@ def read_pairs(
 
 def validate_file(path: Path, model: str | Path, max_seq_len: int | None = None) -> ValidationReport:
     tokenizer, context = load_tokenizer(model)
-    pairs, errors = read_pairs(path, tokenizer, max_seq_len or context)
+    pairs, errors = read_pairs(path, tokenizer, min(max_seq_len or DEFAULT_MAX_SEQ_LEN, context))
     return ValidationReport(
         n_examples=len(pairs),
         n_tokens=sum(p.n_tokens for p in pairs),

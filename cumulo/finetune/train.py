@@ -24,13 +24,12 @@ import torch.nn.functional as F
 
 from cumulo.errors import InvalidRequest
 from cumulo.finetune.api import AUTO_BETA, TrainEvent, TrainResult, TrainSpec
-from cumulo.finetune.data import Example, PackedSequence, pack, read_examples
+from cumulo.finetune.data import DEFAULT_MAX_SEQ_LEN, Example, PackedSequence, pack, read_examples
 from cumulo.finetune.dpo import PreferenceObjective
 from cumulo.finetune.lora import LoRALinear, apply_lora, lora_parameters
 from cumulo.finetune.peft_io import AdapterInfo, load_into, save_adapter
 from cumulo.models.attention import AttentionContext
 
-DEFAULT_MAX_SEQ_LEN = 1024
 WARMUP_FRACTION = 0.05  # of all steps, at least one
 MAX_GRAD_NORM = 1.0
 STATE = "trainer_state.pt"

@@ -13,6 +13,7 @@ from cumulo.finetune.data import Example, load_tokenizer, pack, tokenize
 from cumulo.models.attention import AttentionContext
 from cumulo.models.loader import load
 from cumulo.models.registry import build_model
+from tests.support.checkpoints import hf_model
 
 
 def _chat(*turns: tuple[str, str], **extra) -> dict:
@@ -96,3 +97,22 @@ def test_packing_fills_sequences_first_fit() -> None:
     examples = [Example(i, [1] * n, [1] * n) for i, n in enumerate((50, 30, 60, 20, 10))]
     seqs = pack(examples, 64)
     assert [s.n_tokens for s in seqs] == [60, 50, 60]  # 50+10, 30+20, 60
+
+
+def test_a_line_longer_than_training_packs_fails_validation_not_the_job(
+    tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    # the model's context (4096) is longer than what training packs (1024): validation must hold a line to 1024,
+    # or it would pass here and then fail the job when training reads it
+    model_dir = tmp_path / "long-context"
+    hf_model("llama", 320, intermediate_size=96, max_position_embeddings=4096).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_dir / name).write_bytes((tokenizer_dir / name).read_bytes())
+    long = _chat(("user", "The quick brown fox jumps over the lazy dog. " * 60), ("assistant", "ok"))
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(long) + "\n")
+    tokenizer, context = load_tokenizer(model_dir)
+    n_tokens = len(tokenize(tokenizer, long["messages"], 2))
+    assert 1024 < n_tokens <= context
+    problems = dict(validate_training_file(path, model_dir).errors)
+    assert list(problems) == [2] and "too long" in problems[2] and "1024" in problems[2]
