@@ -46,7 +46,6 @@ CALL_TIMEOUT_S = 60.0  # a poll that does not answer this much after its wait: t
 WAIT_S = 2.0  # how often a job that no node has room for looks again
 PLACE_TIMEOUT_S = 120.0  # the actor's process started on its node (else another worker took the room first)
 START_TIMEOUT_S = 600.0  # pulling the base model there, or writing the files and starting the trainer
-STATE = "trainer_state.pt"  # what makes a checkpoint directory complete (cumulo/finetune/train.py)
 
 
 class TrainerLost(EngineUnavailable):
@@ -82,11 +81,6 @@ def write_tree(directory: Path, files: Files) -> Path:
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return directory
-
-
-def newest_checkpoint(output_dir: Path) -> Path | None:
-    found = sorted((output_dir / "checkpoints").glob(f"step-*/{STATE}"))
-    return found[-1].parent if found else None
 
 
 # -- the actor ---------------------------------------------------------------------------------------------------
@@ -157,7 +151,7 @@ class TrainerActor:
             self.out.put(("error", "internal_error", f"training failed: {type(exc).__name__}: {exc}"))
             return
         # a stopped run saves a last checkpoint without an event: it travels with the outcome
-        newest = newest_checkpoint(spec.output_dir) if result.stopped else None
+        newest = api.newest_checkpoint(spec.output_dir) if result.stopped else None
         checkpoint = (newest.name, read_tree(newest)) if newest is not None else None
         self.out.put(("done", result, read_tree(result.adapter_dir), checkpoint))
 
@@ -251,7 +245,7 @@ class PoolTrainer:
         output_dir = Path(spec.output_dir)
         training = Path(spec.training_file).read_bytes()
         validation = Path(spec.validation_file).read_bytes() if spec.validation_file else None
-        newest = newest_checkpoint(output_dir) if spec.resume else None
+        newest = api.newest_checkpoint(output_dir) if spec.resume else None
         resume = (newest.name, read_tree(newest)) if newest is not None else None
         job = spec.job_id or output_dir.name
         actor, node_id = self._start(spec, job, training, validation, resume, should_stop)
@@ -359,7 +353,7 @@ class PoolTrainer:
                         checkpoint is not None
                     ):  # a stopped run's last state, for the next start to resume from
                         name, files = checkpoint
-                        if not (output_dir / "checkpoints" / name / STATE).exists():
+                        if not (output_dir / "checkpoints" / name / api.STATE).exists():
                             write_tree(output_dir / "checkpoints" / name, files)
                     result.adapter_dir = write_tree(output_dir / "adapter", adapter)
                     self.lost_on.pop(job, None)

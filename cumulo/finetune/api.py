@@ -33,6 +33,7 @@ BASE_LEARNING_RATE = 2e-3
 # paper's default, 0.1.
 AUTO_BETA = 0.1
 MAX_BETA = 2.0
+STATE = "trainer_state.pt"  # in <output_dir>/checkpoints/step-N/: its presence makes a checkpoint complete
 Method = Literal["supervised", "dpo"]
 METHODS: tuple[str, ...] = ("supervised", "dpo")
 
@@ -210,3 +211,9 @@ def train(
     from cumulo.finetune.train import run_training
 
     return run_training(spec, on_event, should_stop)
+
+
+def newest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint directory under `output_dir`, or None."""
+    found = sorted((Path(output_dir) / "checkpoints").glob(f"step-*/{STATE}"))
+    return found[-1].parent if found else None

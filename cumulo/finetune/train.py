@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from cumulo.errors import InvalidRequest
-from cumulo.finetune.api import AUTO_BETA, TrainEvent, TrainResult, TrainSpec
+from cumulo.finetune.api import AUTO_BETA, STATE, TrainEvent, TrainResult, TrainSpec, newest_checkpoint
 from cumulo.finetune.data import DEFAULT_MAX_SEQ_LEN, Example, PackedSequence, pack, read_examples
 from cumulo.finetune.dpo import PreferenceObjective
 from cumulo.finetune.lora import LoRALinear, apply_lora, lora_parameters
@@ -32,7 +32,6 @@ from cumulo.models.attention import AttentionContext
 
 WARMUP_FRACTION = 0.05  # of all steps, at least one
 MAX_GRAD_NORM = 1.0
-STATE = "trainer_state.pt"
 
 
 def lr_at(step: int, total: int, peak: float) -> float:
@@ -104,11 +103,6 @@ def _read(path: Path, tokenizer, max_seq_len: int, what: str, method: str) -> li
     return examples
 
 
-def _newest_checkpoint(output_dir: Path) -> Path | None:
-    found = sorted((output_dir / "checkpoints").glob("step-*/" + STATE))
-    return found[-1].parent if found else None
-
-
 def _save_checkpoint(output_dir: Path, step: int, wrapped, optimizer, info: AdapterInfo, extra: dict) -> Path:
     """Written under a temporary name and renamed: a checkpoint directory that exists is complete."""
     final = output_dir / "checkpoints" / f"step-{step:06d}"
@@ -161,7 +155,7 @@ def run_training(
         return AdapterInfo(str(spec.model), loaded.seal, tokens, spec.job_id, spec.lora_rank, spec.lora_alpha)
 
     step, trained_tokens = 0, 0
-    newest = _newest_checkpoint(output_dir) if spec.resume else None
+    newest = newest_checkpoint(output_dir) if spec.resume else None
     if newest is not None:
         state = torch.load(newest / STATE, weights_only=True)
         if state.get("identity") != identity:
@@ -211,7 +205,7 @@ def run_training(
     if (
         stopped
         and step > 0
-        and _newest_checkpoint(output_dir) != output_dir / "checkpoints" / f"step-{step:06d}"
+        and newest_checkpoint(output_dir) != output_dir / "checkpoints" / f"step-{step:06d}"
     ):
         extra = {"trained_tokens": trained_tokens, "identity": identity}
         _save_checkpoint(output_dir, step, wrapped, optimizer, info(trained_tokens), extra)
