@@ -160,7 +160,6 @@ def _prefill(
     window: int | None,
     masks: dict | None = None,
     chunk: int = 0,
-    segment_ids: torch.Tensor | None = None,  # [n]: packed examples, block-diagonal causal (no cache)
 ) -> torch.Tensor:
     n, heads, dim = q.shape
     kv_heads, keys, _ = k.shape
@@ -168,9 +167,6 @@ def _prefill(
     mask = None if masks is None else masks.get(("prefill", chunk, window))
     if mask is None:
         mask = _prefill_mask(n, keys, group, window, q.device)
-        if segment_ids is not None:  # a token sees only earlier tokens of its own example
-            same = segment_ids[:, None] == segment_ids[None, :]  # [n, n]
-            mask = mask & same.repeat(group, 1)[None, None]
         if masks is not None:
             masks[("prefill", chunk, window)] = mask
     # queries ordered (kv_head, group, position) so each kv head serves its group with one matmul
