@@ -39,6 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--format", default=None, help="convert weights to this number format on load")
     p.add_argument(
+        "--head",
+        choices=("bf16", "body"),
+        default=None,
+        help="with --format: the output head in bf16 (the default) or in the body's format ('body': fewer bytes "
+        "read per token, a little more perplexity uncalibrated; see docs/formats.md)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -96,7 +103,12 @@ def _env_models() -> list[str]:
 
 
 def load_engines(
-    refs: list[str], device: str, format: str | None, threads: int | None = None, in_process: bool = False
+    refs: list[str],
+    device: str,
+    format: str | None,
+    threads: int | None = None,
+    in_process: bool = False,
+    head: str | None = None,
 ) -> dict[str, EngineClient]:
     """Starts one engine process per reference (pulling catalog models that are not cached yet) and waits
     until each has loaded. Each engine steps in a process of its own, so the gateway's event loop and the
@@ -114,9 +126,9 @@ def load_engines(
             if in_process:
                 from cumulo.engine.async_engine import build_engine
 
-                engine = build_engine(ref, device=device, format=format, threads=threads)
+                engine = build_engine(ref, device=device, format=format, threads=threads, head=head)
             else:
-                engine = EngineProcess(ref, device=device, format=format, threads=threads)
+                engine = EngineProcess(ref, device=device, format=format, threads=threads, head=head)
             if engine.info.name in engines:
                 engine.shutdown()
                 raise InvalidRequest(f"two models would be served as {engine.info.name!r}; serve each once")
@@ -174,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     app = None
     try:
         engines = load_engines(
-            model_refs(args), args.device, args.format, args.threads, args.engine_in_process
+            model_refs(args), args.device, args.format, args.threads, args.engine_in_process, args.head
         )
         app = create_app(settings, engines)
         console_ops.install(app)

@@ -57,12 +57,19 @@ def use_platform_kernels(module: torch.nn.Module, platform: Platform, dtype: tor
 
 
 def build_for_use(
-    model: str, platform: Platform, dtype: torch.dtype, format: str | None = None, threads: int | None = None
+    model: str,
+    platform: Platform,
+    dtype: torch.dtype,
+    format: str | None = None,
+    threads: int | None = None,
+    head: str | None = None,
 ) -> tuple[torch.nn.Module, LoadedModel]:
     """The model `model` ready to run on `platform` in `dtype`, and what the loader read (config, tokenizer,
     name, seal). Serving, generation, chat and evaluation all build their models here, so they run the same
     weights: loaded; with `format`, its linears quantized from fp32 weights (not from an already rounded
-    16-bit copy) and what stays dense then cast to `dtype`; the platform's kernels attached. `threads`: the
+    16-bit copy) and what stays dense then cast to `dtype`; the platform's kernels attached. `head` ("bf16" or
+    "body", with `format` only): the output head kept in 16 bits or packed like the body (default: the
+    format's, `cumulo.formats.linear.default_head`), as `cumulo convert --head` writes it. `threads`: the
     CPU's kernel threads (default: the physical cores)."""
     from cumulo.models.loader import load
     from cumulo.models.registry import build_model, param_dtype, release_freed_heap
@@ -70,15 +77,20 @@ def build_for_use(
     device = torch.device(platform.device)
     if device.type == "cpu":
         configure_cpu_threads(threads)
+    if head is not None and not format:
+        raise InvalidRequest(
+            "--head applies to a conversion: give --format too (a stored model keeps its head)"
+        )
     if format:
-        from cumulo.formats.linear import quantize_model
+        from cumulo.formats.linear import QuantPolicy, default_head, quantize_model
         from cumulo.formats.schemes import get_scheme
 
         get_scheme(format)  # an unknown name fails here, before the slow load
+        policy = QuantPolicy.from_patterns(head=head or default_head(format))  # a bad head fails here too
         loaded = load(model, dtype=torch.float32)
         module = build_model(loaded.config, loaded.weights, dtype=torch.float32, device=device, consume=True)
         loaded.weights.clear()
-        quantize_model(module, format)
+        quantize_model(module, format, policy)
         for name, param in module.named_parameters():
             param.data = param.data.to(param_dtype(name, dtype))
         release_freed_heap()  # the fp32 copies just freed would otherwise stay resident in the C heap
@@ -98,7 +110,7 @@ def create_engine(model: str, config: EngineConfig | None = None) -> LLMEngine:
         return create_split_engine(model, config)
     platform = get_platform(config.device)
     dtype = resolve_dtype(config.dtype, platform)
-    module, loaded = build_for_use(model, platform, dtype, config.format, config.threads)
+    module, loaded = build_for_use(model, platform, dtype, config.format, config.threads, config.head)
     plan = plan_kv_cache(loaded.config, dtype, config, platform)
     return LLMEngine(
         module,

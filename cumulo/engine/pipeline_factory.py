@@ -51,7 +51,7 @@ def stage_specs(model: str, config: EngineConfig) -> tuple[list[StageSpec], KVPl
 def create_split_engine(
     model: str, config: EngineConfig, make_stages: Callable[[list[StageSpec]], Stages] | None = None
 ) -> LLMEngine:
-    if config.format:
+    if config.format or config.head is not None:
         raise InvalidRequest("a model split over pipeline stages runs in its stored format (no --format yet)")
     specs, plan = stage_specs(model, config)
     stages = make_stages(specs) if make_stages else LocalStages([build_stage(s) for s in specs])

@@ -121,6 +121,7 @@ class PerplexityReport:
     seal: str
     checkpoint: str  # the stored weights, e.g. "gguf:Q4_1"
     format: str | None  # the compact format the weights were converted to; None when not converted
+    head: str | None  # with format: the output head "bf16" or "body" (packed like the rest)
     dtype: str
     device: str
     source: str  # which text, see `cumulo.evaluation.corpus`
@@ -138,6 +139,7 @@ def run_perplexity(
     model: str,
     *,
     format: str | None = None,
+    head: str | None = None,
     dtype: str = "float32",
     device: str = "auto",
     threads: int | None = None,
@@ -152,6 +154,7 @@ def run_perplexity(
     from cumulo.engine.factory import build_for_use, resolve_dtype
     from cumulo.errors import ContextLengthExceeded
     from cumulo.evaluation.corpus import from_file, python_docs
+    from cumulo.formats.linear import default_head
     from cumulo.models.loader import load_config
     from cumulo.platform import get_platform
 
@@ -165,7 +168,7 @@ def run_perplexity(
     platform = get_platform(device)
     target = torch.device(platform.device)
     torch_dtype = resolve_dtype(dtype, platform)
-    module, loaded = build_for_use(model, platform, torch_dtype, format, threads)
+    module, loaded = build_for_use(model, platform, torch_dtype, format, threads, head)
     ids = loaded.tokenizer.encode(corpus.text)  # the model's own bos policy, as for any document
     if max_tokens is not None:
         ids = ids[:max_tokens]
@@ -175,6 +178,7 @@ def run_perplexity(
         seal=loaded.seal,
         checkpoint=loaded.format,
         format=format,
+        head=(head or default_head(format)) if format else None,
         dtype=str(torch_dtype).removeprefix("torch."),
         device=str(target),
         source=corpus.source,

@@ -152,3 +152,67 @@ def test_packed_head_refines_its_top_logits_in_fp32() -> None:
     top = head(x).float().topk(8, dim=-1).indices  # the 16-bit top 8 are the ones refined
     assert torch.allclose(logits.gather(1, top), exact.gather(1, top), rtol=1e-6, atol=1e-5)
     assert head.fp32_logits(x.float()) is None  # fp32 inputs: the kernel's outputs are already fp32
+
+
+def test_serving_with_head_body_converts_the_head_as_convert_writes_it(tied: Path, tmp_path: Path) -> None:
+    """`serve --format F --head body` (EngineConfig.head) packs the head on load with the same codes that
+    `cumulo convert --head body` stores, and both generate the same greedy tokens."""
+    from cumulo.contracts import SamplingParams
+    from cumulo.engine.llm import LLM
+
+    out = tmp_path / "body"
+    assert main(["convert", str(tied), "-f", "ue8m0-fp8", "-o", str(out), "--head", "body"]) == 0
+    stored, _ = load_packed_state_dict(out)
+    options = {"device": "cpu", "dtype": "float32", "kv_cache_gib": 0.01}
+    on_load = LLM(str(tied), format="ue8m0-fp8", head="body", **options)
+    default = LLM(str(tied), format="ue8m0-fp8", **options)
+    head = on_load.engine.runner.model.lm_head
+    assert isinstance(head, PackedLinear) and torch.equal(head.codes, stored["lm_head.weight"].codes)
+    assert not isinstance(default.engine.runner.model.lm_head, PackedLinear)  # bf16 stays the default
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompt = [[1, 5, 9, 33, 70]]
+    assert [c.token_ids for c in on_load.generate(prompt, params)] == [
+        c.token_ids for c in LLM(str(out), **options).generate(prompt, params)
+    ]
+
+
+def test_head_without_a_format_is_a_one_line_error(tied: Path, capsys) -> None:
+    assert (
+        main(
+            [
+                "eval",
+                "ppl",
+                str(tied),
+                "--head",
+                "body",
+                "--max-tokens",
+                "16",
+                "--context",
+                "8",
+                "--stride",
+                "4",
+            ]
+        )
+        != 0
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--head applies to a conversion" in err[0]
+
+
+def test_eval_reports_the_head_it_scored(tied: Path, capsys) -> None:
+    args = [
+        "eval",
+        "ppl",
+        str(tied),
+        "--format",
+        "mxfp8",
+        "--max-tokens",
+        "24",
+        "--context",
+        "8",
+        "--stride",
+        "4",
+    ]
+    for head in ("bf16", "body"):
+        assert main([*args, "--head", head, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["head"] == head
