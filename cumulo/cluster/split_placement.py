@@ -4,8 +4,9 @@ first) whose memory together holds the weights and one sequence's cache (pipelin
 Layers go to each node in proportion to its predicted speed (the chips model's decode time of the whole model
 on that node's chip), so a faster node runs more of them; when that share does not fit a slower but roomier
 node, in proportion to free memory instead. Every stage gets the same number of KV blocks (block ids are
-global), as many as the tightest stage holds for its own layers. A split runs in a dtype format (fp32, bf16,
-fp16): the engine splits plain weights only. Pure functions, like `placement`.
+global), as many as the tightest stage holds for its own layers. A split is sized in a dtype format (fp32, bf16,
+fp16): the engine converts nothing on load for a split (it does load a stored compact-format checkpoint, which
+this sizing then over-estimates). Pure functions, like `placement`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from cumulo.chips.predict import Prediction
     from cumulo.cluster.placement import DeploymentSpec, NodeSpec
 
-SPLIT_FORMATS = ("bf16", "fp16", "fp32")  # best first; the engine's split loads plain weights only
+SPLIT_FORMATS = ("bf16", "fp16", "fp32")  # best first; the engine's split converts nothing on load
 BLOCK_SIZE = EngineConfig().block_size  # the engine's defaults, as placement uses them
 MAX_NUM_SEQS = EngineConfig().max_num_seqs
 

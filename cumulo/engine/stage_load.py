@@ -39,14 +39,15 @@ class StageSpec:
 
 
 def checkpoint_dir(model: str) -> Path:
-    """The model's Hugging Face directory; InvalidModel for what a split cannot load."""
+    """The model's Hugging Face directory (plain weights, or packed ones as `cumulo convert` or DeepSeek's
+    block FP8 write them); InvalidModel for what a split cannot load."""
     from cumulo.models.loader import _kind, resolve
 
     path, _ = resolve(model)
-    if _kind(path) != "hf" or hf.read_config_json(path).get("quantization_config"):
+    if _kind(path) != "hf":
         raise InvalidModel(
-            f"{model}: a model split over pipeline stages loads from a Hugging Face safetensors directory of "
-            "plain weights (GGUF files and compact-format checkpoints are not split yet)"
+            f"{model}: a model split over pipeline stages loads from a Hugging Face safetensors directory "
+            "(GGUF files are not split yet: `cumulo convert` writes one)"
         )
     return path
 
@@ -91,19 +92,50 @@ def stage_tensors(config: ModelConfig, layers: range, first: bool, last: bool) -
     return wanted
 
 
-def load_stage_model(spec: StageSpec, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The architecture's module with only this stage's tensors loaded; every other layer, and the embedding,
-    norm and head where this stage does not run them, replaced by an empty `nn.Identity`."""
-    from cumulo.formats.checkpoint import iter_safetensors
+def _read_stage_tensors(
+    path: Path, raw_config: dict, wanted: Callable[[str], bool], dtype: torch.dtype
+) -> dict:
+    """This stage's tensors under our names: plain ones cast to `dtype`, packed ones (a compact-format
+    checkpoint) as `PackedWeight`s, as the unsplit loader reads them (`cumulo.models.loader._load_hf`)."""
+    from cumulo.formats.checkpoint import iter_safetensors, load_packed_state_dict
 
-    path = checkpoint_dir(spec.model)
-    config = hf.config_from_json(hf.read_config_json(path), path)
-    wanted = stage_tensors(config, spec.layers, spec.first, spec.last)
-    state: dict[str, torch.Tensor] = {}
+    state: dict = {}
+    if raw_config.get("quantization_config"):
+        packed, _ = load_packed_state_dict(path, wanted=wanted)
+        for name in list(packed):
+            tensor = packed.pop(name)
+            plain = isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+            state[str(hf.hf_name(name))] = tensor.to(dtype) if plain else tensor
+        return state
     for file in hf.weight_files(path):
         for name, tensor in iter_safetensors(file, wanted=wanted):
             state[str(hf.hf_name(name))] = tensor.to(dtype)
-    state = fuse_weights(hf.unstack_experts(state), consume=True)
+    return hf.unstack_experts(state)
+
+
+def load_stage_model(spec: StageSpec, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The architecture's module with only this stage's tensors loaded; every other layer, and the embedding,
+    norm and head where this stage does not run them, replaced by an empty `nn.Identity`.
+
+    Packed weights stay packed (`PackedLinear`). A tied model converted with `--head body` stores its shared
+    matrix only as the packed head: the first stage then reads the head too, rebuilds its embedding table from
+    it as the unsplit loader does, and drops it unless it is also the last."""
+    from cumulo.formats.packed import PackedWeight
+    from cumulo.models.registry import _swap_packed, _untie_packed_head
+
+    path = checkpoint_dir(spec.model)
+    raw_config = hf.read_config_json(path)
+    config = hf.config_from_json(raw_config, path)
+    wanted = stage_tensors(config, spec.layers, spec.first, spec.last)
+    if spec.first and config.tie_word_embeddings:  # the embedding may be stored only as a packed head
+        stage_wanted = wanted
+        wanted = lambda name: stage_wanted(name) or str(hf.hf_name(name)).startswith("lm_head.")  # noqa: E731
+    state = fuse_weights(_read_stage_tensors(path, raw_config, wanted, dtype), consume=True)
+    packed_head = isinstance(state.get("lm_head.weight"), PackedWeight)
+    if spec.first:
+        _untie_packed_head(config, state, dtype)
+    if not spec.last:
+        state.pop("lm_head.weight", None)
 
     with torch.device("meta"), _SkipMetaInit():
         model = ARCHITECTURES[config.architecture](config)
@@ -111,13 +143,15 @@ def load_stage_model(spec: StageSpec, dtype: torch.dtype, device: torch.device) 
     for i in range(config.num_hidden_layers):
         if i not in spec.layers:
             body.layers[i] = nn.Identity()
-    tied = config.tie_word_embeddings or "lm_head.weight" not in state
+    tied = not packed_head and (config.tie_word_embeddings or "lm_head.weight" not in state)
     if not spec.first and not (spec.last and tied):
         body.embed_tokens = nn.Identity()
     if not spec.last:
         body.norm, model.lm_head = nn.Identity(), nn.Identity()
     elif tied:
         state.pop("lm_head.weight", None)
+    _swap_packed(model, state, dtype, device)  # this stage's packed linears, the packed head included
+    model.config.tie_word_embeddings = tied
     expected = {n for n, p in model.named_parameters() if p.is_meta and not (tied and n == "lm_head.weight")}
     missing = sorted(expected - state.keys())
     if missing:

@@ -252,7 +252,9 @@ def _safetensors_header(path: Path, handle: Any) -> tuple[dict[str, Any], int]:
     return header, data_start
 
 
-def _read_all(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_all(
+    directory: Path, wanted: Callable[[str], bool] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -265,7 +267,7 @@ def _read_all(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     metadata: dict[str, str] = {}
     for path in files:
         metadata.update(safetensors_metadata(path))
-        tensors.update(iter_safetensors(path))
+        tensors.update(iter_safetensors(path, wanted=wanted))
     return tensors, metadata
 
 
@@ -293,14 +295,18 @@ def _powers_of_two(raw: Mapping[str, torch.Tensor]) -> bool:
     return True
 
 
-def load_packed_state_dict(directory: str | Path) -> tuple[dict[str, torch.Tensor | PackedWeight], str]:
-    """Read a checkpoint written by `save_packed_state_dict` (or a DeepSeek block-FP8 one).
+def load_packed_state_dict(
+    directory: str | Path, wanted: Callable[[str], bool] | None = None
+) -> tuple[dict[str, torch.Tensor | PackedWeight], str]:
+    """Read a checkpoint written by `save_packed_state_dict` (or a DeepSeek block-FP8 one); `wanted`: only the
+    tensors whose stored names it accepts (a packed weight's scales are named after it, `X.weight_scale...`, so a
+    filter on module prefixes keeps both).
 
     Returns (HF name -> plain tensor or PackedWeight, format name)."""
     path = Path(directory)
     cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     format = format_of(cfg.get("quantization_config"))
-    raw, metadata = _read_all(path)
+    raw, metadata = _read_all(path, wanted)
     if format == "ue8m0-fp8" and not _powers_of_two(raw):
         format = "fp8-block"  # scale_fmt says ue8m0 but the scales are not: keep them exact as fp32 scales
     out: dict[str, torch.Tensor | PackedWeight] = {}

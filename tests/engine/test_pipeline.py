@@ -130,3 +130,32 @@ def test_a_stage_cache_sized_for_its_layers_or_given_in_blocks():
     )  # the same bytes, half the layers
     exact = EngineConfig(device="cpu", kv_cache_blocks=37)
     assert plan_kv_cache(cfg, torch.float32, exact, CpuPlatform(), num_layers=2).num_blocks == 37
+
+
+@pytest.mark.parametrize(("fmt", "head", "tied"), [("ue8m0-fp8", "body", True), ("mxfp4", "bf16", False)])
+def test_a_compact_format_checkpoint_splits_and_answers_as_unsplit(tmp_path, fmt, head, tied):
+    """A checkpoint `cumulo convert` wrote loads stage by stage with its linears still packed; a tied model whose
+    shared matrix is stored only as the packed head (`--head body`) gets its embedding rebuilt on the first
+    stage and its packed head on the last, as the unsplit loader does."""
+    from cumulo.cli.main import main
+    from cumulo.engine.factory import create_engine
+    from cumulo.formats.linear import PackedLinear
+
+    source = write_llama_dir(tmp_path / "source", tied=tied)
+    out = tmp_path / fmt
+    assert main(["convert", str(source), "-f", fmt, "-o", str(out), "--head", head]) == 0
+    options = dict(device="cpu", dtype="float32", kv_cache_gib=0.001, decode_graphs=False)
+    whole = create_engine(str(out), EngineConfig(**options))
+    split = create_engine(str(out), EngineConfig(pipeline_stages=2, stage_weights=(1.0, 1.0), **options))
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (7, 38)]
+    assert tokens(split, prompts, 20) == tokens(whole, prompts, 20)
+    assert split.seal == whole.seal
+    first, last = split.runner.stages.workers
+    model = whole.runner.model
+    packed = lambda m: [n for n, x in m.named_modules() if isinstance(x, PackedLinear)]  # noqa: E731
+    assert packed(first.model) and packed(last.model)  # each stage holds its own packed layers only
+    assert sorted(packed(first.model) + packed(last.model)) == sorted(packed(model))
+    assert torch.equal(first.model.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert isinstance(last.model.lm_head, PackedLinear) is (head == "body")
+    assert not isinstance(first.model.lm_head, PackedLinear)  # the head runs on the last stage only

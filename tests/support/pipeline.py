@@ -10,9 +10,11 @@ import torch
 from tests.support.checkpoints import hf_model, save_word_tokenizer
 
 
-def write_llama_dir(path: Path, layers: int = 4, vocab: int = 64) -> Path:
+def write_llama_dir(path: Path, layers: int = 4, vocab: int = 64, tied: bool = False) -> Path:
     torch.manual_seed(0)
-    model = hf_model("llama", vocab, num_hidden_layers=layers, max_position_embeddings=256)
+    model = hf_model(
+        "llama", vocab, num_hidden_layers=layers, max_position_embeddings=256, tie_word_embeddings=tied
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.5)
