@@ -19,7 +19,7 @@ from cumulo.engine.pipeline import StageWorker, stage_kv_cache
 from cumulo.errors import InvalidModel
 from cumulo.models import hf
 from cumulo.models.config import ModelConfig
-from cumulo.models.registry import ARCHITECTURES, _SkipMetaInit, fuse_weights, param_dtype
+from cumulo.models.registry import ARCHITECTURES, SkipMetaInit, fuse_weights, param_dtype
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,10 +41,10 @@ class StageSpec:
 def checkpoint_dir(model: str) -> Path:
     """The model's Hugging Face directory (plain weights, or packed ones as `cumulo convert` or DeepSeek's
     block FP8 write them); InvalidModel for what a split cannot load."""
-    from cumulo.models.loader import _kind, resolve
+    from cumulo.models.loader import checkpoint_kind, resolve
 
     path, _ = resolve(model)
-    if _kind(path) != "hf":
+    if checkpoint_kind(path) != "hf":
         raise InvalidModel(
             f"{model}: a model split over pipeline stages loads from a Hugging Face safetensors directory "
             "(GGUF files are not split yet: `cumulo convert` writes one)"
@@ -121,7 +121,7 @@ def load_stage_model(spec: StageSpec, dtype: torch.dtype, device: torch.device) 
     matrix only as the packed head: the first stage then reads the head too, rebuilds its embedding table from
     it as the unsplit loader does, and drops it unless it is also the last."""
     from cumulo.formats.packed import PackedWeight
-    from cumulo.models.registry import _swap_packed, _untie_packed_head
+    from cumulo.models.registry import swap_packed, untie_packed_head
 
     path = checkpoint_dir(spec.model)
     raw_config = hf.read_config_json(path)
@@ -133,11 +133,11 @@ def load_stage_model(spec: StageSpec, dtype: torch.dtype, device: torch.device) 
     state = fuse_weights(_read_stage_tensors(path, raw_config, wanted, dtype), consume=True)
     packed_head = isinstance(state.get("lm_head.weight"), PackedWeight)
     if spec.first:
-        _untie_packed_head(config, state, dtype)
+        untie_packed_head(config, state, dtype)
     if not spec.last:
         state.pop("lm_head.weight", None)
 
-    with torch.device("meta"), _SkipMetaInit():
+    with torch.device("meta"), SkipMetaInit():
         model = ARCHITECTURES[config.architecture](config)
     body = model.model
     for i in range(config.num_hidden_layers):
@@ -150,7 +150,7 @@ def load_stage_model(spec: StageSpec, dtype: torch.dtype, device: torch.device) 
         body.norm, model.lm_head = nn.Identity(), nn.Identity()
     elif tied:
         state.pop("lm_head.weight", None)
-    _swap_packed(model, state, dtype, device)  # this stage's packed linears, the packed head included
+    swap_packed(model, state, dtype, device)  # this stage's packed linears, the packed head included
     model.config.tie_word_embeddings = tied
     expected = {n for n, p in model.named_parameters() if p.is_meta and not (tied and n == "lm_head.weight")}
     missing = sorted(expected - state.keys())

@@ -67,7 +67,8 @@ def _is_gguf(path: Path) -> bool:
         return False
 
 
-def _kind(path: Path) -> str:
+def checkpoint_kind(path: Path) -> str:
+    """ "gguf", "gguf-dir" (a directory holding one GGUF) or "hf" for a model path; InvalidModel otherwise."""
     if _is_gguf(path):
         return "gguf"
     if hf.is_model_dir(path):
@@ -87,7 +88,7 @@ def _gguf_file(path: Path, kind: str) -> Path:
 def load_config(model: str | Path) -> ModelConfig:
     """The model's config without reading its weights."""
     path, name = resolve(model)
-    kind = _kind(path)
+    kind = checkpoint_kind(path)
     if kind == "hf":
         config = hf.config_from_json(hf.read_config_json(path), path)
     else:
@@ -100,7 +101,7 @@ def load_config(model: str | Path) -> ModelConfig:
 def load(model: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Read a model's config, weights (as `dtype`) and tokenizer, and seal them."""
     path, name = resolve(model)
-    kind = _kind(path)
+    kind = checkpoint_kind(path)
     if kind == "hf":
         return _load_hf(path, name, dtype)
     return _load_gguf(_gguf_file(path, kind), name, dtype)

@@ -76,7 +76,7 @@ def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if name.endswith(FP32_PARAMS) else dtype
 
 
-def _untie_packed_head(config: ModelConfig, state: dict[str, Any], dtype: torch.dtype) -> bool:
+def untie_packed_head(config: ModelConfig, state: dict[str, Any], dtype: torch.dtype) -> bool:
     """Whether the output head is packed (`cumulo convert --head`). A tied model's checkpoint then stores the
     shared matrix once, as the packed `lm_head.weight`, and no embedding: the embedding table is made here from
     the head's dequantized rows (exact in bf16 for the power-of-two-scaled formats), so the head reads its
@@ -94,7 +94,7 @@ def _untie_packed_head(config: ModelConfig, state: dict[str, Any], dtype: torch.
     return True
 
 
-def _swap_packed(
+def swap_packed(
     model: nn.Module, state: dict[str, Any], dtype: torch.dtype, device: torch.device | str
 ) -> None:
     """Replace each linear whose checkpoint weight is packed by a PackedLinear holding it (no dense copy)."""
@@ -122,7 +122,7 @@ def _swap_packed(
         setattr(parent, child, PackedLinear(packed, bias).to(device))
 
 
-class _SkipMetaInit(TorchFunctionMode):
+class SkipMetaInit(TorchFunctionMode):
     """Skips the initialisers module constructors run (nn.init.*, Tensor.normal_ / uniform_ ...) on meta tensors.
 
     A meta tensor holds no values, so they do nothing; but meta `normal_` (nn.Embedding's init) has no C++ meta
@@ -180,11 +180,11 @@ def build_model(
         raise UnsupportedArchitecture(
             f"architecture '{config.architecture}' is not supported (known: {known})"
         )
-    with torch.device("meta"), _SkipMetaInit():
+    with torch.device("meta"), SkipMetaInit():
         model = cls(config)
     state = fuse_weights(weights, consume=consume)
-    packed_head = _untie_packed_head(config, state, dtype)
-    _swap_packed(model, state, dtype, device)
+    packed_head = untie_packed_head(config, state, dtype)
+    swap_packed(model, state, dtype, device)
     if packed_head:
         tie = False
     elif config.tie_word_embeddings or "lm_head.weight" not in state:
