@@ -33,7 +33,15 @@ from functools import lru_cache
 from typing import Any
 
 from cumulo.cluster.autoscale import Decision, Policy, ReplicaLoad, ScaleState, decide
-from cumulo.cluster.placement import MAX_NUM_SEQS, Corrections, DeploymentSpec, NodeSpec, Placement, place
+from cumulo.cluster.placement import (
+    DTYPE_FORMATS,
+    MAX_NUM_SEQS,
+    Corrections,
+    DeploymentSpec,
+    NodeSpec,
+    Placement,
+    place,
+)
 from cumulo.cluster.pool import Member, Pool
 from cumulo.cluster.replica import DECODE_WINDOW, RayReplica
 from cumulo.contracts import EngineClient
@@ -41,7 +49,6 @@ from cumulo.errors import CumuloError
 
 log = logging.getLogger(__name__)
 
-DTYPE_FORMATS = ("fp32", "bf16", "fp16")  # placement's "formats" that are an engine dtype, not packed weights
 ENGINE_FORMATS = {"int8": "mxint8"}  # the chips model's name -> the engine's scheme of the same width
 MIN_DECODE_STEPS = DECODE_WINDOW // 4  # new decode steps a replica must have measured before they count
 
@@ -343,7 +350,7 @@ class Controller:
             return
         node = next(n for n in nodes if n.name == placement.node)
         slot.placement, slot.node_id, slot.state, slot.error = placement, node.node_id, "starting", ""
-        options = {**self.engine_options, **engine_options_for(placement, node)}
+        options = {**self.engine_options, **engine_options_for(placement, node, stored_format(want.source))}
         options.update(split_options(placement, nodes))
         meta = {"model": want.model, "node": node.name, "chip": placement.chip, "format": placement.format,
                 "reason": placement.reason}  # fmt: skip
@@ -580,8 +587,19 @@ def workload_shape(source: str) -> tuple[int, int]:
     return min(512, context // 2), min(128, context // 4)
 
 
-def engine_options_for(p: Placement, node: LiveNode) -> dict[str, Any]:
-    """EngineConfig fields that make the replica what placement predicted: its format, its KV cache."""
+def stored_format(source: str) -> str | None:
+    """The compact format `source`'s checkpoint is stored in (None: plain weights, a preset, or unreadable)."""
+    from cumulo.models.loader import load_config
+
+    try:
+        return load_config(source).stored_format
+    except CumuloError:
+        return None
+
+
+def engine_options_for(p: Placement, node: LiveNode, stored: str | None = None) -> dict[str, Any]:
+    """EngineConfig fields that make the replica what placement predicted: its format, its KV cache. A
+    replica placed in the format its checkpoint is `stored` in converts nothing: it loads the packed weights."""
     options: dict[str, Any] = {
         "kv_cache_gib": max(p.kv_cache_gib, 0.01),
         "max_num_seqs": max(1, p.max_sequences),
@@ -592,7 +610,7 @@ def engine_options_for(p: Placement, node: LiveNode) -> dict[str, Any]:
         options["dtype"] = (
             p.format if node.labels.get("cumulo-kind") != "cpu" or p.format != "fp16" else "fp32"
         )
-    else:
+    elif p.format != stored:
         options["format"] = ENGINE_FORMATS.get(p.format, p.format)
     return options
 

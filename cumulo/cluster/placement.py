@@ -34,6 +34,7 @@ from cumulo.platform.budget import (
 # Formats tried, best first, when a deployment names none: among them, those the chip multiplies natively.
 # 4-bit formats change answers enough that they are only used when asked for.
 SERVING_FORMATS = ("fp8", "int8", "bf16", "fp16", "fp32")
+DTYPE_FORMATS = ("fp32", "bf16", "fp16")  # "formats" that are an engine dtype, not packed weights
 # What an engine's cache may take of the memory left after its weights (the engine's default on accelerators).
 KV_FRACTION = ACCELERATOR_DEFAULT_FRACTION
 BLOCK_SIZE = EngineConfig().block_size
@@ -225,7 +226,10 @@ def binpack(
 
 # -- options ------------------------------------------------------------------------------------------------
 def _check(dep: DeploymentSpec) -> DeploymentSpec:
-    """`dep` with a model path read into its ModelConfig (presets stay names: they have no config)."""
+    """`dep` with a model path read into its ModelConfig (presets stay names: they have no config). A checkpoint
+    stored in a compact format (`cumulo convert`, DeepSeek's block FP8) is placed in that format, the bytes its
+    engine will hold, unless a dtype is asked for; another compact format is refused (its linears are packed
+    already: convert the source instead)."""
     if dep.replicas < 1:
         raise InvalidRequest(f"replicas must be at least 1, not {dep.replicas}")
     if dep.prompt_tokens < 1 or dep.output_tokens < 1:
@@ -235,13 +239,22 @@ def _check(dep: DeploymentSpec) -> DeploymentSpec:
         from cumulo.models.loader import load_config
 
         model = load_config(model)
+    fmt = dep.format
     if isinstance(model, ModelConfig):
         seq_tokens = dep.prompt_tokens + dep.output_tokens
         if seq_tokens > model.max_position_embeddings:
             raise InvalidRequest(
                 f"{seq_tokens} prompt and output tokens exceed the model's context {model.max_position_embeddings}"
             )
-    return replace(dep, model=model)
+        stored = model.stored_format
+        if stored and fmt is None:
+            fmt = stored
+        elif stored and fmt not in (stored, *DTYPE_FORMATS):
+            raise InvalidRequest(
+                f"{model.name or dep.model} is stored in {stored}: deploy it as stored (no format) or convert its "
+                f"source to {fmt}"
+            )
+    return replace(dep, model=model, format=fmt)
 
 
 def _free_devices(nodes: list[NodeSpec], used: dict[str, float] | None) -> dict[str, list[float]]:
@@ -444,7 +457,9 @@ def _goodness(o: _Option) -> tuple:
 def _reason(dep: DeploymentSpec, o: _Option, fitting: int) -> str:
     chip = o.node.chip
     if dep.format:
-        fmt = f"{o.format} as asked" + ("" if o.native else f" (emulated: {chip} has no native {o.format})")
+        stored = isinstance(dep.model, ModelConfig) and dep.format == dep.model.stored_format
+        fmt = f"{o.format} as {'stored' if stored else 'asked'}"
+        fmt += "" if o.native else f" (emulated: {chip} has no native {o.format})"
     elif "fp8" not in _chip(chip).native:
         fmt = f"{chip} has no fp8: {o.format} chosen"
     else:
@@ -469,7 +484,7 @@ def _no_fit(dep: DeploymentSpec, replica: int, why_not: list[str]) -> str:
     if replica:
         head += " (the replicas before it took the room)"
     if isinstance(dep.model, ModelConfig):
-        tail = "; nor do the nodes together hold it split over them (pipeline parallel, in a dtype format)"
+        tail = "; nor do the nodes together hold it split over them (pipeline parallel, in a dtype or its stored format)"
     else:  # a preset has a shape but no layers to split
         tail = "; a model known only by its preset is split only over the devices of one node, not over nodes"
     return f"{head}: " + ("; ".join(why_not) if why_not else "no nodes") + tail

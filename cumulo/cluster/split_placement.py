@@ -4,9 +4,9 @@ first) whose memory together holds the weights and one sequence's cache (pipelin
 Layers go to each node in proportion to its predicted speed (the chips model's decode time of the whole model
 on that node's chip), so a faster node runs more of them; when that share does not fit a slower but roomier
 node, in proportion to free memory instead. Every stage gets the same number of KV blocks (block ids are
-global), as many as the tightest stage holds for its own layers. A split is sized in a dtype format (fp32, bf16,
-fp16): the engine converts nothing on load for a split (it does load a stored compact-format checkpoint, which
-this sizing then over-estimates). Pure functions, like `placement`.
+global), as many as the tightest stage holds for its own layers. A split runs in a dtype format (fp32, bf16,
+fp16) or in the compact format its checkpoint is stored in: its stages convert nothing on load. Pure functions,
+like `placement`.
 """
 
 from __future__ import annotations
@@ -69,14 +69,14 @@ def place_over_nodes(
     chip_of: Callable[[str], Any],
 ) -> SplitPlan | None:
     """The split over the fewest nodes that hold `dep`, or None (a preset without a config, a compact
-    format, or not enough memory even together). `free`: GB free per device of each node.
+    format other than the one its checkpoint is stored in, or not enough memory even together). `free`: GB free per device of each node.
 
     `predict`, `kv_budget(chip, left_gb)` and `chip_of(chip)` are placement's own (passed in, so this module
     does not import it back)."""
     model = dep.model
     if not isinstance(model, ModelConfig) or model.num_hidden_layers < 2:
         return None
-    if dep.format and dep.format not in SPLIT_FORMATS:
+    if dep.format and dep.format not in (*SPLIT_FORMATS, model.stored_format):  # stages convert nothing
         return None
     seq_tokens = dep.prompt_tokens + dep.output_tokens
     usable = [n for n in nodes if free[n.name] and (dep.chip is None or n.chip == dep.chip)]

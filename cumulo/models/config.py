@@ -59,3 +59,6 @@ class ModelConfig:
     # provenance
     name: str = ""
     torch_dtype: str = "float32"  # dtype the checkpoint was stored in, informational
+    stored_format: str | None = (
+        None  # the compact format its linears are stored in (converted, or DeepSeek FP8)
+    )

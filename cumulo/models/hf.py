@@ -112,6 +112,10 @@ def config_from_json(raw: dict[str, Any], directory: Path) -> ModelConfig:
     config.torch_dtype = str(
         text.get("torch_dtype") or raw.get("torch_dtype") or raw.get("dtype") or "float32"
     )
+    if raw.get("quantization_config"):  # what placement sizes its weights by (the loader keeps them packed)
+        from cumulo.formats.checkpoint import format_of
+
+        config.stored_format = format_of(raw["quantization_config"])
     return config
 
 

@@ -17,6 +17,7 @@ from cumulo.cluster.placement import (
 )
 from cumulo.engine.kv_sizing import plan_kv_cache
 from cumulo.engine.llm_engine import EngineConfig
+from cumulo.errors import InvalidRequest
 from cumulo.platform.cpu import CpuPlatform
 from tests.support.tiny import tiny_config
 
@@ -136,3 +137,28 @@ def test_a_model_too_large_for_one_device_is_split_over_the_fewest_devices_of_on
     assert p.devices == 2 and "split over 2 devices" in p.reason
     with pytest.raises(PlacementError, match="no chip-to-chip bandwidth .* not over nodes"):
         place(big, [NodeSpec("cpus", "cpu-avx2-2core", 8, 24.0)])
+
+
+def test_a_checkpoint_stored_in_a_compact_format_is_placed_and_loaded_as_stored(tmp_path) -> None:
+    """A converted checkpoint's bytes are its stored format's, not bf16's: placement sizes it so, says so, its
+    replica loads it without converting, and another compact format for it is refused in one line."""
+    from cumulo.cli.main import main
+    from cumulo.cluster.controller import LiveNode, engine_options_for
+    from tests.support.pipeline import write_llama_dir
+
+    source = write_llama_dir(tmp_path / "source", layers=4, vocab=64)
+    out = tmp_path / "fp8"
+    assert main(["convert", str(source), "-f", "ue8m0-fp8", "-o", str(out)]) == 0
+    nodes = [NodeSpec("cpu", "cpu-avx2-2core", 1, 4.0)]
+    spec = lambda model, **kw: DeploymentSpec(model, prompt_tokens=64, output_tokens=32, **kw)  # noqa: E731
+    (plain,) = place(spec(str(source)), nodes)
+    (packed,) = place(spec(str(out)), nodes)
+    assert packed.format == "ue8m0-fp8" and "as stored" in packed.reason
+    assert plain.format != "ue8m0-fp8" and packed.weights_gb < plain.weights_gb
+    node = LiveNode("id", "cpu", "cpu-avx2-2core", 1, 4.0, 2, 2.0, {"cumulo-kind": "cpu"})
+    assert "format" not in engine_options_for(packed, node, stored="ue8m0-fp8")  # loads the packed weights
+    assert engine_options_for(packed, node)["format"] == "ue8m0-fp8"  # a plain source is converted
+    (as_bf16,) = place(spec(str(out), format="bf16"), nodes)  # a dtype for what is not packed
+    assert as_bf16.format == "bf16"
+    with pytest.raises(InvalidRequest, match="stored in ue8m0-fp8: deploy it as stored"):
+        place(spec(str(out), format="mxfp4"), nodes)

@@ -74,3 +74,18 @@ def test_a_placement_over_devices_of_one_node_starts_one_stage_per_device() -> N
     assert options == {"stage_nodes": ["id-gpu", "id-gpu"], "stage_devices": ["cuda:0", "cuda:1"],
                        "kv_cache_blocks": one.kv_blocks}  # fmt: skip
     assert one.kv_blocks * 16 * 2 * 12 * CFG.num_key_value_heads * CFG.head_dim * 4 == one.kv_cache_bytes
+
+
+def test_a_checkpoint_stored_in_a_compact_format_splits_in_that_format(tmp_path) -> None:
+    """Two nodes that together hold the fp8 checkpoint and its cache, not one alone: the split is sized and run in the stored
+    format (its stages load the packed weights as stored)."""
+    from cumulo.cli.main import main
+    from cumulo.models.loader import load_config
+
+    source = write_llama_dir(tmp_path / "source", layers=4, vocab=64)
+    out = tmp_path / "fp8"
+    assert main(["convert", str(source), "-f", "ue8m0-fp8", "-o", str(out)]) == 0
+    dep = DeploymentSpec(str(out), prompt_tokens=64, output_tokens=32)
+    w = predict(load_config(out), "ue8m0-fp8", "cpu-avx2-2core", 1, 96, 1).weights_gb
+    (p,) = place(dep, [NodeSpec(n, "cpu-avx2-2core", 1, 1.5 * w) for n in ("a", "b")])
+    assert p.format == "ue8m0-fp8" and [s.node for s in p.stages] == ["a", "b"]
