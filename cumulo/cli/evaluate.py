@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import json
 
+from cumulo.cli.options import add_head_option
+
 DEFAULT_CONTEXT = 512
 DEFAULT_STRIDE = 256
 DEFAULT_MAX_TOKENS = 4096
@@ -35,13 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="F",
         help="convert weights to a compact format first (ue8m0-fp8, mxfp8, mxfp4, nvfp4, ...)",
     )
-    ppl.add_argument(
-        "--head",
-        choices=("bf16", "body"),
-        default=None,
-        help="with --format: the output head in bf16 (the default) or in the body's format ('body': fewer bytes "
-        "read per token, a little more perplexity uncalibrated; see docs/formats.md)",
-    )
+    add_head_option(ppl)
     ppl.add_argument(
         "--dtype",
         default="float32",

@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from cumulo.cli.options import add_head_option
+
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -20,13 +22,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         metavar="F",
         help="convert weights on load to a compact format (ue8m0-fp8, mxfp8, mxfp4, nvfp4, ...)",
     )
-    p.add_argument(
-        "--head",
-        choices=("bf16", "body"),
-        default=None,
-        help="with --format: the output head in bf16 (the default) or in the body's format ('body': fewer bytes "
-        "read per token, a little more perplexity uncalibrated; see docs/formats.md)",
-    )
+    add_head_option(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument(
         "--max-model-len", type=int, default=None, help="context length limit (default: the model's)"

@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from cumulo.cli.options import add_head_option
 from cumulo.contracts import EngineClient
 from cumulo.errors import InvalidRequest
 
@@ -38,13 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--device", default="auto", help="device for the engines: auto, cpu, cuda:0, ... (default auto)"
     )
     p.add_argument("--format", default=None, help="convert weights to this number format on load")
-    p.add_argument(
-        "--head",
-        choices=("bf16", "body"),
-        default=None,
-        help="with --format: the output head in bf16 (the default) or in the body's format ('body': fewer bytes "
-        "read per token, a little more perplexity uncalibrated; see docs/formats.md)",
-    )
+    add_head_option(p)
     p.add_argument(
         "--threads",
         type=int,
@@ -186,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     app = None
     try:
         engines = load_engines(
-            model_refs(args), args.device, args.format, args.threads, args.engine_in_process, args.head
+            model_refs(args), args.device, args.format, args.threads, args.engine_in_process, head=args.head
         )
         app = create_app(settings, engines)
         console_ops.install(app)

@@ -20,7 +20,12 @@ if str(ROOT) not in sys.path:
 
 
 def _fake_engines(
-    refs: list[str], device: str, format: str | None, threads: int | None = None, in_process: bool = False
+    refs: list[str],
+    device: str,
+    format: str | None,
+    threads: int | None = None,
+    in_process: bool = False,
+    head: str | None = None,
 ) -> dict:
     from tests.service.fakes import FakeEngine
 
