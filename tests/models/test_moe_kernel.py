@@ -119,3 +119,24 @@ def test_prefill_rows_take_the_per_expert_path_and_agree():
     weights, ids = softmax_topk(torch.randn(MAX_ROWS + 1, E), K, norm_topk_prob=True)
     assert experts.grouped_kernel()(x, weights, ids) is None
     assert torch.equal(experts(x, weights, ids), experts.per_expert(x, weights, ids))
+
+
+@pytest.mark.parametrize(("h", "inter"), [(256, 96), (254, 97)])
+def test_one_decoding_row_equals_the_same_row_inside_a_batch(h, inter):
+    """A lone row (decode) takes each gate row and its up row in one pass over it (`dot_table_rows`); inside a batch
+    whose rows share its experts the same row goes through the batched dots. Both form each dot product in the same
+    order, so they agree bit for bit, also for ragged H and I (masked tails)."""
+    torch.manual_seed(3)
+    experts = Experts(E, h, inter)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    experts = experts.to(torch.bfloat16).eval().requires_grad_(False)
+    for e in range(E):
+        experts[e].gate_up_proj = PackedLinear.from_linear(experts[e].gate_up_proj, "ue8m0-fp8")
+        experts[e].down_proj = PackedLinear.from_linear(experts[e].down_proj, "ue8m0-fp8")
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, h, generator=gen).to(torch.bfloat16)
+    weights, ids = softmax_topk(torch.randn(1, E, generator=gen).expand(3, E), K, norm_topk_prob=True)
+    alone = experts(x[:1], weights[:1], ids[:1])
+    batched = experts(x, weights, ids)  # every expert in use serves all three rows
+    assert torch.equal(alone[0], batched[0])
