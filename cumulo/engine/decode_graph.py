@@ -91,6 +91,7 @@ class DecodeGraph:
             or not isinstance(embed, nn.Embedding)
             or not isinstance(final_norm, RMSNorm)
             or embed.weight.dtype not in recorder.DTYPES
+            or not kv_cache.k  # a latent-only cache (multi-head latent attention): no recorded form yet
             or kv_cache.k[0].dtype
             != embed.weight.dtype  # the kernels write the cache in the activations' dtype
             or not isinstance(

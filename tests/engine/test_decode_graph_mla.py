@@ -1,0 +1,77 @@
+"""Decode graphs and DeepSeek-V3 (multi-head latent attention + MoE): MLA has no recorded form yet (issue #13),
+so an engine asked for decode graphs must decode a DeepSeek model eagerly, with the eager engine's tokens and
+log-probabilities, whatever the batch, the dtype or the rows' lengths; and `DecodeGraph.record` itself must answer
+None for it (not raise), so the runner can hand it MLA models once their layers have a recorded form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cumulo.contracts import SamplingParams
+from cumulo.engine.decode_graph import DecodeGraph
+from cumulo.engine.factory import create_engine
+from cumulo.engine.llm_engine import EngineConfig, LLMEngine
+from cumulo.models.mla import MLAttention
+from cumulo.platform.kernels import graph
+from tests.support.checkpoints import write_tiny_deepseek_v3
+
+pytestmark = pytest.mark.skipif(
+    not graph.available(), reason="no C++ compiler (or no AVX2) for the CPU kernels"
+)
+
+VOCAB = 96
+
+
+@pytest.fixture(scope="module")
+def deepseek_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_deepseek_v3(tmp_path_factory.mktemp("graph-mla"), VOCAB)
+
+
+def _prompts(count: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    # 3..9 tokens with block_size 4: rows of different lengths, crossing KV blocks while they decode
+    return [torch.randint(2, VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(3, 10, (count,))]
+
+
+def _engine(path: Path, dtype: str, decode_graphs: bool) -> LLMEngine:
+    config = EngineConfig(
+        device="cpu", dtype=dtype, decode_graphs=decode_graphs, kv_cache_gib=0.01, block_size=4
+    )
+    return create_engine(str(path), config)
+
+
+def _run(engine: LLMEngine, prompts: list[list[int]], tokens: int = 8) -> list[tuple[list[int], list[float]]]:
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, logprobs=0)
+    ids = [engine.add_request(p, params) for p in prompts]
+    out: dict[str, tuple[list[int], list[float]]] = {i: ([], []) for i in ids}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out[o.request_id][0].extend(o.new_token_ids)
+            out[o.request_id][1].extend(lp.logprob for lp in o.new_logprobs)
+    return [out[i] for i in ids]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_deepseek_decodes_eagerly_with_graphs_on(deepseek_dir: Path, dtype: str, batch: int) -> None:
+    eager, graphed = _engine(deepseek_dir, dtype, False), _engine(deepseek_dir, dtype, True)
+    layers = graphed.runner.model.model.layers
+    assert all(isinstance(layer.self_attn, MLAttention) for layer in layers)
+    prompts = _prompts(batch, seed=batch)
+    want, got = _run(eager, prompts), _run(graphed, prompts)
+    for (tokens, logprobs), (got_tokens, got_logprobs) in zip(want, got, strict=True):
+        assert got_tokens == tokens
+        # both sides ran the same eager code: equal, not merely close
+        assert got_logprobs == logprobs
+    assert graphed.runner._graphs == {}  # no graph was recorded or replayed
+
+
+def test_record_refuses_a_latent_cache(deepseek_dir: Path) -> None:
+    """Called directly, `record` answers None (no exception) for an MLA model over its latent-only cache."""
+    runner = _engine(deepseek_dir, "float32", True).runner
+    assert runner.kv_cache.k == [] and len(runner.kv_cache.latent) > 0
+    for batch in (1, 16):
+        assert DecodeGraph.record(runner.model, runner.kv_cache, batch, graph.Graph) is None
