@@ -75,3 +75,32 @@ def test_record_refuses_a_latent_cache(deepseek_dir: Path) -> None:
     assert runner.kv_cache.k == [] and len(runner.kv_cache.latent) > 0
     for batch in (1, 16):
         assert DecodeGraph.record(runner.model, runner.kv_cache, batch, graph.Graph) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recorded_mla_decode_equals_the_absorbed_eager_form(deepseek_dir: Path, dtype: torch.dtype) -> None:
+    """The graph's MLA op over a paged latent cache gives `MLAttention._decode`'s output: rows of different
+    lengths, crossing blocks, tables in scattered order."""
+    from types import SimpleNamespace
+
+    attn = _engine(deepseek_dir, "float32", False).runner.model.model.layers[1].self_attn
+    assert isinstance(attn, MLAttention)
+    g = torch.Generator().manual_seed(5)
+    heads, nope, rope, rank, block_size = attn.num_heads, attn.nope, attn.rope, attn.rank, 4
+    cache = torch.randn(12, block_size, rank + rope, generator=g).to(dtype)
+    lens = torch.tensor([1, 5, 9, 4], dtype=torch.int64)
+    tables = torch.tensor([[7, 0, 0], [3, 11, 0], [2, 9, 5], [10, 0, 0]], dtype=torch.int64)
+    q = torch.randn(4, heads, nope + rope, generator=g).to(dtype)
+    ctx = SimpleNamespace(decode_block_tables=tables, decode_context_lens=lens, masks={})
+    want = attn._decode(q[..., :nope], q[..., nope:], cache, ctx)  # [4, heads, v]
+    w_uk, w_uv = attn._absorb(dtype)
+    out = torch.zeros(4, heads, attn.v_dim, dtype=dtype)
+    rec = graph.Graph()
+    rec.mla_decode(q=q, w_uk=w_uk, w_uv=w_uv, cache=cache, tables=tables, lens=lens, out=out, scale=attn.scale,
+                   threads=2)  # fmt: skip
+    rec.run()
+    tol = 1e-5 if dtype == torch.float32 else 0.05
+    assert torch.allclose(out.float(), want.float(), atol=tol, rtol=tol)
+    lens[2] = 13  # past its three blocks: refused in one line, nothing read out of range
+    with pytest.raises(ValueError, match="context length out of"):
+        rec.run()

@@ -128,3 +128,96 @@ CUMULO_KERNEL(cumulo_lora, CUMULO_LORA) {
     else lora_rows((const float*)a.x, (float*)a.y, a.table, a.rows, a.in, a.out, a.threads);
     return 0;
 }
+
+// Multi-head latent attention, absorbed decode form (cumulo.models.mla.MLAttention._decode), one query per row:
+// q_latent = q_nope W_UK per head; scores over the row's cached tokens = (q_latent . latent + q_pe . k_pe) * scale;
+// fp32 softmax; o_latent = probs . latents; out = o_latent W_UV^T. Each intermediate is rounded to T where the
+// eager einsum/bmm/mul_ rounds it, so fp32 matches to fp32 rounding and bf16 stays close to eager.
+namespace {
+
+template <typename T>
+int64_t mla_decode(const T* q, const T* w_uk, const T* w_uv, const T* cache, const int64_t* tables,
+                   const int64_t* lens, T* out, int64_t batch, int64_t heads, int64_t nope, int64_t rope,
+                   int64_t rank, int64_t v_dim, int64_t block_size, int64_t max_blocks, int64_t num_blocks,
+                   float scale, int nthreads) {
+    const int64_t width = rank + rope, qk = nope + rope;
+    for (int64_t b = 0; b < batch; ++b) {
+        if (lens[b] < 1 || lens[b] > max_blocks * block_size) return 1;
+        for (int64_t j = 0; j < (lens[b] + block_size - 1) / block_size; ++j)
+            if (tables[b * max_blocks + j] < 0 || tables[b * max_blocks + j] >= num_blocks) return 2;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t bh = 0; bh < batch * heads; ++bh) {
+        const int64_t b = bh / heads, h = bh % heads, n = lens[b];
+        const T* qn = q + (b * heads + h) * qk;
+        const T* qp = qn + nope;
+        const T* uk = w_uk + h * nope * rank;
+        const T* uv = w_uv + h * v_dim * rank;
+        float* ql = new float[rank];
+        float* p = new float[n];
+        float* ol = new float[rank];
+        T s[1];
+        for (int64_t r = 0; r < rank; ++r) {
+            float acc = 0.0f;
+            for (int64_t d = 0; d < nope; ++d) acc += load(qn, d) * load(uk, d * rank + r);
+            store(s, 0, acc);
+            ql[r] = load(s, 0);
+        }
+        float top = -INFINITY;
+        for (int64_t t = 0; t < n; ++t) {
+            const T* row = cache + (tables[b * max_blocks + t / block_size] * block_size + t % block_size) * width;
+            float acc = 0.0f;
+            for (int64_t r = 0; r < rank; ++r) acc += ql[r] * load(row, r);
+            for (int64_t d = 0; d < rope; ++d) acc += load(qp, d) * load(row, rank + d);
+            store(s, 0, acc);
+            store(s, 0, load(s, 0) * scale);
+            p[t] = load(s, 0);
+            top = p[t] > top ? p[t] : top;
+        }
+        float sum = 0.0f;
+        for (int64_t t = 0; t < n; ++t) sum += (p[t] = expf(p[t] - top));
+        for (int64_t t = 0; t < n; ++t) {
+            store(s, 0, p[t] / sum);
+            p[t] = load(s, 0);
+        }
+        for (int64_t r = 0; r < rank; ++r) ol[r] = 0.0f;
+        for (int64_t t = 0; t < n; ++t) {
+            const T* row = cache + (tables[b * max_blocks + t / block_size] * block_size + t % block_size) * width;
+            for (int64_t r = 0; r < rank; ++r) ol[r] += p[t] * load(row, r);
+        }
+        for (int64_t r = 0; r < rank; ++r) {
+            store(s, 0, ol[r]);
+            ol[r] = load(s, 0);
+        }
+        T* o = out + (b * heads + h) * v_dim;
+        for (int64_t v = 0; v < v_dim; ++v) {
+            float acc = 0.0f;
+            for (int64_t r = 0; r < rank; ++r) acc += ol[r] * load(uv, v * rank + r);
+            store(o, v, acc);
+        }
+        delete[] ql;
+        delete[] p;
+        delete[] ol;
+    }
+    return 0;
+}
+
+}  // namespace
+
+// out [batch, heads, v_dim] from q [batch, heads, nope + rope] (q_pe already rotated), w_uk [heads, nope, rank],
+// w_uv [heads, v_dim, rank], cache [num_blocks, block_size, rank + rope], tables [batch, max_blocks] int64 and
+// lens [batch] int64; bf16 = 1: bf16 bits, else fp32. Returns 1 for a length out of range, 2 for a block id.
+#define CUMULO_MLA_DECODE(X)                                                                                    \
+    X(const void*, q) X(const void*, w_uk) X(const void*, w_uv) X(const void*, cache) X(const int64_t*, tables) \
+        X(const int64_t*, lens) X(void*, out) X(int64_t, batch) X(int64_t, heads) X(int64_t, nope)              \
+            X(int64_t, rope) X(int64_t, rank) X(int64_t, v_dim) X(int64_t, block_size) X(int64_t, max_blocks)   \
+                X(int64_t, num_blocks) X(float, scale) X(int, bf16) X(int, threads)
+CUMULO_KERNEL(cumulo_mla_decode, CUMULO_MLA_DECODE) {
+    if (a.bf16)
+        return mla_decode((const uint16_t*)a.q, (const uint16_t*)a.w_uk, (const uint16_t*)a.w_uv,
+                          (const uint16_t*)a.cache, a.tables, a.lens, (uint16_t*)a.out, a.batch, a.heads, a.nope,
+                          a.rope, a.rank, a.v_dim, a.block_size, a.max_blocks, a.num_blocks, a.scale, a.threads);
+    return mla_decode((const float*)a.q, (const float*)a.w_uk, (const float*)a.w_uv, (const float*)a.cache,
+                      a.tables, a.lens, (float*)a.out, a.batch, a.heads, a.nope, a.rope, a.rank, a.v_dim,
+                      a.block_size, a.max_blocks, a.num_blocks, a.scale, a.threads);
+}

@@ -24,7 +24,7 @@ DTYPES = (torch.bfloat16, torch.float32)  # the engine's dtypes on CPUs; every r
 _kernel = KernelLibrary(
     SOURCE,
     "CPU decode graph",
-    ["cumulo_graph_run", "cumulo_silu_mul", "cumulo_lora"],
+    ["cumulo_graph_run", "cumulo_silu_mul", "cumulo_lora", "cumulo_mla_decode"],
     fallback="running decode steps eagerly",
 )
 
@@ -37,6 +37,28 @@ def available() -> bool:
     return all(lib.library() is not None for lib in (gemv, rms_norm, rope_cache, paged_attention)) and (
         library() is not None
     )
+
+
+MLA_ERRORS = {
+    1: "MLA decode: a context length out of the block table's range",
+    2: "MLA decode: a block id out of range",
+}
+
+
+def mla_decode_op(
+    q: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor,
+    lens: torch.Tensor, out: torch.Tensor, scale: float, threads: int,
+) -> Op:  # fmt: skip
+    """The call of `Graph.mla_decode` (also run directly by tests)."""
+    lib = library()
+    assert lib is not None
+    heads, nope, rank = w_uk.shape
+    return lib.cumulo_mla_decode.op(
+        q=q, w_uk=w_uk, w_uv=w_uv, cache=cache, tables=tables, lens=lens, out=out, batch=q.shape[0], heads=heads,
+        nope=nope, rope=q.shape[2] - nope, rank=rank, v_dim=w_uv.shape[1], block_size=cache.shape[1],
+        max_blocks=tables.shape[1], num_blocks=cache.shape[0], scale=scale, bf16=q.dtype == torch.bfloat16,
+        threads=threads,
+    )  # fmt: skip
 
 
 def _kernels(module: object) -> Kernels:
@@ -112,6 +134,16 @@ class Graph:
             bf16=x.dtype == torch.bfloat16, threads=threads,
         )  # fmt: skip
         self.add(op)
+
+    def mla_decode(
+        self, q: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor,
+        lens: torch.Tensor, out: torch.Tensor, scale: float, threads: int,
+    ) -> None:  # fmt: skip
+        """Absorbed multi-head latent attention of one query per row (cumulo.models.mla): q [B, H, nope + rope]
+        with q_pe rotated, w_uk [H, nope, rank], w_uv [H, v, rank], cache [blocks, block_size, rank + rope],
+        tables [B, max_blocks] and lens [B] int64 -> out [B, H, v]; all contiguous, in one dtype."""
+        self.keep(q, w_uk, w_uv, cache, tables, lens, out)
+        self.add(mla_decode_op(q, w_uk, w_uv, cache, tables, lens, out, scale, threads), MLA_ERRORS)
 
     def rope_and_cache(
         self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
