@@ -102,5 +102,45 @@ def test_recorded_mla_decode_equals_the_absorbed_eager_form(deepseek_dir: Path, 
     tol = 1e-5 if dtype == torch.float32 else 0.05
     assert torch.allclose(out.float(), want.float(), atol=tol, rtol=tol)
     lens[2] = 13  # past its three blocks: refused in one line, nothing read out of range
-    with pytest.raises(ValueError, match="context length out of"):
+    with pytest.raises(ValueError, match="context length or position out of range"):
+        rec.run()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_recorded_mla_rope_and_cache_equal_the_eager_writes(deepseek_dir: Path, dtype: str) -> None:
+    """The graph's MLA write op rotates q_pe as the model's (YaRN, interleaved) rotary does, and writes
+    kv_a_layernorm(latent) and the rotated k_pe into each row's cache slot, as `MLAttention.forward` does."""
+    attn = _engine(deepseek_dir, dtype, False).runner.model.model.layers[0].self_attn
+    assert isinstance(attn, MLAttention) and attn.rotary.interleaved  # DeepSeek's checkpoint layout
+    t = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(6)
+    heads, nope, rope, rank = attn.num_heads, attn.nope, attn.rope, attn.rank
+    positions = torch.tensor([0, 7, 130, 300], dtype=torch.int64)  # past YaRN's original 128 positions too
+    slots = torch.tensor([5, 0, 22, 9], dtype=torch.int64)
+    q = torch.randn(4, heads, nope + rope, generator=g).to(t)
+    kv = torch.randn(4, rank + rope, generator=g).to(t)
+    with torch.no_grad():
+        want_q = torch.cat([q[..., :nope], attn.rotary(positions, q[..., nope:])], dim=-1)
+        latent, k_pe = kv.split([rank, rope], dim=-1)
+        want_rows = torch.cat(
+            [attn.kv_a_layernorm(latent), attn.rotary(positions, k_pe[:, None, :])[:, 0]], -1
+        )
+    cache = torch.zeros(6, 4, rank + rope, dtype=t)
+    got_q = q.clone()
+    rec = graph.Graph()
+    norm = attn.kv_a_layernorm
+    rec.mla_rope_cache(q=got_q, kv=kv, weight=norm.weight.detach().to(t).contiguous(), eps=norm.eps,
+                       positions=positions, cos=attn.rotary.cos.float(), sin=attn.rotary.sin.float(), cache=cache,
+                       slots=slots, interleaved=True)  # fmt: skip
+    rec.run()
+    tol = 1e-5 if t == torch.float32 else 0.02
+    assert torch.allclose(got_q.float(), want_q.float(), atol=tol, rtol=tol)
+    assert torch.equal(got_q[..., :nope], q[..., :nope])  # the non-rotary part untouched
+    rows = cache.view(-1, rank + rope)
+    assert torch.allclose(rows[slots].float(), want_rows.float(), atol=tol, rtol=tol)
+    others = torch.ones(rows.shape[0], dtype=torch.bool)
+    others[slots] = False
+    assert not rows[others].any()  # nothing written elsewhere
+    slots[1] = rows.shape[0]
+    with pytest.raises(ValueError, match="cache slot out of range"):
         rec.run()

@@ -221,3 +221,74 @@ CUMULO_KERNEL(cumulo_mla_decode, CUMULO_MLA_DECODE) {
                       a.tables, a.lens, (float*)a.out, a.batch, a.heads, a.nope, a.rope, a.rank, a.v_dim,
                       a.block_size, a.max_blocks, a.num_blocks, a.scale, a.threads);
 }
+
+// Multi-head latent attention's per-step writes (cumulo.models.mla.MLAttention.forward): each row's q_pe rotated in
+// place in q [batch, heads, nope + rope]; its kv_a_proj output kv [batch, rank + rope] split into the latent,
+// RMS-normalised with kv_a_layernorm (fp32, rounded once, as the rms_norm kernel does), and k_pe, rotated; both
+// written to the row's cache slot [rank + rope]. Rotary as RotaryEmbedding: cos/sin fp32 tables [positions,
+// rope / 2] rounded to T, each product and sum rounded to T, pairs (i, i + rope / 2) or interleaved (2i, 2i + 1),
+// the rotated halves side by side.
+namespace {
+
+template <typename T>
+void rotate(T* x, const float* cos, const float* sin, int64_t rope, int interleaved) {
+    const int64_t half = rope / 2;
+    float tmp[512];  // rope <= 1024 (checked by the caller)
+    T s[1];
+    auto r = [&s](float v) {
+        store(s, 0, v);
+        return load(s, 0);
+    };
+    for (int64_t i = 0; i < half; ++i) {
+        const float x1 = load(x, interleaved ? 2 * i : i), x2 = load(x, interleaved ? 2 * i + 1 : i + half);
+        const float c = r(cos[i]), sn = r(sin[i]);
+        tmp[i] = r(r(x1 * c) - r(x2 * sn));
+        tmp[half + i] = r(r(x2 * c) + r(x1 * sn));
+    }
+    for (int64_t i = 0; i < rope; ++i) store(x, i, tmp[i]);
+}
+
+template <typename T>
+int64_t mla_rope_cache(T* q, const T* kv, const T* w, float eps, const int64_t* positions, const float* cos,
+                       const float* sin, int64_t max_positions, T* cache, const int64_t* slots, int64_t num_slots,
+                       int64_t batch, int64_t heads, int64_t nope, int64_t rope, int64_t rank, int interleaved) {
+    const int64_t half = rope / 2;
+    for (int64_t b = 0; b < batch; ++b) {
+        if (positions[b] < 0 || positions[b] >= max_positions) return 1;
+        if (slots[b] < 0 || slots[b] >= num_slots) return 2;
+    }
+    for (int64_t b = 0; b < batch; ++b) {
+        const float* c = cos + positions[b] * half;
+        const float* sn = sin + positions[b] * half;
+        for (int64_t h = 0; h < heads; ++h) rotate(q + (b * heads + h) * (nope + rope) + nope, c, sn, rope, interleaved);
+        const T* row = kv + b * (rank + rope);
+        T* slot = cache + slots[b] * (rank + rope);
+        float ss = 0.0f;
+        for (int64_t k = 0; k < rank; ++k) ss += load(row, k) * load(row, k);
+        const float inv = 1.0f / sqrtf(ss / (float)rank + eps);
+        for (int64_t k = 0; k < rank; ++k) store(slot, k, load(row, k) * inv * load(w, k));
+        for (int64_t k = 0; k < rope; ++k) slot[rank + k] = row[rank + k];
+        rotate(slot + rank, c, sn, rope, interleaved);
+    }
+    return 0;
+}
+
+}  // namespace
+
+// See above. cache [slots, rank + rope]; positions and slots [batch] int64; bf16 = 1: q, kv, w and the cache are
+// bf16 bits, else fp32. Returns 1 for a position past the tables, 2 for a slot out of range.
+#define CUMULO_MLA_ROPE_CACHE(X)                                                                                \
+    X(void*, q) X(const void*, kv) X(const void*, w) X(float, eps) X(const int64_t*, positions)               \
+        X(const float*, cos) X(const float*, sin) X(int64_t, max_positions) X(void*, cache)                     \
+            X(const int64_t*, slots) X(int64_t, num_slots) X(int64_t, batch) X(int64_t, heads) X(int64_t, nope) \
+                X(int64_t, rope) X(int64_t, rank) X(int, interleaved) X(int, bf16)
+CUMULO_KERNEL(cumulo_mla_rope_cache, CUMULO_MLA_ROPE_CACHE) {
+    if (a.rope > 1024 || a.rope % 2) return 3;
+    if (a.bf16)
+        return mla_rope_cache((uint16_t*)a.q, (const uint16_t*)a.kv, (const uint16_t*)a.w, a.eps, a.positions, a.cos,
+                              a.sin, a.max_positions, (uint16_t*)a.cache, a.slots, a.num_slots, a.batch, a.heads,
+                              a.nope, a.rope, a.rank, a.interleaved);
+    return mla_rope_cache((float*)a.q, (const float*)a.kv, (const float*)a.w, a.eps, a.positions, a.cos, a.sin,
+                          a.max_positions, (float*)a.cache, a.slots, a.num_slots, a.batch, a.heads, a.nope, a.rope,
+                          a.rank, a.interleaved);
+}

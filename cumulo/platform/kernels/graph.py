@@ -24,7 +24,7 @@ DTYPES = (torch.bfloat16, torch.float32)  # the engine's dtypes on CPUs; every r
 _kernel = KernelLibrary(
     SOURCE,
     "CPU decode graph",
-    ["cumulo_graph_run", "cumulo_silu_mul", "cumulo_lora", "cumulo_mla_decode"],
+    ["cumulo_graph_run", "cumulo_silu_mul", "cumulo_lora", "cumulo_mla_decode", "cumulo_mla_rope_cache"],
     fallback="running decode steps eagerly",
 )
 
@@ -40,8 +40,9 @@ def available() -> bool:
 
 
 MLA_ERRORS = {
-    1: "MLA decode: a context length out of the block table's range",
-    2: "MLA decode: a block id out of range",
+    1: "MLA: a context length or position out of range",
+    2: "MLA: a block id or cache slot out of range",
+    3: "MLA: rotary width odd or over 1024",
 }
 
 
@@ -58,6 +59,22 @@ def mla_decode_op(
         nope=nope, rope=q.shape[2] - nope, rank=rank, v_dim=w_uv.shape[1], block_size=cache.shape[1],
         max_blocks=tables.shape[1], num_blocks=cache.shape[0], scale=scale, bf16=q.dtype == torch.bfloat16,
         threads=threads,
+    )  # fmt: skip
+
+
+def mla_rope_cache_op(
+    q: torch.Tensor, kv: torch.Tensor, weight: torch.Tensor, eps: float, positions: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, interleaved: bool,
+) -> Op:  # fmt: skip
+    """The call of `Graph.mla_rope_cache`."""
+    lib = library()
+    assert lib is not None
+    rank = weight.shape[0]
+    return lib.cumulo_mla_rope_cache.op(
+        q=q, kv=kv, w=weight, eps=eps, positions=positions, cos=cos, sin=sin, max_positions=cos.shape[0],
+        cache=cache, slots=slots, num_slots=cache.shape[0] * cache.shape[1], batch=q.shape[0], heads=q.shape[1],
+        nope=q.shape[2] - (kv.shape[1] - rank), rope=kv.shape[1] - rank, rank=rank, interleaved=interleaved,
+        bf16=q.dtype == torch.bfloat16,
     )  # fmt: skip
 
 
@@ -144,6 +161,18 @@ class Graph:
         tables [B, max_blocks] and lens [B] int64 -> out [B, H, v]; all contiguous, in one dtype."""
         self.keep(q, w_uk, w_uv, cache, tables, lens, out)
         self.add(mla_decode_op(q, w_uk, w_uv, cache, tables, lens, out, scale, threads), MLA_ERRORS)
+
+    def mla_rope_cache(
+        self, q: torch.Tensor, kv: torch.Tensor, weight: torch.Tensor, eps: float, positions: torch.Tensor,
+        cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, interleaved: bool,
+    ) -> None:  # fmt: skip
+        """MLA's per-step writes: q_pe rotated in place in q [B, H, nope + rope]; kv [B, rank + rope] (kv_a_proj's
+        output) -> the normalised latent and the rotated k_pe in each row's slot of cache [blocks, block_size,
+        rank + rope]; cos/sin fp32 [positions, rope / 2], weight [rank]; all contiguous."""
+        self.keep(q, kv, weight, positions, cos, sin, cache, slots)
+        self.add(
+            mla_rope_cache_op(q, kv, weight, eps, positions, cos, sin, cache, slots, interleaved), MLA_ERRORS
+        )
 
     def rope_and_cache(
         self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
