@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cumulo.engine.decode_graph_mla import record_mla
 from cumulo.engine.lora import LoadedAdapter, MultiLoRALinear
 from cumulo.models.attention import KVCache
 from cumulo.models.layers import Attention, GatedMLP, RMSNorm
@@ -85,13 +86,25 @@ class DecodeGraph:
         embed = getattr(body, "embed_tokens", None)
         final_norm = getattr(body, "norm", None)
         if (
+            not kv_cache.k
+            and kv_cache.latent
+            and not lora
+            and 1 <= batch <= MAX_BATCH
+            and layers is not None
+            and len(layers) > 0
+            and isinstance(embed, nn.Embedding)
+            and embed.weight.dtype in recorder.DTYPES
+        ):  # a latent-only cache: multi-head latent attention (DeepSeek), recorded by its own walk
+            recorded = record_mla(model, kv_cache, batch, recorder, max_blocks)
+            return None if recorded is None else cls(*recorded)
+        if (
             not 1 <= batch <= MAX_BATCH
             or layers is None
             or len(layers) == 0
             or not isinstance(embed, nn.Embedding)
             or not isinstance(final_norm, RMSNorm)
             or embed.weight.dtype not in recorder.DTYPES
-            or not kv_cache.k  # a latent-only cache (multi-head latent attention): no recorded form yet
+            or not kv_cache.k  # a latent-only cache whose model record_mla does not take
             or kv_cache.k[0].dtype
             != embed.weight.dtype  # the kernels write the cache in the activations' dtype
             or not isinstance(

@@ -73,8 +73,9 @@ class ModelRunner:
         self.model = model
         # Decode-only steps replay a recorded graph per batch size where the platform offers a recorder and
         # the model can be recorded (None in the dict: tried, not recordable).
-        # Recorded graphs know only dense K/V layers: a latent (MLA) cache always runs eagerly.
-        self.graph_recorder = None if kv_cache.latent else graph_recorder
+        # A latent (MLA) cache records too (DeepSeek: cumulo.engine.decode_graph_mla); `record` answers None,
+        # and the step runs eagerly, for any model it cannot record.
+        self.graph_recorder = graph_recorder
         self._graphs: dict[int, DecodeGraph | None] = {}
         self._lora_graphs: dict[int, DecodeGraph | None] = {}  # the same with a LoRA op after each linear
         self.max_blocks_per_seq = max_blocks_per_seq or kv_cache.num_blocks  # block-table width of a graph

@@ -1,7 +1,7 @@
-"""Decode graphs and DeepSeek-V3 (multi-head latent attention + MoE): MLA has no recorded form yet (issue #13),
-so an engine asked for decode graphs must decode a DeepSeek model eagerly, with the eager engine's tokens and
-log-probabilities, whatever the batch, the dtype or the rows' lengths; and `DecodeGraph.record` itself must answer
-None for it (not raise), so the runner can hand it MLA models once their layers have a recorded form."""
+"""Decode graphs and DeepSeek-V3 (multi-head latent attention + MoE, issue #13): an engine asked for decode graphs
+replays recorded DeepSeek steps (cumulo.engine.decode_graph_mla) with the eager engine's tokens and
+log-probabilities, whatever the batch, the dtype or the rows' lengths; `DecodeGraph.record` answers None (not an
+exception) for what it cannot record, and the step runs eagerly; and the two MLA ops equal the eager forms."""
 
 from __future__ import annotations
 
@@ -54,27 +54,60 @@ def _run(engine: LLMEngine, prompts: list[list[int]], tokens: int = 8) -> list[t
     return [out[i] for i in ids]
 
 
+def _counted(engine: LLMEngine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the engine's graph replays, one entry (the batch) per replayed step."""
+    replays: list[int] = []
+    real = DecodeGraph.run
+
+    def run(self: DecodeGraph, input_ids: list[int], *args: object) -> torch.Tensor:
+        replays.append(len(input_ids))
+        return real(self, input_ids, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DecodeGraph, "run", run)
+    return replays
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_deepseek_decodes_eagerly_with_graphs_on(deepseek_dir: Path, dtype: str, batch: int) -> None:
+def test_deepseek_decode_graphs_equal_eager(
+    deepseek_dir: Path, dtype: str, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With decode graphs on, a DeepSeek-V3 engine replays recorded MLA + MoE steps and gives the eager engine's
+    greedy tokens and log-probabilities; then a second round of requests replays the same recorded graph."""
     eager, graphed = _engine(deepseek_dir, dtype, False), _engine(deepseek_dir, dtype, True)
     layers = graphed.runner.model.model.layers
     assert all(isinstance(layer.self_attn, MLAttention) for layer in layers)
-    prompts = _prompts(batch, seed=batch)
-    want, got = _run(eager, prompts), _run(graphed, prompts)
-    for (tokens, logprobs), (got_tokens, got_logprobs) in zip(want, got, strict=True):
-        assert got_tokens == tokens
-        # both sides ran the same eager code: equal, not merely close
-        assert got_logprobs == logprobs
-    assert graphed.runner._graphs == {}  # no graph was recorded or replayed
+    replays = _counted(graphed, monkeypatch)
+    for seed in (batch, batch + 10):
+        prompts = _prompts(batch, seed=seed)
+        want, got = _run(eager, prompts), _run(graphed, prompts)
+        for (tokens, logprobs), (got_tokens, got_logprobs) in zip(want, got, strict=True):
+            assert got_tokens == tokens
+            # the same ops in the same order; fp32 sums may be grouped differently by the kernels
+            assert got_logprobs == pytest.approx(logprobs, abs=1e-4 if dtype == "float32" else 2e-2)
+        if seed == batch:
+            recorded = graphed.runner._graphs[batch]
+            assert recorded is not None
+    assert graphed.runner._graphs[batch] is recorded  # recorded once, replayed by the second round too
+    assert replays.count(batch) == 2 * 7  # every decode step of both rounds: 8 tokens, the first from prefill
 
 
-def test_record_refuses_a_latent_cache(deepseek_dir: Path) -> None:
-    """Called directly, `record` answers None (no exception) for an MLA model over its latent-only cache."""
+def test_record_mla(deepseek_dir: Path) -> None:
+    """Called directly, `record` records an MLA model over its latent-only cache up to 16 rows; it answers None
+    (no exception) where the graph cannot be had: more rows, LoRA ops, a bf16 router whose weight is fp32."""
     runner = _engine(deepseek_dir, "float32", True).runner
     assert runner.kv_cache.k == [] and len(runner.kv_cache.latent) > 0
     for batch in (1, 16):
-        assert DecodeGraph.record(runner.model, runner.kv_cache, batch, graph.Graph) is None
+        assert DecodeGraph.record(runner.model, runner.kv_cache, batch, graph.Graph) is not None
+    assert DecodeGraph.record(runner.model, runner.kv_cache, 17, graph.Graph) is None
+    assert DecodeGraph.record(runner.model, runner.kv_cache, 1, graph.Graph, lora=True) is None
+    bf16 = _engine(deepseek_dir, "bfloat16", True).runner
+    assert DecodeGraph.record(bf16.model, bf16.kv_cache, 2, graph.Graph) is not None
+    router = bf16.model.model.layers[-1].mlp.gate
+    router.weight.data = (
+        router.weight.data.float()
+    )  # eager's logits are the same; the recorded gemv has no form
+    assert DecodeGraph.record(bf16.model, bf16.kv_cache, 2, graph.Graph) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -173,29 +173,43 @@ class GroupedExperts:
 
     def graph_op(
         self, x: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, y: torch.Tensor,
-        k: int, norm_topk_prob: bool, threads: int,
+        k: int, norm_topk_prob: bool, threads: int, router: int = SOFTMAX, bias: torch.Tensor | None = None,
+        n_group: int = 1, topk_group: int = 1, scale: float = 1.0,
     ) -> Op | None:  # fmt: skip
-        """The recorded form of `y = self.softmax_topk(x, logits, k, norm_topk_prob)` for a decode graph
-        (cumulo.platform.kernels.graph), over fixed buffers: ids [T, k] int64 and weights [T, k] fp32 receive
-        the routing. None where the kernel does not take x."""
-        T = x.shape[0]
+        """The recorded form of `y = self.softmax_topk(x, logits, k, norm_topk_prob)` (router=SOFTMAX, logits in
+        x's dtype) or of `y = self.sigmoid_topk(x, logits, bias, k, n_group, topk_group, norm_topk_prob, scale)`
+        (router=SIGMOID, logits fp32, bias [E] fp32 or None) for a decode graph (cumulo.platform.kernels.graph),
+        over fixed buffers: ids [T, k] int64 and weights [T, k] fp32 receive the routing. None where the kernel
+        does not take x. The caller keeps `bias` alive with the graph."""
+        T, E = x.shape[0], self.num_experts
+        sigmoid = router == SIGMOID
         if (
             not self.takes(x)
             or not all(t.is_contiguous() for t in (x, logits, ids, weights, y))
-            or logits.dtype != x.dtype
-            or logits.shape != (T, self.num_experts)
+            or logits.dtype != (torch.float32 if sigmoid else x.dtype)
+            or logits.shape != (T, E)
             or ids.shape != (T, k)
             or ids.dtype != torch.int64
             or weights.shape != (T, k)
             or weights.dtype != torch.float32
             or y.shape != x.shape
             or y.dtype != x.dtype
+            or router not in (SOFTMAX, SIGMOID)
+            or not 0 < k <= E
         ):
             return None
+        if sigmoid and (
+            (n_group > 1 and (E % n_group or E // n_group < 2 or not 0 < topk_group <= n_group))
+            or (bias is not None and (bias.dtype != torch.float32 or bias.shape != (E,) or not bias.is_cpu
+                                      or not bias.is_contiguous()))
+        ):  # fmt: skip
+            return None
+        if not sigmoid:
+            bias, n_group, topk_group, scale = None, 1, 1, 1.0
         return self._call.op(
             x=x, T=T, k=k, ids=ids, weights=weights, logits=logits, norm_topk=norm_topk_prob, y=y,
-            bf16=x.dtype == torch.bfloat16, threads=threads, wide_ok=cpu.USE_AVX512, router=SOFTMAX, bias=None,
-            n_group=1, topk_group=1, scale=1.0,
+            bf16=x.dtype == torch.bfloat16, threads=threads, wide_ok=cpu.USE_AVX512, router=router, bias=bias,
+            n_group=n_group, topk_group=topk_group, scale=scale,
         )  # fmt: skip
 
     def _run(

@@ -152,6 +152,17 @@ class Graph:
         )  # fmt: skip
         self.add(op)
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> bool:
+        """y = x @ weight^T for a bare weight [N, K] (no module to offer a `graph_op`), e.g. DeepSeek's router;
+        bf16 x may write fp32 y (the sums unrounded). False, nothing recorded, where the kernel does not take
+        them."""
+        op = gemv.graph_op(x, weight, None, y) if y.dtype in (x.dtype, torch.float32) else None
+        if op is None:
+            return False
+        self.keep(x, weight, y)
+        self.add(op)
+        return True
+
     def mla_decode(
         self, q: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor,
         lens: torch.Tensor, out: torch.Tensor, scale: float, threads: int,
