@@ -43,9 +43,15 @@ def _engine(path: Path, dtype: str, decode_graphs: bool) -> LLMEngine:
     return create_engine(str(path), config)
 
 
-def _run(engine: LLMEngine, prompts: list[list[int]], tokens: int = 8) -> list[tuple[list[int], list[float]]]:
-    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, logprobs=0)
-    ids = [engine.add_request(p, params) for p in prompts]
+def _run(
+    engine: LLMEngine, prompts: list[list[int]], tokens: int | list[int] = 8
+) -> list[tuple[list[int], list[float]]]:
+    """Greedy tokens and their log-probs per prompt; `tokens`: how many, for all or per prompt."""
+    counts = tokens if isinstance(tokens, list) else [tokens] * len(prompts)
+    ids = [
+        engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0))
+        for p, n in zip(prompts, counts, strict=True)
+    ]
     out: dict[str, tuple[list[int], list[float]]] = {i: ([], []) for i in ids}
     while engine.has_unfinished_requests():
         for o in engine.step():
@@ -90,6 +96,23 @@ def test_deepseek_decode_graphs_equal_eager(
             assert recorded is not None
     assert graphed.runner._graphs[batch] is recorded  # recorded once, replayed by the second round too
     assert replays.count(batch) == 2 * 7  # every decode step of both rounds: 8 tokens, the first from prefill
+
+
+def test_packed_deepseek_graphs_equal_eager_as_rows_finish(deepseek_dir: Path) -> None:
+    """FP8 weights (ue8m0-fp8, DeepSeek's own layout): rows asking for different lengths finish one by one, so
+    the step's batch shrinks and a graph per size is recorded; tokens and log-probs stay the eager engine's."""
+    engines = [
+        create_engine(str(deepseek_dir), EngineConfig(device="cpu", dtype="bfloat16", decode_graphs=graphs,
+                                                      kv_cache_gib=0.01, block_size=4, format="ue8m0-fp8"))
+        for graphs in (False, True)
+    ]  # fmt: skip
+    prompts = _prompts(4, seed=7)
+    results = [_run(engine, prompts, tokens=[3, 5, 7, 9]) for engine in engines]
+    for (tokens, logprobs), (got_tokens, got_logprobs) in zip(*results, strict=True):
+        assert got_tokens == tokens
+        assert got_logprobs == pytest.approx(logprobs, abs=2e-2)
+    graphs = engines[1].runner._graphs
+    assert [n for n, g in sorted(graphs.items()) if g is not None] == [1, 2, 3, 4]
 
 
 def test_record_mla(deepseek_dir: Path) -> None:
