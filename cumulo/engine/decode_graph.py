@@ -2,8 +2,9 @@
 
 `DecodeGraph.record(model, kv_cache, batch, recorder, max_blocks)` walks a model whose decoder layers are the plain
 pre-norm kind (RMSNorm, fused q/k/v without per-head norms, rotary, paged attention, SiLU-gated MLP) and
-records one decode step at a fixed batch size over fixed buffers; it returns None for anything else (Gemma 3,
-Qwen3, linears without a recorded form), and the engine keeps its eager path. `run()` fills the step's inputs
+records one decode step at a fixed batch size over fixed buffers; a DeepSeek-V3 model over its latent-only cache
+(multi-head latent attention + MoE) is recorded by `decode_graph_mla.record_mla`. It returns None for anything
+else (Gemma 3, linears without a recorded form), and the engine keeps its eager path. `run()` fills the step's inputs
 into the buffers, replays the graph and returns the final normalised hidden states. The recorder is the
 platform's (`Platform.graph_recorder`), so the engine names no device here.
 

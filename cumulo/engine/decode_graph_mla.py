@@ -94,9 +94,8 @@ def record_mla(
         "x": buf(batch, hidden), "h": buf(batch, hidden), "o": buf(batch, hidden), "d": buf(batch, hidden),
         "d2": buf(batch, hidden), "scratch": buf(batch, hidden),
     }  # fmt: skip
-    sized: dict[
-        tuple[str, int, torch.dtype], torch.Tensor
-    ] = {}  # per-width scratch: one buffer per use and width
+    # scratch by (use, shape, dtype): layers of one shape share it, dense and shared-expert MLPs differ in width
+    sized: dict[tuple[object, ...], torch.Tensor] = {}
 
     def width(name: str, *shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
         key = (name, *shape, dt)
