@@ -115,6 +115,26 @@ def test_packed_deepseek_graphs_equal_eager_as_rows_finish(deepseek_dir: Path) -
     assert [n for n, g in sorted(graphs.items()) if g is not None] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_deepseek_variant_graphs_equal_eager(tmp_path: Path, dtype: str) -> None:
+    """The other branches of the recorded layer: q_proj instead of q_a/q_b (q_lora_rank None, as V2-Lite), no
+    group limit (n_group 1) and unnormalised expert weights."""
+    path = write_tiny_deepseek_v3(
+        tmp_path, VOCAB, q_lora_rank=None, n_group=1, topk_group=1, norm_topk_prob=False
+    )
+    eager, graphed = _engine(path, dtype, False), _engine(path, dtype, True)
+    last = graphed.runner.model.model.layers[-1]
+    assert (
+        last.self_attn.q_lora_rank is None and last.mlp.gate.n_group == 1 and not last.mlp.gate.norm_topk_prob
+    )
+    prompts = _prompts(3, seed=2)
+    want, got = _run(eager, prompts), _run(graphed, prompts)
+    for (tokens, logprobs), (got_tokens, got_logprobs) in zip(want, got, strict=True):
+        assert got_tokens == tokens
+        assert got_logprobs == pytest.approx(logprobs, abs=1e-4 if dtype == "float32" else 2e-2)
+    assert graphed.runner._graphs[3] is not None
+
+
 def test_record_mla(deepseek_dir: Path) -> None:
     """Called directly, `record` records an MLA model over its latent-only cache up to 16 rows; it answers None
     (no exception) where the graph cannot be had: more rows, LoRA ops, a bf16 router whose weight is fp32."""
