@@ -33,7 +33,7 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"  # "auto": float32 on CPUs without fast 16-bit matmul, bfloat16 on accelerators
     format: str | None = None  # convert weights to a compact number format on load (see cumulo.formats)
-    head: str | None = None  # with format: the output head in "bf16" or the body's format ("body"); None: default
+    head: str | None = None  # with format: the output head, "bf16" or "body" (packed); None: the default
     block_size: int = 16  # tokens per KV block (engine/kv_sizing.py sizes the cache)
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 512
