@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cumulo.engine.decode_graph_mla import record_mla
+from cumulo.engine.decode_graph_mla import record_linear, record_mla
 from cumulo.engine.lora import LoadedAdapter, MultiLoRALinear
 from cumulo.models.attention import KVCache
 from cumulo.models.layers import Attention, GatedMLP, RMSNorm
@@ -159,16 +159,13 @@ class DecodeGraph:
         threads = torch.get_num_threads()
 
         def linear(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
-            op = getattr(module, "graph_op", None)
-            recorded = op(x, y) if op is not None else None
-            if recorded is not None:
-                g.keep(module, x, y)
-                g.add(recorded)
-                if lora and isinstance(module, MultiLoRALinear):
-                    # one thread: a LoRA op is small, and on a loaded 2-core machine its fork/join cost more
-                    # than it saved (bench.finetune.profile: replay ratio 0.66 with 2 threads, 0.81 with 1)
-                    g.lora(x, y, b["lora"][lora_names.index(module.name)], 1)
-            return recorded is not None
+            if not record_linear(g, module, x, y):
+                return False
+            if lora and isinstance(module, MultiLoRALinear):
+                # one thread: a LoRA op is small, and on a loaded 2-core machine its fork/join cost more
+                # than it saved (bench.finetune.profile: replay ratio 0.66 with 2 threads, 0.81 with 1)
+                g.lora(x, y, b["lora"][lora_names.index(module.name)], 1)
+            return True
 
         def add_norm(r: torch.Tensor, n: RMSNorm) -> None:  # x += r; h = n(x)
             weight = n.weight.detach().to(dtype).contiguous()

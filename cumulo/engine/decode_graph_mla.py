@@ -68,6 +68,17 @@ def _mla_layer(layer: nn.Module, dtype: torch.dtype, kv_cache: KVCache) -> bool:
     )
 
 
+def record_linear(g: Any, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Record `module`'s own graph op from x into y, keeping the three alive with the graph; False where it has
+    none (the caller then answers None: the step stays eager)."""
+    op = getattr(module, "graph_op", None)
+    recorded = op(x, y) if op is not None else None
+    if recorded is not None:
+        g.keep(module, x, y)
+        g.add(recorded)
+    return recorded is not None
+
+
 def record_mla(
     model: nn.Module, kv_cache: KVCache, batch: int, recorder: type, max_blocks: int | None
 ) -> tuple[Any, dict[str, torch.Tensor]] | None:
@@ -107,12 +118,7 @@ def record_mla(
     threads = torch.get_num_threads()
 
     def linear(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
-        op = getattr(module, "graph_op", None)
-        recorded = op(x, y) if op is not None else None
-        if recorded is not None:
-            g.keep(module, x, y)
-            g.add(recorded)
-        return recorded is not None
+        return record_linear(g, module, x, y)
 
     def norm(n: RMSNorm, x: torch.Tensor, y: torch.Tensor) -> None:
         g.rms_norm(x=x, weight=n.weight.detach().to(dtype).contiguous(), y=y, eps=n.eps, offset=n.offset)
