@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch  # noqa: PLC0415
 
+    from bench.moe.kernel_rate import fp8_experts  # noqa: PLC0415
     from bench.moe.spec import MoeSpec  # noqa: PLC0415
     from cumulo.formats.kernels import moe as km  # noqa: PLC0415
-    from cumulo.formats.linear import PackedLinear  # noqa: PLC0415
-    from cumulo.models.moe import Experts, softmax_topk  # noqa: PLC0415
+    from cumulo.models.moe import softmax_topk  # noqa: PLC0415
     from cumulo.platform.kernels.build import KernelLibrary  # noqa: PLC0415
 
     work = Path(tempfile.mkdtemp(prefix="cumulo-moe-ab-"))
@@ -54,14 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     bound: dict[str, list] = {"A": [], "B": []}
     for _ in range(4):  # four layers in turn: the selected experts are not in the caches from the call before
-        experts = Experts(E, H, inter)
-        for p in experts.parameters():
-            torch.nn.init.normal_(p, std=0.05)
-        experts = experts.to(torch.bfloat16).eval().requires_grad_(False)
-        for e in range(E):
-            mlp = experts[e]
-            mlp.gate_up_proj = PackedLinear.from_linear(mlp.gate_up_proj, "ue8m0-fp8")
-            mlp.down_proj = PackedLinear.from_linear(mlp.down_proj, "ue8m0-fp8")
+        experts = fp8_experts(spec)
         mlps = [experts[e] for e in range(E)]
         gu = km._table([m.gate_up_proj for m in mlps])
         dn = km._table([m.down_proj for m in mlps])

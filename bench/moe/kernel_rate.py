@@ -15,6 +15,24 @@ import statistics
 import time
 
 
+def fp8_experts(spec):  # type: ignore[no-untyped-def]
+    """One layer of `spec`'s experts with random weights (std 0.05), bf16, every expert's linears in ue8m0-fp8."""
+    import torch  # noqa: PLC0415
+
+    from cumulo.formats.linear import PackedLinear  # noqa: PLC0415
+    from cumulo.models.moe import Experts  # noqa: PLC0415
+
+    experts = Experts(spec.num_experts, spec.hidden, spec.moe_intermediate)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    experts = experts.to(torch.bfloat16).eval().requires_grad_(False)
+    for e in range(spec.num_experts):
+        mlp = experts[e]
+        mlp.gate_up_proj = PackedLinear.from_linear(mlp.gate_up_proj, "ue8m0-fp8")
+        mlp.down_proj = PackedLinear.from_linear(mlp.down_proj, "ue8m0-fp8")
+    return experts
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.moe.kernel_rate", description=__doc__.splitlines()[0]
@@ -25,25 +43,14 @@ def main(argv: list[str] | None = None) -> None:
     import torch  # noqa: PLC0415
 
     from bench.moe.spec import MoeSpec  # noqa: PLC0415
-    from cumulo.formats.linear import PackedLinear  # noqa: PLC0415
-    from cumulo.models.moe import Experts, softmax_topk  # noqa: PLC0415
+    from cumulo.models.moe import softmax_topk  # noqa: PLC0415
     from cumulo.platform.kernels import gemv  # noqa: PLC0415
 
     torch.set_num_threads(1)
     spec = MoeSpec()
     E, H, inter, k = spec.num_experts, spec.hidden, spec.moe_intermediate, spec.top_k
     torch.manual_seed(0)
-    layers = []
-    for _ in range(4):
-        experts = Experts(E, H, inter)
-        for p in experts.parameters():
-            torch.nn.init.normal_(p, std=0.05)
-        experts = experts.to(torch.bfloat16).eval().requires_grad_(False)
-        for e in range(E):
-            mlp = experts[e]
-            mlp.gate_up_proj = PackedLinear.from_linear(mlp.gate_up_proj, "ue8m0-fp8")
-            mlp.down_proj = PackedLinear.from_linear(mlp.down_proj, "ue8m0-fp8")
-        layers.append(experts)
+    layers = [fp8_experts(spec) for _ in range(4)]
     head = torch.randn(spec.vocab, H).to(torch.bfloat16)
     x = torch.randn(1, H).to(torch.bfloat16)
     big = torch.ones(2**28 // 4)
