@@ -46,6 +46,22 @@ class Gateway:
     def admin(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {(self.data_dir / 'admin_key').read_text().strip()}"}
 
+    def create_key(self, org: str, timeout: float = 60.0) -> str:
+        """An API key for `org`, once the gateway listens: it writes the admin key before it starts the pool's
+        controller and binds its port, so the first request may find the port still closed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                got = httpx.post(
+                    f"{self.url}/admin/keys", headers=self.admin(), json={"org": org}, timeout=10
+                )
+                return got.json()["key"]
+            except httpx.ConnectError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
     def wait_serving(self, key: str, timeout: float = 240.0) -> None:
         """Until the deployment's replicas are all ready (the model is listed once the first one is)."""
         deadline = time.monotonic() + timeout
@@ -85,9 +101,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, write_tiny_llama) -> Itera
             if (data / "admin_key").exists():
                 break
             time.sleep(0.2)
-        key = httpx.post(f"{gw.url}/admin/keys", headers=gw.admin(), json={"org": "o"}, timeout=10).json()[
-            "key"
-        ]
+        key = gw.create_key("o")
         gw.wait_serving(key)
         yield gw, key
     finally:
