@@ -96,17 +96,13 @@ def _read_stage_tensors(
     path: Path, raw_config: dict, wanted: Callable[[str], bool], dtype: torch.dtype
 ) -> dict:
     """This stage's tensors under our names: plain ones cast to `dtype`, packed ones (a compact-format
-    checkpoint) as `PackedWeight`s, as the unsplit loader reads them (`cumulo.models.loader._load_hf`)."""
-    from cumulo.formats.checkpoint import iter_safetensors, load_packed_state_dict
+    checkpoint) as `PackedWeight`s, as the unsplit loader reads them."""
+    from cumulo.formats.checkpoint import iter_safetensors
+    from cumulo.models.loader import read_packed_weights
 
-    state: dict = {}
     if raw_config.get("quantization_config"):
-        packed, _ = load_packed_state_dict(path, wanted=wanted)
-        for name in list(packed):
-            tensor = packed.pop(name)
-            plain = isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
-            state[str(hf.hf_name(name))] = tensor.to(dtype) if plain else tensor
-        return state
+        return read_packed_weights(path, dtype, wanted)[0]
+    state: dict = {}
     for file in hf.weight_files(path):
         for name, tensor in iter_safetensors(file, wanted=wanted):
             state[str(hf.hf_name(name))] = tensor.to(dtype)

@@ -7,6 +7,7 @@ the architectures never see where a checkpoint came from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,18 +137,27 @@ def hf_config_and_tokenizer(path: Path) -> tuple[dict, ModelConfig, Tokenizer]:
     return raw, config, tokenizer
 
 
+def read_packed_weights(
+    path: Path, dtype: torch.dtype, wanted: Callable[[str], bool] | None = None
+) -> tuple[dict[str, Any], str]:
+    """A compact-format checkpoint's tensors (cumulo convert, or DeepSeek's block FP8) under our names, each
+    `wanted` one (all when None): packed weights stay packed, plain float tensors are cast to `dtype`; and the
+    format name."""
+    from cumulo.formats.checkpoint import load_packed_state_dict
+
+    packed, quant_format = load_packed_state_dict(path, wanted=wanted)
+    weights = {}
+    for tensor_name in list(packed):
+        t = packed.pop(tensor_name)  # popped, so a cast frees the stored copy as it goes
+        if (hf_name := hf.hf_name(tensor_name)) is not None:
+            weights[hf_name] = t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+    return weights, quant_format
+
+
 def _load_hf(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
     raw, config, tokenizer = hf_config_and_tokenizer(path)
     if raw.get("quantization_config"):
-        # A compact-format checkpoint (cumulo convert, or DeepSeek's block FP8): packed weights stay packed.
-        from cumulo.formats.checkpoint import load_packed_state_dict
-
-        packed, quant_format = load_packed_state_dict(path)
-        weights = {}
-        for tensor_name in list(packed):
-            t = packed.pop(tensor_name)  # popped, so a cast frees the stored copy as it goes
-            if (hf_name := hf.hf_name(tensor_name)) is not None:
-                weights[hf_name] = t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+        weights, quant_format = read_packed_weights(path, dtype)
         fmt = "safetensors:" + quant_format
     else:
         weights = hf.read_weights(path, dtype)
