@@ -141,3 +141,132 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return expected
+
+
+# DeepSeek-V3's Hugging Face names -> llama.cpp's deepseek2 names (its tensor map), for the tensors outside _LAYER
+_DEEPSEEK_LAYER = {
+    **_LAYER,
+    "self_attn.q_a_proj": "attn_q_a",
+    "self_attn.q_a_layernorm": "attn_q_a_norm",
+    "self_attn.q_b_proj": "attn_q_b",
+    "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa",
+    "self_attn.kv_a_layernorm": "attn_kv_a_norm",
+    "self_attn.kv_b_proj": "attn_kv_b",
+    "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_experts.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_experts.up_proj": "ffn_up_shexp",
+    "mlp.shared_experts.down_proj": "ffn_down_shexp",
+}
+_STACKED = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+
+
+def write_deepseek2_gguf(
+    path: Path,
+    state: dict[str, torch.Tensor],
+    shape: dict,
+    tokenizer: dict,
+    *,
+    split_kv_b: bool = True,
+    gating: int = 2,
+    expert_qtype: object | None = None,
+) -> dict[str, np.ndarray]:
+    """A DeepSeek-V3 (`state`: Hugging Face names; `shape`: its config keys) as llama.cpp's converter writes a
+    `deepseek2`: MLA as one key/value head of kv_lora_rank + rope, the per-head widths under *_length_mla,
+    kv_b_proj split into attn_k_b (transposed per head) and attn_v_b (`split_kv_b=False`: one attn_kv_b, as
+    converters before that split wrote it), experts stacked into ffn_*_exps (optionally quantized), the
+    selection bias as exp_probs_b.bias, YaRN's mscale_all_dim as 0.1 x the log multiplier. Returns what a reader
+    should give back, by Hugging Face name."""
+    import gguf
+
+    heads, nope = shape["num_attention_heads"], shape["qk_nope_head_dim"]
+    rope = shape["qk_rope_head_dim"]
+    writer = gguf.GGUFWriter(str(path), "deepseek2")
+    writer.add_name("tiny-deepseek2")
+    writer.add_context_length(shape["max_position_embeddings"])
+    writer.add_embedding_length(shape["hidden_size"])
+    writer.add_feed_forward_length(shape["intermediate_size"])
+    writer.add_block_count(shape["num_hidden_layers"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(shape.get("rms_norm_eps", 1e-6))
+    if shape.get("q_lora_rank"):
+        writer.add_q_lora_rank(shape["q_lora_rank"])
+    writer.add_kv_lora_rank(shape["kv_lora_rank"])
+    writer.add_key_length(shape["kv_lora_rank"] + rope)
+    writer.add_value_length(shape["kv_lora_rank"])
+    writer.add_key_length_mla(nope + rope)
+    writer.add_value_length_mla(shape["v_head_dim"])
+    writer.add_rope_dimension_count(rope)
+    writer.add_leading_dense_block_count(shape["first_k_dense_replace"])
+    writer.add_expert_count(shape["n_routed_experts"])
+    writer.add_expert_used_count(shape["num_experts_per_tok"])
+    writer.add_expert_feed_forward_length(shape["moe_intermediate_size"])
+    writer.add_expert_shared_count(shape["n_shared_experts"])
+    writer.add_expert_weights_scale(shape["routed_scaling_factor"])
+    writer.add_expert_weights_norm(shape["norm_topk_prob"])
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType(gating))
+    writer.add_expert_group_count(shape["n_group"])
+    writer.add_expert_group_used_count(shape["topk_group"])
+    rope_params = dict(shape.get("rope_parameters") or {})
+    writer.add_rope_freq_base(rope_params.get("rope_theta", 10000.0))
+    if rope_params.get("rope_type") == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope_params["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope_params["original_max_position_embeddings"])
+        writer.add_rope_scaling_yarn_log_mul(0.1 * rope_params["mscale_all_dim"])
+    writer.add_tokenizer_model(tokenizer["model"])
+    writer.add_tokenizer_pre(tokenizer["pre"])
+    writer.add_token_list(tokenizer["tokens"])
+    writer.add_token_types(tokenizer["types"])
+    writer.add_token_merges(tokenizer["merges"])
+    writer.add_bos_token_id(tokenizer["bos"])
+    writer.add_eos_token_id(tokenizer["eos"])
+    expected: dict[str, np.ndarray] = {}
+    experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+    for name, tensor in state.items():
+        array = tensor.float().numpy().copy()
+        stem, suffix = name.rsplit(".", 1)
+        if name.endswith(".mlp.experts.gate_up_proj"):  # transformers 5's fused [E, 2I, H], gate rows first
+            half = array.shape[1] // 2
+            for e in range(array.shape[0]):
+                experts.setdefault((name.split(".")[2], "gate_proj"), {})[e] = array[e, :half]
+                experts.setdefault((name.split(".")[2], "up_proj"), {})[e] = array[e, half:]
+            continue
+        if name.endswith(".mlp.experts.down_proj"):  # [E, H, I]
+            for e in range(array.shape[0]):
+                experts.setdefault((name.split(".")[2], "down_proj"), {})[e] = array[e]
+            continue
+        if ".mlp.experts." in name:  # model.layers.N.mlp.experts.E.proj.weight
+            layer, rest = stem.split(".mlp.experts.")
+            e, proj = rest.split(".")
+            experts.setdefault((layer.split(".")[-1], proj), {})[int(e)] = array
+            continue
+        expected[name] = array
+        if stem in _TOP:
+            writer.add_tensor(f"{_TOP[stem]}.{suffix}", array)
+            continue
+        _, _, layer, rest = stem.split(".", 3)
+        if rest == "mlp.gate" and suffix == "e_score_correction_bias":
+            writer.add_tensor(f"blk.{layer}.exp_probs_b.bias", array)
+        elif rest == "self_attn.kv_b_proj" and split_kv_b:
+            per_head = array.reshape(heads, -1, array.shape[-1])
+            writer.add_tensor(f"blk.{layer}.attn_k_b.weight", per_head[:, :nope].transpose(0, 2, 1).copy())
+            writer.add_tensor(f"blk.{layer}.attn_v_b.weight", per_head[:, nope:].copy())
+        else:
+            writer.add_tensor(f"blk.{layer}.{_DEEPSEEK_LAYER[rest]}.{suffix}", array)
+    for (layer, proj), per_expert in experts.items():
+        stacked = np.stack([per_expert[e] for e in sorted(per_expert)])  # [E, out, in]
+        raw = stacked if expert_qtype is None else gguf.quants.quantize(stacked, expert_qtype)
+        back = (
+            stacked
+            if expert_qtype is None
+            else gguf.quants.dequantize(raw, expert_qtype).reshape(stacked.shape)
+        )
+        writer.add_tensor(f"blk.{layer}.{_STACKED[proj]}.weight", raw, raw_dtype=expert_qtype)
+        for e in sorted(per_expert):
+            expected[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"] = back[e].copy()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
