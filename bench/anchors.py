@@ -43,6 +43,23 @@ def _cpu_has_amx() -> bool:
 NO_REPACK = _cpu_has_amx()
 
 
+def binding_without_repack() -> None:
+    """In the anchor venv, where NO_REPACK says so: llama-cpp-python has no flag for repacking, so it is switched
+    off in the default model parameters that every `Llama` starts from."""
+    if not NO_REPACK:
+        return
+    import llama_cpp.llama_cpp as llama_cpp  # noqa: PLC0415 - the module Llama reads its defaults from
+
+    defaults = llama_cpp.llama_model_default_params
+
+    def no_repack():  # noqa: ANN202
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_model_default_params = no_repack
+
+
 def repack_args(tool: str) -> list[str]:
     """Flags that turn llama.cpp's weight repacking off where NO_REPACK says so ("llama-bench" spells it apart)."""
     if not NO_REPACK:

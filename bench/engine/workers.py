@@ -114,20 +114,11 @@ def hf_generate(model: Path, threads: int) -> Generate:
 
 
 def llama_cpp_python_generate(model: Path, threads: int, n_ctx: int) -> Generate:
-    import llama_cpp.llama_cpp as llama_cpp  # noqa: PLC0415 - the module Llama reads its defaults from
     from llama_cpp import Llama  # noqa: PLC0415
 
-    from bench.anchors import NO_REPACK  # noqa: PLC0415
+    from bench.anchors import binding_without_repack  # noqa: PLC0415
 
-    if NO_REPACK:  # the binding has no flag for it: switch repacking off in the defaults Llama starts from
-        defaults = llama_cpp.llama_model_default_params
-
-        def no_repack():  # noqa: ANN202
-            params = defaults()
-            params.use_extra_bufts = False
-            return params
-
-        llama_cpp.llama_model_default_params = no_repack
+    binding_without_repack()
     llm = Llama(
         model_path=str(model),
         n_ctx=n_ctx,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench import anchors
 from bench.common import ANCHORS_DIR, find_result, log, model_path, thread_env
-from bench.moe.spec import MoeSpec
+from bench.moe.spec import ARCHES, DeepSeekSpec, MoeSpec
 
 PROJECT_PYTHON = Path(sys.executable)
 
@@ -28,6 +28,12 @@ PROJECT_PYTHON = Path(sys.executable)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.moe", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller model, fewer tokens, one repeat")
+    parser.add_argument(
+        "--arch",
+        choices=sorted(ARCHES),
+        default="qwen3moe",
+        help="the random model's architecture: Qwen3-MoE, or DeepSeek-V3 (MLA, grouped routing, a shared expert)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", default="1,8,16")
     parser.add_argument(
@@ -36,18 +42,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", help="Cumulo's activation dtype")
     parser.add_argument("--no-dense", action="store_true", help="skip the SmolLM2 memory rows")
     parser.add_argument("--no-llama", action="store_true", help="skip llama.cpp (the roof rows still print)")
-    parser.add_argument("--plot", default=str(Path("docs/img/moe-decode.png")))
+    parser.add_argument("--plot", help="where the figure goes (default docs/img/moe-decode[-deepseek2].png)")
     return parser.parse_args(argv)
 
 
-def ensure_model(spec: MoeSpec) -> Path:
-    from bench.moe.gguf_model import file_name, write_moe_gguf  # noqa: PLC0415 - numpy + gguf
+def ensure_model(spec: MoeSpec | DeepSeekSpec) -> Path:
+    from bench.moe.gguf_model import file_name, write_model_gguf  # noqa: PLC0415 - numpy + gguf
 
     path = ANCHORS_DIR / "models" / file_name(spec)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         log(f"writing {path.name} (seeded random weights) ...")
-        write_moe_gguf(spec, path, model_path())
+        write_model_gguf(spec, path, model_path())
     return path
 
 
@@ -112,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from bench.moe import report  # noqa: PLC0415
 
-    spec = MoeSpec.quick() if args.quick else MoeSpec()
+    shape = ARCHES[args.arch]
+    spec = shape.quick() if args.quick else shape()
     tokens, repeats = (16, 1) if args.quick else (64, 3)
     batches = [int(b) for b in args.batches.split(",")]
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
@@ -158,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     result = report.build(spec, systems, llama_bytes, bandwidth, batches, args)
     result.update(started=started, load_before=load_before, load_after=os.getloadavg(), model=str(model),
                   command="python -m bench.moe " + " ".join(sys.argv[1:]))  # fmt: skip
-    report.finish(result, Path(args.plot))
+    suffix = "" if args.arch == "qwen3moe" else f"-{args.arch}"
+    report.finish(result, Path(args.plot or f"docs/img/moe-decode{suffix}.png"))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ import time
 from pathlib import Path
 
 from bench.common import RESULTS_DIR, log
-from bench.moe.spec import MoeSpec, active_bytes
+from bench.moe.spec import DeepSeekSpec, MoeSpec, active_bytes
 
 MIB = 1 << 20
 
 
-def roofs(tensor_bytes: dict[str, int], spec: MoeSpec, bandwidth_gb_s: float, batches: list[int]) -> dict:
+def roofs(
+    tensor_bytes: dict[str, int], spec: MoeSpec | DeepSeekSpec, bandwidth_gb_s: float, batches: list[int]
+) -> dict:
     """Per batch: the bytes a step reads (by part) and the tok/s that bandwidth allows for them."""
     out = {}
     for b in batches:
@@ -43,7 +45,7 @@ def memory(system: dict, baseline_mib: float) -> dict | None:
     }
 
 
-def build(spec: MoeSpec, systems: dict[str, dict], llama_bytes: dict[str, int], bandwidth: float,
+def build(spec: MoeSpec | DeepSeekSpec, systems: dict[str, dict], llama_bytes: dict[str, int], bandwidth: float,
           batches: list[int], args: argparse.Namespace) -> dict:  # fmt: skip
     baseline = systems["baseline"].get("rss_mib", 0.0)
     cu, ll = systems["cumulo"], systems["llama.cpp"]
@@ -68,12 +70,12 @@ def build(spec: MoeSpec, systems: dict[str, dict], llama_bytes: dict[str, int], 
             ratio[b] = c["tok_s"] / lc["tok_s"]
     mem = {name: memory(s, baseline) for name, s in systems.items() if name.startswith("cumulo")}
     slim = {name: {k: v for k, v in s.items() if k != "tensor_bytes"} for name, s in systems.items()}
-    return {"spec": spec.as_dict(), "params": spec.params(), "bandwidth_gb_s": bandwidth, "threads": args.threads,
+    return {"arch": getattr(args, "arch", "qwen3moe"), "spec": spec.as_dict(), "params": spec.params(), "bandwidth_gb_s": bandwidth, "threads": args.threads,
             "format": args.format, "decode": rows, "cumulo_over_llama": ratio, "memory": mem, "systems": slim}  # fmt: skip
 
 
 def print_table(result: dict) -> None:
-    print(f"\nMoE decode ({result['params']['total'] / 1e9:.2f} B weights, {result['params']['active'] / 1e9:.3f} B "
+    print(f"\nMoE decode, {result.get('arch', 'qwen3moe')} ({result['params']['total'] / 1e9:.2f} B weights, {result['params']['active'] / 1e9:.3f} B "
           f"active/token), read bandwidth {result['bandwidth_gb_s']:.1f} GB/s, {result['threads']} threads, "
           f"load {result['load_before'][0]:.1f} -> {result['load_after'][0]:.1f}")  # fmt: skip
     print(
@@ -120,7 +122,8 @@ def plot(result: dict, path: Path) -> None:
                    label="bandwidth roof of its active bytes" if i == 0 else None)  # fmt: skip
         ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
     ax.set_ylabel("decode tok/s")
-    ax.set_title(f"Qwen3-MoE random {result['params']['total'] / 1e9:.2f}B, {result['bandwidth_gb_s']:.0f} GB/s, "
+    title = {"qwen3moe": "Qwen3-MoE", "deepseek2": "DeepSeek-V3"}.get(result.get("arch", "qwen3moe"))
+    ax.set_title(f"{title} random {result['params']['total'] / 1e9:.2f}B, {result['bandwidth_gb_s']:.0f} GB/s, "
                  f"{result['threads']} threads, load {result['load_before'][0]:.1f}", fontsize=9)  # fmt: skip
     ax.legend(fontsize=8)
     fig.tight_layout()

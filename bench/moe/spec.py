@@ -57,6 +57,68 @@ class MoeSpec:
         return {"total": total, "active": active, "experts_active": L * self.top_k * expert}
 
 
+@dataclass(frozen=True, slots=True)
+class DeepSeekSpec:
+    """A DeepSeek-V3 shape (multi-head latent attention, one dense first layer, routed experts in groups of which
+    the best half are eligible, one shared expert), sized like MoeSpec so the two lines compare: 0.58 B weights,
+    0.15 B of them read per token. The router's selection bias is zero, so random weights route about evenly."""
+
+    hidden: int = 1024
+    layers: int = 6
+    first_dense: int = 1
+    dense_intermediate: int = 2816
+    heads: int = 16
+    q_lora_rank: int = 384
+    kv_lora_rank: int = 256
+    qk_nope_head_dim: int = 64
+    qk_rope_head_dim: int = 32
+    v_head_dim: int = 64
+    num_experts: int = 64
+    top_k: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    shared_experts: int = 1
+    moe_intermediate: int = 512
+    routed_scaling_factor: float = 2.5
+    vocab: int = VOCAB
+    context: int = 4096
+    rms_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def quick(cls) -> DeepSeekSpec:
+        return cls(layers=2, num_experts=32, moe_intermediate=256)
+
+    def as_dict(self) -> dict[str, int | float]:
+        return asdict(self)
+
+    def params(self) -> dict[str, int]:
+        """Weights by part, as MoeSpec.params (shared experts and the dense layer are read by every token)."""
+        h, L, H = self.hidden, self.layers, self.heads
+        qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+        attn = (
+            h * self.q_lora_rank
+            + self.q_lora_rank * H * qk
+            + h * (self.kv_lora_rank + self.qk_rope_head_dim)
+            + self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim)
+            + H * self.v_head_dim * h
+        )
+        norms = 2 * h + self.q_lora_rank + self.kv_lora_rank
+        expert = 3 * h * self.moe_intermediate
+        sparse = L - self.first_dense
+        moe_always = (
+            self.num_experts * h + self.num_experts + self.shared_experts * expert
+        )  # router, bias, shared
+        embed = self.vocab * h
+        common = L * (attn + norms) + self.first_dense * 3 * h * self.dense_intermediate + sparse * moe_always
+        total = common + sparse * self.num_experts * expert + embed + h
+        active = common + sparse * self.top_k * expert + h + embed + h
+        return {"total": total, "active": active, "experts_active": sparse * self.top_k * expert}
+
+
+ARCHES = {"qwen3moe": MoeSpec, "deepseek2": DeepSeekSpec}  # GGUF architecture -> the bench's shape
+
+
 def distinct_experts(num_experts: int, top_k: int, tokens: int) -> float:
     """Expected experts a layer touches for `tokens` tokens routed uniformly at random (each token picks
     `top_k` distinct ones): E * (1 - (1 - k/E)^T). Random weights route close to uniformly."""
