@@ -228,7 +228,14 @@ class LlamaServer:
         self._log.close()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse  # noqa: PLC0415
+
+    argparse.ArgumentParser(
+        prog="python -m bench.anchors",
+        description="Build llama.cpp's anchors (llama-cpp-python and llama-server, from source for this CPU) into "
+        f"{VENV_DIR} if they are not there yet (20-30 minutes on 2 cores), then print where they are.",
+    ).parse_args(argv)
     anchors = ensure_anchors()
     print(f"python:        {anchors.python}")
     print(f"llama-server:  {anchors.server}")

@@ -1,5 +1,5 @@
 """bench.moe's pure parts: the active-bytes arithmetic behind its bandwidth roof, and the GGUF it writes (that
-Cumulo reads it back as the Qwen3-MoE the spec describes, with the source's tokenizer)."""
+Cumulo reads it back as the Qwen3-MoE or DeepSeek-V3 the spec describes, with the source's tokenizer)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.moe.gguf_model import gguf_tensor_bytes, write_moe_gguf
-from bench.moe.spec import MoeSpec, active_bytes, distinct_experts
+from bench.moe.gguf_model import gguf_tensor_bytes, write_deepseek2_gguf, write_moe_gguf
+from bench.moe.spec import DeepSeekSpec, MoeSpec, active_bytes, distinct_experts
 
 Q8_0 = 34 / 32  # bytes per weight: 32 int8 codes and one fp16 scale per block
 
@@ -148,3 +148,47 @@ def test_active_bytes_of_the_written_gguf_count_q8_0_experts_and_f32_router(
     f32 = 4 * (L * (spec.num_experts * h + 2 * h + 2 * spec.head_dim) + h)  # router and norms
     assert parts["attention+norms+router"] == pytest.approx(L * attn * Q8_0 + f32)
     assert parts["lm_head"] == pytest.approx(spec.vocab * h * Q8_0)  # tied: the Q8_0 embedding, whole
+
+
+def test_written_deepseek2_reads_back_as_the_spec_and_its_params_count_the_file(
+    tokenizer_gguf, tmp_path: Path
+) -> None:
+    import gguf
+
+    from cumulo.models.gguf import read_gguf
+
+    source, tokens = tokenizer_gguf
+    spec = DeepSeekSpec(hidden=64, layers=3, first_dense=1, dense_intermediate=96, heads=2, q_lora_rank=32,
+                        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, num_experts=8,
+                        top_k=2, n_group=4, topk_group=2, moe_intermediate=32, vocab=len(tokens), context=128)  # fmt: skip
+    path = write_deepseek2_gguf(spec, tmp_path / "ds.gguf", source)
+    contents = read_gguf(path)
+    c = contents.config
+    assert (c.architecture, c.hidden_size, c.num_hidden_layers, c.first_k_dense_replace) == (
+        "deepseek_v3",
+        64,
+        3,
+        1,
+    )
+    assert (c.q_lora_rank, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim) == (
+        32,
+        64,
+        32,
+        32,
+        32,
+    )
+    assert (c.num_experts, c.num_experts_per_tok, c.n_group, c.topk_group, c.num_shared_experts) == (
+        8,
+        2,
+        4,
+        2,
+        1,
+    )
+    assert c.routed_scaling_factor == 2.5 and c.norm_topk_prob and c.tie_word_embeddings
+    assert contents.weights["model.layers.1.self_attn.kv_b_proj.weight"].shape == (2 * (32 + 32), 64)
+    assert contents.weights["model.layers.2.mlp.experts.7.down_proj.weight"].shape == (64, 32)
+    elements = {t.name: int(t.n_elements) for t in gguf.GGUFReader(str(path)).tensors}
+    assert sum(elements.values()) == spec.params()["total"]
+    one = active_bytes(elements, num_experts=spec.num_experts, top_k=spec.top_k, vocab=spec.vocab)
+    assert one["total"] == spec.params()["active"]  # shared experts and the dense layer count as always read
+    assert one["experts"] == spec.params()["experts_active"]
