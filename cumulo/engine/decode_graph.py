@@ -89,14 +89,13 @@ class DecodeGraph:
         if (
             not kv_cache.k
             and kv_cache.latent
-            and not lora
             and 1 <= batch <= MAX_BATCH
             and layers is not None
             and len(layers) > 0
             and isinstance(embed, nn.Embedding)
             and embed.weight.dtype in recorder.DTYPES
         ):  # a latent-only cache: multi-head latent attention (DeepSeek), recorded by its own walk
-            recorded = record_mla(model, kv_cache, batch, recorder, max_blocks)
+            recorded = record_mla(model, kv_cache, batch, recorder, max_blocks, lora)
             return None if recorded is None else cls(*recorded)
         if (
             not 1 <= batch <= MAX_BATCH

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cumulo.engine.lora import MultiLoRALinear
 from cumulo.formats.kernels.cpu import kernel_threads
 from cumulo.formats.kernels.moe import ERRORS as MOE_ERRORS
 from cumulo.formats.kernels.moe import SIGMOID
@@ -80,9 +81,16 @@ def record_linear(g: Any, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -
 
 
 def record_mla(
-    model: nn.Module, kv_cache: KVCache, batch: int, recorder: type, max_blocks: int | None
-) -> tuple[Any, dict[str, torch.Tensor]] | None:
-    """(graph, buffers) of one decode step of `batch` rows of a DeepSeek model over its latent cache, or None."""
+    model: nn.Module,
+    kv_cache: KVCache,
+    batch: int,
+    recorder: type,
+    max_blocks: int | None,
+    lora: bool = False,
+) -> tuple[Any, dict[str, torch.Tensor], tuple[str, ...]] | None:
+    """(graph, buffers, LoRA linears' names) of one decode step of `batch` rows of a DeepSeek model over its
+    latent cache, or None. `lora`: each multi-LoRA linear is followed by the recorder's LoRA op, as in
+    `DecodeGraph.record`'s walk (None if the model has no such linear or the recorder no LoRA op)."""
     body = model.model
     layers, embed, final_norm = body.layers, body.embed_tokens, body.norm
     dtype = embed.weight.dtype
@@ -91,7 +99,13 @@ def record_mla(
         or not isinstance(final_norm, RMSNorm)
         or not all(hasattr(recorder, op) for op in ("mla_decode", "mla_rope_cache", "linear"))
         or not all(_mla_layer(layer, dtype, kv_cache) for layer in layers)
+        or (lora and not hasattr(recorder, "lora"))
     ):
+        return None
+    lora_names = tuple(
+        m.name for layer in layers for m in layer.modules() if lora and isinstance(m, MultiLoRALinear)
+    )
+    if lora and not lora_names:
         return None
 
     def buf(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
@@ -104,6 +118,7 @@ def record_mla(
         "tables": buf(batch, max_blocks or kv_cache.num_blocks, dt=torch.int64),
         "x": buf(batch, hidden), "h": buf(batch, hidden), "o": buf(batch, hidden), "d": buf(batch, hidden),
         "d2": buf(batch, hidden), "scratch": buf(batch, hidden),
+        "lora": buf(len(lora_names), batch, 3, dt=torch.int64),  # per linear, per row: (A, Bt, R) (lora.py)
     }  # fmt: skip
     # scratch by (use, shape, dtype): layers of one shape share it, dense and shared-expert MLPs differ in width
     sized: dict[tuple[object, ...], torch.Tensor] = {}
@@ -118,7 +133,11 @@ def record_mla(
     threads = torch.get_num_threads()
 
     def linear(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
-        return record_linear(g, module, x, y)
+        if not record_linear(g, module, x, y):
+            return False
+        if lora and isinstance(module, MultiLoRALinear):  # one thread, as DecodeGraph.record says why
+            g.lora(x, y, b["lora"][lora_names.index(module.name)], 1)
+        return True
 
     def norm(n: RMSNorm, x: torch.Tensor, y: torch.Tensor) -> None:
         g.rms_norm(x=x, weight=n.weight.detach().to(dtype).contiguous(), y=y, eps=n.eps, offset=n.offset)
@@ -179,7 +198,7 @@ def record_mla(
                 g.add_rms_norm(x=b["d"], r=b["d2"], weight=ones, y=b["scratch"], eps=1e-6, offset=0.0)
         add_norm(b["x"], b["d"], layers[i + 1].input_layernorm if i + 1 < len(layers) else final_norm, b["h"])
     b["embed"] = embed.weight
-    return g, b
+    return g, b, lora_names
 
 
 def _moe(g: Any, mlp: DeepseekMoE, b: dict[str, torch.Tensor], width: Any) -> bool:

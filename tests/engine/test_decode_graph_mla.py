@@ -137,7 +137,8 @@ def test_deepseek_variant_graphs_equal_eager(tmp_path: Path, dtype: str) -> None
 
 def test_record_mla(deepseek_dir: Path) -> None:
     """Called directly, `record` records an MLA model over its latent-only cache up to 16 rows; it answers None
-    (no exception) where the graph cannot be had: more rows, LoRA ops, a bf16 router whose weight is fp32."""
+    (no exception) where the graph cannot be had: more rows, LoRA ops where no linear carries adapters, a bf16
+    router whose weight is fp32."""
     runner = _engine(deepseek_dir, "float32", True).runner
     assert runner.kv_cache.k == [] and len(runner.kv_cache.latent) > 0
     for batch in (1, 16):
@@ -151,6 +152,68 @@ def test_record_mla(deepseek_dir: Path) -> None:
         router.weight.data.float()
     )  # eager's logits are the same; the recorded gemv has no form
     assert DecodeGraph.record(bf16.model, bf16.kv_cache, 2, graph.Graph) is None
+
+
+def test_deepseek_steps_with_adapters_replay_lora_graphs_with_peft_tokens(
+    deepseek_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PEFT LoRA adapter on every layer's o_proj (transformers 5 turns PEFT's MLP targets into the fused
+    experts' parameters, which Cumulo does not serve): graphed steps with LoRA ops give the eager engine's tokens
+    and log-probs and PEFT's own greedy tokens, with a base row in the same batch, and the LoRA graph replays."""
+    import peft
+
+    from cumulo.contracts import AdapterRef
+    from tests.support.checkpoints import tiny_deepseek_v3
+
+    model = peft.get_peft_model(
+        tiny_deepseek_v3(VOCAB), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"])
+    )
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(tmp_path / "adapter")
+    model.eval()
+    ref = AdapterRef(name="a", path=str(tmp_path / "adapter"))
+    prompts = _prompts(3, seed=21)
+
+    def run(engine: LLMEngine) -> list[tuple[list[int], list[float]]]:
+        ids = [
+            engine.add_request(
+                p,
+                SamplingParams(
+                    max_tokens=8,
+                    temperature=0.0,
+                    ignore_eos=True,
+                    logprobs=0,
+                    adapter=ref if i != 1 else None,
+                ),
+            )  # fmt: skip
+            for i, p in enumerate(prompts)
+        ]
+        out: dict[str, tuple[list[int], list[float]]] = {i: ([], []) for i in ids}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                out[o.request_id][0].extend(o.new_token_ids)
+                out[o.request_id][1].extend(lp.logprob for lp in o.new_logprobs)
+        return [out[i] for i in ids]
+
+    eager = run(_engine(deepseek_dir, "float32", False))
+    graphed_engine = _engine(deepseek_dir, "float32", True)
+    replays = _counted(graphed_engine, monkeypatch)
+    graphed = run(graphed_engine)
+    assert [g for g in graphed_engine.runner._lora_graphs.values() if isinstance(g, DecodeGraph)]
+    assert len(replays) >= 6  # the decode steps after the prefills replayed a graph
+    for (g_ids, g_lps), (e_ids, e_lps) in zip(graphed, eager, strict=True):
+        assert g_ids == e_ids
+        torch.testing.assert_close(torch.tensor(g_lps), torch.tensor(e_lps), rtol=0, atol=1e-4)
+    for i in (0, 2):  # the adapter's rows answer as PEFT does
+        ids = list(prompts[i])
+        with torch.no_grad():
+            for _ in range(8):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert graphed[i][0] == ids[len(prompts[i]) :]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
