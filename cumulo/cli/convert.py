@@ -11,8 +11,9 @@ statistics come from N tokens of calibration text (default 8192 from the half of
 `cumulo eval ppl` never scores, cumulo.evaluation.corpus.calibration_docs) or from a text file, all taken in
 one pass of the unquantized model. `--sequential` calibrates and quantizes the decoder layers in order instead,
 each on inputs that went through the already quantized layers before it (the GPTQ paper's order); on SmolLM2 it
-measured slightly worse than one pass (docs/formats.md), so it is not the default. The output has
-the same formats and layouts; only the codes and block scales differ.
+measured slightly worse than one pass (docs/formats.md), so it is not the default. `--flips` then moves single
+codes to a neighbouring grid value while that lowers each layer's calibration error (cumulo.formats.flips). The
+output has the same formats and layouts; only the codes and block scales differ.
 """
 
 from __future__ import annotations
@@ -101,6 +102,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with --calibrate: per block, keep whichever power-of-two scale (the rule's, half, double) rounds "
         "with the least input-weighted error (ue8m0 and E8M0 formats; same layout)",
     )
+    p.add_argument(
+        "--flips",
+        action="store_true",
+        help="with --calibrate: after GPTQ, move one code at a time to its neighbouring grid value while that "
+        "lowers the layer's calibration error (exact greedy descent; float formats; same layout, slower)",
+    )
     p.set_defaults(func=run)
 
 
@@ -110,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
 
     scheme = get_scheme(args.format)  # unknown names fail before the model is read
     calibrate = _calibration_request(args.calibrate, scheme.element is None)
+    if (args.flips or args.act_order or args.scale_search or args.sequential) and calibrate is None:
+        raise CumuloError("--sequential, --act-order, --scale-search and --flips refine --calibrate's rounding; "
+                          "add --calibrate")  # fmt: skip
     out = Path(args.output).expanduser()
     if out.exists() and any(out.iterdir()) and not args.force:
         raise CumuloError(f"{out} is not empty; pass --force to write into it")
@@ -117,7 +127,6 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from cumulo.formats.checkpoint import save_packed_state_dict
-    from cumulo.formats.gptq import gptq_quantize
     from cumulo.formats.linear import QuantPolicy, default_head
     from cumulo.formats.packed import PackedWeight
     from cumulo.formats.quantize import quantize
@@ -137,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     done: dict[str, PackedWeight] = {}  # weights the sequential calibration already quantized
     calibration = None
-    options = {"act_order": args.act_order, "scale_search": args.scale_search}
+    options = {"act_order": args.act_order, "scale_search": args.scale_search, "flips": args.flips}
     if calibrate is not None:
         calibration = _calibrate(
             model, quantized, calibrate, args.seed, scheme.name, group_amax, done if args.sequential else None,
@@ -156,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
             if name in done:
                 value = done.pop(name)
             elif hessian is not None:
-                value: torch.Tensor | PackedWeight = gptq_quantize(
+                value: torch.Tensor | PackedWeight = _calibrated(
                     tensor, hessian, scheme.name, name=name, tensor_amax=group_amax.get(name), **options
                 )
             else:
@@ -176,6 +185,17 @@ def run(args: argparse.Namespace) -> int:
         f"(from {bytes_in / 1e6:.1f} MB fp32)"
     )
     return 0
+
+
+def _calibrated(weight: Any, hessian: Any, fmt: str, *, flips: bool = False, **options: Any) -> Any:
+    """GPTQ's codes for `weight` under `hessian`; with `flips`, then improved by cumulo.formats.flips."""
+    if flips:
+        from cumulo.formats.flips import flip_quantize
+
+        return flip_quantize(weight, hessian, fmt, **options)
+    from cumulo.formats.gptq import gptq_quantize
+
+    return gptq_quantize(weight, hessian, fmt, **options)
 
 
 def _with_packed_head(model: Any, policy: Any, compact: bool) -> list[tuple[str, Any]]:
@@ -267,7 +287,6 @@ def _layer_quantizer(
     each of the layer's checkpoint weights, kept in `done`; returns their dequantized values under the engine's
     (fused) parameter names, for the module to run the next layers with."""
     from cumulo.evaluation.calibration import module_for
-    from cumulo.formats.gptq import gptq_quantize
     from cumulo.formats.quantize import quantize
     from cumulo.models.registry import fuse_weights
 
@@ -277,9 +296,7 @@ def _layer_quantizer(
             hessian = hessians.get(module_for(name))
             amax = group_amax.get(name)
             if hessian is not None:
-                done[name] = gptq_quantize(
-                    weights[name], hessian, fmt, name=name, tensor_amax=amax, **options
-                )
+                done[name] = _calibrated(weights[name], hessian, fmt, name=name, tensor_amax=amax, **options)
             else:
                 done[name] = quantize(weights[name], fmt, name=name, tensor_amax=amax)
             dense[name] = done[name].dequantize()

@@ -137,6 +137,7 @@ def test_convert_calibrate_reads_a_text_file(tiny_llama: Path, tmp_path: Path, c
             "neither a token count nor an existing text file",
         ),
         (["-f", "bf16", "--calibrate"], "--calibrate needs a compact format"),
+        (["-f", "ue8m0-fp8", "--flips"], "add --calibrate"),
     ],
 )
 def test_convert_calibrate_bad_values_are_one_line_errors(
@@ -160,3 +161,17 @@ def test_convert_calibrate_act_order_and_scale_search_write_the_same_layout(
     assert all((a[k].shape, a[k].dtype) == (b[k].shape, b[k].dtype) for k in a)
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(a[q].view(torch.uint8), b[q].view(torch.uint8))
+
+
+def test_convert_flips_refines_gptq_codes_in_the_same_layout(tiny_llama: Path, tmp_path: Path) -> None:
+    gptq, flips = tmp_path / "gptq", tmp_path / "flips"
+    args = ["-f", "ue8m0-fp8", "--calibrate", "300"]
+    assert main(["convert", str(tiny_llama), "-o", str(gptq), *args]) == 0
+    assert main(["convert", str(tiny_llama), "-o", str(flips), *args, "--flips"]) == 0
+    a, b = _tensors(gptq), _tensors(flips)
+    assert a.keys() == b.keys()
+    assert all((a[k].shape, a[k].dtype) == (b[k].shape, b[k].dtype) for k in a)
+    scales = [k for k in a if k.endswith("weight_scale_inv")]
+    assert scales and all(torch.equal(a[k], b[k]) for k in scales)  # GPTQ's block scales kept
+    codes = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(a[codes].view(torch.uint8), b[codes].view(torch.uint8))  # some codes moved
