@@ -57,66 +57,75 @@ def _matrix(rng: np.random.Generator, *shape: int) -> np.ndarray:
     return (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])).astype(np.float32)
 
 
+class _File:
+    """A bench GGUF written through a .part file (an interrupted run leaves no half file): the metadata both
+    architectures share, the source's tokenizer, Q8_0 matrices and f32 vectors; `close` renames it into place."""
+
+    def __init__(self, path: Path, arch: str, spec: MoeSpec | DeepSeekSpec, tokenizer_gguf: Path) -> None:
+        import gguf  # noqa: PLC0415
+
+        self.gguf, self.path, self.tmp = gguf, path, path.with_suffix(".part")
+        w = self.writer = gguf.GGUFWriter(str(self.tmp), arch)
+        w.add_name(f"cumulo bench random {arch}")
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+        w.add_context_length(spec.context)
+        w.add_embedding_length(spec.hidden)
+        w.add_block_count(spec.layers)
+        w.add_head_count(spec.heads)
+        w.add_layer_norm_rms_eps(spec.rms_eps)
+        w.add_rope_freq_base(spec.rope_theta)
+        w.add_expert_count(spec.num_experts)
+        w.add_expert_used_count(spec.top_k)
+        w.add_expert_feed_forward_length(spec.moe_intermediate)
+        w.add_expert_weights_norm(True)
+        vocab = _copy_tokenizer(w, tokenizer_gguf)
+        if vocab != spec.vocab:
+            raise ValueError(f"{tokenizer_gguf} has {vocab} tokens, the spec says {spec.vocab}")
+
+    def quantized(self, name: str, weights: np.ndarray) -> None:
+        q8 = self.gguf.GGMLQuantizationType.Q8_0
+        self.writer.add_tensor(name, self.gguf.quants.quantize(weights, q8), raw_dtype=q8)
+
+    def plain(self, name: str, weights: np.ndarray) -> None:
+        self.writer.add_tensor(name, weights.astype(np.float32))
+
+    def close(self) -> Path:
+        self.writer.write_header_to_file()
+        self.writer.write_kv_data_to_file()
+        self.writer.write_tensors_to_file()
+        self.writer.close()
+        self.tmp.rename(self.path)
+        return self.path
+
+
 def write_moe_gguf(spec: MoeSpec, path: Path, tokenizer_gguf: Path, seed: int = SEED) -> Path:
-    """Writes the model to `path` (through a .part file, so an interrupted run leaves no half file)."""
-    import gguf  # noqa: PLC0415
-
-    q8 = gguf.GGMLQuantizationType.Q8_0
-    tmp = path.with_suffix(".part")
-    writer = gguf.GGUFWriter(str(tmp), "qwen3moe")
-    writer.add_name("cumulo bench random qwen3moe")
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    writer.add_context_length(spec.context)
-    writer.add_embedding_length(spec.hidden)
-    writer.add_feed_forward_length(spec.moe_intermediate)
-    writer.add_block_count(spec.layers)
-    writer.add_head_count(spec.heads)
-    writer.add_head_count_kv(spec.kv_heads)
-    writer.add_key_length(spec.head_dim)
-    writer.add_value_length(spec.head_dim)
-    writer.add_layer_norm_rms_eps(spec.rms_eps)
-    writer.add_rope_freq_base(spec.rope_theta)
-    writer.add_expert_count(spec.num_experts)
-    writer.add_expert_used_count(spec.top_k)
-    writer.add_expert_feed_forward_length(spec.moe_intermediate)
-    writer.add_expert_weights_norm(True)
-    vocab = _copy_tokenizer(writer, tokenizer_gguf)
-    if vocab != spec.vocab:
-        raise ValueError(f"{tokenizer_gguf} has {vocab} tokens, the spec says {spec.vocab}")
-
+    """Writes the Qwen3-MoE to `path`."""
+    f = _File(path, "qwen3moe", spec, tokenizer_gguf)
+    f.writer.add_feed_forward_length(spec.moe_intermediate)
+    f.writer.add_head_count_kv(spec.kv_heads)
+    f.writer.add_key_length(spec.head_dim)
+    f.writer.add_value_length(spec.head_dim)
     rng = np.random.default_rng(seed)
     h, hd, E, inter = spec.hidden, spec.head_dim, spec.num_experts, spec.moe_intermediate
-
-    def quantized(name: str, weights: np.ndarray) -> None:
-        writer.add_tensor(name, gguf.quants.quantize(weights, q8), raw_dtype=q8)
-
-    def plain(name: str, weights: np.ndarray) -> None:
-        writer.add_tensor(name, weights.astype(np.float32))
-
-    quantized(
-        "token_embd.weight", _matrix(rng, spec.vocab, h)
-    )  # tied: llama.cpp and Cumulo reuse it as lm_head
-    plain("output_norm.weight", np.ones(h, np.float32))
+    f.quantized("token_embd.weight", _matrix(rng, spec.vocab, h))  # tied: both engines reuse it as lm_head
+    f.plain("output_norm.weight", np.ones(h, np.float32))
     for n in range(spec.layers):
         b = f"blk.{n}"
-        plain(f"{b}.attn_norm.weight", np.ones(h, np.float32))
-        plain(f"{b}.ffn_norm.weight", np.ones(h, np.float32))
-        plain(f"{b}.attn_q_norm.weight", np.ones(hd, np.float32))
-        plain(f"{b}.attn_k_norm.weight", np.ones(hd, np.float32))
-        quantized(f"{b}.attn_q.weight", _matrix(rng, spec.heads * hd, h))
-        quantized(f"{b}.attn_k.weight", _matrix(rng, spec.kv_heads * hd, h))
-        quantized(f"{b}.attn_v.weight", _matrix(rng, spec.kv_heads * hd, h))
-        quantized(f"{b}.attn_output.weight", _matrix(rng, h, spec.heads * hd))
-        plain(f"{b}.ffn_gate_inp.weight", _matrix(rng, E, h))  # the router: f32, as llama-quantize leaves it
-        quantized(f"{b}.ffn_gate_exps.weight", _matrix(rng, E, inter, h))  # [E, out, in] in torch order
-        quantized(f"{b}.ffn_up_exps.weight", _matrix(rng, E, inter, h))
-        quantized(f"{b}.ffn_down_exps.weight", _matrix(rng, E, h, inter))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.rename(path)
-    return path
+        f.plain(f"{b}.attn_norm.weight", np.ones(h, np.float32))
+        f.plain(f"{b}.ffn_norm.weight", np.ones(h, np.float32))
+        f.plain(f"{b}.attn_q_norm.weight", np.ones(hd, np.float32))
+        f.plain(f"{b}.attn_k_norm.weight", np.ones(hd, np.float32))
+        f.quantized(f"{b}.attn_q.weight", _matrix(rng, spec.heads * hd, h))
+        f.quantized(f"{b}.attn_k.weight", _matrix(rng, spec.kv_heads * hd, h))
+        f.quantized(f"{b}.attn_v.weight", _matrix(rng, spec.kv_heads * hd, h))
+        f.quantized(f"{b}.attn_output.weight", _matrix(rng, h, spec.heads * hd))
+        f.plain(
+            f"{b}.ffn_gate_inp.weight", _matrix(rng, E, h)
+        )  # the router: f32, as llama-quantize leaves it
+        f.quantized(f"{b}.ffn_gate_exps.weight", _matrix(rng, E, inter, h))  # [E, out, in] in torch order
+        f.quantized(f"{b}.ffn_up_exps.weight", _matrix(rng, E, inter, h))
+        f.quantized(f"{b}.ffn_down_exps.weight", _matrix(rng, E, h, inter))
+    return f.close()
 
 
 def write_deepseek2_gguf(spec: DeepSeekSpec, path: Path, tokenizer_gguf: Path, seed: int = SEED) -> Path:
@@ -127,85 +136,56 @@ def write_deepseek2_gguf(spec: DeepSeekSpec, path: Path, tokenizer_gguf: Path, s
     Matrices are Q8_0; norms, the router and its bias f32."""
     import gguf  # noqa: PLC0415
 
-    q8 = gguf.GGMLQuantizationType.Q8_0
-    tmp = path.with_suffix(".part")
-    writer = gguf.GGUFWriter(str(tmp), "deepseek2")
-    writer.add_name("cumulo bench random deepseek2")
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    writer.add_context_length(spec.context)
-    writer.add_embedding_length(spec.hidden)
-    writer.add_feed_forward_length(spec.dense_intermediate)
-    writer.add_block_count(spec.layers)
-    writer.add_head_count(spec.heads)
-    writer.add_head_count_kv(1)
-    writer.add_layer_norm_rms_eps(spec.rms_eps)
-    writer.add_rope_freq_base(spec.rope_theta)
-    writer.add_rope_dimension_count(spec.qk_rope_head_dim)
-    writer.add_q_lora_rank(spec.q_lora_rank)
-    writer.add_kv_lora_rank(spec.kv_lora_rank)
-    writer.add_key_length(spec.kv_lora_rank + spec.qk_rope_head_dim)
-    writer.add_value_length(spec.kv_lora_rank)
-    writer.add_key_length_mla(spec.qk_nope_head_dim + spec.qk_rope_head_dim)
-    writer.add_value_length_mla(spec.v_head_dim)
-    writer.add_leading_dense_block_count(spec.first_dense)
-    writer.add_expert_count(spec.num_experts)
-    writer.add_expert_used_count(spec.top_k)
-    writer.add_expert_shared_count(spec.shared_experts)
-    writer.add_expert_feed_forward_length(spec.moe_intermediate)
-    writer.add_expert_weights_scale(spec.routed_scaling_factor)
-    writer.add_expert_weights_norm(True)
-    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-    writer.add_expert_group_count(spec.n_group)
-    writer.add_expert_group_used_count(spec.topk_group)
-    vocab = _copy_tokenizer(writer, tokenizer_gguf)
-    if vocab != spec.vocab:
-        raise ValueError(f"{tokenizer_gguf} has {vocab} tokens, the spec says {spec.vocab}")
-
+    f = _File(path, "deepseek2", spec, tokenizer_gguf)
+    w = f.writer
+    w.add_feed_forward_length(spec.dense_intermediate)
+    w.add_head_count_kv(1)
+    w.add_rope_dimension_count(spec.qk_rope_head_dim)
+    w.add_q_lora_rank(spec.q_lora_rank)
+    w.add_kv_lora_rank(spec.kv_lora_rank)
+    w.add_key_length(spec.kv_lora_rank + spec.qk_rope_head_dim)
+    w.add_value_length(spec.kv_lora_rank)
+    w.add_key_length_mla(spec.qk_nope_head_dim + spec.qk_rope_head_dim)
+    w.add_value_length_mla(spec.v_head_dim)
+    w.add_leading_dense_block_count(spec.first_dense)
+    w.add_expert_shared_count(spec.shared_experts)
+    w.add_expert_weights_scale(spec.routed_scaling_factor)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_group_count(spec.n_group)
+    w.add_expert_group_used_count(spec.topk_group)
     rng = np.random.default_rng(seed)
     h, H, E, inter = spec.hidden, spec.heads, spec.num_experts, spec.moe_intermediate
     nope, rope, v, rank = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim, spec.kv_lora_rank
-
-    def quantized(name: str, weights: np.ndarray) -> None:
-        writer.add_tensor(name, gguf.quants.quantize(weights, q8), raw_dtype=q8)
-
-    def plain(name: str, weights: np.ndarray) -> None:
-        writer.add_tensor(name, weights.astype(np.float32))
-
-    quantized("token_embd.weight", _matrix(rng, spec.vocab, h))  # tied
-    plain("output_norm.weight", np.ones(h, np.float32))
+    f.quantized("token_embd.weight", _matrix(rng, spec.vocab, h))  # tied
+    f.plain("output_norm.weight", np.ones(h, np.float32))
     for n in range(spec.layers):
         b = f"blk.{n}"
-        plain(f"{b}.attn_norm.weight", np.ones(h, np.float32))
-        plain(f"{b}.ffn_norm.weight", np.ones(h, np.float32))
-        plain(f"{b}.attn_q_a_norm.weight", np.ones(spec.q_lora_rank, np.float32))
-        plain(f"{b}.attn_kv_a_norm.weight", np.ones(rank, np.float32))
-        quantized(f"{b}.attn_q_a.weight", _matrix(rng, spec.q_lora_rank, h))
-        quantized(f"{b}.attn_q_b.weight", _matrix(rng, H * (nope + rope), spec.q_lora_rank))
-        quantized(f"{b}.attn_kv_a_mqa.weight", _matrix(rng, rank + rope, h))
+        f.plain(f"{b}.attn_norm.weight", np.ones(h, np.float32))
+        f.plain(f"{b}.ffn_norm.weight", np.ones(h, np.float32))
+        f.plain(f"{b}.attn_q_a_norm.weight", np.ones(spec.q_lora_rank, np.float32))
+        f.plain(f"{b}.attn_kv_a_norm.weight", np.ones(rank, np.float32))
+        f.quantized(f"{b}.attn_q_a.weight", _matrix(rng, spec.q_lora_rank, h))
+        f.quantized(f"{b}.attn_q_b.weight", _matrix(rng, H * (nope + rope), spec.q_lora_rank))
+        f.quantized(f"{b}.attn_kv_a_mqa.weight", _matrix(rng, rank + rope, h))
         kv_b = _matrix(rng, H, nope + v, rank)  # kv_b_proj per head: key rows, then value rows
-        quantized(f"{b}.attn_k_b.weight", np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1)))
-        quantized(f"{b}.attn_v_b.weight", np.ascontiguousarray(kv_b[:, nope:]))
-        quantized(f"{b}.attn_output.weight", _matrix(rng, h, H * v))
+        f.quantized(f"{b}.attn_k_b.weight", np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1)))
+        f.quantized(f"{b}.attn_v_b.weight", np.ascontiguousarray(kv_b[:, nope:]))
+        f.quantized(f"{b}.attn_output.weight", _matrix(rng, h, H * v))
         if n < spec.first_dense:
-            quantized(f"{b}.ffn_gate.weight", _matrix(rng, spec.dense_intermediate, h))
-            quantized(f"{b}.ffn_up.weight", _matrix(rng, spec.dense_intermediate, h))
-            quantized(f"{b}.ffn_down.weight", _matrix(rng, h, spec.dense_intermediate))
+            f.quantized(f"{b}.ffn_gate.weight", _matrix(rng, spec.dense_intermediate, h))
+            f.quantized(f"{b}.ffn_up.weight", _matrix(rng, spec.dense_intermediate, h))
+            f.quantized(f"{b}.ffn_down.weight", _matrix(rng, h, spec.dense_intermediate))
             continue
-        plain(f"{b}.ffn_gate_inp.weight", _matrix(rng, E, h))
-        plain(f"{b}.exp_probs_b.bias", np.zeros(E, np.float32))
-        quantized(f"{b}.ffn_gate_exps.weight", _matrix(rng, E, inter, h))
-        quantized(f"{b}.ffn_up_exps.weight", _matrix(rng, E, inter, h))
-        quantized(f"{b}.ffn_down_exps.weight", _matrix(rng, E, h, inter))
+        f.plain(f"{b}.ffn_gate_inp.weight", _matrix(rng, E, h))
+        f.plain(f"{b}.exp_probs_b.bias", np.zeros(E, np.float32))
+        f.quantized(f"{b}.ffn_gate_exps.weight", _matrix(rng, E, inter, h))
+        f.quantized(f"{b}.ffn_up_exps.weight", _matrix(rng, E, inter, h))
+        f.quantized(f"{b}.ffn_down_exps.weight", _matrix(rng, E, h, inter))
         shared = inter * spec.shared_experts
-        quantized(f"{b}.ffn_gate_shexp.weight", _matrix(rng, shared, h))
-        quantized(f"{b}.ffn_up_shexp.weight", _matrix(rng, shared, h))
-        quantized(f"{b}.ffn_down_shexp.weight", _matrix(rng, h, shared))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.rename(path)
-    return path
+        f.quantized(f"{b}.ffn_gate_shexp.weight", _matrix(rng, shared, h))
+        f.quantized(f"{b}.ffn_up_shexp.weight", _matrix(rng, shared, h))
+        f.quantized(f"{b}.ffn_down_shexp.weight", _matrix(rng, h, shared))
+    return f.close()
 
 
 def gguf_tensor_bytes(path: Path) -> dict[str, int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cumulo.contracts import SamplingParams
+from cumulo.contracts import AdapterRef, SamplingParams
 from cumulo.engine.decode_graph import DecodeGraph
 from cumulo.engine.factory import create_engine
 from cumulo.engine.llm_engine import EngineConfig, LLMEngine
@@ -44,13 +44,20 @@ def _engine(path: Path, dtype: str, decode_graphs: bool) -> LLMEngine:
 
 
 def _run(
-    engine: LLMEngine, prompts: list[list[int]], tokens: int | list[int] = 8
+    engine: LLMEngine,
+    prompts: list[list[int]],
+    tokens: int | list[int] = 8,
+    adapters: list[AdapterRef | None] | None = None,
 ) -> list[tuple[list[int], list[float]]]:
-    """Greedy tokens and their log-probs per prompt; `tokens`: how many, for all or per prompt."""
+    """Greedy tokens and their log-probs per prompt; `tokens`: how many, for all or per prompt; `adapters`: each
+    prompt's LoRA adapter (None: the base model)."""
     counts = tokens if isinstance(tokens, list) else [tokens] * len(prompts)
+    refs = adapters or [None] * len(prompts)
     ids = [
-        engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0))
-        for p, n in zip(prompts, counts, strict=True)
+        engine.add_request(
+            p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0, adapter=ref)
+        )
+        for p, n, ref in zip(prompts, counts, refs, strict=True)
     ]
     out: dict[str, tuple[list[int], list[float]]] = {i: ([], []) for i in ids}
     while engine.has_unfinished_requests():
@@ -162,7 +169,6 @@ def test_deepseek_steps_with_adapters_replay_lora_graphs_with_peft_tokens(
     and log-probs and PEFT's own greedy tokens, with a base row in the same batch, and the LoRA graph replays."""
     import peft
 
-    from cumulo.contracts import AdapterRef
     from tests.support.checkpoints import tiny_deepseek_v3
 
     model = peft.get_peft_model(
@@ -178,31 +184,11 @@ def test_deepseek_steps_with_adapters_replay_lora_graphs_with_peft_tokens(
     ref = AdapterRef(name="a", path=str(tmp_path / "adapter"))
     prompts = _prompts(3, seed=21)
 
-    def run(engine: LLMEngine) -> list[tuple[list[int], list[float]]]:
-        ids = [
-            engine.add_request(
-                p,
-                SamplingParams(
-                    max_tokens=8,
-                    temperature=0.0,
-                    ignore_eos=True,
-                    logprobs=0,
-                    adapter=ref if i != 1 else None,
-                ),
-            )  # fmt: skip
-            for i, p in enumerate(prompts)
-        ]
-        out: dict[str, tuple[list[int], list[float]]] = {i: ([], []) for i in ids}
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                out[o.request_id][0].extend(o.new_token_ids)
-                out[o.request_id][1].extend(lp.logprob for lp in o.new_logprobs)
-        return [out[i] for i in ids]
-
-    eager = run(_engine(deepseek_dir, "float32", False))
+    adapters = [ref, None, ref]  # a base row between two adapter rows
+    eager = _run(_engine(deepseek_dir, "float32", False), prompts, adapters=adapters)
     graphed_engine = _engine(deepseek_dir, "float32", True)
     replays = _counted(graphed_engine, monkeypatch)
-    graphed = run(graphed_engine)
+    graphed = _run(graphed_engine, prompts, adapters=adapters)
     assert [g for g in graphed_engine.runner._lora_graphs.values() if isinstance(g, DecodeGraph)]
     assert len(replays) >= 6  # the decode steps after the prefills replayed a graph
     for (g_ids, g_lps), (e_ids, e_lps) in zip(graphed, eager, strict=True):
