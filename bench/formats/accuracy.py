@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gptq-options",
         default="",
-        help="extra convert options for the calibrated runs, e.g. '--act-order --scale-search'",
+        help="extra convert options for the calibrated runs, written with '=' since they start with dashes: "
+        "--gptq-options='--act-order --flips'",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=None, help="source GGUF (default: the catalog's SmolLM2 Q4_1)")

@@ -192,3 +192,17 @@ def test_written_deepseek2_reads_back_as_the_spec_and_its_params_count_the_file(
     one = active_bytes(elements, num_experts=spec.num_experts, top_k=spec.top_k, vocab=spec.vocab)
     assert one["total"] == spec.params()["active"]  # shared experts and the dense layer count as always read
     assert one["experts"] == spec.params()["experts_active"]
+
+
+def test_parity_compare_reads_agreement_and_error_per_prompt() -> None:
+    import numpy as np
+
+    from bench.moe.parity import compare
+
+    rng = np.random.default_rng(0)
+    theirs = rng.standard_normal((2, 6, 10)).astype(np.float32)
+    same = compare(theirs.copy(), theirs)
+    assert all(r["relative_error"] == 0 and r["top1_agreement"] == 1 for r in same)
+    assert all(r["correlation"] == pytest.approx(1.0) for r in same)
+    shuffled = compare(theirs[:, :, ::-1].copy(), theirs)  # a layout mistake: the vocabulary reversed
+    assert all(r["relative_error"] > 0.5 and r["correlation"] < 0.9 for r in shuffled)
