@@ -16,7 +16,7 @@ from cumulo.cli.main import main
 from cumulo.contracts import AdapterRef, SamplingParams
 from cumulo.engine.factory import create_engine
 from cumulo.engine.llm_engine import EngineConfig
-from tests.support.checkpoints import save_bpe_tokenizer, write_hf_model
+from tests.support.checkpoints import random_lora_b, save_bpe_tokenizer, write_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,7 @@ def peft_dir(base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     model = peft.get_peft_model(
         hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"])
     )
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.2)
+    random_lora_b(model, 5, 0.2)
     directory = tmp_path_factory.mktemp("peft") / "support-bot"
     model.save_pretrained(directory)
     return directory, model.eval()

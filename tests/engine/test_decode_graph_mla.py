@@ -16,7 +16,7 @@ from cumulo.engine.factory import create_engine
 from cumulo.engine.llm_engine import EngineConfig, LLMEngine
 from cumulo.models.mla import MLAttention
 from cumulo.platform.kernels import graph
-from tests.support.checkpoints import write_tiny_deepseek_v3
+from tests.support.checkpoints import random_lora_b, tiny_deepseek_v3, write_tiny_deepseek_v3
 
 pytestmark = pytest.mark.skipif(
     not graph.available(), reason="no C++ compiler (or no AVX2) for the CPU kernels"
@@ -169,16 +169,10 @@ def test_deepseek_steps_with_adapters_replay_lora_graphs_with_peft_tokens(
     and log-probs and PEFT's own greedy tokens, with a base row in the same batch, and the LoRA graph replays."""
     import peft
 
-    from tests.support.checkpoints import tiny_deepseek_v3
-
     model = peft.get_peft_model(
         tiny_deepseek_v3(VOCAB), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"])
     )
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.2)
+    random_lora_b(model, 3, 0.2)
     model.save_pretrained(tmp_path / "adapter")
     model.eval()
     ref = AdapterRef(name="a", path=str(tmp_path / "adapter"))

@@ -17,7 +17,7 @@ from cumulo.contracts import AdapterRef, SamplingParams
 from cumulo.engine.factory import create_engine
 from cumulo.engine.llm_engine import EngineConfig, LLMEngine
 from cumulo.errors import InvalidModel, SealMismatch
-from tests.support.checkpoints import hf_model, save_bpe_tokenizer
+from tests.support.checkpoints import hf_model, random_lora_b, save_bpe_tokenizer
 
 ADAPTERS = {  # name -> (LoraConfig arguments, seed of its random B)
     "one": (dict(r=4, lora_alpha=8), 3),
@@ -52,11 +52,7 @@ def adapters(
     for name, (kwargs, seed) in ADAPTERS.items():
         config = peft.LoraConfig(**{"target_modules": ALL, **kwargs})
         model = peft.get_peft_model(_hf(base_dir), config)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if "lora_B" in pname:
-                    p.normal_(0.0, 0.2)
+        random_lora_b(model, seed, 0.2)
         directory = tmp_path_factory.mktemp(f"adapter-{name}")
         model.save_pretrained(directory)
         out[name] = (directory, model.eval())

@@ -17,6 +17,7 @@ from cumulo.finetune.peft_io import AdapterInfo, load_into, save_adapter
 from cumulo.models.attention import AttentionContext
 from cumulo.models.loader import load
 from cumulo.models.registry import build_model
+from tests.support.checkpoints import random_lora_b
 
 IDS = torch.randint(0, 320, (24,), generator=torch.Generator().manual_seed(1))  # longer than gemma's window
 
@@ -64,11 +65,7 @@ def test_peft_adapter_loads_into_cumulo_with_the_same_logits(make_model, tmp_pat
     hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
     with_adapter = peft.get_peft_model(hf, config)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in with_adapter.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.2)
+    random_lora_b(with_adapter, 3, 0.2)
     with_adapter.save_pretrained(tmp_path / "peft")
     with torch.no_grad():
         ref = with_adapter.eval()(IDS[None]).logits[0]

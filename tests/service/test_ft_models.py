@@ -27,7 +27,7 @@ from cumulo.finetune.api import validate_training_file
 from tests.service.live import LiveServer
 from tests.service.support import auth
 from tests.service.test_finetune_live import new_key, training_file, wait_final
-from tests.support.checkpoints import save_bpe_tokenizer, write_hf_model
+from tests.support.checkpoints import random_lora_b, save_bpe_tokenizer, write_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -152,11 +152,7 @@ def test_an_imported_peft_adapter_is_served_without_a_restart(
     model = peft.get_peft_model(
         hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
     )
-    torch.manual_seed(11)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "lora_B" in pname:
-                p.normal_(0.0, 0.5)
+    random_lora_b(model, 11, 0.5)
     model.save_pretrained(tmp_path / "peft")
     assert (
         main(

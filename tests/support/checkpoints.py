@@ -223,3 +223,12 @@ def write_tiny_deepseek_v3(path: Path, vocab: int, weight_std: float = 0.6, **ov
     model.save_pretrained(path, safe_serialization=True)
     save_word_tokenizer(path, vocab)
     return path
+
+
+def random_lora_b(model: torch.nn.Module, seed: int, std: float) -> None:
+    """PEFT starts every lora_B at zero, so a fresh adapter changes nothing; draw them from N(0, std), seeded."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, std)
