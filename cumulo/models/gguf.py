@@ -214,11 +214,11 @@ def config_from_metadata(meta: dict[str, Any], gguf: GGUFFile, path: Path) -> Mo
     if architecture == "qwen3_moe":
         _apply_experts(config, get, tensors, path)
     if architecture == "deepseek_v3":
-        _apply_deepseek2(config, get, tensors, path)
+        _apply_deepseek2(config, get, path)
     return config
 
 
-def _apply_deepseek2(config: ModelConfig, get: Any, tensors: dict[str, Any], path: Path) -> None:
+def _apply_deepseek2(config: ModelConfig, get: Any, path: Path) -> None:
     """Multi-head latent attention and DeepSeek-V3's routing from `deepseek2.*`. The converter writes MLA as one
     key/value head `kv_lora_rank + rope` wide (its cache entry) and the per-head widths as `*_length_mla`; files
     from before those keys give the per-head widths as key/value_length. YaRN's magnitude factor travels as
