@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--arch",
         choices=sorted(ARCHES),
-        default="qwen3moe",
+        default=MoeSpec.ARCH,
         help="the random model's architecture: Qwen3-MoE, or DeepSeek-V3 (MLA, grouped routing, a shared expert)",
     )
     parser.add_argument("--threads", type=int, default=2)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     result = report.build(spec, systems, llama_bytes, bandwidth, batches, args)
     result.update(started=started, load_before=load_before, load_after=os.getloadavg(), model=str(model),
                   command="python -m bench.moe " + " ".join(sys.argv[1:]))  # fmt: skip
-    suffix = "" if args.arch == "qwen3moe" else f"-{args.arch}"
+    suffix = "" if spec.ARCH == MoeSpec.ARCH else f"-{spec.ARCH}"
     report.finish(result, Path(args.plot or f"docs/img/moe-decode{suffix}.png"))
 
 

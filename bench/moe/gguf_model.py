@@ -22,8 +22,7 @@ GGUF_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output")
 def file_name(spec: MoeSpec | DeepSeekSpec, seed: int = SEED) -> str:
     """A name that changes with anything that changes the file, so a cached copy is reused only when equal."""
     key = json.dumps({"spec": spec.as_dict(), "seed": seed, "version": 1}, sort_keys=True)
-    arch = "deepseek2" if isinstance(spec, DeepSeekSpec) else "qwen3moe"
-    return f"{arch}-random-{hashlib.sha256(key.encode()).hexdigest()[:12]}.Q8_0.gguf"
+    return f"{spec.ARCH}-random-{hashlib.sha256(key.encode()).hexdigest()[:12]}.Q8_0.gguf"
 
 
 def write_model_gguf(
@@ -61,12 +60,12 @@ class _File:
     """A bench GGUF written through a .part file (an interrupted run leaves no half file): the metadata both
     architectures share, the source's tokenizer, Q8_0 matrices and f32 vectors; `close` renames it into place."""
 
-    def __init__(self, path: Path, arch: str, spec: MoeSpec | DeepSeekSpec, tokenizer_gguf: Path) -> None:
+    def __init__(self, path: Path, spec: MoeSpec | DeepSeekSpec, tokenizer_gguf: Path) -> None:
         import gguf  # noqa: PLC0415
 
         self.gguf, self.path, self.tmp = gguf, path, path.with_suffix(".part")
-        w = self.writer = gguf.GGUFWriter(str(self.tmp), arch)
-        w.add_name(f"cumulo bench random {arch}")
+        w = self.writer = gguf.GGUFWriter(str(self.tmp), spec.ARCH)
+        w.add_name(f"cumulo bench random {spec.ARCH}")
         w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
         w.add_context_length(spec.context)
         w.add_embedding_length(spec.hidden)
@@ -100,7 +99,7 @@ class _File:
 
 def write_moe_gguf(spec: MoeSpec, path: Path, tokenizer_gguf: Path, seed: int = SEED) -> Path:
     """Writes the Qwen3-MoE to `path`."""
-    f = _File(path, "qwen3moe", spec, tokenizer_gguf)
+    f = _File(path, spec, tokenizer_gguf)
     f.writer.add_feed_forward_length(spec.moe_intermediate)
     f.writer.add_head_count_kv(spec.kv_heads)
     f.writer.add_key_length(spec.head_dim)
@@ -135,8 +134,11 @@ def write_deepseek2_gguf(spec: DeepSeekSpec, path: Path, tokenizer_gguf: Path, s
     (torch order), stacked routed experts, shared experts as *_shexp, the selection bias as exp_probs_b.bias.
     Matrices are Q8_0; norms, the router and its bias f32."""
     import gguf  # noqa: PLC0415
+    import torch  # noqa: PLC0415
 
-    f = _File(path, "deepseek2", spec, tokenizer_gguf)
+    from cumulo.models.gguf import split_kv_b  # noqa: PLC0415
+
+    f = _File(path, spec, tokenizer_gguf)
     w = f.writer
     w.add_feed_forward_length(spec.dense_intermediate)
     w.add_head_count_kv(1)
@@ -168,8 +170,9 @@ def write_deepseek2_gguf(spec: DeepSeekSpec, path: Path, tokenizer_gguf: Path, s
         f.quantized(f"{b}.attn_q_b.weight", _matrix(rng, H * (nope + rope), spec.q_lora_rank))
         f.quantized(f"{b}.attn_kv_a_mqa.weight", _matrix(rng, rank + rope, h))
         kv_b = _matrix(rng, H, nope + v, rank)  # kv_b_proj per head: key rows, then value rows
-        f.quantized(f"{b}.attn_k_b.weight", np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1)))
-        f.quantized(f"{b}.attn_v_b.weight", np.ascontiguousarray(kv_b[:, nope:]))
+        k_b, v_b = split_kv_b(torch.from_numpy(kv_b.reshape(-1, rank)), H, nope)
+        f.quantized(f"{b}.attn_k_b.weight", k_b.numpy())
+        f.quantized(f"{b}.attn_v_b.weight", v_b.numpy())
         f.quantized(f"{b}.attn_output.weight", _matrix(rng, h, H * v))
         if n < spec.first_dense:
             f.quantized(f"{b}.ffn_gate.weight", _matrix(rng, spec.dense_intermediate, h))

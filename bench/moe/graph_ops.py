@@ -1,11 +1,11 @@
 """Where a recorded decode step's time goes, kernel by kernel: the decode graph's ops run one at a time (instead
-of in one native call) with a clock around each, grouped by the kernel's symbol and the op's position in a layer.
+of in one native call) with a clock around each, summed by the kernel's symbol.
 
     python -m bench.moe.graph_ops --model bench/.anchors/models/<file>.gguf [--threads 2] [--batch 1]
 
 The ops and their arguments are the recorded ones, so the outputs are the graph's own; each op costs one ctypes
-call more than in `cumulo_graph_run` (about 1 us), which the per-op times include. Prints milliseconds per
-step by kernel, largest first, and the step's total next to the lm_head and the rest of the engine step.
+call more than in `cumulo_graph_run` (about 1 us), which the per-op times include. Prints the engine's step
+time and the graph's share of it, then milliseconds and calls per step by kernel, largest first.
 """
 
 from __future__ import annotations

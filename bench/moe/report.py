@@ -70,12 +70,12 @@ def build(spec: MoeSpec | DeepSeekSpec, systems: dict[str, dict], llama_bytes: d
             ratio[b] = c["tok_s"] / lc["tok_s"]
     mem = {name: memory(s, baseline) for name, s in systems.items() if name.startswith("cumulo")}
     slim = {name: {k: v for k, v in s.items() if k != "tensor_bytes"} for name, s in systems.items()}
-    return {"arch": getattr(args, "arch", "qwen3moe"), "spec": spec.as_dict(), "params": spec.params(), "bandwidth_gb_s": bandwidth, "threads": args.threads,
+    return {"arch": spec.ARCH, "title": spec.TITLE, "spec": spec.as_dict(), "params": spec.params(), "bandwidth_gb_s": bandwidth, "threads": args.threads,
             "format": args.format, "decode": rows, "cumulo_over_llama": ratio, "memory": mem, "systems": slim}  # fmt: skip
 
 
 def print_table(result: dict) -> None:
-    print(f"\nMoE decode, {result.get('arch', 'qwen3moe')} ({result['params']['total'] / 1e9:.2f} B weights, {result['params']['active'] / 1e9:.3f} B "
+    print(f"\nMoE decode, {result['arch']} ({result['params']['total'] / 1e9:.2f} B weights, {result['params']['active'] / 1e9:.3f} B "
           f"active/token), read bandwidth {result['bandwidth_gb_s']:.1f} GB/s, {result['threads']} threads, "
           f"load {result['load_before'][0]:.1f} -> {result['load_after'][0]:.1f}")  # fmt: skip
     print(
@@ -122,8 +122,7 @@ def plot(result: dict, path: Path) -> None:
                    label="bandwidth roof of its active bytes" if i == 0 else None)  # fmt: skip
         ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
     ax.set_ylabel("decode tok/s")
-    title = {"qwen3moe": "Qwen3-MoE", "deepseek2": "DeepSeek-V3"}.get(result.get("arch", "qwen3moe"))
-    ax.set_title(f"{title} random {result['params']['total'] / 1e9:.2f}B, {result['bandwidth_gb_s']:.0f} GB/s, "
+    ax.set_title(f"{result['title']} random {result['params']['total'] / 1e9:.2f}B, {result['bandwidth_gb_s']:.0f} GB/s, "
                  f"{result['threads']} threads, load {result['load_before'][0]:.1f}", fontsize=9)  # fmt: skip
     ax.legend(fontsize=8)
     fig.tight_layout()

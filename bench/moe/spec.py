@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 VOCAB = 49152  # SmolLM2's tokenizer, which the GGUF carries so llama.cpp can load it
 
@@ -21,6 +22,8 @@ class MoeSpec:
     token picks were almost never read by the previous token), 0.14 B of them read per token; converting on load
     goes through 2.7 GB of fp32 (the serving process peaks at about 4.6 GB), which is what caps the size."""
 
+    ARCH: ClassVar[str] = "qwen3moe"  # its GGUF architecture (bench.moe --arch)
+    TITLE: ClassVar[str] = "Qwen3-MoE"
     hidden: int = 1024
     layers: int = 6
     heads: int = 16
@@ -60,9 +63,11 @@ class MoeSpec:
 @dataclass(frozen=True, slots=True)
 class DeepSeekSpec:
     """A DeepSeek-V3 shape (multi-head latent attention, one dense first layer, routed experts in groups of which
-    the best half are eligible, one shared expert), sized like MoeSpec so the two lines compare: 0.58 B weights,
-    0.15 B of them read per token. The router's selection bias is zero, so random weights route about evenly."""
+    the best half are eligible, one shared expert), sized like MoeSpec so the two lines compare: 0.59 B weights,
+    0.147 B of them read per token. The router's selection bias is zero, so random weights route about evenly."""
 
+    ARCH: ClassVar[str] = "deepseek2"
+    TITLE: ClassVar[str] = "DeepSeek-V3"
     hidden: int = 1024
     layers: int = 6
     first_dense: int = 1
@@ -116,7 +121,7 @@ class DeepSeekSpec:
         return {"total": total, "active": active, "experts_active": sparse * self.top_k * expert}
 
 
-ARCHES = {"qwen3moe": MoeSpec, "deepseek2": DeepSeekSpec}  # GGUF architecture -> the bench's shape
+ARCHES = {shape.ARCH: shape for shape in (MoeSpec, DeepSeekSpec)}  # GGUF architecture -> the bench's shape
 
 
 def distinct_experts(num_experts: int, top_k: int, tokens: int) -> float:

@@ -87,31 +87,28 @@ class DecodeGraph:
         embed = getattr(body, "embed_tokens", None)
         final_norm = getattr(body, "norm", None)
         if (
-            not kv_cache.k
-            and kv_cache.latent
-            and 1 <= batch <= MAX_BATCH
-            and layers is not None
-            and len(layers) > 0
-            and isinstance(embed, nn.Embedding)
-            and embed.weight.dtype in recorder.DTYPES
-        ):  # a latent-only cache: multi-head latent attention (DeepSeek), recorded by its own walk
-            recorded = record_mla(model, kv_cache, batch, recorder, max_blocks, lora)
-            return None if recorded is None else cls(*recorded)
-        if (
             not 1 <= batch <= MAX_BATCH
             or layers is None
             or len(layers) == 0
             or not isinstance(embed, nn.Embedding)
             or not isinstance(final_norm, RMSNorm)
             or embed.weight.dtype not in recorder.DTYPES
-            or not kv_cache.k  # a latent-only cache whose model record_mla does not take
-            or kv_cache.k[0].dtype
-            != embed.weight.dtype  # the kernels write the cache in the activations' dtype
             or not isinstance(
                 body, LlamaModel
             )  # embeddings in, final norm out, nothing else around the layers
-            or not all(_plain_layer(layer) for layer in layers)
             or (lora and not hasattr(recorder, "lora"))
+        ):
+            return None
+        if (
+            not kv_cache.k
+        ):  # a latent-only cache: multi-head latent attention (DeepSeek), recorded by its own walk
+            recorded = (
+                record_mla(model, kv_cache, batch, recorder, max_blocks, lora) if kv_cache.latent else None
+            )
+            return None if recorded is None else cls(*recorded)
+        if (
+            kv_cache.k[0].dtype != embed.weight.dtype  # the kernels write the cache in the activations' dtype
+            or not all(_plain_layer(layer) for layer in layers)
         ):
             return None
         dtype = embed.weight.dtype

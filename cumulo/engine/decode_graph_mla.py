@@ -24,14 +24,14 @@ from cumulo.formats.kernels.moe import SIGMOID
 from cumulo.models.attention import KVCache
 from cumulo.models.deepseek import DeepseekMoE
 from cumulo.models.layers import GatedMLP, RMSNorm
-from cumulo.models.llama import LlamaModel
 from cumulo.models.mla import MLAttention
 
 MAX_ROPE = 1024  # the MLA write kernel's widest rotary part (graph.MLA_ERRORS)
 
 
 def _silu(mlp: nn.Module | None) -> bool:
-    return mlp is None or (isinstance(mlp, GatedMLP) and mlp.act == "silu")
+    """A SiLU-gated MLP (what the graph's silu_mul op computes)."""
+    return isinstance(mlp, GatedMLP) and mlp.act == "silu"
 
 
 def _mla_layer(layer: nn.Module, dtype: torch.dtype, kv_cache: KVCache) -> bool:
@@ -58,10 +58,10 @@ def _mla_layer(layer: nn.Module, dtype: torch.dtype, kv_cache: KVCache) -> bool:
         and cache.is_contiguous()
         and cache.shape[-1] == attn.rank + attn.rope
         and (
-            (isinstance(mlp, GatedMLP) and mlp.act == "silu")
+            _silu(mlp)
             or (
                 isinstance(mlp, DeepseekMoE)
-                and _silu(mlp.shared_experts)
+                and (mlp.shared_experts is None or _silu(mlp.shared_experts))
                 and mlp.experts.grouped
                 and mlp.experts.grouped_kernel() is not None
             )
@@ -89,17 +89,15 @@ def record_mla(
     lora: bool = False,
 ) -> tuple[Any, dict[str, torch.Tensor], tuple[str, ...]] | None:
     """(graph, buffers, LoRA linears' names) of one decode step of `batch` rows of a DeepSeek model over its
-    latent cache, or None. `lora`: each multi-LoRA linear is followed by the recorder's LoRA op, as in
-    `DecodeGraph.record`'s walk (None if the model has no such linear or the recorder no LoRA op)."""
+    latent cache, or None; called by `DecodeGraph.record` once its checks common to both walks (batch size, a
+    LlamaModel body with an RMSNorm at the end, the dtype, a recorder with a LoRA op if asked) have passed.
+    `lora`: each multi-LoRA linear is followed by the recorder's LoRA op, as in `DecodeGraph.record`'s walk
+    (None if the model has no such linear)."""
     body = model.model
     layers, embed, final_norm = body.layers, body.embed_tokens, body.norm
     dtype = embed.weight.dtype
-    if (
-        not isinstance(body, LlamaModel)  # embeddings in, final norm out, nothing else around the layers
-        or not isinstance(final_norm, RMSNorm)
-        or not all(hasattr(recorder, op) for op in ("mla_decode", "mla_rope_cache", "linear"))
-        or not all(_mla_layer(layer, dtype, kv_cache) for layer in layers)
-        or (lora and not hasattr(recorder, "lora"))
+    if not all(hasattr(recorder, op) for op in ("mla_decode", "mla_rope_cache", "linear")) or not all(
+        _mla_layer(layer, dtype, kv_cache) for layer in layers
     ):
         return None
     lora_names = tuple(

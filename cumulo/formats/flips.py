@@ -77,8 +77,7 @@ def flip_quantize(
         d = (table[to] - table[at[r, j]]) * grid[r, j]  # [M]
         at[r, j] = to
         eh[r] += d[:, None] * h[j]
-    q1 = table[at] * grid
-    codes = codec.encode(elem, q1 / grid, saturate=True)
+    codes = codec.encode(elem, table[at], saturate=True)  # grid values, before the block scales
     packed = packing.pack(codes, elem.bits).contiguous()
     return PackedWeight(
         start.format, packed, start.scales, start.shape, start.tensor_scale, start.block_override

@@ -22,9 +22,9 @@ CASES = [
 ]  # fmt: skip
 
 
-def _experts(fmt: str | None, dtype: torch.dtype, seed: int = 0) -> Experts:
+def _experts(fmt: str | None, dtype: torch.dtype, seed: int = 0, h: int = H, inter: int = INTER) -> Experts:
     torch.manual_seed(seed)
-    experts = Experts(E, H, INTER)
+    experts = Experts(E, h, inter)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.1)
     experts = experts.to(dtype).eval().requires_grad_(False)
@@ -126,14 +126,7 @@ def test_one_decoding_row_equals_the_same_row_inside_a_batch(h, inter):
     """A lone row (decode) takes each gate row and its up row in one pass over it (`dot_table_rows`); inside a batch
     whose rows share its experts the same row goes through the batched dots. Both form each dot product in the same
     order, so they agree bit for bit, also for ragged H and I (masked tails)."""
-    torch.manual_seed(3)
-    experts = Experts(E, h, inter)
-    for p in experts.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    experts = experts.to(torch.bfloat16).eval().requires_grad_(False)
-    for e in range(E):
-        experts[e].gate_up_proj = PackedLinear.from_linear(experts[e].gate_up_proj, "ue8m0-fp8")
-        experts[e].down_proj = PackedLinear.from_linear(experts[e].down_proj, "ue8m0-fp8")
+    experts = _experts("ue8m0-fp8", torch.bfloat16, seed=3, h=h, inter=inter)
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(3, h, generator=gen).to(torch.bfloat16)
     weights, ids = softmax_topk(torch.randn(1, E, generator=gen).expand(3, E), K, norm_topk_prob=True)

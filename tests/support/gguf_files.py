@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,6 +75,24 @@ def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
+def _add_tokenizer(writer: Any, tokenizer: dict) -> None:
+    """tokenizer.ggml.* from `tokenizer` (as tokenizer_gguf_metadata gives it; merges, scores, add_bos and a chat
+    template where present)."""
+    writer.add_tokenizer_model(tokenizer["model"])
+    writer.add_tokenizer_pre(tokenizer["pre"])
+    writer.add_token_list(tokenizer["tokens"])
+    writer.add_token_types(tokenizer["types"])
+    if tokenizer.get("merges"):
+        writer.add_token_merges(tokenizer["merges"])
+    if tokenizer.get("scores"):
+        writer.add_token_scores(tokenizer["scores"])
+    writer.add_bos_token_id(tokenizer["bos"])
+    writer.add_eos_token_id(tokenizer["eos"])
+    writer.add_add_bos_token(tokenizer.get("add_bos", False))
+    if tokenizer.get("chat_template"):
+        writer.add_chat_template(tokenizer["chat_template"])
+
+
 def write_gguf(
     path: Path,
     arch: str,
@@ -104,19 +123,7 @@ def write_gguf(
     if arch == "gemma3":
         writer.add_sliding_window(config["sliding_window"])
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if qtypes else gguf.LlamaFileType.ALL_F32)
-    writer.add_tokenizer_model(tokenizer["model"])
-    writer.add_tokenizer_pre(tokenizer["pre"])
-    writer.add_token_list(tokenizer["tokens"])
-    writer.add_token_types(tokenizer["types"])
-    if tokenizer.get("merges"):
-        writer.add_token_merges(tokenizer["merges"])
-    if tokenizer.get("scores"):
-        writer.add_token_scores(tokenizer["scores"])
-    writer.add_bos_token_id(tokenizer["bos"])
-    writer.add_eos_token_id(tokenizer["eos"])
-    writer.add_add_bos_token(tokenizer.get("add_bos", False))
-    if tokenizer.get("chat_template"):
-        writer.add_chat_template(tokenizer["chat_template"])
+    _add_tokenizer(writer, tokenizer)
     expected: dict[str, np.ndarray] = {}
     for name, tensor in state.items():
         array = tensor.float().numpy().copy()
@@ -178,6 +185,8 @@ def write_deepseek2_gguf(
     should give back, by Hugging Face name."""
     import gguf
 
+    from cumulo.models.gguf import split_kv_b as split
+
     heads, nope = shape["num_attention_heads"], shape["qk_nope_head_dim"]
     rope = shape["qk_rope_head_dim"]
     writer = gguf.GGUFWriter(str(path), "deepseek2")
@@ -214,13 +223,7 @@ def write_deepseek2_gguf(
         writer.add_rope_scaling_factor(rope_params["factor"])
         writer.add_rope_scaling_orig_ctx_len(rope_params["original_max_position_embeddings"])
         writer.add_rope_scaling_yarn_log_mul(0.1 * rope_params["mscale_all_dim"])
-    writer.add_tokenizer_model(tokenizer["model"])
-    writer.add_tokenizer_pre(tokenizer["pre"])
-    writer.add_token_list(tokenizer["tokens"])
-    writer.add_token_types(tokenizer["types"])
-    writer.add_token_merges(tokenizer["merges"])
-    writer.add_bos_token_id(tokenizer["bos"])
-    writer.add_eos_token_id(tokenizer["eos"])
+    _add_tokenizer(writer, tokenizer)
     expected: dict[str, np.ndarray] = {}
     experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     for name, tensor in state.items():
@@ -249,9 +252,9 @@ def write_deepseek2_gguf(
         if rest == "mlp.gate" and suffix == "e_score_correction_bias":
             writer.add_tensor(f"blk.{layer}.exp_probs_b.bias", array)
         elif rest == "self_attn.kv_b_proj" and split_kv_b:
-            per_head = array.reshape(heads, -1, array.shape[-1])
-            writer.add_tensor(f"blk.{layer}.attn_k_b.weight", per_head[:, :nope].transpose(0, 2, 1).copy())
-            writer.add_tensor(f"blk.{layer}.attn_v_b.weight", per_head[:, nope:].copy())
+            k_b, v_b = split(torch.from_numpy(array), heads, nope)
+            writer.add_tensor(f"blk.{layer}.attn_k_b.weight", k_b.numpy())
+            writer.add_tensor(f"blk.{layer}.attn_v_b.weight", v_b.numpy())
         else:
             writer.add_tensor(f"blk.{layer}.{_DEEPSEEK_LAYER[rest]}.{suffix}", array)
     for (layer, proj), per_expert in experts.items():

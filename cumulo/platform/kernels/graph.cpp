@@ -157,8 +157,8 @@ int64_t mla_decode(const T* q, const T* w_uk, const T* w_uv, const T* cache, con
         float* p = new float[n];
         float* ol = new float[rank];
         T s[1];
-        // q_latent: each output's sum runs over d in order, as before, but the inner loop walks a row of W_UK
-        // (contiguous over rank) so it vectorizes; a column walk (stride rank) made this op 0.5 ms a layer.
+        // q_latent: each output's sum runs over d in order, the inner loop along a row of W_UK (contiguous over
+        // rank) so it vectorizes; a column walk (stride rank) made this op 0.5 ms a layer.
         for (int64_t r = 0; r < rank; ++r) ql[r] = 0.0f;
         for (int64_t d = 0; d < nope; ++d) {
             const float x = load(qn, d);
