@@ -13,22 +13,13 @@ from cumulo.formats.checkpoint import load_packed_state_dict, save_packed_state_
 from cumulo.formats.flips import flip_quantize
 from cumulo.formats.gptq import gptq_quantize
 from cumulo.formats.packed import PackedWeight
+from tests.support.calibration import correlated_layer, output_error
 
 FORMATS = ["ue8m0-fp8", "mxfp8"]
 
 
-def _layer(n: int = 150, k: int = 192, tokens: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight and correlated inputs (as a transformer's activations are); N, K not multiples of 128."""
-    g = torch.Generator().manual_seed(0)
-    mix = torch.randn(k, k, generator=g) / k**0.5
-    x = torch.randn(tokens, k, generator=g) @ (torch.eye(k) + 3 * mix)  # [T, K]
-    w = torch.randn(n, k, generator=g) * 0.05  # [N, K]
-    return w, x
-
-
-def _output_error(packed: PackedWeight, w: torch.Tensor, x: torch.Tensor) -> float:
-    ref = x @ w.T
-    return float((x @ packed.dequantize().T - ref).norm() / ref.norm())
+def _layer() -> tuple[torch.Tensor, torch.Tensor]:
+    return correlated_layer(150, 192, 512)  # N, K not multiples of 128
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -36,7 +27,7 @@ def test_flips_lower_output_error_against_gptq(fmt: str) -> None:
     w, x = _layer()
     gptq = gptq_quantize(w, x.T @ x, fmt)
     flipped = flip_quantize(w, x.T @ x, fmt, rounds=128)
-    assert _output_error(flipped, w, x) < 0.9 * _output_error(gptq, w, x)
+    assert output_error(flipped, w, x) < 0.9 * output_error(gptq, w, x)
     assert torch.equal(flipped.scales, gptq.scales)
     assert flipped.codes.shape == gptq.codes.shape and flipped.codes.dtype == gptq.codes.dtype
 

@@ -8,33 +8,23 @@ import torch
 
 from cumulo.errors import FormatError
 from cumulo.formats.gptq import gptq_quantize
-from cumulo.formats.packed import PackedWeight
 from cumulo.formats.quantize import quantize
+from tests.support.calibration import correlated_layer, output_error
 
 # One per family of block shapes: 128 x 128 tiles, per channel, 1 x 32 along K (FP8, FP4, INT8 elements),
 # 1 x 16 with a two-level scale, HiF8's per channel.
 FAMILIES = ["ue8m0-fp8", "fp8", "mxfp8", "mxfp4", "mxint8", "nvfp4", "hif8", "mxfp6-rceil"]
 
 
-def _layer(n: int = 200, k: int = 320, tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight and inputs whose features are strongly correlated, as a transformer's activations are."""
-    g = torch.Generator().manual_seed(0)
-    mix = torch.randn(k, k, generator=g) / k**0.5
-    x = torch.randn(tokens, k, generator=g) @ (torch.eye(k) + 3 * mix)  # [T, K]
-    w = torch.randn(n, k, generator=g) * 0.05  # [N, K]; N and K not multiples of 128: tails included
-    return w, x
-
-
-def _output_error(packed: PackedWeight, w: torch.Tensor, x: torch.Tensor) -> float:
-    ref = x @ w.T
-    return float((x @ packed.dequantize().T - ref).norm() / ref.norm())
+def _layer() -> tuple[torch.Tensor, torch.Tensor]:
+    return correlated_layer(200, 320, 1024)  # N and K not multiples of 128: tails included
 
 
 @pytest.mark.parametrize("fmt", FAMILIES)
 def test_gptq_output_error_is_well_below_round_to_nearest(fmt: str) -> None:
     w, x = _layer()
-    rtn = _output_error(quantize(w, fmt), w, x)
-    gptq = _output_error(gptq_quantize(w, x.T @ x, fmt), w, x)
+    rtn = output_error(quantize(w, fmt), w, x)
+    gptq = output_error(gptq_quantize(w, x.T @ x, fmt), w, x)
     assert gptq < 0.85 * rtn, (fmt, rtn, gptq)
 
 
@@ -97,7 +87,7 @@ def test_gptq_options_keep_the_layout_and_beat_round_to_nearest(
     assert got.format == rtn.format and got.shape == rtn.shape and got.block == rtn.block
     assert got.codes.shape == rtn.codes.shape and got.scales.shape == rtn.scales.shape
     assert got.scales.dtype == rtn.scales.dtype
-    assert _output_error(got, w, x) < 0.85 * _output_error(rtn, w, x), fmt
+    assert output_error(got, w, x) < 0.85 * output_error(rtn, w, x), fmt
     if got.scheme.scale == "ue8m0":  # still powers of two, as the reader of scale_fmt ue8m0 assumes
         mantissa, _ = torch.frexp(got.scales)
         assert bool((mantissa == 0.5).all())
